@@ -152,4 +152,6 @@ def load_models(paths: ModelPaths, device: str | torch.device = "cpu", dtype: to
     modules = [vae, reference_net, denoising_unet, guider, projection, encoder]
     for m in modules:
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return VExpressModels(cfg, vae, reference_net, denoising_unet, guider, projection, encoder, extractor, device, dtype)
+    return VExpressModels(
+        cfg, vae, reference_net, denoising_unet, guider, projection, encoder, extractor, device, dtype
+    )

@@ -49,9 +49,17 @@ class Attention(nn.Module):
             groups = k.shape[0]
             # Fold the frames that share one key/value set into the query length: attention rows are
             # independent, so this is the same computation as repeating keys/values per frame.
-            q = q.reshape(groups, b // groups, self.heads, n, -1).transpose(1, 2).reshape(groups, self.heads, -1, q.shape[-1])
+            q = (
+                q.reshape(groups, b // groups, self.heads, n, -1)
+                .transpose(1, 2)
+                .reshape(groups, self.heads, -1, q.shape[-1])
+            )
             out = F.scaled_dot_product_attention(q, k, v)
-            out = out.reshape(groups, self.heads, b // groups, n, -1).transpose(1, 2).reshape(b, self.heads, n, -1)
+            out = (
+                out.reshape(groups, self.heads, b // groups, n, -1)
+                .transpose(1, 2)
+                .reshape(b, self.heads, n, -1)
+            )
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, n, -1)

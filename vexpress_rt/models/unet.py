@@ -81,7 +81,9 @@ class Conditioning:
     """What the blocks read (and the reference net writes) during one UNet forward."""
 
     num_frames: int = 1
-    encoder_states: torch.Tensor | None = None  # (B*F, tokens, cross_attention_dim): audio tokens or zero text
+    encoder_states: torch.Tensor | None = (
+        None  # (B*F, tokens, cross_attention_dim): audio tokens or zero text
+    )
     reference_kv: dict[str, KeyValue] | None = None  # per transformer block: attn1_5 keys/values of its bank
     reference_attention_weight: float = 1.0
     audio_attention_weight: float = 1.0
@@ -154,7 +156,9 @@ class SpatialTransformer(nn.Module):
         hidden = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         for block in self.transformer_blocks:
             hidden = block(hidden, cond)
-        return self.proj_out(hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2)) + x
+        # contiguous (NCHW) as in the original: a channels-last result would switch later GroupNorms to a
+        # kernel with different (less accurate) fp32 reductions
+        return self.proj_out(hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
 
 
 def _resnet(in_ch: int, out_ch: int, cfg: UNetConfig) -> ResnetBlock2D:
@@ -189,9 +193,13 @@ class _Stage(nn.Module):
 class DownStage(_Stage):
     def __init__(self, in_ch, out_ch, attention, downsample, motion, block_cls, cfg: UNetConfig):
         super().__init__()
-        self._init_layers([in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, attention, motion, block_cls, cfg)
+        self._init_layers(
+            [in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, attention, motion, block_cls, cfg
+        )
         if downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, use_conv=True, out_channels=out_ch, name="op")])
+            self.downsamplers = nn.ModuleList(
+                [Downsample2D(out_ch, use_conv=True, out_channels=out_ch, name="op")]
+            )
 
     def forward(self, x, temb, cond):
         skips = []
@@ -269,7 +277,16 @@ class _UNet(nn.Module):
             level_skips = [skip_chs.pop() for _ in range(cfg.layers_per_block + 1)]
             last = i == len(rev) - 1
             self.up_blocks.append(
-                UpStage(prev, rev[i], level_skips, _has_attention(kind), not last, self.motion, self.block_cls, cfg)
+                UpStage(
+                    prev,
+                    rev[i],
+                    level_skips,
+                    _has_attention(kind),
+                    not last,
+                    self.motion,
+                    self.block_cls,
+                    cfg,
+                )
             )
             prev = rev[i]
 
@@ -281,7 +298,9 @@ class _UNet(nn.Module):
     def transformer_block_names(self) -> list[str]:
         return [name for name, m in self.named_modules() if isinstance(m, self.block_cls)]
 
-    def time_embedding_for(self, timestep: torch.Tensor | int, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    def time_embedding_for(
+        self, timestep: torch.Tensor | int, batch: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=self.conv_in.weight.device).reshape(-1).expand(batch)
         # The sinusoid is computed in fp32 and cast before the MLP, as the original does.
         return self.time_embedding(self.time_proj(t).to(dtype))
@@ -316,7 +335,9 @@ class ReferenceNet(_UNet):
         dtype = self.conv_in.weight.dtype
         if encoder_states is None:
             # The original feeds an all-zero 1x768 "text" context.
-            encoder_states = torch.zeros(b, 1, self.config.cross_attention_dim, dtype=dtype, device=latent.device)
+            encoder_states = torch.zeros(
+                b, 1, self.config.cross_attention_dim, dtype=dtype, device=latent.device
+            )
         cond = Conditioning(num_frames=1, encoder_states=encoder_states, banks={})
         temb = self.time_embedding_for(timestep, b, dtype)
         self._run(self.conv_in(latent), temb, cond)
