@@ -11,9 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(
-    os.environ.get("VEXPRESS_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "vexpress-tiny")
-)
+FIXTURES = Path(os.environ.get("VEXPRESS_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "vexpress-tiny"))
 REFERENCE = Path(os.environ.get("VEXPRESS_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
 
 

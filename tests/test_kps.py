@@ -53,9 +53,7 @@ def test_drawing_matches_original_bit_exactly(fixtures_dir: Path) -> None:
     assert fix.dtype == np.uint8 and fix.shape == (64, 128, 3)
     np.testing.assert_array_equal(fix, data["fix_face"][0])
     for i, kps in enumerate(data["no_retarget_kps"]):
-        np.testing.assert_array_equal(
-            draw_v_kps_image(height, width, kps), data["no_retarget"][i], err_msg=f"{i}"
-        )
+        np.testing.assert_array_equal(draw_v_kps_image(height, width, kps), data["no_retarget"][i], err_msg=f"{i}")
     # The original passed float32 torch rows; same picture.
     as_tensor = torch.from_numpy(data["no_retarget_kps"][3])
     np.testing.assert_array_equal(draw_v_kps_image(height, width, as_tensor), data["no_retarget"][3])
@@ -310,9 +308,7 @@ def test_face_detector_setup_and_reference_kps(fake_insightface: Path, tmp_path:
 def test_extract_kps_sequence_and_audio(fake_insightface: Path, tmp_path: Path) -> None:
     frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(6)])
     t = np.arange(16000) / 16000
-    audio = DecodedAudio(
-        samples=(0.3 * np.sin(2 * np.pi * 440 * t))[None].astype(np.float32), sample_rate=16000
-    )
+    audio = DecodedAudio(samples=(0.3 * np.sin(2 * np.pi * 440 * t))[None].astype(np.float32), sample_rate=16000)
     video = tmp_path / "drive.mp4"
     write_mp4(video, frames, 6, audio)
 

@@ -19,9 +19,7 @@ SAMPLE_RATE = 16000
 @torch.no_grad()
 def wav2vec_hidden_states(models: VExpressModels, waveform: np.ndarray) -> torch.Tensor:
     """(1, A, D) with A = floor((N - 400) / 320) + 1, in the models' dtype."""
-    values = models.feature_extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt")[
-        "input_values"
-    ]
+    values = models.feature_extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_values"]
     values = values.to(models.device, models.dtype)
     return models.audio_encoder(values).last_hidden_state
 

@@ -112,9 +112,7 @@ def _to_sequence_array(obj: Any, source: str) -> np.ndarray:
                 raise InputError(f"{source}: the key-point sequence is empty")
             arr = np.stack(rows)
         else:
-            raise InputError(
-                f"{source}: expected a list of (3, 2) key-point arrays, got {type(obj).__name__}"
-            )
+            raise InputError(f"{source}: expected a list of (3, 2) key-point arrays, got {type(obj).__name__}")
     except (ValueError, TypeError) as exc:
         raise InputError(f"{source}: the key-point frames do not all have the same shape ({exc})") from exc
     if arr.dtype.kind not in "fiu":
@@ -214,9 +212,7 @@ def fit_kps_length(seq: np.ndarray, video_length: int) -> np.ndarray:
         raise InputError(f"video length must be at least 1 frame, got {video_length}")
     arr = _to_sequence_array(seq, "key-point sequence")
     t = torch.from_numpy(arr)[:video_length]  # (N, 3, 2)
-    t = torch.nn.functional.interpolate(
-        t.permute(1, 2, 0), size=video_length, mode="linear", align_corners=False
-    )
+    t = torch.nn.functional.interpolate(t.permute(1, 2, 0), size=video_length, mode="linear", align_corners=False)
     return np.ascontiguousarray(t.permute(2, 0, 1).numpy(), dtype=np.float32)
 
 
@@ -268,9 +264,7 @@ def _scaled_driving(ref: np.ndarray, seq: np.ndarray) -> np.ndarray:
     ref_eye, ref_nose = _face_size(ref)
     tgt_eye, tgt_nose = _face_size(seq[sel])
     if tgt_eye == 0.0 or float(tgt_nose) == 0.0:
-        raise InputError(
-            f"driving key points of frame {sel} are degenerate (eyes and nose coincide or align)"
-        )
+        raise InputError(f"driving key points of frame {sel} are degenerate (eyes and nose coincide or align)")
     scale_w = ref_eye / tgt_eye  # python float
     scale_h = ref_nose / tgt_nose  # float32 scalar
     scaled = np.array(seq, dtype=np.float32)
@@ -280,9 +274,7 @@ def _scaled_driving(ref: np.ndarray, seq: np.ndarray) -> np.ndarray:
     return scaled
 
 
-def retarget(
-    strategy: str, reference_kps: np.ndarray, driving_seq: np.ndarray | None, video_length: int
-) -> np.ndarray:
+def retarget(strategy: str, reference_kps: np.ndarray, driving_seq: np.ndarray | None, video_length: int) -> np.ndarray:
     """Key points for each of `video_length` frames (float32 (L, 3, 2)), by the original's strategies.
 
     * ``fix_face``: the reference kps for every frame; `driving_seq` is ignored and may be None.
@@ -304,9 +296,7 @@ def retarget(
     * arithmetic is float32 where the original's was (float32 arrays with python-float scales).
     """
     if strategy not in RETARGET_STRATEGIES:
-        raise InputError(
-            f"unknown retarget strategy {strategy!r}; choose one of {', '.join(RETARGET_STRATEGIES)}"
-        )
+        raise InputError(f"unknown retarget strategy {strategy!r}; choose one of {', '.join(RETARGET_STRATEGIES)}")
     if video_length < 1:
         raise InputError(f"video length must be at least 1 frame, got {video_length}")
     ref = _as_float32_points(reference_kps)
@@ -433,9 +423,7 @@ def extract_kps_sequence_and_audio(
                 bgr = cv2.resize(frame.to_ndarray(format="bgr24"), (width, height))
                 count, kps = detector.detect_kps(bgr)
                 if count != 1 or kps is None:
-                    raise InputError(
-                        f"there are {count} faces in frame {idx} of {video_path}; exactly one is required"
-                    )
+                    raise InputError(f"there are {count} faces in frame {idx} of {video_path}; exactly one is required")
                 kps_frames.append(kps)
     except av.FFmpegError as exc:
         raise InputError(f"cannot decode video {video_path}: {exc}") from exc

@@ -120,9 +120,7 @@ class StreamResampler:
         self._layout = _layout_name(channels)
         self._passthrough = self.from_rate == self.to_rate
         self._resampler = (
-            None
-            if self._passthrough
-            else av.AudioResampler(format="fltp", layout=self._layout, rate=self.to_rate)
+            None if self._passthrough else av.AudioResampler(format="fltp", layout=self._layout, rate=self.to_rate)
         )
         self._flushed = False
 
@@ -321,9 +319,7 @@ def _remux_audio(src: av.container.InputContainer, in_stream, dst: av.container.
         dst.mux(packet)
 
 
-def _reencode_audio(
-    src: av.container.InputContainer, in_stream, dst: av.container.OutputContainer, codec: str
-) -> None:
+def _reencode_audio(src: av.container.InputContainer, in_stream, dst: av.container.OutputContainer, codec: str) -> None:
     channels = min(in_stream.codec_context.channels or 2, 2)
     in_rate = in_stream.codec_context.sample_rate or in_stream.rate
     supported = av.Codec(codec, "w").audio_rates

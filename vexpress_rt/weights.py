@@ -84,9 +84,7 @@ def compare_state(expected: dict[str, tuple], found: dict[str, tuple]) -> tuple[
     """Keys missing from `found`, unexpected in it, and present with another shape ((key, want, got))."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    mismatched = [
-        (k, expected[k], found[k]) for k in expected if k in found and tuple(found[k]) != tuple(expected[k])
-    ]
+    mismatched = [(k, expected[k], found[k]) for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     return missing, unexpected, mismatched
 
 
@@ -102,9 +100,7 @@ def _describe(path: Path, missing, unexpected, mismatched, limit: int = 5) -> st
     return f"{path} does not match the model: " + "; ".join(parts)
 
 
-def load_strict(
-    module: nn.Module, state: dict[str, torch.Tensor], path: Path, keys: set[str] | None = None
-) -> None:
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, keys: set[str] | None = None) -> None:
     """Copy `state` into `module`; every key of the module (or of `keys`, for a partial file) must be there
     with its exact shape, and nothing else may be. Values are cast to the module's dtype."""
     own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -125,9 +121,7 @@ def download_weights(model_dir: str | Path, repo_id: str = HUB_REPO, revision: s
 
     target = Path(model_dir)
     staging = target / ".download"
-    snapshot_download(
-        repo_id=repo_id, revision=revision, local_dir=staging, allow_patterns=["model_ckpts/**"]
-    )
+    snapshot_download(repo_id=repo_id, revision=revision, local_dir=staging, allow_patterns=["model_ckpts/**"])
     source = staging / "model_ckpts"
     if not source.is_dir():
         raise WeightsError(f"{repo_id} has no model_ckpts/ folder at this revision")

@@ -34,9 +34,7 @@ class Attention(nn.Module):
         """Keys and values of `context` (B, N, C) in head layout (B, heads, N, d)."""
         return self._split_heads(self.to_k(context)), self._split_heads(self.to_v(context))
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, kv: KeyValue | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, kv: KeyValue | None = None) -> torch.Tensor:
         """x: (B, N, C). Keys/values come from `kv` if given, else from `context`, else from `x`.
 
         `kv` may have a batch that divides x's batch: each of its entries then serves a run of consecutive
@@ -55,11 +53,7 @@ class Attention(nn.Module):
                 .reshape(groups, self.heads, -1, q.shape[-1])
             )
             out = F.scaled_dot_product_attention(q, k, v)
-            out = (
-                out.reshape(groups, self.heads, b // groups, n, -1)
-                .transpose(1, 2)
-                .reshape(b, self.heads, n, -1)
-            )
+            out = out.reshape(groups, self.heads, b // groups, n, -1).transpose(1, 2).reshape(b, self.heads, n, -1)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, n, -1)

@@ -52,9 +52,7 @@ class TemporalAttention(Attention):
 
     def pe_for(self, num_frames: int, dtype: torch.dtype) -> torch.Tensor:
         if num_frames > self.pos_encoder.pe.shape[1]:
-            raise ValueError(
-                f"a window of {num_frames} frames exceeds the motion module's {PE_MAX_LEN} positions"
-            )
+            raise ValueError(f"a window of {num_frames} frames exceeds the motion module's {PE_MAX_LEN} positions")
         return self.pos_encoder.pe[:, :num_frames].to(dtype)
 
 
@@ -88,9 +86,7 @@ class TemporalTransformer(nn.Module):
         for block in self.transformer_blocks:
             hidden = block(hidden, num_frames)
         hidden = self.proj_out(hidden)
-        return (
-            hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous() + x
-        )  # NCHW, see SpatialTransformer
+        return hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous() + x  # NCHW, see SpatialTransformer
 
 
 class MotionModule(nn.Module):

@@ -81,9 +81,7 @@ class Conditioning:
     """What the blocks read (and the reference net writes) during one UNet forward."""
 
     num_frames: int = 1
-    encoder_states: torch.Tensor | None = (
-        None  # (B*F, tokens, cross_attention_dim): audio tokens or zero text
-    )
+    encoder_states: torch.Tensor | None = None  # (B*F, tokens, cross_attention_dim): audio tokens or zero text
     reference_kv: dict[str, KeyValue] | None = None  # per transformer block: attn1_5 keys/values of its bank
     reference_attention_weight: float = 1.0
     audio_attention_weight: float = 1.0
@@ -146,9 +144,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [block_cls(channels, cfg.attention_heads, cfg.cross_attention_dim)]
-        )
+        self.transformer_blocks = nn.ModuleList([block_cls(channels, cfg.attention_heads, cfg.cross_attention_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -193,13 +189,9 @@ class _Stage(nn.Module):
 class DownStage(_Stage):
     def __init__(self, in_ch, out_ch, attention, downsample, motion, block_cls, cfg: UNetConfig):
         super().__init__()
-        self._init_layers(
-            [in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, attention, motion, block_cls, cfg
-        )
+        self._init_layers([in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, attention, motion, block_cls, cfg)
         if downsample:
-            self.downsamplers = nn.ModuleList(
-                [Downsample2D(out_ch, use_conv=True, out_channels=out_ch, name="op")]
-            )
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch, use_conv=True, out_channels=out_ch, name="op")])
 
     def forward(self, x, temb, cond):
         skips = []
@@ -298,9 +290,7 @@ class _UNet(nn.Module):
     def transformer_block_names(self) -> list[str]:
         return [name for name, m in self.named_modules() if isinstance(m, self.block_cls)]
 
-    def time_embedding_for(
-        self, timestep: torch.Tensor | int, batch: int, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def time_embedding_for(self, timestep: torch.Tensor | int, batch: int, dtype: torch.dtype) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=self.conv_in.weight.device).reshape(-1).expand(batch)
         # The sinusoid is computed in fp32 and cast before the MLP, as the original does.
         return self.time_embedding(self.time_proj(t).to(dtype))
@@ -335,9 +325,7 @@ class ReferenceNet(_UNet):
         dtype = self.conv_in.weight.dtype
         if encoder_states is None:
             # The original feeds an all-zero 1x768 "text" context.
-            encoder_states = torch.zeros(
-                b, 1, self.config.cross_attention_dim, dtype=dtype, device=latent.device
-            )
+            encoder_states = torch.zeros(b, 1, self.config.cross_attention_dim, dtype=dtype, device=latent.device)
         cond = Conditioning(num_frames=1, encoder_states=encoder_states, banks={})
         temb = self.time_embedding_for(timestep, b, dtype)
         self._run(self.conv_in(latent), temb, cond)
