@@ -238,7 +238,7 @@ def test_retarget_errors_and_length_fit() -> None:
 
 def test_missing_insightface_models_is_weights_error(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
-        FaceDetector(tmp_path, height=64, width=128)
+        FaceDetector(tmp_path / "insightface_models", height=64, width=128)
     message = str(info.value)
     assert str(tmp_path / "insightface_models" / "models" / "buffalo_l") in message
     assert "download-weights" in message
@@ -248,7 +248,7 @@ def test_missing_insightface_models_is_weights_error(tmp_path: Path) -> None:
     pack.mkdir(parents=True)
     (pack / "README.txt").write_text("no onnx here")
     with pytest.raises(WeightsError, match="buffalo_l"):
-        FaceDetector(tmp_path)
+        FaceDetector(tmp_path / "insightface_models")
 
 
 class _FakeFaceAnalysis:
@@ -280,14 +280,14 @@ def fake_insightface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     _FakeFaceAnalysis.calls = []
     _FakeFaceAnalysis.faces_for_mean = {}
     monkeypatch.setattr(insightface.app, "FaceAnalysis", _FakeFaceAnalysis)
-    return tmp_path / "models_root"
+    return tmp_path / "models_root" / "insightface_models"
 
 
 def test_face_detector_setup_and_reference_kps(fake_insightface: Path, tmp_path: Path) -> None:
     detector = FaceDetector(fake_insightface, height=64, width=128)
     (_, init), (_, prepare) = _FakeFaceAnalysis.calls[:2]
     assert init["name"] == "buffalo_l"
-    assert init["root"] == str(fake_insightface / "insightface_models")
+    assert init["root"] == str(fake_insightface)
     assert init["providers"] == ["CPUExecutionProvider"]
     assert prepare == {"ctx_id": 0, "det_size": (64, 128)}  # (H, W), as the original passes it
 

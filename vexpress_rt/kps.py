@@ -323,13 +323,13 @@ def retarget(strategy: str, reference_kps: np.ndarray, driving_seq: np.ndarray |
 # Face detection (insightface buffalo_l)
 
 
-def insightface_pack_dir(model_dir: str | Path) -> Path:
-    """Where the buffalo_l ONNX files must be: <model_dir>/insightface_models/models/buffalo_l/."""
-    return Path(model_dir) / "insightface_models" / "models" / "buffalo_l"
+def insightface_pack_dir(insightface_root: str | Path) -> Path:
+    """Where the buffalo_l ONNX files must be: <root>/models/buffalo_l/ (root: <model_dir>/insightface_models)."""
+    return Path(insightface_root) / "models" / "buffalo_l"
 
 
-def _check_insightface_models(model_dir: str | Path) -> Path:
-    pack = insightface_pack_dir(model_dir)
+def _check_insightface_models(insightface_root: str | Path) -> Path:
+    pack = insightface_pack_dir(insightface_root)
     if not pack.is_dir() or not any(pack.rglob("*.onnx")):
         raise WeightsError(
             f"insightface face-detector models not found: {pack} must hold the buffalo_l .onnx files "
@@ -346,11 +346,16 @@ class FaceDetector:
     """
 
     def __init__(
-        self, model_dir: str | Path, height: int = 512, width: int = 512, device: str = "cpu", gpu_id: int = 0
+        self,
+        insightface_root: str | Path,
+        height: int = 512,
+        width: int = 512,
+        device: str = "cpu",
+        gpu_id: int = 0,
     ) -> None:
         # Checked before insightface is touched: given a missing folder it would download the pack.
-        _check_insightface_models(model_dir)
-        root = Path(model_dir) / "insightface_models"
+        _check_insightface_models(insightface_root)
+        root = Path(insightface_root)
         from insightface.app import FaceAnalysis
 
         use_cuda = device.startswith("cuda")
@@ -365,11 +370,9 @@ class FaceDetector:
             self._app = FaceAnalysis(name="buffalo_l", root=str(root), **provider_kwargs)
             self._app.prepare(ctx_id=0, det_size=(height, width))
         except AssertionError as exc:  # insightface asserts when no detection model was found
-            raise WeightsError(f"no face-detection model in {insightface_pack_dir(model_dir)}") from exc
+            raise WeightsError(f"no face-detection model in {insightface_pack_dir(root)}") from exc
         except Exception as exc:  # onnxruntime: corrupt or truncated .onnx files
-            raise WeightsError(
-                f"cannot load the insightface models in {insightface_pack_dir(model_dir)}: {exc}"
-            ) from exc
+            raise WeightsError(f"cannot load the insightface models in {insightface_pack_dir(root)}: {exc}") from exc
 
     def detect_kps(self, bgr_image: np.ndarray) -> tuple[int, np.ndarray | None]:
         """(number of faces, first face's 3 key points as float32 (3, 2), or None when there is no face)."""
@@ -394,7 +397,7 @@ def extract_kps_sequence_and_audio(
     video_path: str | Path,
     kps_sequence_save_path: str | Path,
     audio_save_path: str | Path | None,
-    model_dir: str | Path,
+    insightface_root: str | Path,
     width: int = 512,
     height: int = 512,
     device: str = "cpu",
@@ -410,7 +413,7 @@ def extract_kps_sequence_and_audio(
 
     from vexpress_rt.media import extract_audio
 
-    detector = FaceDetector(model_dir, height=height, width=width, device=device)
+    detector = FaceDetector(insightface_root, height=height, width=width, device=device)
     if audio_save_path is not None:
         extract_audio(video_path, audio_save_path)
 

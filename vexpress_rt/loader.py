@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 from .errors import WeightsError
 from .models import AudioProjection, DenoisingUNet, ReferenceNet, UNetConfig, VKpsGuider
@@ -122,6 +123,7 @@ def load_audio_encoder(path: Path):
         if not (path / name).is_file():
             raise WeightsError(f"wav2vec2 folder missing or incomplete (no {name}): {path}")
     transformers.logging.set_verbosity_error()  # the CTC head is unused; its "unexpected keys" note is noise
+    transformers.logging.disable_progress_bar()
     try:
         encoder = Wav2Vec2Model.from_pretrained(path)
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(path)
@@ -149,6 +151,7 @@ def load_models(paths: ModelPaths, device: str | torch.device = "cpu", dtype: to
             f"conv_in width {cfg.block_out_channels[0]}"
         )
     device = torch.device(device)
+    diffusers_logging.set_verbosity_error()  # its note on casting the VAE with .to() is expected here
     modules = [vae, reference_net, denoising_unet, guider, projection, encoder]
     for m in modules:
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)

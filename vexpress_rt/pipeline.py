@@ -216,6 +216,7 @@ def generate(
     driving_kps: np.ndarray | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     keep_unfiltered: bool = False,
+    save_gpu_memory: bool = False,
 ) -> GenerationResult:
     """The whole offline generation for one portrait and one 16 kHz mono waveform."""
     from .kps import draw_v_kps_image, retarget
@@ -232,6 +233,8 @@ def generate(
     kps_feature = kps_features(models, kps_images)
     tokens = audio_tokens(models, waveform, n, settings.num_pad_audio_frames)
     bank = models.reference_net(latent)
+    if save_gpu_memory:  # these are done with: make room for the denoising UNet
+        _offload(models.v_kps_guider, models.audio_encoder, models.audio_projection, models.reference_net)
     scale = models.vae_scale_factor
     shape = (1, latent.shape[1], n, settings.height // scale, settings.width // scale)
     noise = initial_noise(settings.seed, models.wav2vec_layers, shape, models.dtype)
@@ -240,3 +243,10 @@ def generate(
     frames = to_uint8_frames(median_filter_3d(video))
     unfiltered = to_uint8_frames(video) if keep_unfiltered else None
     return GenerationResult(frames, length.fps, latents.cpu(), noise, kps_sequence, unfiltered)
+
+
+def _offload(*modules: torch.nn.Module) -> None:
+    for module in modules:
+        module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
