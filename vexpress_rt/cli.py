@@ -141,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .loader import DTYPES, load_models
     from .media import load_audio, to_mono_16k, write_mp4
-    from .pipeline import GenerationSettings, generate, load_reference_image
+    from .pipeline import GenerationSettings, generate, load_reference_image, video_length_for
 
     started = time.time()
     _validate_generate(args)
@@ -177,19 +177,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         audio_attention_weight=args.audio_attention_weight,
         num_pad_audio_frames=args.num_pad_audio_frames,
     )
-    progress = tqdm(total=args.num_inference_steps, desc="Denoising", unit="step")
-    result = generate(
-        models,
-        settings,
-        image,
-        reference_kps,
-        waveform,
-        args.retarget_strategy,
-        driving_kps,
-        on_step=lambda step, latents: progress.update(1),
-        save_gpu_memory=args.save_gpu_memory,
-    )
-    progress.close()
+    # Too-short audio is refused before the progress bar starts, so the error is not glued onto the bar.
+    video_length_for(len(waveform), args.fps, args.context_frames, args.context_overlap)
+    with tqdm(total=args.num_inference_steps, desc="Denoising", unit="step") as progress:
+        result = generate(
+            models,
+            settings,
+            image,
+            reference_kps,
+            waveform,
+            args.retarget_strategy,
+            driving_kps,
+            on_step=lambda step, latents: progress.update(1),
+            save_gpu_memory=args.save_gpu_memory,
+        )
     write_mp4(args.output_path, result.frames, result.fps, audio)
     if args.frames_out:
         Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
