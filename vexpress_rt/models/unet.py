@@ -89,18 +89,22 @@ class Conditioning:
     extras: dict = field(default_factory=dict)
 
 
-class ReferenceTransformerBlock(nn.Module):
-    """SD-1.5 BasicTransformerBlock that records its bank (the norm2 output) for the denoising UNet."""
+class _TransformerBlock(nn.Module):
+    """The SD-1.5 BasicTransformerBlock layers: self-attention, cross-attention, GEGLU feed-forward."""
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
-        self.name = ""
+        self.name = ""  # module path, set by the UNet: banks are keyed by it
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim // heads)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim // heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn="geglu")
+
+
+class ReferenceTransformerBlock(_TransformerBlock):
+    """Reference-net block: records its bank (the norm2 output) for the denoising UNet."""
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -111,23 +115,16 @@ class ReferenceTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class DenoisingTransformerBlock(nn.Module):
+class DenoisingTransformerBlock(_TransformerBlock):
     """Spatial self-attention, then reference attention over the bank, then audio cross-attention, then FF.
 
     The two weights scale the whole attention output, output bias included, as the original does.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int):
-        super().__init__()
-        self.name = ""
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim // heads)
+        super().__init__(dim, heads, context_dim)
         self.norm1_5 = nn.LayerNorm(dim)
         self.attn1_5 = Attention(dim, heads, dim // heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, dim // heads, context_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim, activation_fn="geglu")
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
