@@ -91,10 +91,13 @@ def encode_reference(models: VExpressModels, image: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def kps_features(models: VExpressModels, kps_images: np.ndarray) -> torch.Tensor:
-    """uint8 (F, H, W, 3) drawn kps images -> guider features (1, C, F, H/8, W/8); input in [0, 1]."""
+    """uint8 (F, H, W, 3) drawn kps images -> guider features (1, C, F, H/8, W/8); input in [0, 1].
+
+    Several frames are kept on the CPU (at 512x512 a minute of video is GBs); windows move them as needed."""
     pixels = torch.from_numpy(kps_images).float().div(255).permute(3, 0, 1, 2)[None]
+    keep_on = models.device if pixels.shape[2] == 1 else "cpu"
     chunks = [
-        models.v_kps_guider(pixels[:, :, i : i + GUIDER_CHUNK].to(models.device, models.dtype))
+        models.v_kps_guider(pixels[:, :, i : i + GUIDER_CHUNK].to(models.device, models.dtype)).to(keep_on)
         for i in range(0, pixels.shape[2], GUIDER_CHUNK)
     ]
     return torch.cat(chunks, dim=2)
@@ -128,10 +131,6 @@ def denoise(
     cfg = settings.guidance_scale > 1.0
     if cfg:  # batch [uncond, cond]: the unconditional branch drops reference, audio and kps together
         reference_bank = {k: torch.cat([torch.zeros_like(v), v]) for k, v in reference_bank.items()}
-        kps_feature = torch.cat([torch.zeros_like(kps_feature), kps_feature])
-        tokens = torch.stack([torch.zeros_like(tokens), tokens])
-    else:
-        tokens = tokens[None]
     reference_kv = unet.reference_kv(reference_bank)
     batch = 2 if cfg else 1
     coverage = torch.zeros(latents.shape[2], dtype=dtype)
@@ -142,21 +141,16 @@ def denoise(
         v_sum = torch.zeros_like(latents)
         for window in windows:
             x = latents[:, :, window].repeat(batch, 1, 1, 1, 1)
-            kps = (
-                kps_feature[:, :, window].to(device, dtype)
-                if kps_feature.shape[2] > 1
-                else kps_feature.expand(-1, -1, len(window), -1, -1)
-            )
-            audio = tokens[:, window].reshape(-1, *tokens.shape[2:]).to(device, dtype)
-            v = unet(
-                x,
-                t,
-                audio,
-                reference_kv,
-                kps,
-                settings.reference_attention_weight,
-                settings.audio_attention_weight,
-            )
+            if kps_feature.shape[2] == 1:  # fix_face: one feature for every frame
+                kps = kps_feature.expand(-1, -1, len(window), -1, -1)
+            else:
+                kps = kps_feature[:, :, window].to(device, dtype)
+            audio = tokens[window].to(device, dtype)
+            if cfg:
+                kps = torch.cat([torch.zeros_like(kps), kps])
+                audio = torch.cat([torch.zeros_like(audio), audio])
+            weights = (settings.reference_attention_weight, settings.audio_attention_weight)
+            v = unet(x, t, audio, reference_kv, kps, *weights)
             if cfg:
                 v_uncond, v_cond = v.chunk(2)
                 v = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
