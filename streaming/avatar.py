@@ -1,0 +1,147 @@
+"""A pre-encoded avatar: everything the denoiser needs that depends only on the portrait, computed once.
+
+Built from a portrait (and its 3 key points): the VAE latent, the reference attention keys/values of all 16
+denoising transformer blocks (so the reference net is never run again), and the `fix_face` V-Kps feature.
+Shared by every session of that avatar; saved to and loaded from disk, keyed by image hash, model and size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vexpress_rt.kps import draw_v_kps_image
+from vexpress_rt.loader import VExpressModels
+from vexpress_rt.models.attention import KeyValue
+from vexpress_rt.pipeline import encode_reference, kps_features, reference_tensor
+
+FORMAT_VERSION = 1
+
+
+def image_digest(image: Image.Image) -> str:
+    """Hash of the decoded RGB pixels and size (the same picture in two file formats is one avatar)."""
+    rgb = image.convert("RGB")
+    h = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+def model_identity(models: VExpressModels) -> str:
+    """A short fingerprint of the weights that shape an avatar (reference net, guider, VAE encoder, attn1_5)."""
+    h = hashlib.sha256()
+    for module in (models.reference_net, models.v_kps_guider, models.vae.encoder, models.denoising_unet.conv_in):
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().float().flatten()
+            h.update(name.encode())
+            h.update(flat[:: max(1, flat.numel() // 64)][:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class PreEncodedAvatar:
+    image_hash: str
+    model_id: str
+    width: int
+    height: int
+    reference_kps: np.ndarray  # (3, 2) float32, pixels of the W x H frame
+    latent: torch.Tensor  # (1, 4, h, w)
+    reference_kv: dict[str, KeyValue]  # per denoising transformer block, batch 1 (conditional branch)
+    kps_feature: torch.Tensor  # (1, C, 1, h, w): the fix_face feature, the same for every frame
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PreEncodedAvatar:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        return PreEncodedAvatar(
+            self.image_hash,
+            self.model_id,
+            self.width,
+            self.height,
+            self.reference_kps,
+            move(self.latent),
+            {k: (move(a), move(b)) for k, (a, b) in self.reference_kv.items()},
+            move(self.kps_feature),
+        )
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT_VERSION,
+            "image_hash": self.image_hash,
+            "model_id": self.model_id,
+            "size": [self.width, self.height],
+            "reference_kps": torch.from_numpy(np.ascontiguousarray(self.reference_kps)),
+            "latent": self.latent.cpu(),
+            "kps_feature": self.kps_feature.cpu(),
+            "reference_kv": {k: [a.cpu(), b.cpu()] for k, (a, b) in self.reference_kv.items()},
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # never leave a half-written cache entry
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreEncodedAvatar:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: avatar format {payload.get('format')} is not {FORMAT_VERSION}")
+        width, height = payload["size"]
+        return cls(
+            payload["image_hash"],
+            payload["model_id"],
+            int(width),
+            int(height),
+            payload["reference_kps"].numpy(),
+            payload["latent"],
+            {k: (a, b) for k, (a, b) in payload["reference_kv"].items()},
+            payload["kps_feature"],
+        )
+
+
+@torch.no_grad()
+def encode_avatar(
+    models: VExpressModels, image: Image.Image, reference_kps: np.ndarray, width: int, height: int
+) -> PreEncodedAvatar:
+    """Run the portrait-only part of V-Express once (VAE encode, reference net, attn1_5 K/V, guider)."""
+    tensor = reference_tensor(image.convert("RGB"), width, height)
+    latent = encode_reference(models, tensor)
+    banks = models.reference_net(latent)
+    reference_kv = models.denoising_unet.reference_kv(banks)
+    kps = np.asarray(reference_kps, dtype=np.float32)[:3]
+    kps_feature = kps_features(models, draw_v_kps_image(height, width, kps)[None])
+    return PreEncodedAvatar(
+        image_digest(image), model_identity(models), width, height, kps, latent, reference_kv, kps_feature
+    )
+
+
+class AvatarStore:
+    """In-memory and on-disk cache of pre-encoded avatars keyed by (image hash, model identity, size)."""
+
+    def __init__(self, models: VExpressModels, cache_dir: str | Path | None = None):
+        self.models = models
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.model_id = model_identity(models)
+        self._memory: dict[str, PreEncodedAvatar] = {}
+
+    def key(self, image: Image.Image, reference_kps: np.ndarray, width: int, height: int) -> str:
+        kps = hashlib.sha256(np.asarray(reference_kps, dtype=np.float32)[:3].tobytes()).hexdigest()[:8]
+        return f"{image_digest(image)[:24]}-{kps}-{self.model_id}-{width}x{height}"
+
+    def get_or_encode(self, image: Image.Image, reference_kps: np.ndarray, width: int, height: int) -> PreEncodedAvatar:
+        key = self.key(image, reference_kps, width, height)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
+            avatar = PreEncodedAvatar.load(path).to(self.models.device, self.models.dtype)
+        else:
+            avatar = encode_avatar(self.models, image, reference_kps, width, height)
+            if path is not None:
+                avatar.save(path)
+        self._memory[key] = avatar
+        return avatar
