@@ -124,10 +124,3 @@ class IncrementalAudioFeatures:
         self._samples = self._samples[keep_from - self._offset :]
         self._offset = keep_from
         return [FrameTokens(int(f), tokens[k]) for k, f in enumerate(frames)]
-
-
-def offline_tokens_at(models: VExpressModels, waveform: np.ndarray, frames: int, pad: int = 2) -> torch.Tensor:
-    """The offline (whole-clip) tokens for `frames` frames, for comparisons."""
-    from vexpress_rt.audio_features import audio_tokens
-
-    return audio_tokens(models, waveform, frames, pad)

@@ -27,3 +27,25 @@ def reference_dir() -> Path:
     if not (REFERENCE / "vexpress_checkpoint_manifest.json").is_file():
         pytest.skip(f"reference manifest not found at {REFERENCE} (set VEXPRESS_REFERENCE)")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_models(fixtures_dir):
+    """The fixture's tiny V-Express, loaded once in fp32 on the CPU."""
+    import torch
+
+    from vexpress_rt.loader import load_models
+    from vexpress_rt.weights import ModelPaths
+
+    return load_models(ModelPaths.from_model_dir(fixtures_dir / "model_ckpts"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_speech(fixtures_dir):
+    """The fixture's 1.3 s of espeak-ng speech: 16 kHz mono float32, int16 / 32768 as torchaudio reads it."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(fixtures_dir / "inputs" / "audio.wav")) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768

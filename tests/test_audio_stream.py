@@ -3,26 +3,22 @@ default bounded context, one token set per video frame."""
 
 from __future__ import annotations
 
-import wave
-
 import numpy as np
 import pytest
 import torch
 
-from streaming.audio_features import SAMPLE_RATE, IncrementalAudioFeatures, offline_tokens_at
-from vexpress_rt.loader import load_models
-from vexpress_rt.weights import ModelPaths
+from streaming.audio_features import SAMPLE_RATE, IncrementalAudioFeatures
+from vexpress_rt.audio_features import audio_tokens
 
 
 @pytest.fixture(scope="module")
-def models(fixtures_dir):
-    return load_models(ModelPaths.from_model_dir(fixtures_dir / "model_ckpts"), dtype=torch.float32)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
-def speech(fixtures_dir):
-    with wave.open(str(fixtures_dir / "inputs" / "audio.wav")) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+def speech(tiny_speech):
+    return tiny_speech
 
 
 def _stream(models, audio, chunk, **kwargs):
@@ -43,7 +39,7 @@ def test_whole_clip_context_equals_offline(models, speech, chunk):
     frames, _ = _stream(models, speech, chunk, left_context_s=10, lookahead_s=10)
     expected_frames = int(len(speech) / SAMPLE_RATE * 25)  # 1.3 s at 25 fps -> 32
     assert [f.index for f in frames] == list(range(expected_frames))
-    offline = offline_tokens_at(models, speech, expected_frames)
+    offline = audio_tokens(models, speech, expected_frames)
     assert torch.allclose(torch.stack([f.tokens for f in frames]), offline, atol=1e-5)
 
 
@@ -55,7 +51,7 @@ def test_bounded_context_is_early_and_close(models, speech):
         deadline = ((frame.index + 3) / 25 + 0.2 + 0.025 + 0.02) * SAMPLE_RATE
         assert samples <= deadline, frame.index
     tokens = torch.stack([f.tokens for f in frames])
-    offline = offline_tokens_at(models, speech, 32)
+    offline = audio_tokens(models, speech, 32)
     rel = ((tokens - offline).norm() / offline.norm()).item()
     assert rel < 0.15  # measured 0.071 on this clip
 

@@ -8,14 +8,12 @@ import torch
 from PIL import Image
 
 from streaming.avatar import AvatarStore, PreEncodedAvatar, encode_avatar
-from vexpress_rt.loader import load_models
 from vexpress_rt.pipeline import encode_reference, load_reference_image
-from vexpress_rt.weights import ModelPaths
 
 
 @pytest.fixture(scope="module")
-def models(fixtures_dir):
-    return load_models(ModelPaths.from_model_dir(fixtures_dir / "model_ckpts"), dtype=torch.float32)
+def models(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ Module outputs within ~1e-4, final latents within ~1e-3, written frames within 1
 
 from __future__ import annotations
 
-import wave
-
 import numpy as np
 import pytest
 import torch
@@ -40,15 +38,13 @@ def _expected(fixtures_dir, rel):
 
 
 @pytest.fixture(scope="module")
-def models32(fixtures_dir):
-    return load_models(ModelPaths.from_model_dir(fixtures_dir / "model_ckpts"), dtype=torch.float32)
+def models32(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
-def waveform(fixtures_dir):
-    with wave.open(str(fixtures_dir / "inputs" / "audio.wav")) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    return pcm.astype(np.float32) / 32768
+def waveform(tiny_speech):
+    return tiny_speech
 
 
 def _max_err(a, b):

@@ -13,7 +13,7 @@ Both are built from the SD-1.5 `unet/config.json`; all widths come from that con
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +86,6 @@ class Conditioning:
     reference_attention_weight: float = 1.0
     audio_attention_weight: float = 1.0
     banks: dict[str, torch.Tensor] | None = None  # filled by the reference net's blocks
-    extras: dict = field(default_factory=dict)
 
 
 class _TransformerBlock(nn.Module):
