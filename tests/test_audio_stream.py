@@ -11,18 +11,8 @@ from streaming.audio_features import SAMPLE_RATE, IncrementalAudioFeatures
 from vexpress_rt.audio_features import audio_tokens
 
 
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    return tiny_models
-
-
-@pytest.fixture(scope="module")
-def speech(tiny_speech):
-    return tiny_speech
-
-
-def _stream(models, audio, chunk, **kwargs):
-    stream = IncrementalAudioFeatures(models, fps=25, **kwargs)
+def _stream(tiny_models, audio, chunk, **kwargs):
+    stream = IncrementalAudioFeatures(tiny_models, fps=25, **kwargs)
     emitted, pushed = [], []
     for start in range(0, len(audio), chunk):
         for frame in stream.push(audio[start : start + chunk]):
@@ -35,29 +25,29 @@ def _stream(models, audio, chunk, **kwargs):
 
 
 @pytest.mark.parametrize("chunk", [20800, 320, 1000])
-def test_whole_clip_context_equals_offline(models, speech, chunk):
-    frames, _ = _stream(models, speech, chunk, left_context_s=10, lookahead_s=10)
-    expected_frames = int(len(speech) / SAMPLE_RATE * 25)  # 1.3 s at 25 fps -> 32
+def test_whole_clip_context_equals_offline(tiny_models, tiny_speech, chunk):
+    frames, _ = _stream(tiny_models, tiny_speech, chunk, left_context_s=10, lookahead_s=10)
+    expected_frames = int(len(tiny_speech) / SAMPLE_RATE * 25)  # 1.3 s at 25 fps -> 32
     assert [f.index for f in frames] == list(range(expected_frames))
-    offline = audio_tokens(models, speech, expected_frames)
+    offline = audio_tokens(tiny_models, tiny_speech, expected_frames)
     assert torch.allclose(torch.stack([f.tokens for f in frames]), offline, atol=1e-5)
 
 
-def test_bounded_context_is_early_and_close(models, speech):
-    frames, pushed = _stream(models, speech, 320)  # 20 ms pushes, default 2 s left context, 0.2 s lookahead
+def test_bounded_context_is_early_and_close(tiny_models, tiny_speech):
+    frames, pushed = _stream(tiny_models, tiny_speech, 320)  # 20 ms pushes, default 2 s left context, 0.2 s lookahead
     assert [f.index for f in frames] == list(range(32))
     # A frame needs its +-2-frame window, 0.2 s of lookahead and one wav2vec2 receptive field: no more.
     for frame, samples in zip(frames[:-4], pushed[:-4]):
         deadline = ((frame.index + 3) / 25 + 0.2 + 0.025 + 0.02) * SAMPLE_RATE
         assert samples <= deadline, frame.index
     tokens = torch.stack([f.tokens for f in frames])
-    offline = audio_tokens(models, speech, 32)
+    offline = audio_tokens(tiny_models, tiny_speech, 32)
     rel = ((tokens - offline).norm() / offline.norm()).item()
     assert rel < 0.15  # measured 0.071 on this clip
 
 
-def test_memory_stays_bounded(models):
-    stream = IncrementalAudioFeatures(models, fps=25, left_context_s=0.5, lookahead_s=0.1)
+def test_memory_stays_bounded(tiny_models):
+    stream = IncrementalAudioFeatures(tiny_models, fps=25, left_context_s=0.5, lookahead_s=0.1)
     rng = np.random.default_rng(0)
     count = 0
     for _ in range(60):  # 6 s of noise in 100 ms chunks
