@@ -356,11 +356,16 @@ class DenoisingUNet(_UNet):
         reference_attention_weight: float = 1.0,
         audio_attention_weight: float = 1.0,
     ) -> torch.Tensor:
-        """sample (B, 4, F, h, w); audio_tokens (B*F, n, 768) in (batch, frame) order; kps_features
+        """sample (B, 4, F, h, w); timestep a scalar, (B,) or per frame (B*F,) in (batch, frame) order;
+        audio_tokens (B*F, n, 768) in (batch, frame) order; kps_features
         (B, C0, F, h, w) or None; reference_kv from `reference_kv()` with batch B (or 1, shared). Returns v."""
         b, c, f, h, w = sample.shape
         x = sample.transpose(1, 2).reshape(b * f, c, h, w)
-        temb = self.time_embedding_for(timestep, b, x.dtype).repeat_interleave(f, dim=0)
+        t = torch.as_tensor(timestep).reshape(-1)
+        if t.numel() == b * f and f > 1:  # one timestep per frame (a streaming window at staggered noise levels)
+            temb = self.time_embedding_for(t, b * f, x.dtype)
+        else:
+            temb = self.time_embedding_for(timestep, b, x.dtype).repeat_interleave(f, dim=0)
         cond = Conditioning(
             num_frames=f,
             encoder_states=audio_tokens,

@@ -1,0 +1,252 @@
+"""The sliding-window few-step denoiser: N new frames per call, temporal context from frames already made.
+
+Two ways to slide a window of the 3-D UNet over an endless stream, both here so they can be measured side by side
+(`vexpress-rt bench --strategies`; figures in docs/streaming.md):
+
+* **chunked** (default): a window = C frames already produced (their clean latents, noised afresh to each step's
+  level with fixed noise) + N new frames from pure noise; S DDIM steps update only the new frames, which leave
+  clean. A frame costs S * (C + N) / N frame-passes and waits for its chunk's audio.
+* **staggered** (stream batch): a window = S groups of N frames at S different noise levels; each call advances
+  every group one step, the cleanest group leaves and a new noise group enters. A frame costs S frame-passes but
+  waits S - 1 further chunks of audio before it leaves.
+
+Shapes are static (window size and batch fixed per settings) so CUDA graphs / torch.compile can apply. Sessions
+are batched: one UNet call serves the jobs of several sessions with the same settings; each session keeps its
+own noise generator, so a session's frames do not depend on who it was batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vexpress_rt.loader import VExpressModels, make_scheduler
+from vexpress_rt.models.attention import KeyValue
+
+from .avatar import PreEncodedAvatar
+
+STRATEGIES = ("chunked", "staggered")
+MAX_WINDOW = 32  # the motion modules' positional table
+
+
+@dataclass(frozen=True)
+class DenoiserSettings:
+    steps: int = 4
+    new_frames: int = 4
+    context_frames: int = 4
+    strategy: str = "chunked"
+    guidance_scale: float = 1.0
+    reference_attention_weight: float = 0.95
+    audio_attention_weight: float = 3.0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not 1 <= self.steps <= 8:
+            raise ValueError(f"steps must be 1..8, got {self.steps}")
+        if self.new_frames < 1 or self.context_frames < 0:
+            raise ValueError("new_frames must be >= 1 and context_frames >= 0")
+        if self.window_frames > MAX_WINDOW:
+            raise ValueError(f"a window of {self.window_frames} frames exceeds the motion modules' {MAX_WINDOW}")
+
+    @property
+    def window_frames(self) -> int:
+        if self.strategy == "chunked":
+            return self.context_frames + self.new_frames
+        return self.steps * self.new_frames
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def passes_per_frame(self) -> float:
+        """UNet frame-passes per output frame (x2 with guidance)."""
+        return self.steps * self.window_frames / self.new_frames * (2 if self.cfg else 1)
+
+
+class Schedule:
+    """The few-step DDIM schedule (trailing spacing, v-prediction, zero terminal SNR) as plain tensors."""
+
+    def __init__(self, steps: int):
+        scheduler = make_scheduler()
+        scheduler.set_timesteps(steps)
+        self.timesteps = scheduler.timesteps.clone()  # descending, e.g. [999, 749, 499, 249]
+        alphas = scheduler.alphas_cumprod
+        self.alpha = alphas[self.timesteps].to(torch.float64)
+        final = scheduler.final_alpha_cumprod.to(torch.float64)
+        self.alpha_prev = torch.cat([self.alpha[1:], final.reshape(1)])
+
+
+def ddim_step(x: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from a v prediction; alphas broadcast against x (per frame allowed)."""
+    a, ap = alpha.to(torch.float32), alpha_prev.to(torch.float32)
+    xf, vf = x.float(), v.float()
+    x0 = a.sqrt() * xf - (1 - a).sqrt() * vf
+    eps = a.sqrt() * vf + (1 - a).sqrt() * xf
+    return (ap.sqrt() * x0 + (1 - ap).sqrt() * eps).to(x.dtype)
+
+
+def add_noise(clean: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    a = alpha.to(torch.float32)
+    return (a.sqrt() * clean.float() + (1 - a).sqrt() * noise.float()).to(clean.dtype)
+
+
+@dataclass
+class StreamState:
+    """One stream's denoiser memory: the last frames made (context) or the staggered queue, and its noise."""
+
+    generator: torch.Generator
+    context: torch.Tensor  # (4, C, h, w) clean latents of the frames most recently produced
+    context_tokens: torch.Tensor  # (C, n, d) their audio tokens
+    queue: torch.Tensor | None = None  # staggered: (4, (S-1)*N, h, w) latents at S-1 levels, oldest first
+    queue_tokens: torch.Tensor | None = None
+    queue_payloads: list[Any] = field(default_factory=list)  # one per queued frame; None = filler
+
+    @property
+    def real_frames_queued(self) -> int:
+        return sum(p is not None for p in self.queue_payloads)
+
+
+@dataclass
+class ChunkJob:
+    state: StreamState
+    avatar: PreEncodedAvatar
+    tokens: torch.Tensor  # (N, n, d) audio tokens of the N new frames
+    payloads: list[Any]  # one per new frame (None: filler, dropped on the way out)
+    meta: dict = field(default_factory=dict)  # timings for the latency figures
+
+
+class StreamDenoiser:
+    def __init__(self, models: VExpressModels, settings: DenoiserSettings):
+        self.models = models
+        self.settings = settings
+        self.schedule = Schedule(settings.steps)
+
+    # -- state --------------------------------------------------------------------------------------------
+    def new_state(self, avatar: PreEncodedAvatar, seed: int, silence: torch.Tensor) -> StreamState:
+        """A fresh stream. Its context is the portrait's own latent repeated (the pose to start from), with
+        `silence` (n, d) tokens; a staggered queue starts as filler noise."""
+        s = self.settings
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latent = avatar.latent[0].to(self.models.dtype)
+        context = latent[:, None].repeat(1, s.context_frames, 1, 1)
+        context_tokens = silence[None].repeat(s.context_frames, 1, 1)
+        state = StreamState(generator, context, context_tokens)
+        if s.strategy == "staggered":
+            c, h, w = latent.shape
+            held = s.window_frames - s.new_frames
+            noise = torch.randn((c, held, h, w), generator=generator).to(latent.device, latent.dtype)
+            # Filler groups at their levels: the portrait latent noised to each group's timestep.
+            levels = self._queue_alphas(0)[:held].reshape(1, -1, 1, 1).to(latent.device)
+            state.queue = add_noise(latent[:, None].expand_as(noise), noise, levels)
+            state.queue_tokens = silence[None].repeat(held, 1, 1)
+            state.queue_payloads = [None] * held
+        return state
+
+    def set_context(self, state: StreamState, latents: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Continue from other frames (e.g. the idle frames on screen when speech starts): (4, C, h, w)."""
+        c = self.settings.context_frames
+        state.context = latents[:, -c:].to(self.models.dtype) if c else latents[:, :0]
+        state.context_tokens = tokens[-c:] if c else tokens[:0]
+
+    # -- one call: N frames in, N frames out --------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, jobs: list[ChunkJob]) -> list[list[tuple[Any, torch.Tensor]]]:
+        """Advance each job's stream by one chunk in one batched UNet call per step. Returns, per job, the
+        (payload, clean latent (4, h, w)) pairs of the frames that left the window (fillers dropped)."""
+        if self.settings.strategy == "chunked":
+            return self._run_chunked(jobs)
+        return self._run_staggered(jobs)
+
+    def _noise(self, state: StreamState, frames: int, like: torch.Tensor) -> torch.Tensor:
+        c, _, h, w = like.shape
+        return torch.randn((c, frames, h, w), generator=state.generator).to(like.device, like.dtype)
+
+    def _run_chunked(self, jobs):
+        s, sched = self.settings, self.schedule
+        n, c = s.new_frames, s.context_frames
+        x = torch.stack([self._noise(j.state, n, j.state.context) for j in jobs])  # (B, 4, N, h, w)
+        ctx_noise = torch.stack([self._noise(j.state, c, j.state.context) for j in jobs])
+        context = torch.stack([j.state.context for j in jobs])
+        tokens = torch.cat([torch.cat([j.state.context_tokens, j.tokens]) for j in jobs])
+        for k, t in enumerate(sched.timesteps):
+            a, ap = sched.alpha[k], sched.alpha_prev[k]
+            window = torch.cat([add_noise(context, ctx_noise, a), x], dim=2)
+            v = self._unet(window, t, tokens, jobs)
+            x = ddim_step(x, v[:, :, c:], a, ap)
+        results = []
+        for b, job in enumerate(jobs):
+            made = torch.cat([job.state.context, x[b]], dim=1)
+            job.state.context = made[:, made.shape[1] - c :] if c else made[:, :0]
+            job.state.context_tokens = torch.cat([job.state.context_tokens, job.tokens])[-c:] if c else job.tokens[:0]
+            results.append([(p, x[b, :, f]) for f, p in enumerate(job.payloads) if p is not None])
+        return results
+
+    def _queue_alphas(self, shift: int) -> torch.Tensor:
+        """Per-frame alpha of a full window, oldest group first; shift=0: the levels the call starts from,
+        1: the levels it leaves them at. Group g (0 = oldest) sits at schedule index S-1-g."""
+        s, sched = self.settings, self.schedule
+        alphas = torch.cat([sched.alpha, sched.alpha_prev[-1:]])
+        idx = torch.tensor([s.steps - 1 - g + shift for g in range(s.steps)])
+        return alphas[idx].repeat_interleave(s.new_frames)
+
+    def _run_staggered(self, jobs):
+        """Between calls a stream holds S-1 groups; the call appends the new group (pure noise), steps every
+        group once at its own timestep, and the oldest group leaves clean."""
+        s, sched = self.settings, self.schedule
+        n = s.new_frames
+        group_t = torch.stack([sched.timesteps[s.steps - 1 - g] for g in range(s.steps)])
+        frame_t = group_t.repeat_interleave(n).repeat(len(jobs))
+        a = self._queue_alphas(0).reshape(1, 1, -1, 1, 1)
+        ap = self._queue_alphas(1).reshape(1, 1, -1, 1, 1)
+        x = torch.stack([torch.cat([j.state.queue, self._noise(j.state, n, j.state.queue)], dim=1) for j in jobs])
+        tokens = [torch.cat([j.state.queue_tokens, j.tokens]) for j in jobs]
+        x = ddim_step(x, self._unet(x, frame_t, torch.cat(tokens), jobs), a, ap)
+        results = []
+        for b, job in enumerate(jobs):
+            state = job.state
+            payloads = state.queue_payloads + list(job.payloads)
+            results.append([(p, x[b, :, f]) for f, p in enumerate(payloads[:n]) if p is not None])
+            if s.context_frames:
+                state.context = torch.cat([state.context, x[b, :, :n]], dim=1)[:, -s.context_frames :]
+            state.queue, state.queue_tokens, state.queue_payloads = x[b, :, n:], tokens[b][n:], payloads[n:]
+        return results
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, jobs: list[ChunkJob]) -> torch.Tensor:
+        """One UNet call over the batch of windows x (B, 4, T, h, w); guidance doubles the batch."""
+        s, unet, device, dtype = self.settings, self.models.denoising_unet, self.models.device, self.models.dtype
+        kv, kps = _batched_reference(jobs, x.shape[2])
+        x, tokens = x.to(device, dtype), tokens.to(device, dtype)
+        if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and kps together
+            kv = {k: (torch.cat([torch.zeros_like(a), a]), torch.cat([torch.zeros_like(b), b])) for k, (a, b) in
+                  kv.items()}
+            if kps.shape[0] != x.shape[0]:
+                kps = kps.expand(x.shape[0], -1, -1, -1, -1)
+            kps = torch.cat([torch.zeros_like(kps), kps])
+            tokens = torch.cat([torch.zeros_like(tokens), tokens])
+            x = x.repeat(2, 1, 1, 1, 1)
+            t = t.repeat(2) if t.ndim else t
+        weights = (s.reference_attention_weight, s.audio_attention_weight)
+        v = unet(x, t.to(device), tokens, kv, kps, *weights)
+        if s.cfg:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + s.guidance_scale * (v_cond - v_uncond)
+        return v
+
+
+def _batched_reference(jobs: list[ChunkJob], frames: int) -> tuple[dict[str, KeyValue], torch.Tensor]:
+    """Reference K/V and the fix_face kps feature for a batch; one avatar shared by all jobs is not copied."""
+    avatars = [j.avatar for j in jobs]
+    if all(a is avatars[0] for a in avatars):
+        kps = avatars[0].kps_feature.expand(len(jobs), -1, frames, -1, -1)
+        return avatars[0].reference_kv, kps
+    kv = {
+        name: (torch.cat([a.reference_kv[name][0] for a in avatars]), torch.cat([a.reference_kv[name][1] for a in
+                                                                                 avatars]))
+        for name in avatars[0].reference_kv
+    }
+    kps = torch.cat([a.kps_feature.expand(-1, -1, frames, -1, -1) for a in avatars])
+    return kv, kps

@@ -1,0 +1,247 @@
+"""The engine: the loaded model, the avatars, the sessions and the one model worker that serves them all.
+
+`Engine` is what a transport (the server, a test, the benchmark) talks to. It knows nothing about HTTP or WebRTC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vexpress_rt.errors import VExpressError
+from vexpress_rt.loader import VExpressModels
+
+from .audio_features import IncrementalAudioFeatures
+from .avatar import AvatarStore, PreEncodedAvatar
+from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
+from .portrait import prepare_portrait
+from .session import SessionConfig, StreamSession
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(VExpressError):
+    """The device cannot serve one more session in real time (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 5.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class EngineConfig:
+    width: int = 512
+    height: int = 512
+    max_sessions: int = 4
+    max_batch: int = 4  # windows of different sessions in one UNet call
+    cache_dir: str | None = None
+    idle_seconds: float = 2.0  # the idle clip rendered at registration (played forth and back)
+    admission: bool = True  # refuse sessions the measured worker speed cannot serve in real time
+    realtime_margin: float = 0.9  # admit while the estimated worker load stays below this fraction
+    insightface_root: str | None = None
+    default_session: SessionConfig = field(default_factory=SessionConfig)
+
+
+@dataclass
+class AvatarInfo:
+    id: str
+    name: str | None
+    width: int
+    height: int
+    created: float
+    kps: list[list[float]]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Avatar:
+    info: AvatarInfo
+    encoded: PreEncodedAvatar
+    idle_frames: np.ndarray  # uint8 (K, H, W, 3)
+    idle_latents: torch.Tensor  # (4, K, h, w)
+
+
+class Engine:
+    def __init__(self, models: VExpressModels, config: EngineConfig | None = None):
+        self.models = models
+        self.config = config or EngineConfig()
+        self.store = AvatarStore(models, self.config.cache_dir)
+        self.worker = ModelWorker(self, max_batch=self.config.max_batch)
+        self.model_lock = threading.Lock()  # the worker and avatar registration take turns on the device
+        self._lock = threading.RLock()
+        self._avatars: dict[str, Avatar] = {}
+        self._sessions: dict[str, StreamSession] = {}
+        self._denoisers: dict[DenoiserSettings, StreamDenoiser] = {}
+        self._silence: dict[int, torch.Tensor] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.worker.start()
+
+    def close(self) -> None:
+        for session in list(self._sessions.values()):
+            session.close()
+        self.worker.stop()
+
+    def wake(self) -> None:
+        self.worker.wake()
+
+    # -- avatars ----------------------------------------------------------------------------------------------
+    def add_avatar(self, image: Image.Image, kps: np.ndarray | None = None, name: str | None = None) -> AvatarInfo:
+        """Pre-encode a portrait (blocking: run it in an executor). Not a tight crop? It is cropped around the
+        face. Raises InputError for pictures without a usable face."""
+        cfg = self.config
+        portrait, portrait_kps = prepare_portrait(image, cfg.width, cfg.height, kps, cfg.insightface_root)
+        with self.model_lock:
+            encoded = self.store.get_or_encode(portrait, portrait_kps, cfg.width, cfg.height)
+        avatar_id = "a" + hashlib.sha256(self.store.key(portrait, portrait_kps, cfg.width, cfg.height).encode())\
+            .hexdigest()[:15]
+        with self._lock:
+            if avatar_id in self._avatars:
+                return self._avatars[avatar_id].info
+        frames, latents = self.render_idle(encoded)
+        info = AvatarInfo(avatar_id, name, cfg.width, cfg.height, time.time(), portrait_kps.tolist())
+        with self._lock:
+            self._avatars.setdefault(avatar_id, Avatar(info, encoded, frames, latents))
+            return self._avatars[avatar_id].info
+
+    def get_avatar(self, avatar_id: str) -> AvatarInfo | None:
+        avatar = self._avatars.get(avatar_id)
+        return avatar.info if avatar else None
+
+    def avatar(self, avatar_id: str) -> Avatar:
+        return self._avatars[avatar_id]
+
+    def avatars(self) -> list[AvatarInfo]:
+        return [a.info for a in self._avatars.values()]
+
+    def remove_avatar(self, avatar_id: str) -> bool:
+        """Forget an avatar; sessions already using it keep their reference until they end."""
+        with self._lock:
+            return self._avatars.pop(avatar_id, None) is not None
+
+    @torch.no_grad()
+    def render_idle(self, encoded: PreEncodedAvatar) -> tuple[np.ndarray, torch.Tensor]:
+        """The idle clip: the streaming denoiser driven by silence, so idle and speech frames look alike."""
+        cfg = self.config.default_session
+        settings = cfg.denoiser_settings()
+        denoiser = self.denoiser(settings)
+        silence = self.silence_tokens_for(cfg.fps)
+        state = denoiser.new_state(encoded, seed=cfg.seed, silence=silence)
+        n = settings.new_frames
+        total = max(n, int(round(self.config.idle_seconds * cfg.fps / n)) * n)
+        latents: list[torch.Tensor] = []
+        tokens = silence[None].expand(n, -1, -1)
+        while len(latents) < total:
+            with self.model_lock:
+                t0 = time.perf_counter()
+                out = denoiser.run([ChunkJob(state, encoded, tokens, list(range(n)))])[0]
+                self.worker.record_chunk(settings, 1, time.perf_counter() - t0)
+            latents += [latent for _, latent in out]
+        stacked = torch.stack(latents[:total], dim=1)
+        with self.model_lock:
+            frames = self.decode(stacked.transpose(0, 1))
+        return frames, stacked
+
+    # -- sessions ---------------------------------------------------------------------------------------------
+    def can_admit(self, config: SessionConfig | None = None) -> bool:
+        return self._admission_problem(config or self.config.default_session) is None
+
+    def _admission_problem(self, config: SessionConfig) -> str | None:
+        if len(self._sessions) >= self.config.max_sessions:
+            return f"all {self.config.max_sessions} session slots are taken"
+        if not self.config.admission:
+            return None
+        load = self.worker.estimated_load([s.config for s in self._sessions.values()] + [config])
+        if load is not None and load > self.config.realtime_margin:
+            return (
+                f"the device cannot serve another session in real time (estimated load {load:.2f} of "
+                f"{self.config.realtime_margin:.2f})"
+            )
+        return None
+
+    def open_session(self, avatar_id: str, config: SessionConfig | None = None) -> StreamSession:
+        config = config or SessionConfig(**self.config.default_session.__dict__)
+        config.validate()
+        with self._lock:
+            avatar = self._avatars[avatar_id]  # KeyError: unknown avatar
+            problem = self._admission_problem(config)
+            if problem:
+                raise CapacityError(problem)
+            session = StreamSession(self, avatar, config)
+            self._sessions[session.id] = session
+        log.info("session %s opened on avatar %s (%s)", session.id, avatar_id, config)
+        self.wake()
+        return session
+
+    def get_session(self, session_id: str) -> StreamSession | None:
+        return self._sessions.get(session_id)
+
+    def sessions(self) -> list[StreamSession]:
+        return list(self._sessions.values())
+
+    def _forget(self, session: StreamSession) -> None:
+        with self._lock:
+            self._sessions.pop(session.id, None)
+        log.info("session %s closed", session.id)
+
+    def stats(self) -> dict:
+        sessions = self.sessions()
+        latencies = [x for s in sessions for x in list(s.latencies_ms)[-200:]]
+        lat = np.array(latencies) if latencies else np.zeros(1)
+        return {
+            "sessions": len(sessions),
+            "avatars": len(self._avatars),
+            "frames_generated": self.worker.frames_generated,
+            "worker_busy_fraction": round(self.worker.busy_fraction(), 3),
+            "estimated_load": self.worker.estimated_load([s.config for s in sessions]),
+            "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p95_ms": float(np.percentile(lat, 95)),
+            "dropped_frames": sum(s.dropped_frames for s in sessions),
+            "underruns": sum(s.underruns for s in sessions),
+            "ready_frames": sum(len(s._ready) for s in sessions),
+        }
+
+    # -- shared model helpers (used by sessions and the worker) --------------------------------------------
+    def denoiser(self, settings: DenoiserSettings) -> StreamDenoiser:
+        if settings not in self._denoisers:
+            self._denoisers[settings] = StreamDenoiser(self.models, settings)
+        return self._denoisers[settings]
+
+    def denoiser_for(self, session: StreamSession) -> StreamDenoiser:
+        return self.denoiser(session.denoiser_settings)
+
+    def new_stream(self, session: StreamSession) -> StreamState:
+        seed = session.config.seed + int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16)
+        return self.denoiser_for(session).new_state(session.avatar.encoded, seed, self.silence_tokens(session))
+
+    def silence_tokens(self, session: StreamSession) -> torch.Tensor:
+        return self.silence_tokens_for(session.config.fps)
+
+    def silence_tokens_for(self, fps: int) -> torch.Tensor:
+        """The audio tokens of silence (n, d): what idle frames and padding frames are driven by."""
+        if fps not in self._silence:
+            features = IncrementalAudioFeatures(self.models, fps)
+            frames = features.push(np.zeros(16000 * 2, np.float32)) + features.end()
+            self._silence[fps] = frames[len(frames) // 2].tokens
+        return self._silence[fps]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(F, 4, h, w) latents -> uint8 (F, H, W, 3), in one VAE call."""
+        from vexpress_rt.pipeline import VAE_SCALE
+
+        z = latents.to(self.models.device, self.models.dtype) / VAE_SCALE
+        images = self.models.vae.decode(z).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()

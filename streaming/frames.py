@@ -1,0 +1,46 @@
+"""What the engine hands out: video frames paired with their audio, and session events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+
+@dataclass
+class AVFrame:
+    """One video frame and exactly the 1/fps of audio it was generated from, on one clock.
+
+    Frame `index` shows at `index / fps` seconds; its audio covers samples
+    `[index * len(audio), (index + 1) * len(audio))` of one continuous output stream: the same instant.
+    """
+
+    index: int
+    time_base: Fraction  # 1 / fps
+    image: np.ndarray  # uint8 (H, W, 3) RGB
+    audio: np.ndarray  # int16 (samples_per_frame,) mono
+    sample_rate: int
+    speaking: bool
+    utterance: int | None = None  # which utterance this frame plays, None while idle
+
+    @property
+    def pts(self) -> int:
+        return self.index
+
+    @property
+    def seconds(self) -> float:
+        return float(self.index * self.time_base)
+
+
+@dataclass
+class Event:
+    """Something a client may want to know, stamped with the output frame at which it happened.
+
+    Types: "playback.started" {"utterance"}, "playback.finished" {"utterance", "position_ms", "interrupted"},
+    "mark" {"name"}, "state" {"state"}, "error" {"code", "message"}.
+    """
+
+    type: str
+    data: dict = field(default_factory=dict)
+    frame_index: int = 0

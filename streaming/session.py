@@ -1,0 +1,555 @@
+"""A live session: pushed audio in, a never-stalling stream of frames paired with their audio out.
+
+The session is the state machine (idle -> speaking -> idle, interrupt, closed) and the bookkeeping around the model
+worker, which does all model compute (`streaming/worker.py`). Threads: `push_audio`, `end_utterance`, `mark`,
+`interrupt` and `read_frame` may be called from any thread (the server's event loop); the worker thread calls
+`_next_job` and `_deliver`. One lock guards the shared state; model calls happen outside it.
+
+Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`);
+frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind skips frames (dropped,
+counted) instead of letting latency grow, and every queue is bounded.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from vexpress_rt.errors import InputError
+
+from .audio_features import IncrementalAudioFeatures
+from .audio_input import MODEL_RATE, AudioInput, validate_format
+from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
+from .frames import AVFrame, Event
+
+log = logging.getLogger(__name__)
+
+_session_ids = itertools.count(1)
+
+
+class SessionState(str, enum.Enum):
+    IDLE = "idle"
+    SPEAKING = "speaking"
+    CLOSED = "closed"
+
+
+@dataclass
+class SessionConfig:
+    fps: int = 25
+    steps: int = 4
+    guidance_scale: float = 1.0
+    reference_attention_weight: float = 0.95
+    audio_attention_weight: float = 3.0  # "expression strength"
+    input_sample_rate: int = 16000
+    input_channels: int = 1
+    output_sample_rate: int = 48000
+    strategy: str = "chunked"
+    new_frames: int = 4  # frames per chunk: latency vs. per-call overhead
+    context_frames: int = 4  # chunked: frames already made that each window sees again
+    left_context_s: float = 2.0  # wav2vec2 context before the new audio
+    lookahead_s: float = 0.2  # wav2vec2 context after it
+    jitter_frames: int = 2  # playback of an utterance starts this long after its first frames are ready
+    max_buffer_s: float = 120.0  # pushed audio not yet played (a bot may push ahead of real time)
+    max_ready_s: float = 1.0  # decoded frames waiting to play
+    max_reader_lag_frames: int = 2  # a reader further behind than this skips frames
+    blend_frames: int = 4  # cross-fade from the last speech frame into the idle loop
+    seed: int = 0
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise InputError(msg)
+
+        if not isinstance(self.fps, int) or not 5 <= self.fps <= 60 or self.output_sample_rate % self.fps:
+            bad(f"fps must be an integer 5..60 dividing the output rate {self.output_sample_rate}, got {self.fps!r}")
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 8:
+            bad(f"steps must be an integer from 1 to 8, got {self.steps!r}")
+        if not 1.0 <= float(self.guidance_scale) <= 20.0:
+            bad(f"guidance_scale must be within 1..20 (1 = off), got {self.guidance_scale!r}")
+        for name in ("reference_attention_weight", "audio_attention_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 10.0:
+                bad(f"{name} must be a number within 0..10, got {value!r}")
+        validate_format(self.input_sample_rate, self.input_channels)
+        if self.output_sample_rate not in (16000, 24000, 32000, 44100, 48000):
+            bad(f"output_sample_rate must be one of 16000, 24000, 32000, 44100, 48000, got {self.output_sample_rate}")
+        if self.strategy not in STRATEGIES:
+            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        try:
+            self.denoiser_settings()
+        except ValueError as exc:
+            bad(str(exc))
+
+    def denoiser_settings(self) -> DenoiserSettings:
+        return DenoiserSettings(
+            steps=self.steps,
+            new_frames=self.new_frames,
+            context_frames=self.context_frames,
+            strategy=self.strategy,
+            guidance_scale=float(self.guidance_scale),
+            reference_attention_weight=float(self.reference_attention_weight),
+            audio_attention_weight=float(self.audio_attention_weight),
+        )
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.output_sample_rate // self.fps
+
+
+@dataclass
+class FramePayload:
+    """What travels with a frame through the denoiser: its place in the utterance and its audio."""
+
+    utterance: int
+    number: int  # frame number within the utterance
+    audio: np.ndarray  # int16 (spf,)
+    audio_time: float  # when the last audio sample of this frame was pushed
+    epoch: int
+
+
+@dataclass
+class SpeechFrame:
+    payload: FramePayload
+    image: np.ndarray
+    latent: torch.Tensor
+    ready_time: float
+
+
+@dataclass
+class Utterance:
+    id: int
+    audio: AudioInput
+    features: IncrementalAudioFeatures
+    pcm16k: list[np.ndarray] = field(default_factory=list)  # pushed, not yet through the features
+    samples16k: int = 0
+    out_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # output-rate, not yet framed
+    out_offset: int = 0  # output-rate samples already given to frames
+    out_total: int = 0
+    arrivals: deque = field(default_factory=deque)  # (output-rate sample count, time pushed)
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    frames_submitted: int = 0
+    frames_total: int | None = None  # known once ended
+    ended: bool = False
+    features_ended: bool = False
+    started: bool = False  # playback began
+    play_after: float | None = None
+    frames_played: int = 0
+    real_samples: int = 0  # output-rate samples of real (unpadded) audio
+    marks: list[tuple[int, str]] = field(default_factory=list)  # (output sample position, name)
+
+
+class StreamSession:
+    def __init__(self, engine, avatar, config: SessionConfig, now: Callable[[], float] = time.monotonic):
+        config.validate()
+        self.id = f"s{next(_session_ids)}-{np.random.default_rng().integers(1 << 48):012x}"
+        self.engine = engine
+        self.avatar = avatar
+        self.avatar_id = avatar.info.id
+        self.config = config
+        self.width, self.height = avatar.info.width, avatar.info.height
+        self.samples_per_frame = config.samples_per_frame
+        self.time_base = Fraction(1, config.fps)
+        self.denoiser_settings = config.denoiser_settings()
+        self._now = now
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[Event], None]] = []
+        self._state = SessionState.IDLE
+        self._epoch = 0
+        self._utterance_ids = itertools.count(1)
+        self._utterances: deque[Utterance] = deque()  # in push order; the head is the one playing or next
+        self._ready: deque[SpeechFrame] = deque()
+        self._max_ready = max(int(config.max_ready_s * config.fps), 2 * config.new_frames + config.jitter_frames)
+        self._next_index = 0
+        self._t0: float | None = None
+        self._stream: StreamState | None = None  # the worker's denoiser state
+        self._reset_stream = True
+        self._idle_pos = 0
+        self._idle_dir = 1
+        self._last_image: np.ndarray | None = None
+        self._last_latent: torch.Tensor | None = None
+        self._blend: tuple[np.ndarray, int] | None = None
+        self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
+        self._silence = np.zeros(self.samples_per_frame, np.int16)
+        # figures
+        self.frames_out = 0
+        self.speech_frames_out = 0
+        self.dropped_frames = 0
+        self.underruns = 0
+        self.latencies_ms: deque[float] = deque(maxlen=2000)  # audio pushed -> frame ready
+        self.closed = False
+
+    # -- public API -----------------------------------------------------------------------------------------
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    def add_listener(self, fn: Callable[[Event], None]) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[Event], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    @property
+    def buffered_ms(self) -> float:
+        """Pushed audio not played yet (what a bot pushing ahead of real time sees as its lead)."""
+        with self._lock:
+            samples = sum(u.out_total - u.frames_played * self.samples_per_frame for u in self._utterances)
+        return max(0.0, 1000.0 * samples / self.config.output_sample_rate)
+
+    def push_audio(self, pcm, sample_rate: int | None = None, channels: int | None = None) -> None:
+        self._check_open()
+        rate = self.config.input_sample_rate if sample_rate is None else sample_rate
+        chans = self.config.input_channels if channels is None else channels
+        validate_format(rate, chans)
+        with self._lock:
+            utt = self._open_utterance(rate, chans)
+            pcm16k, out = utt.audio.push(pcm, rate, chans)
+            if self.buffered_ms + 1000.0 * len(out) / self.config.output_sample_rate > 1000 * self.config.max_buffer_s:
+                raise InputError(
+                    f"audio buffer full: more than {self.config.max_buffer_s:g} s pushed ahead of playback"
+                )
+            self._append_audio(utt, pcm16k, out, real=True)
+        self.engine.wake()
+
+    def end_utterance(self) -> None:
+        """The audio pushed so far is one utterance; its last partial frame is padded with silence."""
+        self._check_open()
+        with self._lock:
+            utt = self._utterances[-1] if self._utterances and not self._utterances[-1].ended else None
+            if utt is None:
+                return
+            pcm16k, out = utt.audio.flush()
+            self._append_audio(utt, pcm16k, out, real=True)
+            frames = -(-utt.out_total // self.samples_per_frame)  # whole frames, rounding up
+            pad_out = frames * self.samples_per_frame - utt.out_total
+            pad_16k = max(0, int(np.ceil(frames * MODEL_RATE / self.config.fps)) - utt.samples16k)
+            self._append_audio(utt, np.zeros(pad_16k, np.float32), np.zeros(pad_out, np.int16), real=False)
+            utt.frames_total = frames
+            utt.ended = True
+        self.engine.wake()
+
+    def mark(self, name: str) -> None:
+        """An Event("mark") fires when the audio pushed before it has been played."""
+        self._check_open()
+        with self._lock:
+            pending = [u for u in self._utterances if u.out_total > u.frames_played * self.samples_per_frame]
+            if pending:
+                pending[-1].marks.append((pending[-1].real_samples, name))
+            else:
+                self._pending_marks.append(name)
+
+    def interrupt(self) -> None:
+        """Flush every stage: pushed audio, tokens, frames in flight and queued. The next frame is idle."""
+        events = []
+        with self._lock:
+            self._epoch += 1
+            for utt in self._utterances:
+                if utt.started or utt.frames_submitted or utt.out_total:
+                    position = 1000.0 * min(utt.frames_played * self.samples_per_frame, utt.real_samples)
+                    events.append(
+                        Event(
+                            "playback.finished",
+                            {
+                                "utterance": utt.id,
+                                "position_ms": round(position / self.config.output_sample_rate, 1),
+                                "interrupted": True,
+                            },
+                            self._next_index,
+                        )
+                    )
+                events += [Event("mark", {"name": name}, self._next_index) for _, name in utt.marks]
+            self._utterances.clear()
+            self._ready.clear()
+            self._reset_stream = True
+            self._start_blend()
+            events += self._set_state(SessionState.IDLE)
+        self._emit(events)
+
+    def read_frame(self) -> AVFrame:
+        """The next frame of the output stream; never blocks. Speech when it is ready, else idle."""
+        events: list[Event] = []
+        with self._lock:
+            now = self._now()
+            if self._t0 is None:
+                self._t0 = now
+            due = int((now - self._t0) * self.config.fps)
+            if due - self._next_index > self.config.max_reader_lag_frames:
+                events += self._skip(due - self._next_index)
+            index = self._next_index
+            self._next_index += 1
+            frame = self._speech_frame(index, now, events) or self._idle_frame(index, events)
+            if self._pending_marks:
+                events += [Event("mark", {"name": n}, index) for n in self._pending_marks]
+                self._pending_marks.clear()
+            self.frames_out += 1
+        self._emit(events)
+        return frame
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._utterances.clear()
+            self._ready.clear()
+            events = self._set_state(SessionState.CLOSED)
+        self._emit(events)
+        self.engine._forget(self)
+
+    def _fail(self, code: str, message: str) -> None:
+        """The worker could not serve this session: tell the client and end the session; others go on."""
+        self._emit([Event("error", {"code": code, "message": message}, self._next_index)])
+        self.close()
+
+    def stats(self) -> dict:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {
+            "state": self._state.value,
+            "frames_out": self.frames_out,
+            "speech_frames_out": self.speech_frames_out,
+            "dropped_frames": self.dropped_frames,
+            "underruns": self.underruns,
+            "ready_frames": len(self._ready),
+            "buffered_ms": round(self.buffered_ms, 1),
+            "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p95_ms": float(np.percentile(lat, 95)),
+        }
+
+    # -- audio in ---------------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InputError(f"session {self.id} is closed")
+
+    def _open_utterance(self, rate: int, channels: int) -> Utterance:
+        if self._utterances and not self._utterances[-1].ended:
+            utt = self._utterances[-1]
+            if (utt.audio.sample_rate, utt.audio.channels) == (rate, channels):
+                return utt
+            self.end_utterance()  # a format change starts a new utterance
+        cfg = self.config
+        utt = Utterance(
+            next(self._utterance_ids),
+            AudioInput(rate, channels, cfg.output_sample_rate),
+            IncrementalAudioFeatures(self.engine.models, cfg.fps, cfg.left_context_s, cfg.lookahead_s),
+        )
+        self._utterances.append(utt)
+        return utt
+
+    def _append_audio(self, utt: Utterance, pcm16k: np.ndarray, out: np.ndarray, real: bool) -> None:
+        if len(pcm16k):
+            utt.pcm16k.append(pcm16k)
+            utt.samples16k += len(pcm16k)
+        if len(out):
+            utt.out_audio = np.concatenate([utt.out_audio, out])
+            utt.out_total += len(out)
+            if real:
+                utt.real_samples += len(out)
+            utt.arrivals.append((utt.out_total, self._now()))
+
+    # -- the worker's side --------------------------------------------------------------------------------------
+    def _next_job(self) -> ChunkJob | None:
+        """Called by the worker: run the features on new audio (model compute) and return the next chunk
+        when its audio (plus lookahead) is in and there is room for its frames."""
+        with self._lock:
+            if self.closed:
+                return None
+            if self._reset_stream or self._stream is None:
+                self._stream = self.engine.new_stream(self)
+                self._reset_stream = False
+            utt = next((u for u in self._utterances if not (u.ended and u.frames_submitted >= u.frames_total)), None)
+            if utt is None or len(self._ready) + self.denoiser_settings.new_frames > self._max_ready:
+                return self._flush_job() if utt is None else None
+            pcm = np.concatenate(utt.pcm16k) if utt.pcm16k else np.zeros(0, np.float32)
+            utt.pcm16k.clear()
+            end_features = utt.ended and not utt.features_ended
+            epoch, stream = self._epoch, self._stream
+        tokens = [t.tokens for t in utt.features.push(pcm)] if len(pcm) else []
+        if end_features:
+            tokens += [t.tokens for t in utt.features.end()]
+        with self._lock:
+            if epoch != self._epoch:
+                return None
+            utt.tokens += tokens
+            utt.features_ended |= end_features
+            n = self.denoiser_settings.new_frames
+            if utt.frames_submitted == 0 and not utt.started:
+                self._continue_from_screen(stream)
+            available = len(utt.tokens)
+            spf = self.samples_per_frame
+            if available < n and not (utt.features_ended and available > 0):
+                return None
+            count = min(n, available)
+            if (utt.frames_submitted + count) * spf > utt.out_total:
+                return None  # the output-rate audio lags the model-rate audio by the resampler's delay
+            payloads = []
+            for _ in range(count):
+                k = utt.frames_submitted
+                start = k * spf - utt.out_offset
+                audio = utt.out_audio[start : start + spf].copy()
+                payloads.append(FramePayload(utt.id, k, audio, self._arrival(utt, (k + 1) * spf), epoch))
+                utt.frames_submitted += 1
+            consumed = utt.frames_submitted * spf - utt.out_offset
+            utt.out_audio = utt.out_audio[consumed:]
+            utt.out_offset += consumed
+            chunk_tokens = torch.stack(utt.tokens[:count])
+            del utt.tokens[:count]
+            if count < n:  # the end of an utterance: pad to the static window with silent filler frames
+                pad = self.engine.silence_tokens(self)[None].expand(n - count, -1, -1).to(chunk_tokens)
+                chunk_tokens = torch.cat([chunk_tokens, pad])
+                payloads += [None] * (n - count)
+            trigger = utt.arrivals[-1][1] if utt.arrivals else self._now()
+            return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, {"trigger": trigger})
+
+    def _flush_job(self) -> ChunkJob | None:
+        """Staggered windows hold frames back; with no audio left, push silent fillers until they are out."""
+        stream = self._stream
+        if stream is None or stream.queue is None or stream.real_frames_queued == 0:
+            return None
+        n = self.denoiser_settings.new_frames
+        silence = self.engine.silence_tokens(self)[None].expand(n, -1, -1)
+        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n)
+
+    def _arrival(self, utt: Utterance, sample_end: int) -> float:
+        while len(utt.arrivals) > 1 and utt.arrivals[1][0] < sample_end:
+            utt.arrivals.popleft()
+        for count, when in utt.arrivals:
+            if count >= sample_end:
+                return when
+        return self._now()
+
+    def _continue_from_screen(self, stream: StreamState) -> None:
+        """A new utterance continues from what is on screen: the idle frames around the current position."""
+        if self._last_latent is not None and self._state == SessionState.SPEAKING:
+            return  # back-to-back speech: the stream's own context is already the frames on screen
+        idle = self.avatar.idle_latents
+        c = self.denoiser_settings.context_frames
+        if c == 0:
+            return
+        order = [self._idle_index(self._idle_pos - self._idle_dir * (c - 1 - i)) for i in range(c)]
+        self.engine.denoiser_for(self).set_context(stream, idle[:, order], self.engine.silence_tokens(self)[None]
+                                                   .expand(c, -1, -1))
+
+    def _deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]], ready_time: float) -> None:
+        with self._lock:
+            for payload, image, latent in frames:
+                if payload.epoch != self._epoch or self.closed:
+                    continue  # interrupted while in flight
+                self._ready.append(SpeechFrame(payload, image, latent, ready_time))
+                self.latencies_ms.append(1000.0 * (ready_time - payload.audio_time))
+                utt = self._utterance(payload.utterance)
+                if utt is not None and utt.play_after is None:
+                    utt.play_after = ready_time + self.config.jitter_frames / self.config.fps
+
+    # -- frames out ---------------------------------------------------------------------------------------------
+    def _utterance(self, uid: int) -> Utterance | None:
+        return next((u for u in self._utterances if u.id == uid), None)
+
+    def _speech_frame(self, index: int, now: float, events: list[Event]) -> AVFrame | None:
+        utt = self._utterances[0] if self._utterances else None
+        if utt is None:
+            return None
+        if utt.ended and utt.frames_played >= (utt.frames_total or 0):
+            self._finish(utt, index, events)  # e.g. its last frames were skipped by a late reader
+            return None
+        if not utt.started:
+            complete = utt.ended and len(self._ready) >= (utt.frames_total or 0) - utt.frames_played
+            waiting = utt.play_after is None or now < utt.play_after
+            if not self._ready or (waiting and not complete):
+                return None
+            utt.started = True
+            events += self._set_state(SessionState.SPEAKING, index)
+            events.append(Event("playback.started", {"utterance": utt.id}, index))
+        if not (self._ready and self._ready[0].payload.utterance == utt.id):
+            # Generation fell behind: hold the face and play silence (the rest shifts later, nothing is lost).
+            self.underruns += 1
+            if self._last_image is None:
+                return None
+            return AVFrame(index, self.time_base, self._last_image, self._silence, self.config.output_sample_rate,
+                           True, utt.id)
+        sf = self._ready.popleft()
+        self._last_image, self._last_latent = sf.image, sf.latent
+        utt.frames_played += 1
+        self.speech_frames_out += 1
+        played = utt.frames_played * self.samples_per_frame
+        while utt.marks and utt.marks[0][0] <= played:
+            events.append(Event("mark", {"name": utt.marks.pop(0)[1]}, index))
+        if utt.ended and utt.frames_played >= utt.frames_total:
+            self._finish(utt, index, events)
+        return AVFrame(index, self.time_base, sf.image, sf.payload.audio, self.config.output_sample_rate, True, utt.id)
+
+    def _finish(self, utt: Utterance, index: int, events: list[Event]) -> None:
+        if utt.started:
+            position = 1000.0 * utt.real_samples / self.config.output_sample_rate
+            data = {"utterance": utt.id, "position_ms": round(position, 1), "interrupted": False}
+            events.append(Event("playback.finished", data, index))
+        events += [Event("mark", {"name": name}, index) for _, name in utt.marks]
+        self._utterances.popleft()
+        if not self._utterances or not self._utterances[0].started:
+            if self._state == SessionState.SPEAKING and not self._ready:
+                events += self._set_state(SessionState.IDLE, index)
+                self._start_blend()
+
+    def _idle_index(self, pos: int) -> int:
+        n = self.avatar.idle_frames.shape[0]
+        if n == 1:
+            return 0
+        period = 2 * (n - 1)
+        p = pos % period
+        return p if p < n else period - p
+
+    def _start_blend(self) -> None:
+        """Enter the idle loop at the clip frame closest to the last speech frame, cross-fading into it."""
+        if self._last_image is None or self._last_latent is None:
+            return
+        idle = self.avatar.idle_latents.to(self._last_latent)
+        distance = (idle - self._last_latent[:, None]).flatten(2).pow(2).sum(dim=(0, 2))
+        self._idle_pos = int(distance.argmin())
+        self._blend = (self._last_image, 0)
+
+    def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
+        image = self.avatar.idle_frames[self._idle_index(self._idle_pos)]
+        self._idle_pos += 1
+        if self._blend is not None:
+            last, k = self._blend
+            w = 1.0 - (k + 1) / (self.config.blend_frames + 1)
+            image = (w * last.astype(np.float32) + (1 - w) * image.astype(np.float32) + 0.5).astype(np.uint8)
+            self._blend = (last, k + 1) if k + 1 < self.config.blend_frames else None
+        return AVFrame(index, self.time_base, image, self._silence, self.config.output_sample_rate, False, None)
+
+    def _skip(self, count: int) -> list[Event]:
+        """The reader fell behind: drop what would have played in the missed frame periods."""
+        self._next_index += count
+        self.dropped_frames += count
+        for _ in range(count):
+            if not self._ready:
+                break
+            sf = self._ready.popleft()
+            utt = self._utterance(sf.payload.utterance)
+            if utt is not None:
+                utt.frames_played += 1
+        self._idle_pos += count
+        return []
+
+    def _set_state(self, state: SessionState, index: int | None = None) -> list[Event]:
+        if state == self._state:
+            return []
+        self._state = state
+        return [Event("state", {"state": state.value}, self._next_index if index is None else index)]
+
+    def _emit(self, events: list[Event]) -> None:
+        for event in events:
+            for fn in list(self._listeners):
+                try:
+                    fn(event)
+                except Exception:  # a broken listener must not break the stream
+                    log.exception("session %s: event listener failed", self.id)
