@@ -53,8 +53,8 @@ class SessionConfig:
     input_sample_rate: int = 16000
     input_channels: int = 1
     output_sample_rate: int = 48000
-    strategy: str = "chunked"
-    new_frames: int = 4  # frames per chunk: latency vs. per-call overhead
+    strategy: str = "staggered"  # measured against "chunked": docs/streaming.md
+    new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
     context_frames: int = 4  # chunked: frames already made that each window sees again
     left_context_s: float = 2.0  # wav2vec2 context before the new audio
     lookahead_s: float = 0.2  # wav2vec2 context after it

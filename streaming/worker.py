@@ -31,6 +31,7 @@ class ModelWorker:
         self._busy: deque[tuple[float, float]] = deque(maxlen=512)  # (end time, seconds busy)
         self._pass_cost: float | None = None  # seconds per UNet frame-pass (EMA)
         self.chunk_log: deque[dict] = deque(maxlen=10000)  # per chunk: trigger, ready, compute (for the bench)
+        self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
         self.errors = 0
 
     # -- thread ---------------------------------------------------------------------------------------------
@@ -66,14 +67,15 @@ class ModelWorker:
         """Collect one chunk per session and run them. Returns whether any work was done."""
         work = []
         for session in self.engine.sessions():
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             try:
-                job = session._next_job()
+                job = session._next_job()  # runs the audio features on new audio: model compute
             except Exception as exc:
                 self._fail(session, exc)
                 continue
+            self.compute_log.append((t0, time.monotonic()))
             if job is not None:
-                job.meta["features_s"] = time.perf_counter() - t0
+                job.meta["features_s"] = time.monotonic() - t0
                 work.append((session, job))
         if not work:
             return False
@@ -100,6 +102,7 @@ class ModelWorker:
         seconds = time.perf_counter() - t0
         self.record_chunk(settings, len(jobs), seconds)
         ready = time.monotonic()
+        self.compute_log.append((ready - seconds, ready))
         k = 0
         for (session, job), out in zip(items, outputs):
             frames = []
@@ -144,6 +147,11 @@ class ModelWorker:
             s = config.denoiser_settings()
             total += self._pass_cost * s.passes_per_frame * config.fps
         return total
+
+    def compute_between(self, start: float, end: float) -> float:
+        """Seconds of model compute (any session's) inside [start, end]: what a chunk waited on that was not
+        engine overhead."""
+        return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.compute_log if e > start and s < end)
 
     def busy_fraction(self, window_s: float = 10.0) -> float:
         now = time.monotonic()

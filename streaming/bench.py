@@ -1,0 +1,245 @@
+"""`vexpress-rt bench`: the engine's figures, printed as a table and (with --json) one JSON object.
+
+(a) FLOPs per output frame of the engine's settings vs the original inference.py defaults, counted on the meta
+    device with the real-size architecture (streaming/flops.py).
+(b) With a model on this machine (the tiny fixture model on CPU by default): real-time factor (as fast as
+    possible), audio-in -> frame-out latency p50/p95 while audio arrives in real time, the engine's overhead
+    (latency minus model compute minus waiting for the chunk's audio), and latency p95 of the first and last
+    "minute" of a bounded run (quick mode: shorter minutes).
+(c) On a CUDA GPU (skipped cleanly without one): the real-size UNet with random weights at 1-8 steps in
+    fp16/bf16: fps, latency per chunk and memory.
+--strategies adds the chunked vs staggered comparison (boundary smoothness, agreement with the offline
+pipeline at equal steps, latency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .flops import engine_flops_per_frame, original_flops_per_frame
+
+DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "vexpress-tiny"
+
+
+def add_bench_command(sub) -> None:
+    p = sub.add_parser("bench", help="print the engine's figures (FLOPs, real-time factor, latency)")
+    p.add_argument("--model_dir", default=None, help="model folder (default: the tiny fixture model)")
+    p.add_argument("--quick", action="store_true", help="short run (CI): 20 s 'minutes'")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--minutes", type=float, default=None, help="length of the latency run in minutes")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--strategy", default=None, choices=["chunked", "staggered"])
+    p.add_argument("--new_frames", type=int, default=None)
+    p.add_argument("--context_frames", type=int, default=None)
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--strategies", action="store_true", help="also compare chunked and staggered windows")
+    p.add_argument("--gpu", action="store_true", help="also run the real-size GPU figures (needs CUDA)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _default_model_dir() -> Path:
+    root = Path(os.environ.get("VEXPRESS_FIXTURES", DEFAULT_FIXTURES))
+    return root / "model_ckpts"
+
+
+def _session_config(args):
+    from .session import SessionConfig
+
+    cfg = SessionConfig(fps=args.fps)
+    for name in ("steps", "strategy", "new_frames", "context_frames"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.validate()
+    return cfg
+
+
+def flops_figures(cfg) -> dict:
+    s = cfg.denoiser_settings()
+    # Frames a window call finishes per frame-pass: chunked N of C+N; staggered every frame passes once per
+    # step, i.e. steps passes per frame, which `new_frames = window` expresses.
+    new = s.new_frames if s.strategy == "chunked" else s.window_frames
+    common = dict(fps=cfg.fps, steps=s.steps, guidance_scale=s.guidance_scale, window_frames=s.window_frames,
+                  new_frames=new)
+    engine = engine_flops_per_frame(**common)
+    tiny = engine_flops_per_frame(**common, decoder="tiny")
+    original = original_flops_per_frame()
+    return {
+        "flops_per_frame": engine.total,
+        "original_flops_per_frame": original.total,
+        "flops_ratio": original.total / engine.total,
+        "flops_per_frame_tiny_decoder": tiny.total,
+        "flops_ratio_tiny_decoder": original.total / tiny.total,
+        "flops_breakdown": {"unet": engine.unet, "decoder": engine.decoder, "audio": engine.audio},
+    }
+
+
+def _load_engine(model_dir: Path, width: int, height: int, cfg):
+    import torch
+
+    from vexpress_rt.loader import load_models
+    from vexpress_rt.weights import ModelPaths
+
+    from .engine import Engine, EngineConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = load_models(ModelPaths.from_model_dir(model_dir), device=device, dtype=torch.float32)
+    engine = Engine(models, EngineConfig(width=width, height=height, admission=False, default_session=cfg,
+                                         idle_seconds=0.64))
+    portrait = Path(__file__).resolve().parents[1] / "server" / "assets" / "default_portrait"
+    from PIL import Image
+
+    kps = np.array(json.loads(portrait.with_suffix(".json").read_text())["kps"], dtype=np.float32)
+    info = engine.add_avatar(Image.open(portrait.with_suffix(".png")), kps)
+    return engine, info
+
+
+def _speech(seconds: float) -> np.ndarray:
+    """Speech-like test audio (16 kHz int16): the fixture's espeak-ng clip repeated, else a voiced tone."""
+    fixture = _default_model_dir().parent / "inputs" / "audio.wav"
+    if fixture.is_file():
+        import wave
+
+        with wave.open(str(fixture)) as w:
+            clip = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+    else:
+        t = np.arange(16000) / 16000
+        clip = (8000 * np.sin(2 * np.pi * 140 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.int16)
+    reps = int(np.ceil(seconds * 16000 / len(clip)))
+    return np.tile(clip, reps)[: int(seconds * 16000)]
+
+
+def realtime_factor(engine, avatar_id: str, cfg, seconds: float = 4.0) -> float:
+    """Seconds of video made per second of worker time, audio pushed as fast as possible."""
+    session = engine.open_session(avatar_id, cfg)
+    try:
+        session.push_audio(_speech(seconds))
+        session.end_utterance()
+        session._max_ready = 10**9  # nobody reads here: let every frame queue
+        engine.worker.turn()  # warm-up turn (first chunk)
+        t0 = time.perf_counter()
+        made0 = engine.worker.frames_generated
+        while engine.worker.turn():
+            pass
+        elapsed = time.perf_counter() - t0
+        made = engine.worker.frames_generated - made0
+        return (made / cfg.fps) / elapsed if elapsed > 0 else float("inf")
+    finally:
+        session.close()
+
+
+def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) -> dict:
+    """Audio arrives in real time in 20 ms pushes while a reader plays frames at fps; bounded in time."""
+    engine.start()
+    session = engine.open_session(avatar_id, cfg)
+    pcm = _speech(minute_s * minutes)
+    push = 320  # 20 ms at 16 kHz
+    start = time.monotonic()
+    next_frame = 0
+    pushed = 0
+    try:
+        while pushed < len(pcm):
+            now = time.monotonic() - start
+            while pushed < len(pcm) and pushed / 16000 <= now:
+                session.push_audio(pcm[pushed : pushed + push])
+                pushed += push
+            while next_frame / cfg.fps <= now:
+                session.read_frame()
+                next_frame += 1
+            time.sleep(0.004)
+        session.end_utterance()
+        deadline = time.monotonic() + 10
+        while session.state.value != "idle" and time.monotonic() < deadline:
+            session.read_frame()
+            time.sleep(1 / cfg.fps)
+    finally:
+        session.close()
+        engine.worker.stop()
+    chunks = [c for c in engine.worker.chunk_log if c["session"] == session.id and c["frames"]]
+    latencies, overheads, first, last = [], [], [], []
+    for c in chunks:
+        for audio_time in c["audio_times"]:
+            ms = 1000 * (c["ready"] - audio_time)
+            latencies.append(ms)
+            (first if audio_time - start < minute_s else last).append(ms)
+        if c["trigger"] is not None:  # from the audio that completed the chunk to its frames being ready
+            waited = c["ready"] - c["trigger"]
+            overheads.append(1000 * (waited - engine.worker.compute_between(c["trigger"], c["ready"])))
+    stats = session.stats()
+
+    def p(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    return {
+        "latency_p50_ms": p(latencies, 50),
+        "latency_p95_ms": p(latencies, 95),
+        "overhead_p50_ms": p(overheads, 50),
+        "overhead_p95_ms": p(overheads, 95),
+        "latency_p95_first_minute_ms": p(first, 95),
+        "latency_p95_last_minute_ms": p(last, 95),
+        "minute_s": minute_s,
+        "underruns": stats["underruns"],
+        "dropped_frames": stats["dropped_frames"],
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = _session_config(args)
+    out: dict = {"settings": {k: getattr(cfg, k) for k in ("fps", "steps", "strategy", "new_frames",
+                                                               "context_frames", "guidance_scale")}}
+    out.update(flops_figures(cfg))
+    model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
+    if not model_dir.is_dir():
+        print(f"error: no model folder at {model_dir} (give --model_dir)", file=sys.stderr)
+        return 2
+    engine, info = _load_engine(model_dir, args.width, args.height, cfg)
+    out["model_dir"] = str(model_dir)
+    out["device"] = str(engine.models.device)
+    out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
+    minute_s = 60.0 * args.minutes if args.minutes else (10.0 if args.quick else 60.0)
+    out.update(latency_run(engine, info.id, cfg, minute_s))
+    if args.strategies:
+        from .strategies import compare_strategies
+
+        out["strategies"] = compare_strategies(engine.models, info, engine, cfg)
+    if args.gpu:
+        from .gpu_bench import gpu_figures
+
+        out["gpu"] = gpu_figures(quick=args.quick)
+    if args.json:
+        print(json.dumps(out, default=float))
+    else:
+        _print_table(out)
+    return 0
+
+
+def _print_table(out: dict) -> None:
+    rows = [
+        ("FLOPs per frame (engine, TFLOP)", out["flops_per_frame"] / 1e12),
+        ("FLOPs per frame (original defaults, TFLOP)", out["original_flops_per_frame"] / 1e12),
+        ("ratio original / engine", out["flops_ratio"]),
+        ("ratio with the tiny decoder", out["flops_ratio_tiny_decoder"]),
+        (f"real-time factor ({out['device']})", out["realtime_factor"]),
+        ("latency p50 (ms)", out["latency_p50_ms"]),
+        ("latency p95 (ms)", out["latency_p95_ms"]),
+        ("engine overhead p95 (ms)", out["overhead_p95_ms"]),
+        (f"latency p95 first {out['minute_s']:g} s (ms)", out["latency_p95_first_minute_ms"]),
+        (f"latency p95 last {out['minute_s']:g} s (ms)", out["latency_p95_last_minute_ms"]),
+        ("underruns / dropped frames", f"{out['underruns']} / {out['dropped_frames']}"),
+    ]
+    print(f"settings: {out['settings']}")
+    for name, value in rows:
+        print(f"  {name:<45} {value:>10.2f}" if isinstance(value, float) else f"  {name:<45} {value:>10}")
+    for key in ("strategies", "gpu"):
+        if key in out:
+            print(f"{key}:")
+            print(json.dumps(out[key], indent=2, default=float))
