@@ -18,7 +18,8 @@ COPY web_client ./web_client
 # PyPI's torch wheel for Linux x86-64 carries CUDA; the gpu extra adds onnxruntime-gpu for face detection.
 RUN python3 -m pip install torch==2.13.0 && python3 -m pip install '.[gpu]'
 
-ENV VEXPRESS_MODEL_DIR=/models
+# The installed `server` package finds the page through this (from a checkout it is the web_client/ beside it).
+ENV VEXPRESS_MODEL_DIR=/models VEXPRESS_WEB_ROOT=/app/web_client
 EXPOSE 8080
 ENTRYPOINT ["vexpress-rt"]
 CMD ["serve", "--model_dir", "/models", "--host", "0.0.0.0", "--port", "8080"]

@@ -49,3 +49,15 @@ def tiny_speech(fixtures_dir):
 
     with wave.open(str(fixtures_dir / "inputs" / "audio.wav")) as w:
         return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_models):
+    """A started streaming engine on the tiny model at 128x64, shared by the server tests. Admission control is
+    off: the tiny model on a small CPU is slower than real time, and the stream must flow anyway."""
+    from streaming.engine import Engine, EngineConfig
+
+    engine = Engine(tiny_models, EngineConfig(width=128, height=64, max_sessions=8, admission=False))
+    engine.start()
+    yield engine
+    engine.close()

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import InputError, VExpressError
@@ -270,7 +271,9 @@ def cmd_download_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
+    """The model's commands; `extra_commands` (functions of the subparsers) add those of the layers above it
+    (`server.cli` adds `serve` and `bench`), so that this package imports nothing of theirs."""
     parser = argparse.ArgumentParser(prog="vexpress-rt", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,11 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_kps(sub)
     _add_check_weights(sub)
     _add_download_weights(sub)
+    for add_command in extra_commands:
+        add_command(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extra_commands: Iterable[Callable] = ()) -> int:
+    args = build_parser(extra_commands).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -1,0 +1,583 @@
+"""The HTTP API: `create_app(config, engine)` builds the aiohttp application; handlers only adapt HTTP to the engine.
+
+| method, path | auth | what |
+|---|---|---|
+| GET / (and the page's files) | - | the browser page (`web_client/`) |
+| GET /healthz, /readyz, /metrics, /v1/info | - | liveness; 503 + Retry-After at capacity; Prometheus; settings |
+| POST /v1/avatars, GET /v1/avatars, GET/DELETE /v1/avatars/{id} | key | portraits (pre-encoded on upload) |
+| POST /v1/sessions | key | a session: id, token and its URLs |
+| GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
+| POST /v1/sessions/{id}/whep, DELETE .../whep/{viewer} | token | WHEP viewers of the same session |
+| POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
+
+"key": the API key when the server has one (else open); "token": the session's token or the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+from aiortc import RTCPeerConnection
+from PIL import Image, UnidentifiedImageError
+
+from streaming.engine import CapacityError
+from streaming.session import SessionConfig
+from vexpress_rt.errors import InputError
+
+from . import metrics, rtc
+from .auth import new_token, require_api_key, require_session_token
+from .config import ServerConfig
+from .errors import ApiError, error_middleware
+from .media import AvatarAudioTrack, AvatarVideoTrack, MediaPump
+from .sessions import PUBLISHER, ServerSession, SessionLog, SessionRegistry
+
+log = logging.getLogger("server")
+
+VERSION = "0.1.0"
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
+RETRY_AFTER_S = 5
+GIL_SWITCH_INTERVAL_S = 0.001
+SESSION_FIELDS = {
+    "avatar_id",
+    "fps",
+    "steps",
+    "guidance_scale",
+    "reference_attention_weight",
+    "audio_attention_weight",
+    "audio",
+}
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: object
+    owns_engine: bool
+    sessions: SessionRegistry = field(default_factory=SessionRegistry)
+    default_avatar_id: str | None = None
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
+    )
+
+    def engine_stats(self) -> dict:
+        try:
+            return dict(self.engine.stats())
+        except Exception:
+            log.exception("engine.stats() failed")
+            return {}
+
+    def avatar_count(self) -> int:
+        return len(self.engine.avatars())
+
+    def session_config(self, **overrides) -> SessionConfig:
+        values = {"fps": self.config.fps, "steps": self.config.steps}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SessionConfig(**values)
+
+    def at_capacity(self, session_config: SessionConfig | None = None) -> bool:
+        if len(self.sessions) >= self.config.max_sessions:
+            return True
+        return not self.engine.can_admit(session_config or self.session_config())
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def _capacity_error(reason: str = "the server is at capacity", retry_after: float = RETRY_AFTER_S) -> ApiError:
+    headers = {"Retry-After": str(max(1, round(retry_after)))}
+    return ApiError(503, f"{reason}; try again later", code="capacity", headers=headers)
+
+
+async def _json_body(request: web.Request, allow_empty: bool = False) -> dict:
+    text = await request.text()
+    if not text.strip():
+        if allow_empty:
+            return {}
+        raise ApiError(400, "a JSON body is required", code="invalid_json")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "the JSON body must be an object", code="invalid_json")
+    return data
+
+
+# -- basic endpoints ----------------------------------------------------------------------------------------------
+async def index(request: web.Request) -> web.StreamResponse:
+    page = Path(_state(request).config.web_root) / "index.html"
+    if not page.is_file():
+        raise ApiError(404, f"the browser page is not installed ({page} is missing)")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+async def page_file(request: web.Request) -> web.StreamResponse:
+    """The page's other files (scripts, styles), from the web root only."""
+    root = Path(_state(request).config.web_root).resolve()
+    path = (root / request.match_info["path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(404, f"not found: /{request.match_info['path']}")
+    return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = _state(request)
+    body = {"sessions": len(state.sessions), "max_sessions": state.config.max_sessions}
+    if state.default_avatar_id is None:
+        return web.json_response(
+            {"status": "starting", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
+    if state.at_capacity():
+        return web.json_response({"status": "full", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return web.json_response({"status": "ready", **body})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    text = metrics.render(metrics.collect(_state(request)))
+    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _avatar_json(info, default_id: str | None) -> dict:
+    return {
+        "id": info.id,
+        "name": info.name,
+        "width": info.width,
+        "height": info.height,
+        "created": info.created,
+        "kps": getattr(info, "kps", None),
+        "default": info.id == default_id,
+    }
+
+
+async def info(request: web.Request) -> web.Response:
+    state = _state(request)
+    cfg = state.config
+    return web.json_response(
+        {
+            "version": VERSION,
+            "model": {"name": "V-Express", "model_dir": str(cfg.model_dir), "device": cfg.device},
+            "width": cfg.width,
+            "height": cfg.height,
+            "fps": cfg.fps,
+            "steps": cfg.steps,
+            "max_sessions": cfg.max_sessions,
+            "sessions": len(state.sessions),
+            "codecs": {"video": ["VP8", "H264"], "audio": ["opus"]},
+            "audio_out": {"sample_rate": 48000, "channels": 1, "packet_ms": 20},
+            "ice_servers": [s.to_json() for s in cfg.ice_server],
+            "auth": {"api_key": cfg.api_key is not None},
+            "default_avatar_id": state.default_avatar_id,
+            "avatars": [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()],
+            "mark_frames": cfg.mark_frames,
+        }
+    )
+
+
+# -- avatars ------------------------------------------------------------------------------------------------------
+def parse_kps(text: str) -> np.ndarray:
+    """`[[x, y], ...]` (3 or 5 points) or `{"kps": [...]}`, pixels of the uploaded image."""
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            data = data["kps"]
+        kps = np.asarray(data, dtype=np.float32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(400, f'kps: expected JSON [[x, y], ...] or {{"kps": ...}} ({exc})') from exc
+    if kps.shape not in ((3, 2), (5, 2)) or not np.isfinite(kps).all():
+        raise ApiError(400, f"kps: expected 3 or 5 finite [x, y] points, got shape {kps.shape}")
+    return kps[:3]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ApiError(400, f"image: {image.width}x{image.height} is too large (at most {MAX_IMAGE_PIXELS} pixels)")
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"image: not a readable picture ({exc})") from exc
+
+
+async def create_avatar(request: web.Request) -> web.Response:
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(415, "send multipart/form-data with an 'image' file (and optional 'kps', 'name')")
+    fields: dict[str, bytes] = {}
+    total = 0
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                total += len(chunk)
+                if total > MAX_UPLOAD_BYTES:
+                    raise ApiError(413, f"the upload is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+                data += chunk
+            if part.name in ("image", "kps", "name"):
+                fields[part.name] = bytes(data)
+    except (ValueError, AssertionError) as exc:
+        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    if not fields.get("image"):
+        raise ApiError(400, "the form needs an 'image' file")
+    image = decode_image(fields["image"])
+    kps = parse_kps(fields["kps"].decode("utf-8", "replace")) if fields.get("kps") else None
+    name = fields["name"].decode("utf-8", "replace")[:200] if fields.get("name") else None
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, name))
+    log.info("avatar %s registered in %.2f s", avatar.id, time.perf_counter() - started)
+    body = _avatar_json(avatar, state.default_avatar_id)
+    return web.json_response(body, status=201, headers={"Location": f"/v1/avatars/{avatar.id}"})
+
+
+async def list_avatars(request: web.Request) -> web.Response:
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    return web.json_response({"avatars": [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()]})
+
+
+def _avatar_or_404(state: ServerState, avatar_id: str):
+    avatar = state.engine.get_avatar(avatar_id)
+    if avatar is None:
+        raise ApiError(404, f"no avatar {avatar_id!r}")
+    return avatar
+
+
+async def get_avatar(request: web.Request) -> web.Response:
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    avatar = _avatar_or_404(state, request.match_info["avatar_id"])
+    return web.json_response(_avatar_json(avatar, state.default_avatar_id))
+
+
+async def delete_avatar(request: web.Request) -> web.Response:
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    avatar_id = request.match_info["avatar_id"]
+    _avatar_or_404(state, avatar_id)
+    if avatar_id == state.default_avatar_id:
+        raise ApiError(409, "the default avatar cannot be deleted")
+    state.engine.remove_avatar(avatar_id)
+    return web.Response(status=204)
+
+
+# -- sessions -----------------------------------------------------------------------------------------------------
+def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, SessionConfig]:
+    unknown = set(data) - SESSION_FIELDS
+    if unknown:
+        raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+    avatar_id = data.get("avatar_id") or state.default_avatar_id
+    if not isinstance(avatar_id, str):
+        raise ApiError(400, "avatar_id must be a string")
+    audio = data.get("audio") or {}
+    if not isinstance(audio, dict) or set(audio) - {"sample_rate", "channels"}:
+        raise ApiError(400, 'audio must be an object {"sample_rate", "channels"}')
+    values = {
+        "fps": data.get("fps"),
+        "steps": data.get("steps"),
+        "guidance_scale": data.get("guidance_scale"),
+        "reference_attention_weight": data.get("reference_attention_weight"),
+        "audio_attention_weight": data.get("audio_attention_weight"),
+        "input_sample_rate": audio.get("sample_rate"),
+        "input_channels": audio.get("channels"),
+    }
+    for key in ("fps", "steps", "input_sample_rate", "input_channels"):
+        if values[key] is not None and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+            raise ApiError(400, f"{key} must be an integer")
+    for key in ("guidance_scale", "reference_attention_weight", "audio_attention_weight"):
+        if values[key] is not None and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)):
+            raise ApiError(400, f"{key} must be a number")
+    config = state.session_config(**values)
+    config.validate()  # InputError -> 400
+    return avatar_id, config
+
+
+async def _open_session(state: ServerState, avatar_id: str, config: SessionConfig) -> ServerSession:
+    if state.engine.get_avatar(avatar_id) is None:
+        raise ApiError(404, f"no avatar {avatar_id!r}")
+    if len(state.sessions) >= state.config.max_sessions:
+        state.sessions.refused_total += 1
+        raise _capacity_error(f"all {state.config.max_sessions} sessions are taken")
+    try:
+        engine_session = state.engine.open_session(avatar_id, config)  # the engine's own admission control
+    except CapacityError as exc:
+        state.sessions.refused_total += 1
+        raise _capacity_error(str(exc), getattr(exc, "retry_after", RETRY_AFTER_S)) from exc
+    except KeyError as exc:
+        raise ApiError(404, f"no avatar {avatar_id!r}") from exc
+    logger = SessionLog(log, {"session_id": engine_session.id})
+    pump = MediaPump(engine_session, config.fps, state.config.subscriber_queue_frames, state.config.mark_frames, logger)
+    session = ServerSession(engine_session, new_token(), pump, logger)
+    state.sessions.add(session)
+    session.start_task(_close_if_never_connected(state, session), "connect-timeout")
+    logger.info("opened on avatar %s (fps %s, steps %s)", avatar_id, config.fps, config.steps)
+    return session
+
+
+async def _close_if_never_connected(state: ServerState, session: ServerSession) -> None:
+    try:
+        await asyncio.wait_for(session.connected_once.wait(), state.config.connect_timeout_s)
+    except asyncio.TimeoutError:
+        # Closed from a task of its own: closing cancels this task, which must not wait for itself.
+        asyncio.get_running_loop().create_task(
+            state.sessions.close(session.id, f"no peer connected within {state.config.connect_timeout_s:g} s")
+        )
+
+
+def _session_urls(request: web.Request, session: ServerSession) -> dict:
+    base = f"{request.scheme}://{request.host}"
+    ws_scheme = "wss" if request.scheme == "https" else "ws"
+    path = f"/v1/sessions/{session.id}"
+    return {
+        "url": f"{base}{path}",
+        "offer_url": f"{base}{path}/offer",
+        "ws_url": f"{ws_scheme}://{request.host}{path}/ws",
+        "whep_url": f"{base}{path}/whep",
+    }
+
+
+def _session_json(session: ServerSession) -> dict:
+    es = session.engine_session
+    return {
+        "id": session.id,
+        "avatar_id": es.avatar_id,
+        "state": es.state.value,
+        "fps": es.config.fps,
+        "steps": es.config.steps,
+        "width": es.width,
+        "height": es.height,
+        "created": session.created,
+        "peers": sorted(session.peers),
+        "frames": session.pump.frames,
+        "measured_fps": round(session.pump.measured_fps, 2),
+        "buffered_ms": round(es.buffered_ms, 1),
+    }
+
+
+async def create_session(request: web.Request) -> web.Response:
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    avatar_id, config = _session_config_from_json(state, await _json_body(request, allow_empty=True))
+    session = await _open_session(state, avatar_id, config)
+    body = {
+        **_session_json(session),
+        "token": session.token,
+        **_session_urls(request, session),
+        "ice_servers": [s.to_json() for s in state.config.ice_server],
+    }
+    return web.json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
+
+
+def _session_for(request: web.Request) -> ServerSession:
+    state = _state(request)
+    session = state.sessions.get(request.match_info["session_id"])
+    if session is None:
+        raise ApiError(404, f"no session {request.match_info['session_id']!r}")
+    require_session_token(request, session.token, state.config.api_key)
+    return session
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(_session_json(_session_for(request)))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session = _session_for(request)
+    await _state(request).sessions.close(session.id, "deleted by the client")
+    return web.Response(status=204)
+
+
+async def interrupt_session(request: web.Request) -> web.Response:
+    session = _session_for(request)
+    session.engine_session.interrupt()
+    session.log.info("interrupted")
+    return web.json_response({"id": session.id, "state": session.engine_session.state.value})
+
+
+# -- WebRTC -------------------------------------------------------------------------------------------------------
+async def _connect_peer(state: ServerState, session: ServerSession, name: str, offer) -> RTCPeerConnection:
+    """A peer connection that sends the session's video and audio (and reads the mic, for the publisher)."""
+    pc = RTCPeerConnection(rtc.rtc_configuration(state.config.ice_server))
+    publisher = name == PUBLISHER
+
+    @pc.on("track")
+    def on_track(track):
+        if track.kind == "audio" and publisher:
+            session.start_task(rtc.read_microphone(track, session.engine_session, session.log), "mic")
+        else:
+            session.start_task(rtc.drain(track), "drain")
+
+    @pc.on("connectionstatechange")
+    async def on_state():
+        session.log.info("%s connection %s", name, pc.connectionState)
+        if pc.connectionState == "connected":
+            session.connected_once.set()
+        elif pc.connectionState in ("failed", "closed") and session.peers.get(name) is pc:
+            if publisher:  # the session ends with its publisher
+                await state.sessions.close(session.id, f"publisher connection {pc.connectionState}")
+            else:
+                await session.close_peer(name)
+
+    session.peers[name] = pc
+    try:
+        await rtc.answer_offer(pc, offer, [AvatarAudioTrack(session.pump), AvatarVideoTrack(session.pump)])
+    except BaseException:
+        session.peers.pop(name, None)
+        await pc.close()
+        raise
+    return pc
+
+
+async def session_offer(request: web.Request) -> web.Response:
+    state = _state(request)
+    session = _session_for(request)
+    data = await _json_body(request)
+    if data.get("type", "offer") != "offer":
+        raise ApiError(400, "type must be 'offer'", code="invalid_sdp")
+    offer = rtc.parse_description(data.get("sdp"))
+    if PUBLISHER in session.peers:
+        raise ApiError(409, "this session already has a publisher; add viewers with WHEP")
+    pc = await _connect_peer(state, session, PUBLISHER, offer)
+    return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+
+
+async def whep_offer(request: web.Request) -> web.Response:
+    state = _state(request)
+    session = _session_for(request)
+    if request.content_type != "application/sdp":
+        raise ApiError(415, "WHEP: send the offer as application/sdp")
+    offer = rtc.parse_description(await request.text())
+    viewer = session.new_viewer_id()
+    pc = await _connect_peer(state, session, viewer, offer)
+    location = f"/v1/sessions/{session.id}/whep/{viewer}"
+    return web.Response(
+        status=201, text=pc.localDescription.sdp, content_type="application/sdp", headers={"Location": location}
+    )
+
+
+async def whep_delete(request: web.Request) -> web.Response:
+    session = _session_for(request)
+    viewer = request.match_info["viewer_id"]
+    if viewer == PUBLISHER or not await session.close_peer(viewer):
+        raise ApiError(404, f"no WHEP viewer {viewer!r} in this session")
+    return web.Response(status=200)
+
+
+async def legacy_offer(request: web.Request) -> web.Response:
+    """aiortc's example protocol: POST {sdp, type} -> {sdp, type}; a new session on the default avatar."""
+    state = _state(request)
+    require_api_key(request, state.config.api_key)
+    data = await _json_body(request)
+    if data.get("type", "offer") != "offer":
+        raise ApiError(400, "type must be 'offer'", code="invalid_sdp")
+    offer = rtc.parse_description(data.get("sdp"))
+    if state.default_avatar_id is None:
+        raise _capacity_error("the server is starting")
+    session = await _open_session(state, state.default_avatar_id, state.session_config())
+    try:
+        pc = await _connect_peer(state, session, PUBLISHER, offer)
+    except BaseException:
+        await state.sessions.close(session.id, "the offer failed")
+        raise
+    return web.json_response(
+        {
+            "sdp": pc.localDescription.sdp,
+            "type": pc.localDescription.type,
+            "session_id": session.id,
+            "token": session.token,
+        }
+    )
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------------------
+async def _register_default_avatar(app: web.Application) -> None:
+    from vexpress_rt.kps import load_reference_kps
+
+    state = app[STATE]
+    cfg = state.config
+    path = Path(cfg.avatar)
+    if not path.is_file():
+        raise InputError(f"--avatar: portrait not found: {path}")
+    image = decode_image(path.read_bytes())
+    kps_path = cfg.avatar_kps_path()
+    kps = load_reference_kps(kps_path) if kps_path else None
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, "default"))
+    state.default_avatar_id = avatar.id
+    log.info("default avatar %s (%s) ready in %.2f s", avatar.id, path.name, time.perf_counter() - started)
+
+
+async def _close_sessions(app: web.Application) -> None:
+    await app[STATE].sessions.close_all("server shutting down")
+
+
+async def _release(app: web.Application) -> None:
+    state = app[STATE]
+    state.executor.shutdown(wait=False, cancel_futures=True)
+    if state.owns_engine:
+        state.engine.close()
+
+
+def create_app(config: ServerConfig, engine=None) -> web.Application:
+    """The application. Without `engine`, one is built from `config` (loads the weights) and closed at cleanup;
+    a given engine must be started by the caller and stays the caller's to close."""
+    config.validate()
+    rtc.restrict_host_addresses(config.ice_host)
+    # The event loop shares the process (and the GIL) with the engine's model worker thread: a short switch
+    # interval keeps the loop's wake-ups on time (at the default 5 ms, frames were dropped under load).
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+    owns = engine is None
+    if owns:
+        from .engine_factory import build_engine
+
+        engine = build_engine(config)
+        engine.start()
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_UPLOAD_BYTES)
+    app[STATE] = ServerState(config=config, engine=engine, owns_engine=owns)
+    r = app.router
+    r.add_get("/", index)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/v1/info", info)
+    r.add_post("/v1/avatars", create_avatar)
+    r.add_get("/v1/avatars", list_avatars)
+    r.add_get("/v1/avatars/{avatar_id}", get_avatar)
+    r.add_delete("/v1/avatars/{avatar_id}", delete_avatar)
+    r.add_post("/v1/sessions", create_session)
+    r.add_get("/v1/sessions/{session_id}", get_session)
+    r.add_delete("/v1/sessions/{session_id}", delete_session)
+    r.add_post("/v1/sessions/{session_id}/offer", session_offer)
+    r.add_post("/v1/sessions/{session_id}/interrupt", interrupt_session)
+    r.add_post("/v1/sessions/{session_id}/whep", whep_offer)
+    r.add_delete("/v1/sessions/{session_id}/whep/{viewer_id}", whep_delete)
+    r.add_post("/offer", legacy_offer)
+    r.add_get("/{path:.+}", page_file)  # last: every API route above wins
+    if not Path(config.web_root).is_dir():
+        log.warning("no browser page: %s is not a folder", config.web_root)
+    app.on_startup.append(_register_default_avatar)
+    app.on_shutdown.append(_close_sessions)
+    app.on_cleanup.append(_release)
+    return app

@@ -1,0 +1,108 @@
+"""`vexpress-rt`: the model's commands (vexpress_rt.cli) plus those of the layers above it: `serve` (and `bench`).
+
+`EXTRA_COMMANDS` lists functions that each add one subcommand to the parser's subparsers; the console script
+`vexpress-rt` is `server.cli:main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from vexpress_rt import cli as model_cli
+from vexpress_rt.errors import WeightsError
+
+from .config import ServerConfig, add_serve_arguments
+
+log = logging.getLogger("server")
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the WebRTC avatar server (browser page at /, HTTP API under /v1)",
+        description="Serve live avatar sessions over WebRTC. Every flag also reads VEXPRESS_<FLAG>.",
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command]
+try:  # the engine's benchmark, when the streaming package provides one
+    from streaming.bench import add_bench_command
+except ImportError:
+    pass
+else:
+    EXTRA_COMMANDS.append(add_bench_command)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine_factory import build_engine, weights_report
+    from .rtc import restrict_host_addresses
+
+    config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
+    restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
+    try:
+        engine = build_engine(config)
+    except WeightsError as exc:
+        print(f"error: cannot load the model from {config.model_dir}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print("Model folder check:", file=sys.stderr)
+        for line in weights_report(config):
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    engine.start()
+    try:
+        return _run(config, engine)
+    finally:
+        engine.close()
+
+
+def _run(config: ServerConfig, engine) -> int:
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        uvloop = None
+    coro = _serve(config, engine)
+    if uvloop is not None:
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+async def _serve(config: ServerConfig, engine) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    app = create_app(config, engine=engine)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()  # registers the default avatar (pre-encodes it)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        shown = "localhost" if config.host in ("0.0.0.0", "::") else config.host
+        print(f"vexpress-rt serving on http://{shown}:{config.port}/ (Ctrl+C to stop)", flush=True)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return model_cli.main(argv, extra_commands=EXTRA_COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Server settings: one dataclass, from `vexpress-rt serve` arguments, then `VEXPRESS_*` variables, then defaults.
+
+Every flag has an environment variable named after it: `--max_sessions` / `--max-sessions` is
+`VEXPRESS_MAX_SESSIONS`, `--ice-server` is `VEXPRESS_ICE_SERVER`. A flag given on the command line wins over the
+variable. Repeatable flags (`--ice-server`, `--ice-host`) take several values in their variable, separated by
+spaces or commas, or as a JSON array.
+
+ICE servers are written as URLs, with TURN credentials in the user-info part, or as a JSON object:
+
+    stun:stun.example.org:3478
+    turn:alice:s3cret@turn.example.org:3478?transport=udp
+    {"urls": ["turn:turn.example.org:3478"], "username": "alice", "credential": "s3cret"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import unquote
+
+from vexpress_rt.errors import InputError
+from vexpress_rt.weights import DEFAULT_MODEL_DIR
+
+ENV_PREFIX = "VEXPRESS_"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_AVATAR = ASSETS / "default_portrait.png"
+# The page lives at the repository root, next to this package: run the server from a checkout, an editable
+# install or the Docker image (which copies web_client/), or point --web_root at a copy of it.
+DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[1] / "web_client"
+
+
+class ConfigError(InputError):
+    """A setting that cannot be used (bad value, unknown address...)."""
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN or TURN server, as RTCIceServer takes it (and as a browser's RTCPeerConnection takes it)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+    def to_json(self, with_credentials: bool = True) -> dict:
+        out: dict = {"urls": list(self.urls)}
+        if with_credentials and self.username is not None:
+            out["username"] = self.username
+        if with_credentials and self.credential is not None:
+            out["credential"] = self.credential
+        return out
+
+
+_ICE_URL = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@/]+):(?P<password>[^@/]*)@)?(?P<rest>[^@\s]+)$")
+
+
+def parse_ice_server(text: str) -> IceServer:
+    """`stun:host[:port]`, `turn[s]:user:pass@host[:port][?transport=udp|tcp]` or a JSON object."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+            urls = data["urls"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"ICE server {text!r}: a JSON object needs 'urls' ({exc})") from exc
+        urls = (urls,) if isinstance(urls, str) else tuple(urls)
+        for url in urls:
+            if not _ICE_URL.match(url):
+                raise ConfigError(f"ICE server URL {url!r} is not stun:, stuns:, turn: or turns:")
+        return IceServer(urls, data.get("username"), data.get("credential"))
+    m = _ICE_URL.match(text)
+    if not m:
+        raise ConfigError(f"ICE server {text!r}: expected stun:host:port or turn:user:pass@host:port")
+    url = f"{m['scheme']}:{m['rest']}"
+    if m["user"] is None:
+        if m["scheme"].startswith("turn"):
+            raise ConfigError(f"TURN server {text!r} needs credentials: turn:user:pass@host:port")
+        return IceServer((url,))
+    return IceServer((url,), unquote(m["user"]), unquote(m["password"]))
+
+
+def parse_ice_host(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError as exc:
+        raise ConfigError(f"--ice-host {text!r} is not an IP address") from exc
+
+
+def _split_env_list(value: str) -> list[str]:
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            items = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"cannot parse JSON list {value!r}: {exc}") from exc
+        return [json.dumps(i) if isinstance(i, dict) else str(i) for i in items]
+    return [v for v in re.split(r"[\s,]+", value) if v]
+
+
+def _parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"not a boolean: {value!r}")
+
+
+@dataclass
+class ServerConfig:
+    model_dir: str = DEFAULT_MODEL_DIR
+    host: str = "127.0.0.1"
+    port: int = 8080
+    avatar: str = str(DEFAULT_AVATAR)  # the portrait every session uses unless it names another avatar
+    avatar_kps: str | None = None  # JSON/.npy key points of `avatar`; default: <avatar without suffix>.json
+    fps: int = 25
+    steps: int = 4
+    max_sessions: int = 4
+    ice_server: list[IceServer] = field(default_factory=list)  # none: no STUN/TURN (host candidates only)
+    ice_host: list[str] = field(default_factory=list)  # none: every interface aioice finds
+    api_key: str | None = None
+    width: int = 512
+    height: int = 512
+    cache_dir: str | None = None
+    device: str = "cuda"
+    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
+    web_root: str = str(DEFAULT_WEB_ROOT)
+    admission: bool = True  # also refuse sessions the engine measures it cannot serve in real time
+    mark_frames: bool = False  # diagnostics: frame index barcode in the video, a chirp every second in the audio
+    connect_timeout_s: float = 60.0  # a session nobody connects to within this is closed
+    subscriber_queue_frames: int = 6  # per track: absorbs stalls of the sender; beyond, the oldest are dropped
+
+    def validate(self) -> ServerConfig:
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        if not 5 <= self.fps <= 60 or 48000 % self.fps:
+            raise ConfigError(f"--fps {self.fps} must be an integer from 5 to 60 that divides 48000")
+        if self.steps < 1:
+            raise ConfigError("--steps must be at least 1")
+        if self.max_sessions < 1:
+            raise ConfigError("--max_sessions must be at least 1")
+        if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
+            raise ConfigError("--width and --height must be positive multiples of 8")
+        if self.dtype not in ("auto", "fp16", "fp32", "bf16"):
+            raise ConfigError(f"--dtype {self.dtype!r} is not auto, fp16, fp32 or bf16")
+        if self.subscriber_queue_frames < 1:
+            raise ConfigError("--subscriber_queue_frames must be at least 1")
+        if self.api_key is not None and not self.api_key:
+            self.api_key = None
+        return self
+
+    def avatar_kps_path(self) -> Path | None:
+        """The explicit key-point file, else the portrait's `.json` sidecar when there is one."""
+        if self.avatar_kps:
+            return Path(self.avatar_kps)
+        sidecar = Path(self.avatar).with_suffix(".json")
+        return sidecar if sidecar.is_file() else None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """CLI values that were given, else `VEXPRESS_<NAME>` variables, else the defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            given = getattr(args, f.name, None)
+            env = environ.get(ENV_PREFIX + f.name.upper())
+            if given is not None and given != []:
+                values[f.name] = _convert(f.name, given)
+            elif env is not None:
+                values[f.name] = _convert(f.name, env, from_env=True)
+        return cls(**values).validate()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> ServerConfig:
+        return cls.from_args(argparse.Namespace(**overrides), environ)
+
+
+_INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames"}
+_FLOATS = {"connect_timeout_s"}
+
+
+def _convert(name: str, value, from_env: bool = False):
+    try:
+        if name == "ice_server":
+            items = _split_env_list(value) if from_env else value
+            return [i if isinstance(i, IceServer) else parse_ice_server(i) for i in items]
+        if name == "ice_host":
+            items = _split_env_list(value) if from_env else value
+            return [parse_ice_host(i) for i in items]
+        if name in _INTS:
+            return int(value)
+        if name in _FLOATS:
+            return float(value)
+        if name in ("mark_frames", "admission"):
+            return _parse_bool(value) if isinstance(value, str) else bool(value)
+        return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The `serve` flags. Every default is None so that `from_args` can tell a given flag from an absent one."""
+
+    def opt(name: str, help: str, **kw) -> None:
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*spellings, dest=name, default=None, help=f"{help} (env {ENV_PREFIX}{name.upper()})", **kw)
+
+    opt("model_dir", f"model folder in the released layout; default {DEFAULT_MODEL_DIR}")
+    opt("host", "address to listen on; default 127.0.0.1 (0.0.0.0 in the Docker image)")
+    opt("port", "TCP port; default 8080", type=int)
+    opt("avatar", "default portrait (PNG/JPEG); default: the packaged portrait")
+    opt("avatar_kps", "key points of --avatar (JSON/.npy, 3 or 5 [x, y]); default: <avatar>.json when present")
+    opt("fps", "default session frame rate (integer); default 25", type=int)
+    opt("steps", "default denoising steps per frame window; default 4", type=int)
+    opt("max_sessions", "sessions served at once; default 4 (the engine may admit fewer)", type=int)
+    opt(
+        "ice_server",
+        "STUN/TURN server, repeatable: stun:host:port, turn:user:pass@host:port or a JSON object; default: none",
+        action="append",
+    )
+    opt(
+        "ice_host",
+        "only offer host candidates on this IP address, repeatable; default: every interface",
+        action="append",
+    )
+    opt("api_key", "require this key (Authorization: Bearer or X-API-Key) on control endpoints")
+    opt("width", "video width (multiple of 8); default 512", type=int)
+    opt("height", "video height (multiple of 8); default 512", type=int)
+    opt("cache_dir", "keep pre-encoded avatars here across restarts")
+    opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
+    opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")
+    opt("web_root", "folder of the browser page; default: web_client/ next to the server package")
+    p.add_argument(
+        "--mark_frames",
+        "--mark-frames",
+        dest="mark_frames",
+        action="store_const",
+        const=True,
+        default=None,
+        help="diagnostics: stamp the frame index into the video and a chirp into the audio every second "
+        f"(env {ENV_PREFIX}MARK_FRAMES)",
+    )
+    p.add_argument(
+        "--no_admission",
+        "--no-admission",
+        dest="admission",
+        action="store_const",
+        const=False,
+        default=None,
+        help="admit up to --max_sessions even when the engine measures that it cannot keep up in real time "
+        f"(env {ENV_PREFIX}ADMISSION=0)",
+    )
+    opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)

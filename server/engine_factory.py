@@ -1,0 +1,61 @@
+"""Build the streaming engine from the server settings: resolve the device, load the weights, say what is missing."""
+
+from __future__ import annotations
+
+import logging
+
+from vexpress_rt.errors import WeightsError
+from vexpress_rt.weights import ModelPaths
+
+from .config import ServerConfig
+
+log = logging.getLogger("server")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("CUDA is not available; serving from the CPU (real time only with a tiny model)")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    from vexpress_rt.loader import DTYPES
+
+    if name == "auto":
+        return DTYPES["fp16" if device.type == "cuda" else "fp32"]
+    return DTYPES[name]
+
+
+def weights_report(config: ServerConfig) -> list[str]:
+    """What `vexpress-rt check-weights` says about the model folder: each item, then how to get the weights."""
+    from vexpress_rt.check import check_model_folder
+
+    return check_model_folder(ModelPaths.from_model_dir(config.model_dir)).lines()
+
+
+def build_engine(config: ServerConfig):
+    """The engine (not started). Raises WeightsError when the model folder is incomplete or wrong."""
+    from streaming.engine import Engine, EngineConfig
+    from streaming.session import SessionConfig
+    from vexpress_rt.loader import load_models
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    paths = ModelPaths.from_model_dir(config.model_dir)
+    if not paths.denoising_unet_path.parent.is_dir():
+        raise WeightsError(f"model folder not found: {paths.denoising_unet_path.parent}")
+    models = load_models(paths, device=device, dtype=dtype)
+    return Engine(
+        models,
+        EngineConfig(
+            width=config.width,
+            height=config.height,
+            max_sessions=config.max_sessions,
+            cache_dir=config.cache_dir,
+            admission=config.admission,
+            default_session=SessionConfig(fps=config.fps, steps=config.steps),
+        ),
+    )

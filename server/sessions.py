@@ -1,0 +1,110 @@
+"""A served session: the engine session plus what the server attached to it, and the registry of them.
+
+A session ends, releasing everything (peer connections closed, pacing task cancelled, engine session closed), on
+`DELETE /v1/sessions/{id}`, when its publisher's peer connection fails or closes, when nobody connected within
+`connect_timeout_s`, and at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from aiortc import RTCPeerConnection
+
+from .media import MediaPump
+
+log = logging.getLogger("server.session")
+
+PUBLISHER = "publisher"
+
+
+class SessionLog(logging.LoggerAdapter):
+    """Records carry `session_id` (for structured handlers) and start with `[session <id>]`."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {}).update(self.extra)
+        return f"[session {self.extra['session_id']}] {msg}", kwargs
+
+
+class ServerSession:
+    def __init__(self, engine_session, token: str, pump: MediaPump, logger: SessionLog):
+        self.engine_session = engine_session
+        self.id: str = engine_session.id
+        self.token = token
+        self.pump = pump
+        self.log = logger
+        self.created = time.time()
+        self.peers: dict[str, RTCPeerConnection] = {}  # "publisher" and WHEP viewer ids
+        self.connected_once = asyncio.Event()
+        self.closed = False
+        self.close_reason: str | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def start_task(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def new_viewer_id(self) -> str:
+        return uuid.uuid4().hex[:12]
+
+    async def close_peer(self, name: str) -> bool:
+        pc = self.peers.pop(name, None)
+        if pc is None:
+            return False
+        await pc.close()
+        return True
+
+    async def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self.log.info("closing: %s", reason)
+        for name in list(self.peers):
+            try:
+                await self.close_peer(name)
+            except Exception:
+                self.log.exception("closing peer connection %s failed", name)
+        await self.pump.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.engine_session.close()
+
+
+class SessionRegistry:
+    def __init__(self):
+        self._sessions: dict[str, ServerSession] = {}
+        self.created_total = 0
+        self.refused_total = 0
+        self.closed_total = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def add(self, session: ServerSession) -> None:
+        self._sessions[session.id] = session
+        self.created_total += 1
+
+    def get(self, session_id: str) -> ServerSession | None:
+        return self._sessions.get(session_id)
+
+    async def close(self, session_id: str, reason: str) -> bool:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        self.closed_total += 1
+        await session.close(reason)
+        return True
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(self.close(sid, reason) for sid in list(self._sessions)), return_exceptions=True)

@@ -1,0 +1,312 @@
+"""End to end in a real browser: `vexpress-rt serve` with the tiny fixture model, headless Chromium opening its page.
+
+The server runs as a user runs it (a subprocess: `python -m server serve`, which is `vexpress-rt serve`; ICE on
+127.0.0.1 only, no STUN). Debian's Chromium, driven by Playwright, gets a fake microphone that plays espeak-ng speech,
+loads `/?loopback=1` (the page then offers only its 127.0.0.1 candidates), clicks Start and reads the peer
+connection's `getStats()` through the page's `window.vexpress` hook. Checked: video frames are decoded at the session
+fps with the session's size; the traffic stays on this machine (the server's side of the selected candidate pair is
+127.0.0.1, the browser's side is 127.0.0.1 or this machine's own host address, see below); the avatar's audio arrives
+with energy (measured by a WebAudio analyser in the page: headless Chromium reports totalAudioEnergy = 0); Interrupt
+keeps the stream going; Stop closes it. A screenshot and a JSON report are saved (also to $VEXPRESS_ARTIFACTS when
+set). The whole test takes well under 90 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
+WIDTH, HEIGHT, FPS = 128, 64, 25
+SERVER_START_TIMEOUT_S = 45
+CONNECT_TIMEOUT_S = 20
+WARMUP_S = 3.0  # after the first frame: the start (first model runs, buffers settling) is not what is measured
+MEASURE_S = 4.0
+SPEECH = (
+    "Hello there. This is a test of the streaming avatar. "
+    "It should move its lips while it says these words, and keep going until the end of the sentence."
+)
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set VEXPRESS_CHROMIUM)")
+    api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    return api.sync_playwright
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory) -> Path:
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        pytest.skip("espeak-ng not found (apt-get install espeak-ng)")
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run([espeak, "-s", "150", "-w", str(path), SPEECH], check=True, capture_output=True, timeout=30)
+    assert path.stat().st_size > 44 * 100, "espeak-ng wrote no audio"
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-n:]
+    except OSError:
+        return "(no server log)"
+
+
+@pytest.fixture(scope="module")
+def server(fixtures_dir, tmp_path_factory):
+    """`vexpress-rt serve` on a free 127.0.0.1 port with the tiny fixture model; yields its base URL."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "serve.log"
+    cmd = [
+        sys.executable, "-m", "server", "serve",  # `python -m server` is the `vexpress-rt` command
+        "--model_dir", str(fixtures_dir / "model_ckpts"),
+        "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
+        "--width", str(WIDTH), "--height", str(HEIGHT),
+        # A small CI CPU cannot run even the tiny model in real time, so admission control would refuse the session;
+        # the stream runs at the session fps regardless (idle frames fill in for speech frames not ready yet).
+        "--no_admission",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vexpress-rt serve exited with {proc.returncode}:\n{_log_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
+            time.sleep(0.25)
+        yield {"url": base, "log": log_path}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _is_own_address(address: str | None) -> bool:
+    """True for 127.0.0.1 and for any address of this machine (one a socket can bind to)."""
+    if address == "127.0.0.1":
+        return True
+    if not address:
+        return False
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _stats(page) -> dict:
+    return page.evaluate("window.vexpress.stats()")
+
+
+def _save_artifacts(files: list[Path]) -> None:
+    dest = os.environ.get("VEXPRESS_ARTIFACTS")
+    if not dest:
+        return
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if f.exists():
+            shutil.copy(f, Path(dest) / f.name)
+
+
+def _fixture_portrait(fixtures_dir: Path) -> tuple[Path, list[list[float]]]:
+    """The fixtures' portrait and its eye, eye, nose points in the photo's pixels (the .npy has them in the 128x64
+    frame the photo is resized to)."""
+    import numpy as np
+    from PIL import Image
+
+    path = fixtures_dir / "inputs" / "reference.png"
+    w, h = Image.open(path).size
+    kps = np.load(fixtures_dir / "inputs" / "reference_kps.npy")[:3] * [w / 128, h / 64]
+    return path, np.round(kps, 3).tolist()
+
+
+def test_browser_session_end_to_end(server, sync_playwright, speech_wav, fixtures_dir, tmp_path):
+    t_start = time.monotonic()
+    console: list[str] = []
+    page_errors: list[str] = []
+    shot = tmp_path / "browser_session.png"
+    report_path = tmp_path / "browser_session.json"
+    report: dict = {}
+
+    def where() -> str:
+        return (
+            f"\nconsole: {console[-20:]}\npage errors: {page_errors}\nreport: {json.dumps(report)[:2000]}"
+            f"\nserver log:\n{_log_tail(server['log'], 2500)}"
+        )
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={speech_wav}"],
+            timeout=30_000,
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(f"{server['url']}/?loopback=1", wait_until="load", timeout=15_000)
+            page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
+
+            # Upload a portrait through the page (with its key points: the fixtures have no face detector models).
+            portrait, kps = _fixture_portrait(fixtures_dir)
+            page.fill("#avatar-kps", json.dumps(kps))
+            page.set_input_files("#avatar-file", str(portrait))
+            page.wait_for_function(
+                "window.vexpress.lastError || document.getElementById('avatar-select').value !== ''", timeout=30_000
+            )
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            avatar_id = page.evaluate("document.getElementById('avatar-select').value")
+
+            page.click("#start")
+            page.wait_for_function(
+                "window.vexpress.lastError || window.vexpress.pc?.connectionState === 'connected'",
+                timeout=CONNECT_TIMEOUT_S * 1000,
+            )
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            session = page.evaluate("window.vexpress.session")
+            report["session"] = {k: session.get(k) for k in ("id", "avatar_id", "fps", "width", "height", "offer_url")}
+            assert session["avatar_id"] == avatar_id, where()
+            assert (session["width"], session["height"], session["fps"]) == (WIDTH, HEIGHT, FPS), where()
+
+            # First decoded frame and first audio samples, a warm-up, then measure over MEASURE_S seconds.
+            deadline = time.monotonic() + 10
+            while True:
+                s0 = _stats(page)
+                v, a = s0.get("video") or {}, s0.get("audio") or {}
+                if v.get("framesDecoded") and a.get("totalSamplesReceived"):
+                    break
+                assert time.monotonic() < deadline, "no video frame or audio sample decoded within 10 s" + where()
+                time.sleep(0.1)
+            page.wait_for_timeout(WARMUP_S * 1000)
+            s0 = _stats(page)
+            peak_level = 0.0
+            t_end = time.monotonic() + MEASURE_S
+            while time.monotonic() < t_end:
+                peak_level = max(peak_level, page.evaluate("window.vexpress.remoteLevel()"))
+                time.sleep(0.05)
+            s1 = _stats(page)
+            page.wait_for_timeout(1100)  # let the page's own 1 s stats update run once more
+            s2 = _stats(page)
+
+            v0, v1, a0, a1 = s0["video"], s1["video"], s0["audio"], s1["audio"]
+            seconds = (s1["time"] - s0["time"]) / 1000
+            fps = (v1["framesDecoded"] - v0["framesDecoded"]) / seconds
+            audio_rate = (a1["totalSamplesReceived"] - a0["totalSamplesReceived"]) / seconds
+            received = a1["totalSamplesReceived"] - a0["totalSamplesReceived"]
+            concealed = (a1.get("concealedSamples") or 0) - (a0.get("concealedSamples") or 0)
+            pair = s1["pair"] or {}
+            report.update(
+                measured_s=round(seconds, 3),
+                fps=round(fps, 2),
+                audio_samples_per_s=round(audio_rate),
+                audio_concealed_fraction=round(concealed / max(received, 1), 4),
+                remote_level_peak_rms=round(peak_level, 5),
+                video=v1,
+                audio=a1,
+                pair=pair,
+                page_derived=s2.get("derived"),
+            )
+
+            assert 0.8 * FPS <= fps <= 1.2 * FPS, f"decoded {fps:.1f} fps, session fps {FPS}" + where()
+            assert (v1["frameWidth"], v1["frameHeight"]) == (WIDTH, HEIGHT), where()
+            assert v1["codec"] and v1["codec"].lower() in ("video/vp8", "video/h264"), where()
+            # Loopback only. The offer carried only 127.0.0.1 candidates and the server offers only 127.0.0.1, so
+            # every packet is addressed to 127.0.0.1. Chromium still pairs its other host addresses (e.g. eth0's) with
+            # the server's 127.0.0.1 and, ranking an ethernet network cheaper than an "unknown"-type loopback, may
+            # nominate that pair: its local side is then this machine's own address, and the kernel delivers the
+            # packets over lo all the same. No STUN, no relay.
+            offer = page.evaluate("window.vexpress.offerSdp")
+            offer_candidates = [ln for ln in offer.split("\r\n") if ln.startswith("a=candidate:")]
+            assert offer_candidates and all(ln.split(" ")[4] == "127.0.0.1" for ln in offer_candidates), where()
+            local, remote = pair.get("local") or {}, pair.get("remote") or {}
+            assert remote.get("address") == "127.0.0.1" and remote.get("type") == "host", where()
+            assert local.get("type") == "host" and _is_own_address(local.get("address")), where()
+            # Opus at 48 kHz: about 48000 samples/s arrive (the receiver may count per channel; allow slack).
+            assert 0.7 * 48000 <= audio_rate <= 1.3 * 96000, where()
+            assert peak_level > 1e-3, f"the avatar's audio is silent (peak RMS {peak_level:.2e})" + where()
+
+            page.screenshot(path=str(shot))
+
+            page.click("#interrupt")
+            page.wait_for_function(
+                "window.vexpress.lastError || document.getElementById('status').textContent.startsWith('Interrupted')",
+                timeout=5_000,
+            )
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            frames_before = _stats(page)["video"]["framesDecoded"]
+            page.wait_for_timeout(500)
+            frames_after = _stats(page)["video"]["framesDecoded"]
+            assert frames_after > frames_before, "the stream stalled after interrupt" + where()
+
+            page.click("#stop")
+            page.wait_for_function("window.vexpress.state === 'idle'", timeout=10_000)
+            assert page.evaluate("window.vexpress.pc") is None
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            assert not page_errors, where()
+            assert not [c for c in console if c.startswith("error")], where()
+        finally:
+            report["console"] = console
+            report["runtime_s"] = round(time.monotonic() - t_start, 2)
+            report_path.write_text(json.dumps(report, indent=2))
+            _save_artifacts([shot, report_path])
+            browser.close()
+    print(
+        f"browser: {report['fps']} fps decoded, {WIDTH}x{HEIGHT}, remote peak RMS {report['remote_level_peak_rms']}, "
+        f"A/V offset (page) {report['page_derived']}, screenshot {shot}"
+    )

@@ -1,0 +1,209 @@
+"""Server parts that need no model: settings, ICE, auth, metrics, audio re-chunking, diagnostic marks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from server import marks, metrics, rtc
+from server.auth import require_api_key, require_session_token, same_secret
+from server.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
+from server.errors import ApiError
+from server.media import AudioRechunker, FrameQueue
+from streaming.frames import AVFrame
+
+
+def _parse(argv: list[str], env: dict | None = None) -> ServerConfig:
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    return ServerConfig.from_args(p.parse_args(argv), env or {})
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+def test_config_defaults_env_and_flags():
+    cfg = _parse([])
+    assert (cfg.port, cfg.fps, cfg.steps, cfg.max_sessions, cfg.ice_server, cfg.ice_host) == (8080, 25, 4, 4, [], [])
+    assert cfg.avatar.endswith("default_portrait.png") and cfg.api_key is None and cfg.admission
+    env = {
+        "VEXPRESS_PORT": "9000",
+        "VEXPRESS_FPS": "30",
+        "VEXPRESS_MAX_SESSIONS": "2",
+        "VEXPRESS_ICE_HOST": "127.0.0.1, ::1",
+        "VEXPRESS_ICE_SERVER": "stun:stun.example.org:3478 turn:al%40ice:p4ss@turn.example.org:3478?transport=tcp",
+        "VEXPRESS_API_KEY": "k",
+        "VEXPRESS_MARK_FRAMES": "yes",
+        "VEXPRESS_ADMISSION": "0",
+    }
+    cfg = _parse([], env)
+    assert (cfg.port, cfg.fps, cfg.max_sessions, cfg.api_key, cfg.mark_frames, cfg.admission) == (
+        9000, 30, 2, "k", True, False
+    )  # fmt: skip
+    assert cfg.ice_host == ["127.0.0.1", "::1"]
+    assert cfg.ice_server == [
+        IceServer(("stun:stun.example.org:3478",)),
+        IceServer(("turn:turn.example.org:3478?transport=tcp",), "al@ice", "p4ss"),
+    ]
+    # a flag wins over its variable; both spellings of a flag work; repeatable flags accumulate
+    cfg = _parse(["--port", "9100", "--max-sessions", "3", "--ice-host", "127.0.0.1", "--ice_host", "::1"], env)
+    assert (cfg.port, cfg.max_sessions, cfg.ice_host) == (9100, 3, ["127.0.0.1", "::1"])
+
+
+def test_config_json_ice_server_and_errors():
+    s = parse_ice_server('{"urls": ["turn:t.example.org:3478"], "username": "u", "credential": "c"}')
+    assert s.to_json() == {"urls": ["turn:t.example.org:3478"], "username": "u", "credential": "c"}
+    turn = {"urls": "turn:b.example.org", "username": "u", "credential": "c"}
+    env = {"VEXPRESS_ICE_SERVER": json.dumps(["stun:a.example.org", turn])}
+    assert [x.urls for x in _parse([], env).ice_server] == [("stun:a.example.org",), ("turn:b.example.org",)]
+    for bad in ("http://x", "turn:host.example.org", '{"username": "u"}'):
+        with pytest.raises(ConfigError):
+            parse_ice_server(bad)
+    for argv in (["--ice-host", "localhost"], ["--fps", "0"], ["--width", "100"], ["--dtype", "fp8"]):
+        with pytest.raises(ConfigError):
+            _parse(argv)
+    with pytest.raises(ConfigError):
+        _parse([], {"VEXPRESS_PORT": "eighty"})
+
+
+def test_avatar_kps_sidecar(tmp_path):
+    image = tmp_path / "me.png"
+    image.write_bytes(b"")
+    cfg = ServerConfig(avatar=str(image))
+    assert cfg.avatar_kps_path() is None
+    (tmp_path / "me.json").write_text('{"kps": [[1, 2], [3, 4], [5, 6]]}')
+    assert cfg.avatar_kps_path() == tmp_path / "me.json"
+    assert ServerConfig().avatar_kps_path().name == "default_portrait.json"
+
+
+# -- ICE on loopback ----------------------------------------------------------------------------------------------
+def test_ice_host_restriction_connects_two_peers_on_loopback():
+    with pytest.raises(ConfigError):
+        rtc.restrict_host_addresses(["192.0.2.1"])  # TEST-NET-1: not an address of this machine
+
+    async def main():
+        a = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        b = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            a.createDataChannel("x")
+            await a.setLocalDescription(await a.createOffer())
+            await b.setRemoteDescription(a.localDescription)
+            await b.setLocalDescription(await b.createAnswer())
+            await a.setRemoteDescription(b.localDescription)
+            for _ in range(100):  # bounded: 10 s
+                if a.connectionState == "connected" and b.connectionState == "connected":
+                    break
+                await asyncio.sleep(0.1)
+            candidates = [
+                line for pc in (a, b) for line in pc.localDescription.sdp.splitlines() if "a=candidate" in line
+            ]
+            return a.connectionState, b.connectionState, candidates
+        finally:
+            await a.close()
+            await b.close()
+
+    rtc.restrict_host_addresses(["127.0.0.1"])
+    try:
+        state_a, state_b, candidates = asyncio.run(asyncio.wait_for(main(), 20))
+    finally:
+        rtc.restrict_host_addresses(None)
+    assert (state_a, state_b) == ("connected", "connected")
+    assert candidates and all(" 127.0.0.1 " in c for c in candidates), candidates
+
+
+# -- auth ---------------------------------------------------------------------------------------------------------
+class _Req:
+    def __init__(self, headers=None, query=None):
+        self.headers = headers or {}
+        self.query = query or {}
+
+
+def test_auth_key_and_token():
+    assert same_secret("abc", "abc") and not same_secret("abc", "abd") and not same_secret(None, "x")
+    require_api_key(_Req(), None)  # no key configured: open
+    require_api_key(_Req({"Authorization": "Bearer k"}), "k")
+    require_api_key(_Req({"X-API-Key": "k"}), "k")
+    for bad in (_Req(), _Req({"Authorization": "Bearer nope"}), _Req(query={"token": "k"})):
+        with pytest.raises(ApiError) as err:
+            require_api_key(bad, "k")
+        assert err.value.status == 401
+    require_session_token(_Req({"Authorization": "Bearer t"}), "t", None)
+    require_session_token(_Req(query={"token": "t"}), "t", None)
+    require_session_token(_Req({"X-API-Key": "k"}), "t", "k")  # the API key opens every session
+    for bad in (_Req(), _Req(query={"token": "other"}), _Req({"Authorization": "Basic t"})):
+        with pytest.raises(ApiError):
+            require_session_token(bad, "t", "k")
+
+
+# -- metrics ------------------------------------------------------------------------------------------------------
+def test_metrics_text_format():
+    text = metrics.render(
+        [
+            metrics.Metric("sessions", "gauge", "Sessions.").add(2),
+            metrics.Metric("latency_ms", "gauge", "Latency.").add(12.5, quantile="0.95"),
+            metrics.Metric("odd", "gauge", "Label escaping.").add(1, name='a"b\\c'),
+        ]
+    )
+    assert "# HELP vexpress_sessions Sessions.\n# TYPE vexpress_sessions gauge\nvexpress_sessions 2\n" in text
+    assert 'vexpress_latency_ms{quantile="0.95"} 12.5' in text
+    assert 'vexpress_odd{name="a\\"b\\\\c"} 1' in text
+    assert text.endswith("\n")
+
+
+# -- media --------------------------------------------------------------------------------------------------------
+def _frames(n: int, spf: int = 1920, rate: int = 48000, start: int = 0) -> list[AVFrame]:
+    out = []
+    for i in range(start, start + n):
+        audio = (np.arange(i * spf, (i + 1) * spf) % 30000).astype(np.int16)  # sample value = position mod 30000
+        out.append(AVFrame(i, Fraction(1, rate // spf), np.zeros((8, 16, 3), np.uint8), audio, rate, False))
+    return out
+
+
+@pytest.mark.parametrize("spf", [1920, 1600, 960, 1200])  # 25, 30, 50, 40 fps at 48 kHz
+def test_rechunker_keeps_positions(spf):
+    r = AudioRechunker()
+    packets = [p for f in _frames(12, spf) for p in r.push(f)]
+    assert all(len(p.samples) == 960 and p.sample_rate == 48000 for p in packets)
+    assert [p.position for p in packets] == [960 * k for k in range(len(packets))]
+    assert len(packets) == 12 * spf // 960
+    for p in packets:  # the content is the stream's samples at those positions
+        np.testing.assert_array_equal(p.samples, (np.arange(p.position, p.position + 960) % 30000).astype(np.int16))
+
+
+def test_rechunker_restarts_after_a_missing_frame():
+    r = AudioRechunker()
+    frames = _frames(6, 1600)
+    packets = [p for f in frames[:2] + frames[4:] for p in r.push(f)]  # frames 2, 3 dropped
+    positions = [p.position for p in packets]
+    assert positions[:3] == [0, 960, 1920] and positions[3] == 4 * 1600  # no audio moved in time
+    for p in packets:
+        np.testing.assert_array_equal(p.samples, (np.arange(p.position, p.position + 960) % 30000).astype(np.int16))
+
+
+def test_frame_queue_drops_oldest_and_counts():
+    async def main():
+        q = FrameQueue(3)
+        for f in _frames(5):
+            q.put(f)
+        got = [(await q.get()).index for _ in range(3)]
+        q.close()
+        return got, q.dropped
+
+    assert asyncio.run(main()) == ([2, 3, 4], 2)
+
+
+def test_marks_survive_and_are_found():
+    image = np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    for index in (0, 1, 25, 4097, 65535):
+        stamped = marks.stamp_index(image, index)
+        noisy = np.clip(stamped + np.random.default_rng(index).normal(0, 20, stamped.shape), 0, 255)
+        assert marks.read_index(noisy) == index
+    rate = 48000
+    frames = [marks.mark_frame(f, 25) for f in _frames(60, 1920, rate)]
+    signal = np.concatenate([f.audio for f in frames]).astype(np.float64)
+    signal[: 1920 * 60] += np.random.default_rng(1).normal(0, 2000, 1920 * 60)  # speech-level noise
+    assert marks.find_chirps(signal, rate) == [0, 25 * 1920, 50 * 1920]
