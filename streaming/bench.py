@@ -31,7 +31,7 @@ DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixt
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="print the engine's figures (FLOPs, real-time factor, latency)")
     p.add_argument("--model_dir", default=None, help="model folder (default: the tiny fixture model)")
-    p.add_argument("--quick", action="store_true", help="short run (CI): 20 s 'minutes'")
+    p.add_argument("--quick", action="store_true", help="short run (CI): 5 s 'minutes'")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--minutes", type=float, default=None, help="length of the latency run in minutes")
     p.add_argument("--steps", type=int, default=None)
@@ -157,7 +157,7 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
                 next_frame += 1
             time.sleep(0.004)
         session.end_utterance()
-        deadline = time.monotonic() + max(30.0, 2 * minute_s * minutes)  # a slow device: let it finish
+        deadline = time.monotonic() + max(30.0, 4 * minute_s * minutes)  # a slow device: let it finish
         while session.buffered_ms > 0 and time.monotonic() < deadline:
             now = time.monotonic() - start
             while next_frame / cfg.fps <= now:
@@ -202,13 +202,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.update(flops_figures(cfg))
     model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
     if not model_dir.is_dir():
-        print(f"error: no model folder at {model_dir} (give --model_dir)", file=sys.stderr)
-        return 2
+        if args.model_dir:
+            print(f"error: no model folder at {model_dir}", file=sys.stderr)
+            return 2
+        print(f"note: no model at {model_dir} (give --model_dir): FLOPs only", file=sys.stderr)
+        print(json.dumps(out, default=float) if args.json else json.dumps(out, indent=2, default=float))
+        return 0
     engine, info = _load_engine(model_dir, args.width, args.height, cfg)
     out["model_dir"] = str(model_dir)
     out["device"] = str(engine.models.device)
     out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
-    minute_s = 60.0 * args.minutes if args.minutes else (10.0 if args.quick else 60.0)
+    minute_s = 60.0 * args.minutes if args.minutes else (5.0 if args.quick else 60.0)
     out.update(latency_run(engine, info.id, cfg, minute_s))
     if args.strategies:
         from .strategies import compare_strategies
