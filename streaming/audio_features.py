@@ -36,10 +36,12 @@ class IncrementalAudioFeatures:
         left_context_s: float = 2.0,
         lookahead_s: float = 0.2,
         num_pad_audio_frames: int = 2,
+        min_frames: int = 1,
     ):
         self.models = models
         self.fps = fps
         self.pad = num_pad_audio_frames
+        self.min_frames = min_frames  # run wav2vec2 only once this many frames are ready (one per denoiser call)
         self.left_context = int(left_context_s * SAMPLE_RATE)
         self.lookahead_hidden = int(round(lookahead_s * SAMPLE_RATE / HOP))
         self._samples = np.zeros(0, dtype=np.float32)
@@ -84,7 +86,7 @@ class IncrementalAudioFeatures:
     @torch.no_grad()
     def _emit(self) -> list[FrameTokens]:
         stop = self._frames_ready()
-        if stop <= self._next_frame:
+        if stop <= self._next_frame or (stop - self._next_frame < self.min_frames and not self._ended):
             return []
         frames = np.arange(self._next_frame, stop)
         # Tokens these frames read (with their +-pad window), as absolute token indices.

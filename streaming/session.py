@@ -28,7 +28,7 @@ import torch
 from vexpress_rt.errors import InputError
 
 from .audio_features import IncrementalAudioFeatures
-from .audio_input import MODEL_RATE, AudioInput, validate_format
+from .audio_input import MODEL_RATE, AudioInput, to_float_frames, validate_format
 from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
@@ -144,6 +144,7 @@ class Utterance:
     play_after: float | None = None
     frames_played: int = 0
     real_samples: int = 0  # output-rate samples of real (unpadded) audio
+    in_samples: int = 0  # input-rate sample frames pushed
     marks: list[tuple[int, str]] = field(default_factory=list)  # (output sample position, name)
 
 
@@ -211,13 +212,17 @@ class StreamSession:
         rate = self.config.input_sample_rate if sample_rate is None else sample_rate
         chans = self.config.input_channels if channels is None else channels
         validate_format(rate, chans)
+        # Refuse bad or oversized audio before any state changes: a refused push must not leave its samples in
+        # the resamplers (they would leak into the next push) nor open or end an utterance.
+        samples = to_float_frames(pcm, chans)
         with self._lock:
-            utt = self._open_utterance(rate, chans)
-            pcm16k, out = utt.audio.push(pcm, rate, chans)
-            if self.buffered_ms + 1000.0 * len(out) / self.config.output_sample_rate > 1000 * self.config.max_buffer_s:
+            if self.buffered_ms + 1000.0 * len(samples) / rate > 1000 * self.config.max_buffer_s:
                 raise InputError(
                     f"audio buffer full: more than {self.config.max_buffer_s:g} s pushed ahead of playback"
                 )
+            utt = self._open_utterance(rate, chans)
+            pcm16k, out = utt.audio.push(samples, rate, chans)
+            utt.in_samples += len(samples)
             self._append_audio(utt, pcm16k, out, real=True)
         self.engine.wake()
 
@@ -242,11 +247,16 @@ class StreamSession:
         """An Event("mark") fires when the audio pushed before it has been played."""
         self._check_open()
         with self._lock:
-            pending = [u for u in self._utterances if u.out_total > u.frames_played * self.samples_per_frame]
+            pending = [u for u in self._utterances if self._pushed_end(u) > u.frames_played * self.samples_per_frame]
             if pending:
-                pending[-1].marks.append((pending[-1].real_samples, name))
+                pending[-1].marks.append((self._pushed_end(pending[-1]), name))
             else:
                 self._pending_marks.append(name)
+
+    def _pushed_end(self, utt: Utterance) -> int:
+        """Output-rate sample position where the audio pushed into `utt` so far ends: from the input count, not
+        from what the resampler has let out yet (that lags by its filter delay, which would fire marks early)."""
+        return -(-utt.in_samples * self.config.output_sample_rate // utt.audio.sample_rate)
 
     def interrupt(self) -> None:
         """Flush every stage: pushed audio, tokens, frames in flight and queued. The next frame is idle."""
@@ -340,7 +350,9 @@ class StreamSession:
         utt = Utterance(
             next(self._utterance_ids),
             AudioInput(rate, channels, cfg.output_sample_rate),
-            IncrementalAudioFeatures(self.engine.models, cfg.fps, cfg.left_context_s, cfg.lookahead_s),
+            IncrementalAudioFeatures(
+                self.engine.models, cfg.fps, cfg.left_context_s, cfg.lookahead_s, min_frames=cfg.new_frames
+            ),
         )
         self._utterances.append(utt)
         return utt
@@ -439,8 +451,11 @@ class StreamSession:
         self.engine.denoiser_for(self).set_context(stream, idle[:, order], self.engine.silence_tokens(self)[None]
                                                    .expand(c, -1, -1))
 
-    def _deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]], ready_time: float) -> None:
+    def _deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]]) -> None:
         with self._lock:
+            # On the session's clock, which stamped the audio and paces playback (a caller-given clock and the
+            # worker's monotonic one must not mix: latencies and play_after would be meaningless).
+            ready_time = self._now()
             for payload, image, latent in frames:
                 if payload.epoch != self._epoch or self.closed:
                     continue  # interrupted while in flight
