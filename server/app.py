@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 from aiohttp import web
 from aiortc import RTCPeerConnection
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from streaming.engine import CapacityError
 from streaming.session import SessionConfig
 from vexpress_rt.errors import InputError
 
-from . import metrics, rtc
-from .auth import new_token, require_api_key, require_session_token
+from . import lifetime, limits, metrics, rtc, security
+from .auth import client_identity, has_api_key, new_token, require_api_key, require_session_token
 from .config import ServerConfig
 from .errors import ApiError, error_middleware
 from .media import AvatarAudioTrack, AvatarVideoTrack, MediaPump
@@ -46,6 +46,7 @@ log = logging.getLogger("server")
 VERSION = "0.1.0"
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # decoders an upload may reach
 RETRY_AFTER_S = 5
 GIL_SWITCH_INTERVAL_S = 0.001
 SESSION_FIELDS = {
@@ -66,6 +67,9 @@ class ServerState:
     owns_engine: bool
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     default_avatar_id: str | None = None
+    avatar_jobs: limits.PendingLimit = field(
+        default_factory=lambda: limits.PendingLimit(limits.MAX_PENDING_AVATARS, "portrait registrations")
+    )
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
     )
@@ -81,7 +85,7 @@ class ServerState:
         return len(self.engine.avatars())
 
     def session_config(self, **overrides) -> SessionConfig:
-        values = {"fps": self.config.fps, "steps": self.config.steps}
+        values = {"fps": self.config.fps, "steps": self.config.steps, "max_buffer_s": self.config.max_buffer_s}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SessionConfig(**values)
 
@@ -104,15 +108,16 @@ def _capacity_error(reason: str = "the server is at capacity", retry_after: floa
 
 
 async def _json_body(request: web.Request, allow_empty: bool = False) -> dict:
-    text = await request.text()
+    data = await limits.read_body(request, limits.json_bytes(_state(request).config), "the JSON body")
+    text = limits.utf8(data, "the JSON body", code="invalid_json")
     if not text.strip():
         if allow_empty:
             return {}
         raise ApiError(400, "a JSON body is required", code="invalid_json")
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="invalid_json") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"malformed JSON: {str(exc)[:200]}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object", code="invalid_json")
     return data
@@ -168,6 +173,11 @@ def _avatar_json(info, default_id: str | None) -> dict:
     }
 
 
+def _may_control(request: web.Request, config: ServerConfig) -> bool:
+    """Open server, or the request carries an API key."""
+    return config.api_key is None or has_api_key(request, config.api_key)
+
+
 async def info(request: web.Request) -> web.Response:
     state = _state(request)
     cfg = state.config
@@ -183,7 +193,8 @@ async def info(request: web.Request) -> web.Response:
             "sessions": len(state.sessions),
             "codecs": {"video": ["VP8", "H264"], "audio": ["opus"]},
             "audio_out": {"sample_rate": 48000, "channels": 1, "packet_ms": 20},
-            "ice_servers": [s.to_json() for s in cfg.ice_server],
+            # TURN credentials only to callers who may open sessions (they get them with the session anyway)
+            "ice_servers": [s.to_json(with_credentials=_may_control(request, cfg)) for s in cfg.ice_server],
             "auth": {"api_key": cfg.api_key is not None},
             "default_avatar_id": state.default_avatar_id,
             "avatars": [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()],
@@ -200,22 +211,28 @@ def parse_kps(text: str) -> np.ndarray:
         if isinstance(data, dict):
             data = data["kps"]
         kps = np.asarray(data, dtype=np.float32)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ApiError(400, f'kps: expected JSON [[x, y], ...] or {{"kps": ...}} ({exc})') from exc
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise ApiError(400, f'kps: expected JSON [[x, y], ...] or {{"kps": ...}} ({str(exc)[:200]})') from exc
     if kps.shape not in ((3, 2), (5, 2)) or not np.isfinite(kps).all():
         raise ApiError(400, f"kps: expected 3 or 5 finite [x, y] points, got shape {kps.shape}")
     return kps[:3]
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A portrait from uploaded bytes (PNG, JPEG, WebP, GIF, BMP). Its size is checked from the header, before any
+    pixel is decoded (decompression bombs: 413); unreadable, truncated or corrupt data is a 400."""
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ApiError(400, f"image: {image.width}x{image.height} is too large (at most {MAX_IMAGE_PIXELS} pixels)")
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"image: {exc}", code="image_too_large") from exc
+    except Exception as exc:  # UnidentifiedImageError, and whatever a broken header raises
+        raise ApiError(400, f"image: not a readable {'/'.join(IMAGE_FORMATS)} picture ({exc})") from exc
+    limits.check_image_pixels(image.width, image.height, max_pixels)
+    try:
         image.load()
         return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ApiError(400, f"image: not a readable picture ({exc})") from exc
+    except Exception as exc:  # truncated or corrupt pixel data: OSError, SyntaxError, EOFError, struct.error...
+        raise ApiError(400, f"image: cannot decode the picture ({type(exc).__name__}: {exc})") from exc
 
 
 async def create_avatar(request: web.Request) -> web.Response:
@@ -223,6 +240,8 @@ async def create_avatar(request: web.Request) -> web.Response:
     require_api_key(request, state.config.api_key)
     if not request.content_type.startswith("multipart/"):
         raise ApiError(415, "send multipart/form-data with an 'image' file (and optional 'kps', 'name')")
+    limits.check_avatar_count(state.engine, state.config.max_avatars)
+    max_upload = limits.upload_bytes(state.config)
     fields: dict[str, bytes] = {}
     total = 0
     try:
@@ -231,21 +250,22 @@ async def create_avatar(request: web.Request) -> web.Response:
             data = bytearray()
             while chunk := await part.read_chunk():
                 total += len(chunk)
-                if total > MAX_UPLOAD_BYTES:
-                    raise ApiError(413, f"the upload is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+                if total > max_upload:
+                    raise ApiError(413, f"the upload is larger than {state.config.max_upload_mb:g} MiB")
                 data += chunk
             if part.name in ("image", "kps", "name"):
                 fields[part.name] = bytes(data)
-    except (ValueError, AssertionError) as exc:
-        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    except (ValueError, AssertionError, TypeError, UnicodeError) as exc:
+        raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from exc
     if not fields.get("image"):
         raise ApiError(400, "the form needs an 'image' file")
-    image = decode_image(fields["image"])
+    image = decode_image(fields["image"], state.config.max_image_pixels)
     kps = parse_kps(fields["kps"].decode("utf-8", "replace")) if fields.get("kps") else None
     name = fields["name"].decode("utf-8", "replace")[:200] if fields.get("name") else None
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, name))
+    with state.avatar_jobs:  # a bounded queue in front of the device: 503 beyond
+        avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, name))
     log.info("avatar %s registered in %.2f s", avatar.id, time.perf_counter() - started)
     body = _avatar_json(avatar, state.default_avatar_id)
     return web.json_response(body, status=201, headers={"Location": f"/v1/avatars/{avatar.id}"})
@@ -313,9 +333,13 @@ def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sess
     return avatar_id, config
 
 
-async def _open_session(state: ServerState, avatar_id: str, config: SessionConfig) -> ServerSession:
+async def _open_session(
+    state: ServerState, avatar_id: str, config: SessionConfig, owner: str | None = None
+) -> ServerSession:
+    """`owner`: who the session counts against (--max_sessions_per_key)."""
     if state.engine.get_avatar(avatar_id) is None:
         raise ApiError(404, f"no avatar {avatar_id!r}")
+    limits.check_session_quota(state, owner)
     if len(state.sessions) >= state.config.max_sessions:
         state.sessions.refused_total += 1
         raise _capacity_error(f"all {state.config.max_sessions} sessions are taken")
@@ -330,6 +354,7 @@ async def _open_session(state: ServerState, avatar_id: str, config: SessionConfi
     pump = MediaPump(engine_session, config.fps, state.config.subscriber_queue_frames, state.config.mark_frames, logger)
     session = ServerSession(engine_session, new_token(), pump, logger)
     state.sessions.add(session)
+    lifetime.supervise(state, session, owner)  # ends it on engine errors, after max_session_s, when idle
     session.start_task(_close_if_never_connected(state, session), "connect-timeout")
     logger.info("opened on avatar %s (fps %s, steps %s)", avatar_id, config.fps, config.steps)
     return session
@@ -340,9 +365,7 @@ async def _close_if_never_connected(state: ServerState, session: ServerSession) 
         await asyncio.wait_for(session.connected_once.wait(), state.config.connect_timeout_s)
     except asyncio.TimeoutError:
         # Closed from a task of its own: closing cancels this task, which must not wait for itself.
-        asyncio.get_running_loop().create_task(
-            state.sessions.close(session.id, f"no peer connected within {state.config.connect_timeout_s:g} s")
-        )
+        lifetime.close_later(state, session, f"no peer connected within {state.config.connect_timeout_s:g} s")
 
 
 def _session_urls(request: web.Request, session: ServerSession) -> dict:
@@ -354,6 +377,9 @@ def _session_urls(request: web.Request, session: ServerSession) -> dict:
         "offer_url": f"{base}{path}/offer",
         "ws_url": f"{ws_scheme}://{request.host}{path}/ws",
         "whep_url": f"{base}{path}/whep",
+        "frames_url": f"{ws_scheme}://{request.host}{path}/frames",
+        "speak_url": f"{base}{path}/speak",
+        "recording_url": f"{base}{path}/recording",
     }
 
 
@@ -378,14 +404,23 @@ def _session_json(session: ServerSession) -> dict:
 async def create_session(request: web.Request) -> web.Response:
     state = _state(request)
     require_api_key(request, state.config.api_key)
-    avatar_id, config = _session_config_from_json(state, await _json_body(request, allow_empty=True))
-    session = await _open_session(state, avatar_id, config)
+    data = await _json_body(request, allow_empty=True)
+    record = data.pop("record", False) if isinstance(data, dict) else False
+    if not isinstance(record, bool):
+        raise ApiError(400, "record must be true or false")
+    avatar_id, config = _session_config_from_json(state, data)
+    owner = client_identity(request, state.config.api_key)
+    session = await _open_session(state, avatar_id, config, owner)
     body = {
         **_session_json(session),
         "token": session.token,
         **_session_urls(request, session),
         "ice_servers": [s.to_json() for s in state.config.ice_server],
     }
+    if record:
+        from .recording import start_for
+
+        body["recording"] = await start_for(request.app, session)
     return web.json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
 
 
@@ -395,6 +430,7 @@ def _session_for(request: web.Request) -> ServerSession:
     if session is None:
         raise ApiError(404, f"no session {request.match_info['session_id']!r}")
     require_session_token(request, session.token, state.config.api_key)
+    lifetime.touch(session)
     return session
 
 
@@ -444,7 +480,7 @@ async def _connect_peer(state: ServerState, session: ServerSession, name: str, o
         await rtc.answer_offer(pc, offer, [AvatarAudioTrack(session.pump), AvatarVideoTrack(session.pump)])
     except BaseException:
         session.peers.pop(name, None)
-        await pc.close()
+        await rtc.close_quietly(pc)  # the offer's error is the answer, not a failure to clean up
         raise
     return pc
 
@@ -455,6 +491,7 @@ async def session_offer(request: web.Request) -> web.Response:
     data = await _json_body(request)
     if data.get("type", "offer") != "offer":
         raise ApiError(400, "type must be 'offer'", code="invalid_sdp")
+    limits.check_sdp(data.get("sdp"), state.config.max_sdp_bytes)
     offer = rtc.parse_description(data.get("sdp"))
     if PUBLISHER in session.peers:
         raise ApiError(409, "this session already has a publisher; add viewers with WHEP")
@@ -467,7 +504,9 @@ async def whep_offer(request: web.Request) -> web.Response:
     session = _session_for(request)
     if request.content_type != "application/sdp":
         raise ApiError(415, "WHEP: send the offer as application/sdp")
-    offer = rtc.parse_description(await request.text())
+    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
+    sdp = await limits.read_body(request, state.config.max_sdp_bytes, "the SDP", code="sdp_too_large")
+    offer = rtc.parse_description(limits.utf8(sdp, "the SDP", code="invalid_sdp"))
     viewer = session.new_viewer_id()
     pc = await _connect_peer(state, session, viewer, offer)
     location = f"/v1/sessions/{session.id}/whep/{viewer}"
@@ -491,10 +530,12 @@ async def legacy_offer(request: web.Request) -> web.Response:
     data = await _json_body(request)
     if data.get("type", "offer") != "offer":
         raise ApiError(400, "type must be 'offer'", code="invalid_sdp")
+    limits.check_sdp(data.get("sdp"), state.config.max_sdp_bytes)
     offer = rtc.parse_description(data.get("sdp"))
     if state.default_avatar_id is None:
         raise _capacity_error("the server is starting")
-    session = await _open_session(state, state.default_avatar_id, state.session_config())
+    owner = client_identity(request, state.config.api_key)
+    session = await _open_session(state, state.default_avatar_id, state.session_config(), owner)
     try:
         pc = await _connect_peer(state, session, PUBLISHER, offer)
     except BaseException:
@@ -554,7 +595,11 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
 
         engine = build_engine(config)
         engine.start()
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_UPLOAD_BYTES)
+    security.install_log_redaction()  # ?token= never reaches the access log
+    origins = security.OriginPolicy(config.allowed_origin, config.host)  # CORS: outermost, so errors carry it too
+    app = web.Application(
+        middlewares=[origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
+    )
     app[STATE] = ServerState(config=config, engine=engine, owns_engine=owns)
     r = app.router
     r.add_get("/", index)
@@ -574,6 +619,9 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     r.add_post("/v1/sessions/{session_id}/whep", whep_offer)
     r.add_delete("/v1/sessions/{session_id}/whep/{viewer_id}", whep_delete)
     r.add_post("/offer", legacy_offer)
+    from .integrations import add_routes as add_integration_routes  # imports this module: not at the top
+
+    add_integration_routes(app, config)  # bot websocket, frames websocket, speak, recording
     r.add_get("/{path:.+}", page_file)  # last: every API route above wins
     if not Path(config.web_root).is_dir():
         log.warning("no browser page: %s is not a folder", config.web_root)

@@ -4,13 +4,16 @@
 * Session token (from `POST /v1/sessions`): `Authorization: Bearer <token>` or `?token=<token>` (browsers cannot
   set headers on a websocket).
 
-Secrets are compared with `hmac.compare_digest`.
+Secrets are compared with `hmac.compare_digest`. The server may have several API keys (`--api-key` repeated); a key
+is never logged, only `key_id` (a short hash) names it. Session ids and tokens come from `secrets` (unguessable).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -23,10 +26,42 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # headers and queries may carry any bytes, lone surrogates too
+
+
 def same_secret(given: str | None, expected: str | None) -> bool:
     if not given or not expected:
         return False
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(_bytes(given), _bytes(expected))
+
+
+def api_keys(api_key: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The configured key(s): None, one key, or several."""
+    if not api_key:
+        return ()
+    return (api_key,) if isinstance(api_key, str) else tuple(api_key)
+
+
+def key_id(key: str) -> str:
+    """A name for a key that can be logged and counted: not the key."""
+    return "key-" + hashlib.sha256(_bytes(key)).hexdigest()[:8]
+
+
+def matching_key(request: web.Request, api_key: str | Sequence[str] | None) -> str | None:
+    """The configured key the request carries, if any (every key is compared, in constant time each)."""
+    given = (bearer(request), request.headers.get("X-API-Key"))
+    found = None
+    for key in api_keys(api_key):
+        if any([same_secret(g, key) for g in given]) and found is None:
+            found = key
+    return found
+
+
+def client_identity(request: web.Request, api_key: str | Sequence[str] | None) -> str:
+    """Who a session is counted against (--max_sessions_per_key): the API key used, else the client's address."""
+    key = matching_key(request, api_key)
+    return key_id(key) if key is not None else f"addr-{request.remote or 'unknown'}"
 
 
 def bearer(request: web.Request) -> str | None:
@@ -35,17 +70,17 @@ def bearer(request: web.Request) -> str | None:
     return value.strip() or None if scheme.lower() == "bearer" else None
 
 
-def has_api_key(request: web.Request, api_key: str | None) -> bool:
-    return any(same_secret(s, api_key) for s in (bearer(request), request.headers.get("X-API-Key")))
+def has_api_key(request: web.Request, api_key: str | Sequence[str] | None) -> bool:
+    return matching_key(request, api_key) is not None
 
 
 def has_token(request: web.Request, token: str) -> bool:
     return any(same_secret(s, token) for s in (bearer(request), request.query.get("token")))
 
 
-def require_api_key(request: web.Request, api_key: str | None) -> None:
-    """Control endpoints: open when the server has no key, else the key is required."""
-    if api_key is None:
+def require_api_key(request: web.Request, api_key: str | Sequence[str] | None) -> None:
+    """Control endpoints: open when the server has no key, else a key is required."""
+    if not api_keys(api_key):
         return
     if not has_api_key(request, api_key):
         raise ApiError(
@@ -53,9 +88,9 @@ def require_api_key(request: web.Request, api_key: str | None) -> None:
         )
 
 
-def require_session_token(request: web.Request, token: str, api_key: str | None) -> None:
-    """Session endpoints: the session's own token, or the API key when the server has one."""
-    if has_token(request, token) or (api_key is not None and has_api_key(request, api_key)):
+def require_session_token(request: web.Request, token: str, api_key: str | Sequence[str] | None) -> None:
+    """Session endpoints: the session's own token, or an API key when the server has one."""
+    if has_token(request, token) or has_api_key(request, api_key):
         return
     raise ApiError(
         401, "this session's token is required (Authorization: Bearer or ?token=)", headers=UNAUTHORIZED_HEADERS

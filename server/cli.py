@@ -1,4 +1,4 @@
-"""`vexpress-rt`: the model's commands (vexpress_rt.cli) plus those of the layers above it: `serve` (and `bench`).
+"""`vexpress-rt`: the model's commands (vexpress_rt.cli) plus those of the layers above: `serve`, `push` (and `bench`).
 
 `EXTRA_COMMANDS` lists functions that each add one subcommand to the parser's subparsers; the console script
 `vexpress-rt` is `server.cli:main`.
@@ -18,6 +18,8 @@ from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
 from .config import ServerConfig, add_serve_arguments
+from .push import add_push_command
+from .soak import add_soak_command
 
 log = logging.getLogger("server")
 
@@ -32,13 +34,14 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command]
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command, add_push_command]
 try:  # the engine's benchmark, when the streaming package provides one
     from streaming.bench import add_bench_command
 except ImportError:
     pass
 else:
     EXTRA_COMMANDS.append(add_bench_command)
+EXTRA_COMMANDS.append(add_soak_command)  # N sessions for M minutes against a served app: latency, memory, fds, tasks
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -84,6 +84,14 @@ def parse_ice_server(text: str) -> IceServer:
     return IceServer((url,), unquote(m["user"]), unquote(m["password"]))
 
 
+def parse_origin(text: str) -> str:
+    """A browser origin as the `Origin` header carries it: `scheme://host[:port]`, or `*` (any) or `null`."""
+    text = text.strip().rstrip("/").lower()
+    if text in ("*", "null") or re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+", text):
+        return text
+    raise ConfigError(f"--allowed-origin {text!r}: expected scheme://host[:port] (e.g. https://app.example.com) or *")
+
+
 def parse_ice_host(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
@@ -123,7 +131,7 @@ class ServerConfig:
     max_sessions: int = 4
     ice_server: list[IceServer] = field(default_factory=list)  # none: no STUN/TURN (host candidates only)
     ice_host: list[str] = field(default_factory=list)  # none: every interface aioice finds
-    api_key: str | None = None
+    api_key: str | list[str] | None = None  # one key, or several (--api-key repeated): any of them is accepted
     width: int = 512
     height: int = 512
     cache_dir: str | None = None
@@ -134,6 +142,21 @@ class ServerConfig:
     mark_frames: bool = False  # diagnostics: frame index barcode in the video, a chirp every second in the audio
     connect_timeout_s: float = 60.0  # a session nobody connects to within this is closed
     subscriber_queue_frames: int = 6  # per track: absorbs stalls of the sender; beyond, the oldest are dropped
+    recording_dir: str | None = None  # MP4 recordings (server/recording.py); default: a temporary folder
+    recording_retention_s: float = 3600.0  # a finished recording is deleted this long after it stopped
+    jpeg_quality: int = 80  # JPEG quality of the frames websocket (a client may ask for another with ?quality=)
+    # access and limits (SECURITY.md); 0 turns a time limit off
+    allowed_origin: list[str] = field(default_factory=list)  # browser origins besides the server's own; "*": any
+    max_upload_mb: float = 20.0  # one upload (portrait image, audio file)
+    max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
+    max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
+    max_ws_message_bytes: int = 1 << 20  # one websocket message
+    max_buffer_s: float = 120.0  # pushed audio not yet played, per session
+    max_session_s: float = 14400.0  # a session's whole life
+    idle_timeout_s: float = 300.0  # a session with no audio and no call on it for this long ends
+    max_sessions_per_key: int = 0  # sessions one API key (without keys: one client address) holds; 0: max_sessions
+    max_viewers: int = 4  # WHEP viewers per session
+    max_avatars: int = 16  # registered portraits, the default one included
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -150,8 +173,22 @@ class ServerConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not auto, fp16, fp32 or bf16")
         if self.subscriber_queue_frames < 1:
             raise ConfigError("--subscriber_queue_frames must be at least 1")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ConfigError("--jpeg_quality must be an integer from 1 to 95")
+        if not self.recording_retention_s > 0:
+            raise ConfigError("--recording_retention_s must be positive")
         if self.api_key is not None and not self.api_key:
             self.api_key = None
+        if isinstance(self.api_key, (list, tuple)) and not all(isinstance(k, str) and k for k in self.api_key):
+            raise ConfigError("--api-key: every key must be a non-empty string")
+        self.allowed_origin = [parse_origin(o) for o in self.allowed_origin]
+        for name in ("max_upload_mb", "max_image_pixels", "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
+                     "max_viewers", "max_avatars"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be positive")
+        for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 (off) or positive")
         return self
 
     def avatar_kps_path(self) -> Path | None:
@@ -180,8 +217,11 @@ class ServerConfig:
         return cls.from_args(argparse.Namespace(**overrides), environ)
 
 
-_INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames"}
-_FLOATS = {"connect_timeout_s"}
+_INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames", "max_image_pixels",
+         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars"}
+_FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
+_INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
+_FLOATS |= {"recording_retention_s"}  # server/recording.py
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -192,6 +232,11 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
+        if name == "allowed_origin":
+            return _split_env_list(value) if from_env else list(value)
+        if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
+            keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
+            return keys[0] if len(keys) == 1 else keys
         if name in _INTS:
             return int(value)
         if name in _FLOATS:
@@ -228,10 +273,37 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "only offer host candidates on this IP address, repeatable; default: every interface",
         action="append",
     )
-    opt("api_key", "require this key (Authorization: Bearer or X-API-Key) on control endpoints")
+    opt(
+        "api_key",
+        "require this key (Authorization: Bearer or X-API-Key) on control endpoints; repeatable (any key is accepted)",
+        action="append",
+    )
+    opt(
+        "allowed_origin",
+        "a browser origin (scheme://host[:port]) allowed to call the API besides the server's own, repeatable; "
+        "* allows any; default: same origin only",
+        action="append",
+    )
+    opt("max_upload_mb", "largest upload (portrait, audio file) in MiB; default 20", type=float)
+    opt("max_image_pixels", "largest portrait in pixels (width x height), checked before decoding; default 40000000",
+        type=int)
+    opt("max_sdp_bytes", "largest SDP offer in bytes; default 65536", type=int)
+    opt("max_ws_message_bytes", "largest websocket message in bytes; default 1048576", type=int)
+    opt("max_buffer_s", "seconds of pushed audio a session holds ahead of playback; default 120", type=float)
+    opt("max_session_s", "a session ends after this many seconds; 0: never; default 14400 (4 h)", type=float)
+    opt("idle_timeout_s", "a session with no audio and no call for this many seconds ends; 0: never; default 300",
+        type=float)
+    opt("max_sessions_per_key", "sessions one API key (without keys: one client address) may hold; 0: max_sessions",
+        type=int)
+    opt("max_viewers", "WHEP viewers per session; default 4", type=int)
+    opt("max_avatars", "registered portraits, the default included; default 16", type=int)
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)
     opt("cache_dir", "keep pre-encoded avatars here across restarts")
+    opt("recording_dir", "folder for MP4 recordings of sessions; default: a temporary folder, deleted at shutdown")
+    opt("recording_retention_s", "delete a finished recording this many seconds after it stopped; default 3600",
+        type=float)
+    opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")
     opt("web_root", "folder of the browser page; default: web_client/ next to the server package")

@@ -125,15 +125,22 @@ class MediaPump:
         self._closed = False
 
     # -- subscribers -------------------------------------------------------------------------------------------
-    def subscribe(self) -> FrameQueue:
-        queue = FrameQueue(self.queue_frames)
+    def subscribe(self, maxsize: int | None = None) -> FrameQueue:
+        """A queue of every frame from now on (`maxsize` frames, default `queue_frames`; a full queue drops its
+        oldest). Starts the clock on the first call."""
+        queue = FrameQueue(maxsize or self.queue_frames)
         if self._closed:
             queue.close()
             return queue
         self._subscribers.append(queue)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pump-{self.session.id}")
+        self.start()
         return queue
+
+    def start(self) -> None:
+        """Run the session's clock (read a frame every period) even with no subscriber: a websocket bot's audio
+        plays, and its playback events come, with or without a viewer."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pump-{self.session.id}")
 
     def unsubscribe(self, queue: FrameQueue) -> None:
         if queue in self._subscribers:

@@ -95,4 +95,6 @@ def collect(app_state) -> list[Metric]:
     for key, value in sorted(engine_stats.items()):
         if key not in shown and isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append(Metric(f"engine_{metric_name(key)}", "gauge", f"Engine figure {key!r}.").add(value))
-    return out
+    from .procstats import metrics as process_metrics  # memory, fds, threads, tasks: what a leak shows in
+
+    return out + process_metrics()

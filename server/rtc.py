@@ -124,3 +124,22 @@ async def drain(track: MediaStreamTrack) -> None:
             await track.recv()
     except MediaStreamError:
         pass
+
+
+async def close_quietly(pc: RTCPeerConnection) -> None:
+    """`pc.close()`, also for a connection whose offer failed half-way: aiortc's close then meets transceivers
+    without transports and raises, leaving the rest running. Whatever was started is stopped; nothing is raised."""
+    try:
+        await pc.close()
+        return
+    except Exception as exc:
+        log.debug("closing a half-set-up peer connection: %s: %s", type(exc).__name__, exc)
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.receiver.transport
+        for transport in (dtls, getattr(dtls, "transport", None)):
+            if transport is not None:
+                try:
+                    await transport.stop()
+                except Exception:
+                    pass
+    pc.remove_all_listeners()

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ from .session import SessionConfig, StreamSession
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
+
+MAX_DENOISERS = 16  # cached denoisers (one per distinct settings); beyond, those no session uses are dropped
 
 
 class CapacityError(VExpressError):
@@ -170,7 +173,10 @@ class Engine:
             )
         return None
 
-    def open_session(self, avatar_id: str, config: SessionConfig | None = None) -> StreamSession:
+    def open_session(
+        self, avatar_id: str, config: SessionConfig | None = None, now: Callable[[], float] = time.monotonic
+    ) -> StreamSession:
+        """A new session on a registered avatar; `now` is its clock (tests and simulations pass their own)."""
         config = config or SessionConfig(**self.config.default_session.__dict__)
         config.validate()
         with self._lock:
@@ -178,7 +184,7 @@ class Engine:
             problem = self._admission_problem(config)
             if problem:
                 raise CapacityError(problem)
-            session = StreamSession(self, avatar, config)
+            session = StreamSession(self, avatar, config, now)
             self._sessions[session.id] = session
         log.info("session %s opened on avatar %s (%s)", session.id, avatar_id, config)
         self.wake()
@@ -203,6 +209,8 @@ class Engine:
             "sessions": len(sessions),
             "avatars": len(self._avatars),
             "frames_generated": self.worker.frames_generated,
+            "worker_errors": self.worker.errors,  # sessions the worker failed (each ended with an error event)
+            "worker_batch_retries": self.worker.batch_retries,
             "worker_busy_fraction": round(self.worker.busy_fraction(), 3),
             "estimated_load": self.worker.estimated_load([s.config for s in sessions]),
             "latency_p50_ms": float(np.percentile(lat, 50)),
@@ -214,15 +222,24 @@ class Engine:
 
     # -- shared model helpers (used by sessions and the worker) --------------------------------------------
     def denoiser(self, settings: DenoiserSettings) -> StreamDenoiser:
-        if settings not in self._denoisers:
-            self._denoisers[settings] = StreamDenoiser(self.models, settings)
-        return self._denoisers[settings]
+        with self._lock:
+            if settings not in self._denoisers:
+                if len(self._denoisers) >= MAX_DENOISERS:  # settings are client input: keep those in use only
+                    used = {s.denoiser_settings for s in self._sessions.values()}
+                    used.add(self.config.default_session.denoiser_settings())
+                    for key in [k for k in self._denoisers if k not in used]:
+                        del self._denoisers[key]
+                self._denoisers[settings] = StreamDenoiser(self.models, settings)
+            return self._denoisers[settings]
 
     def denoiser_for(self, session: StreamSession) -> StreamDenoiser:
         return self.denoiser(session.denoiser_settings)
 
     def new_stream(self, session: StreamSession) -> StreamState:
-        seed = session.config.seed + int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16)
+        # The seed alone fixes a session's noise: its frames are a function of avatar, audio, settings and seed,
+        # the same on any engine and whoever it is batched with or opened after (sessions wanting different
+        # noise set different seeds; identical noise in two sessions driven by different audio is invisible).
+        seed = session.config.seed
         return self.denoiser_for(session).new_state(session.avatar.encoded, seed, self.silence_tokens(session))
 
     def silence_tokens(self, session: StreamSession) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -33,8 +34,6 @@ from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
 log = logging.getLogger(__name__)
-
-_session_ids = itertools.count(1)
 
 
 class SessionState(str, enum.Enum):
@@ -73,7 +72,8 @@ class SessionConfig:
             bad(f"fps must be an integer 5..60 dividing the output rate {self.output_sample_rate}, got {self.fps!r}")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= 8:
             bad(f"steps must be an integer from 1 to 8, got {self.steps!r}")
-        if not 1.0 <= float(self.guidance_scale) <= 20.0:
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 1.0 <= g <= 20.0:  # no float(): 10**400
             bad(f"guidance_scale must be within 1..20 (1 = off), got {self.guidance_scale!r}")
         for name in ("reference_attention_weight", "audio_attention_weight"):
             value = getattr(self, name)
@@ -151,7 +151,7 @@ class Utterance:
 class StreamSession:
     def __init__(self, engine, avatar, config: SessionConfig, now: Callable[[], float] = time.monotonic):
         config.validate()
-        self.id = f"s{next(_session_ids)}-{np.random.default_rng().integers(1 << 48):012x}"
+        self.id = "s" + secrets.token_hex(10)  # unguessable: ids appear in URLs (tokens still guard them)
         self.engine = engine
         self.avatar = avatar
         self.avatar_id = avatar.info.id
@@ -186,6 +186,8 @@ class StreamSession:
         self.dropped_frames = 0
         self.underruns = 0
         self.latencies_ms: deque[float] = deque(maxlen=2000)  # audio pushed -> frame ready
+        self.latency_count = 0  # frames whose latency was recorded (latencies_ms keeps the last 2000)
+        self.last_input = now()  # when audio or a control call last came in (the server's idle timeout)
         self.closed = False
 
     # -- public API -----------------------------------------------------------------------------------------
@@ -209,6 +211,7 @@ class StreamSession:
 
     def push_audio(self, pcm, sample_rate: int | None = None, channels: int | None = None) -> None:
         self._check_open()
+        self.last_input = self._now()
         rate = self.config.input_sample_rate if sample_rate is None else sample_rate
         chans = self.config.input_channels if channels is None else channels
         validate_format(rate, chans)
@@ -229,6 +232,7 @@ class StreamSession:
     def end_utterance(self) -> None:
         """The audio pushed so far is one utterance; its last partial frame is padded with silence."""
         self._check_open()
+        self.last_input = self._now()
         with self._lock:
             utt = self._utterances[-1] if self._utterances and not self._utterances[-1].ended else None
             if utt is None:
@@ -246,6 +250,7 @@ class StreamSession:
     def mark(self, name: str) -> None:
         """An Event("mark") fires when the audio pushed before it has been played."""
         self._check_open()
+        self.last_input = self._now()
         with self._lock:
             pending = [u for u in self._utterances if self._pushed_end(u) > u.frames_played * self.samples_per_frame]
             if pending:
@@ -261,6 +266,7 @@ class StreamSession:
     def interrupt(self) -> None:
         """Flush every stage: pushed audio, tokens, frames in flight and queued. The next frame is idle."""
         events = []
+        self.last_input = self._now()
         with self._lock:
             self._epoch += 1
             for utt in self._utterances:
@@ -461,6 +467,7 @@ class StreamSession:
                     continue  # interrupted while in flight
                 self._ready.append(SpeechFrame(payload, image, latent, ready_time))
                 self.latencies_ms.append(1000.0 * (ready_time - payload.audio_time))
+                self.latency_count += 1
                 utt = self._utterance(payload.utterance)
                 if utt is not None and utt.play_after is None:
                     utt.play_after = ready_time + self.config.jitter_frames / self.config.fps

@@ -18,6 +18,14 @@ from .denoiser import ChunkJob, DenoiserSettings
 
 log = logging.getLogger(__name__)
 
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _release_memory(exc: BaseException) -> None:
+    """After the device ran out of memory, give the cached blocks back before the next try."""
+    if isinstance(exc, OUT_OF_MEMORY) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 class ModelWorker:
     def __init__(self, engine, max_batch: int = 4):
@@ -33,6 +41,7 @@ class ModelWorker:
         self.chunk_log: deque[dict] = deque(maxlen=10000)  # per chunk: trigger, ready, compute (for the bench)
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
         self.errors = 0
+        self.batch_retries = 0  # batches that failed and were run again one session at a time
 
     # -- thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,6 +80,7 @@ class ModelWorker:
             try:
                 job = session._next_job()  # runs the audio features on new audio: model compute
             except Exception as exc:
+                _release_memory(exc)
                 self._fail(session, exc)
                 continue
             self.compute_log.append((t0, time.monotonic()))
@@ -89,27 +99,35 @@ class ModelWorker:
 
     def _run(self, settings: DenoiserSettings, items: list) -> None:
         jobs: list[ChunkJob] = [job for _, job in items]
+        noise = [job.state.generator.get_state() for job in jobs]  # to replay a failed batch's noise
         t0 = time.perf_counter()
         try:
             with self.engine.model_lock:
                 outputs = self.engine.denoiser(settings).run(jobs)
-                latents = [latent for out in outputs for _, latent in out]
-                images = self.engine.decode(torch.stack(latents)) if latents else []
         except Exception as exc:
-            for session, _ in items:
-                self._fail(session, exc)
+            _release_memory(exc)
+            if len(items) == 1:
+                self._fail(items[0][0], exc)
+                return
+            # One bad session (or a batch too big for the device) must not take its batch mates down: run each
+            # window alone, with the noise it would have drawn (a denoiser call changes a stream only on success).
+            self.batch_retries += 1
+            log.warning("a batch of %d windows failed (%s: %s); running them one by one", len(items),
+                        type(exc).__name__, exc)
+            for item, state in zip(items, noise):
+                item[1].state.generator.set_state(state)
+                self._run(settings, [item])
             return
+        images = self._decode(items, outputs)
         seconds = time.perf_counter() - t0
         self.record_chunk(settings, len(jobs), seconds)
         ready = time.monotonic()
         self.compute_log.append((ready - seconds, ready))
-        k = 0
-        for (session, job), out in zip(items, outputs):
-            frames = []
-            for payload, latent in out:
-                frames.append((payload, images[k], latent))
-                k += 1
-            session._deliver(frames, ready)
+        for (session, job), out, decoded in zip(items, outputs, images):
+            if decoded is None:
+                continue  # its decode failed: the session has ended
+            frames = [(payload, image, latent) for (payload, latent), image in zip(out, decoded)]
+            session._deliver(frames)
             self.frames_generated += len(frames)
             trigger = job.meta.get("trigger")
             self.chunk_log.append(
@@ -123,11 +141,43 @@ class ModelWorker:
                 }
             )
 
+    def _decode(self, items: list, outputs: list) -> list:
+        """Each session's frames as images, in one VAE call; when that fails, one call per session, so that only
+        the session(s) whose decode fails end. None for those."""
+        latents = [[latent for _, latent in out] for out in outputs]
+        try:
+            flat = [x for per in latents for x in per]
+            with self.engine.model_lock:
+                images = self.engine.decode(torch.stack(flat)) if flat else []
+        except Exception as exc:
+            _release_memory(exc)
+            if len(items) == 1:
+                self._fail(items[0][0], exc)
+                return [None]
+            out = []
+            for (session, _), per in zip(items, latents):
+                try:
+                    with self.engine.model_lock:
+                        out.append(self.engine.decode(torch.stack(per)) if per else [])
+                except Exception as exc:
+                    _release_memory(exc)
+                    self._fail(session, exc)
+                    out.append(None)
+            return out
+        split, k = [], 0
+        for per in latents:
+            split.append(images[k : k + len(per)])
+            k += len(per)
+        return split
+
     def _fail(self, session, exc: Exception) -> None:
-        """A failure confined to one session (bad state, out of memory in its batch): it ends, others go on."""
+        """A failure confined to one session (bad state, out of memory alone): it ends with an `error` event,
+        the others go on."""
         self.errors += 1
-        log.exception("session %s: model worker failed", session.id, exc_info=exc)
-        session._fail("model_error", f"generation failed: {type(exc).__name__}: {exc}")
+        oom = isinstance(exc, OUT_OF_MEMORY)
+        log.error("session %s: model worker failed", session.id, exc_info=exc)
+        code, what = ("out_of_memory", "the device ran out of memory") if oom else ("model_error", "generation failed")
+        session._fail(code, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- cost model for admission control ----------------------------------------------------------------
     def record_chunk(self, settings: DenoiserSettings, batch: int, seconds: float) -> None:

@@ -1,0 +1,124 @@
+"""Limits on what a client may send or hold, each with a clear error (SECURITY.md lists them with their defaults).
+
+| limit | setting | answer |
+|---|---|---|
+| upload (portrait, audio file) | `--max_upload_mb` 20 | 413 `payload_too_large` |
+| portrait pixels, before decoding | `--max_image_pixels` 40 M | 413 `image_too_large` |
+| SDP offer | `--max_sdp_bytes` 64 KiB | 413 `sdp_too_large` |
+| JSON body | SDP limit + 16 KiB | 413 `payload_too_large` |
+| websocket message | `--max_ws_message_bytes` 1 MiB | the socket closes with 1009 (message too big) |
+| pushed audio ahead of playback | `--max_buffer_s` 120 | 400 / `error` event `buffer_full` |
+| audio format | 8-192 kHz, 1-8 channels (engine) | 400 |
+| sessions per API key (else per client address) | `--max_sessions_per_key` = max_sessions | 429 `session_quota` |
+| WHEP viewers per session | `--max_viewers` 4 | 429 `viewer_limit` |
+| registered portraits | `--max_avatars` 16 | 409 `avatar_limit` |
+| portraits being registered at once | 4 (1 running) | 503 + Retry-After |
+
+Session duration and idle time are enforced by `server/lifetime.py`.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .errors import ApiError
+
+JSON_OVERHEAD_BYTES = 16 * 1024
+MAX_PENDING_AVATARS = 4
+_READ_CHUNK = 64 * 1024
+
+
+def upload_bytes(config) -> int:
+    return int(config.max_upload_mb * 2**20)
+
+
+def json_bytes(config) -> int:
+    return config.max_sdp_bytes + JSON_OVERHEAD_BYTES
+
+
+def _too_large(what: str, limit: int, code: str = "payload_too_large") -> ApiError:
+    size = f"{limit // 1024} KiB" if limit < 2**20 else f"{limit / 2**20:g} MiB"
+    return ApiError(413, f"{what} is larger than {size}", code=code)
+
+
+async def read_body(request: web.Request, limit: int, what: str = "the request body", code: str = "payload_too_large"
+                    ) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` bytes: by its Content-Length when it has one,
+    else while it streams in."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(what, limit, code)
+    data = bytearray()
+    while chunk := await request.content.read(_READ_CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise _too_large(what, limit, code)
+    return bytes(data)
+
+
+def utf8(data: bytes, what: str, code: str = "bad_request") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})", code=code) from exc
+
+
+def check_sdp(sdp, limit: int) -> None:
+    if isinstance(sdp, str) and len(sdp.encode("utf-8", "surrogatepass")) > limit:
+        raise _too_large("the SDP", limit, "sdp_too_large")
+
+
+def check_image_pixels(width: int, height: int, limit: int) -> None:
+    if width * height > limit:
+        raise ApiError(
+            413, f"image: {width}x{height} is too large (at most {limit} pixels, --max_image_pixels)",
+            code="image_too_large",
+        )
+
+
+def check_session_quota(state, owner: str | None) -> None:
+    """Sessions one API key (or, without keys, one client address) holds at once."""
+    limit = state.config.max_sessions_per_key or state.config.max_sessions
+    if owner is None or limit >= state.config.max_sessions:
+        return
+    held = sum(1 for s in state.sessions if getattr(s, "owner", None) == owner)
+    if held >= limit:
+        state.sessions.refused_total += 1
+        raise ApiError(
+            429, f"this key already holds {held} sessions (at most {limit}, --max_sessions_per_key); end one first",
+            code="session_quota", headers={"Retry-After": "5"},
+        )
+
+
+def check_viewers(session, limit: int, publisher: str) -> None:
+    viewers = sum(1 for name in session.peers if name != publisher)
+    if viewers >= limit:
+        raise ApiError(
+            429, f"this session has {viewers} viewers already (at most {limit}, --max_viewers)", code="viewer_limit"
+        )
+
+
+def check_avatar_count(engine, limit: int) -> None:
+    count = len(engine.avatars())
+    if count >= limit:
+        raise ApiError(
+            409, f"{count} portraits are registered (at most {limit}, --max_avatars); delete one first",
+            code="avatar_limit",
+        )
+
+
+class PendingLimit:
+    """At most `limit` operations in flight (e.g. portrait registrations queued for the model device); beyond,
+    503 + Retry-After instead of an unbounded queue."""
+
+    def __init__(self, limit: int, what: str):
+        self.limit, self.what, self.count = limit, what, 0
+
+    def __enter__(self):
+        if self.count >= self.limit:
+            raise ApiError(503, f"{self.count} {self.what} are in progress; try again later", code="busy",
+                           headers={"Retry-After": "5"})
+        self.count += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.count -= 1

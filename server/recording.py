@@ -1,0 +1,322 @@
+"""Recording a session to MP4 (H.264 + AAC, PyAV).
+
+| method, path | what |
+|---|---|
+| `POST /v1/sessions` with `"record": true` | the session is recorded from its creation |
+| `POST /v1/sessions/{id}/recording` | start recording (201); 409 while one is running; a finished one is replaced |
+| `DELETE /v1/sessions/{id}/recording` | stop: 200 with what was recorded (frames, duration...) |
+| `GET /v1/sessions/{id}/recording` | the MP4 (`video/mp4`) once stopped or the session ended; 409 meanwhile |
+
+The recorder is one more subscriber of the session's pacing task: it records exactly the frames (and their audio)
+that viewers get, frame `i` at `i / fps` from the first recorded frame, so the file lasts as long as the recording
+ran (speech and idle alike). Encoding runs in a thread pool, one batch of frames at a time; the queue between the
+pacing task and the encoder is bounded (`QUEUE_FRAMES`): if the encoder falls that far behind, the oldest frames are
+dropped (a gap in the video, silence in the audio; counted) rather than stalling the session.
+
+Files go to `--recording_dir` (default: a temporary folder made at the first recording). A finished recording is
+kept for `--recording_retention_s` (default 1 h) after it stopped, then deleted; at shutdown every recording this
+process made is deleted (and the temporary folder with it). Download what you want to keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from aiohttp import web
+from aiortc.mediastreams import MediaStreamError
+
+from streaming.frames import AVFrame
+
+from .auth import require_session_token
+from .errors import ApiError
+from .sockets import server_state, session_for
+
+log = logging.getLogger("server.recording")
+
+QUEUE_FRAMES = 50  # 2 s at 25 fps between the pacing task and the encoder
+AAC_BLOCK = 1024
+X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
+DEFAULT_RETENTION_S = 3600.0
+
+
+class Mp4Writer:
+    """Frames in (any thread, one at a time), an MP4 out. Frame `i` is written at pts `i - first index`; its audio
+    at sample `(i - first) * samples_per_frame`, silence filling any gap, so audio and video stay on one clock."""
+
+    def __init__(self, path: Path, fps: int):
+        self.path = path
+        self.fps = fps
+        self.container = None
+        self.first: int | None = None
+        self.last = -1
+        self.frames = 0
+        self.speech_frames = 0
+        self.audio_samples = 0  # samples handed to the encoder, silence included
+        self._pending = np.zeros(0, np.float32)
+        self._pending_start = 0  # sample position of _pending[0]
+        self._vstream = self._astream = None
+
+    def _open(self, frame: AVFrame) -> None:
+        height, width = frame.image.shape[:2]
+        self.container = av.open(str(self.path), mode="w")
+        v = self.container.add_stream("libx264", rate=self.fps, options=dict(X264_OPTIONS))
+        v.width, v.height, v.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        v.codec_context.time_base = Fraction(1, self.fps)
+        a = self.container.add_stream("aac", rate=frame.sample_rate)
+        a.layout = "mono"
+        self._vstream, self._astream = v, a
+        self.first = frame.index
+
+    def write(self, frames: list[AVFrame]) -> None:
+        for frame in frames:
+            if self.container is None:
+                self._open(frame)
+            if frame.index <= self.last:
+                continue
+            self.last = frame.index
+            pts = frame.index - self.first
+            image = frame.image
+            if image.shape[0] % 2 or image.shape[1] % 2:
+                image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+            video = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            video.pts, video.time_base = pts, Fraction(1, self.fps)
+            self.container.mux(self._vstream.encode(video))
+            self.frames += 1
+            self.speech_frames += bool(frame.speaking)
+            position = pts * len(frame.audio)
+            end = self._pending_start + len(self._pending)
+            audio = np.asarray(frame.audio, np.float32) / 32768.0
+            if position > end:
+                audio = np.concatenate([np.zeros(position - end, np.float32), audio])
+            self._pending = np.concatenate([self._pending, audio])
+            self._encode_audio(final=False)
+
+    def _encode_audio(self, final: bool) -> None:
+        rate = self._astream.rate
+        while len(self._pending) >= AAC_BLOCK or (final and len(self._pending)):
+            block, self._pending = self._pending[:AAC_BLOCK], self._pending[AAC_BLOCK:]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block[None]), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, self._pending_start, Fraction(1, rate)
+            self.container.mux(self._astream.encode(frame))
+            self._pending_start += len(block)
+            self.audio_samples += len(block)
+
+    def close(self) -> None:
+        if self.container is None:
+            return
+        try:
+            self._encode_audio(final=True)
+            self.container.mux(self._vstream.encode(None))
+            self.container.mux(self._astream.encode(None))
+        finally:
+            self.container.close()
+
+    @property
+    def duration_s(self) -> float:
+        return 0.0 if self.first is None else (self.last - self.first + 1) / self.fps
+
+
+class Recording:
+    def __init__(self, session, path: Path, executor: ThreadPoolExecutor):
+        self.session = session  # the ServerSession (kept after it ends, for its token and id)
+        self.session_id = session.id
+        self.token = session.token
+        self.path = path
+        self.state = "recording"  # -> finishing -> done | failed
+        self.error: str | None = None
+        self.started = time.time()
+        self.stopped: float | None = None
+        self.writer = Mp4Writer(path, session.engine_session.config.fps)
+        self._executor = executor
+        self._queue = session.pump.subscribe(QUEUE_FRAMES)
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"record-{session.id}")
+        self.expiry: asyncio.TimerHandle | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    batch = [await self._queue.get()]
+                except MediaStreamError:  # stopped, or the session ended
+                    break
+                while len(self._queue):
+                    batch.append(await self._queue.get())
+                await loop.run_in_executor(self._executor, self.writer.write, batch)
+        except Exception as exc:
+            self.error = f"recording failed: {exc}"
+            self.session.log.exception("recording failed")
+        finally:
+            self.state = "finishing"
+            self.session.pump.unsubscribe(self._queue)
+            try:
+                await loop.run_in_executor(self._executor, self.writer.close)
+            except Exception as exc:
+                self.error = self.error or f"finishing the recording failed: {exc}"
+                self.session.log.exception("finishing the recording failed")
+            self.stopped = time.time()
+            self.state = "failed" if self.error else "done"
+            self.session.log.info("recording %s: %s", self.state, self.summary())
+
+    @property
+    def running(self) -> bool:
+        """Frames are still coming: the session is open and the recording was not stopped."""
+        return self.state == "recording" and not self.session.closed
+
+    async def stop(self) -> None:
+        self.session.pump.unsubscribe(self._queue)  # closes the queue: the task writes what is left and ends
+        await asyncio.shield(self.task)
+
+    def summary(self) -> dict:
+        w = self.writer
+        out = {
+            "session_id": self.session_id,
+            "state": self.state,
+            "frames": w.frames,
+            "speech_frames": w.speech_frames,
+            "dropped_frames": self._queue.dropped,
+            "first_frame": w.first,
+            "last_frame": w.last if w.first is not None else None,
+            "duration_s": round(w.duration_s, 3),
+            "fps": w.fps,
+            "audio_samples": w.audio_samples,
+        }
+        if self.state == "done" and self.path.is_file():
+            out["bytes"] = self.path.stat().st_size
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class RecordingStore:
+    def __init__(self, directory: str | None, retention_s: float):
+        self.configured_dir = Path(directory) if directory else None
+        self.retention_s = retention_s
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="record")
+        self.recordings: dict[str, Recording] = {}
+        self._dir: Path | None = None
+        self._owns_dir = False
+
+    def directory(self) -> Path:
+        if self._dir is None:
+            if self.configured_dir is None:
+                self._dir, self._owns_dir = Path(tempfile.mkdtemp(prefix="vexpress-recordings-")), True
+            else:
+                self.configured_dir.mkdir(parents=True, exist_ok=True)
+                self._dir = self.configured_dir
+        return self._dir
+
+    async def start(self, session) -> Recording:
+        old = self.recordings.get(session.id)
+        if old is not None:
+            if old.running:
+                raise ApiError(409, "this session is already being recorded", code="conflict")
+            await old.stop()
+            self._forget(old)
+        path = self.directory() / f"{session.id}-{int(time.time() * 1000)}.mp4"
+        recording = Recording(session, path, self.executor)
+        self.recordings[session.id] = recording
+        recording.task.add_done_callback(lambda _: self._schedule_expiry(recording))
+        session.connected_once.set()
+        session.log.info("recording to %s", path)
+        return recording
+
+    def _schedule_expiry(self, recording: Recording) -> None:
+        loop = asyncio.get_running_loop()
+        recording.expiry = loop.call_later(self.retention_s, self._forget, recording)
+
+    def _forget(self, recording: Recording) -> None:
+        if self.recordings.get(recording.session_id) is recording:
+            del self.recordings[recording.session_id]
+        if recording.expiry is not None:
+            recording.expiry.cancel()
+        recording.path.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        """Shutdown: finish every recording, then delete them all (and the temporary folder)."""
+        recordings = list(self.recordings.values())
+        await asyncio.gather(*(r.stop() for r in recordings), return_exceptions=True)
+        for recording in recordings:
+            self._forget(recording)
+        self.executor.shutdown(wait=True)
+        if self._owns_dir and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+RECORDINGS = web.AppKey("recordings", RecordingStore)
+
+
+def setup(app: web.Application, directory: str | None, retention_s: float) -> None:
+    app[RECORDINGS] = RecordingStore(directory, retention_s)
+
+    async def cleanup(app: web.Application) -> None:
+        await app[RECORDINGS].close()
+
+    app.on_cleanup.append(cleanup)
+
+
+async def start_for(app: web.Application, session) -> dict:
+    """Start recording `session` (from `POST /v1/sessions` with `"record": true`)."""
+    recording = await app[RECORDINGS].start(session)
+    return {"state": recording.state}
+
+
+def _recording_for(request: web.Request) -> Recording:
+    """The session's recording; the session's token (or the API key) also after the session ended."""
+    state = server_state(request)
+    session_id = request.match_info["session_id"]
+    recording = request.app[RECORDINGS].recordings.get(session_id)
+    session = state.sessions.get(session_id)
+    token = session.token if session is not None else recording.token if recording is not None else None
+    if token is None:
+        raise ApiError(404, f"no session {session_id!r} (nor a recording of it)")
+    require_session_token(request, token, state.config.api_key)
+    if recording is None:
+        raise ApiError(404, "this session has no recording; start one with POST .../recording")
+    return recording
+
+
+async def start_recording(request: web.Request) -> web.Response:
+    session = session_for(request)
+    recording = await request.app[RECORDINGS].start(session)
+    return web.json_response(recording.summary(), status=201, headers={"Location": request.path})
+
+
+async def stop_recording(request: web.Request) -> web.Response:
+    recording = _recording_for(request)
+    await recording.stop()
+    return web.json_response(recording.summary())
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    recording = _recording_for(request)
+    if recording.running:
+        raise ApiError(
+            409,
+            "the session is still being recorded: stop the recording (DELETE) or end the session first",
+            code="recording",
+            headers={"Retry-After": "5"},
+        )
+    await asyncio.shield(recording.task)  # the session ended a moment ago: the file is being finished
+    if recording.state == "failed":
+        raise ApiError(500, recording.error or "the recording failed", code="recording_failed")
+    if recording.writer.frames == 0 or not recording.path.is_file():
+        raise ApiError(404, "nothing was recorded (no frame was played while recording)")
+    headers = {"Content-Disposition": f'attachment; filename="{recording.session_id}.mp4"'}
+    return web.FileResponse(recording.path, headers={**headers, "Content-Type": "video/mp4"})
+
+
+def add_routes(app: web.Application) -> None:
+    path = "/v1/sessions/{session_id}/recording"
+    app.router.add_post(path, start_recording)
+    app.router.add_delete(path, stop_recording)
+    app.router.add_get(path, get_recording)

@@ -1,0 +1,70 @@
+"""What the server's websockets share: the session lookup (token checked before the upgrade), the set of open
+sockets closed at shutdown (aiohttp waits for every handler to return), a thread pool for frame encoding, and the
+JSON envelope of engine events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import WSCloseCode, web
+
+from streaming.frames import Event
+
+log = logging.getLogger("server.ws")
+
+OPEN_SOCKETS = web.AppKey("open_sockets", set)
+ENCODER_POOL = web.AppKey("encoder_pool", ThreadPoolExecutor)
+
+
+def session_for(request: web.Request):
+    """The ServerSession named in the path; 404 for unknown ids, 401 without its token (before any upgrade)."""
+    from .app import _session_for
+
+    return _session_for(request)
+
+
+def server_state(request: web.Request):
+    from .app import STATE
+
+    return request.app[STATE]
+
+
+def event_message(event: Event) -> dict:
+    """An engine event as a websocket message: `{"type", <its data>, "frame"}` (the output frame it happened at)."""
+    return {"type": event.type, **event.data, "frame": event.frame_index}
+
+
+class Tracked:
+    """`async with Tracked(app, ws):` keeps `ws` in the set that shutdown closes."""
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse):
+        self._sockets, self._ws = app[OPEN_SOCKETS], ws
+
+    async def __aenter__(self) -> web.WebSocketResponse:
+        self._sockets.add(self._ws)
+        return self._ws
+
+    async def __aexit__(self, *exc) -> None:
+        self._sockets.discard(self._ws)
+
+
+def setup(app: web.Application) -> None:
+    app[OPEN_SOCKETS] = set()
+    app[ENCODER_POOL] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frame-encode")
+    app.on_shutdown.append(_close_sockets)
+    app.on_cleanup.append(_release_pool)
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets = list(app[OPEN_SOCKETS])
+    if sockets:
+        await asyncio.gather(
+            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets),
+            return_exceptions=True,
+        )
+
+
+async def _release_pool(app: web.Application) -> None:
+    app[ENCODER_POOL].shutdown(wait=False, cancel_futures=True)

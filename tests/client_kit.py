@@ -1,0 +1,270 @@
+"""Clients and inputs for the robustness tests (security, fuzzing, faults, soak): real HTTP, websocket and aiortc
+peers against a `ServerThread` on 127.0.0.1, real media files made in the test, and a log check."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import struct
+import wave
+import zlib
+
+import aiohttp
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from PIL import Image
+
+UNHANDLED = ("Traceback", "Error handling request", "Unhandled exception", "unhandled error", "Task exception")
+
+
+def unhandled_records(records: list[logging.LogRecord]) -> list[str]:
+    """Log records that show an exception nobody handled (or a handler logged with its traceback)."""
+    bad = []
+    for r in records:
+        text = r.getMessage()
+        if r.exc_info or any(marker in text for marker in UNHANDLED):
+            bad.append(f"{r.name} {r.levelname}: {text[:300]}")
+    return bad
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def http(timeout: float = 30) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+async def create_session(client: aiohttp.ClientSession, url: str, body: dict | None = None, **kw) -> dict:
+    async with client.post(f"{url}/v1/sessions", json=body or {}, **kw) as r:
+        assert r.status == 201, (r.status, await r.text())
+        return await r.json()
+
+
+async def delete_session(client: aiohttp.ClientSession, url: str, session: dict) -> int:
+    async with client.delete(f"{url}/v1/sessions/{session['id']}", headers=bearer(session["token"])) as r:
+        return r.status
+
+
+def ws_url(session: dict, path: str = "ws") -> str:
+    return session["ws_url"].rsplit("/", 1)[0] + f"/{path}?token={session['token']}"
+
+
+async def ws_messages(ws, seconds: float, until=None) -> list:
+    """Messages received within `seconds` (JSON decoded; binary as bytes); stops at close, or after the message
+    for which `until(message)` is true."""
+    out = []
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while (left := end - loop.time()) > 0:
+        try:
+            msg = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            break
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            out.append(json.loads(msg.data))
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            out.append(msg.data)
+        else:
+            out.append(msg.type)
+            break
+        if until is not None and until(out[-1]):
+            break
+    return out
+
+
+def pcm16(seconds: float, rate: int = 16000, freq: float = 220.0, channels: int = 1) -> bytes:
+    """A voiced tone with a syllable-rate envelope: enough for the engine to make speech frames of."""
+    t = np.arange(int(seconds * rate)) / rate
+    x = 0.3 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    return np.repeat((x * 32767).astype("<i2")[:, None], channels, axis=1).tobytes()
+
+
+def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm16(seconds, rate))
+    return out.getvalue()
+
+
+def mp3_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp3") as container:
+        stream = container.add_stream("mp3", rate=rate)
+        stream.layout = "mono"
+        samples = np.frombuffer(pcm16(seconds, rate), dtype="<i2")
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def image_bytes(image: Image.Image, fmt: str, **kw) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels, with one tiny compressed row: a decompression bomb's
+    shape (the header is all a server may trust before decoding)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def avatar_form(image: bytes, kps: str | bytes | None = None, name: str | None = None) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("image", image, filename="portrait.bin", content_type="application/octet-stream")
+    if isinstance(kps, bytes):
+        form.add_field("kps", kps, filename="kps.bin")
+    elif kps is not None:
+        form.add_field("kps", kps)
+    if name is not None:
+        form.add_field("name", name)
+    return form
+
+
+def loopback_pc() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def viewer_offer() -> tuple[RTCPeerConnection, str]:
+    """A receive-only peer (video + audio) and its offer SDP (host candidates on 127.0.0.1 when restricted)."""
+    pc = loopback_pc()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+class FrameCounter:
+    """Counts the frames a peer receives on its tracks."""
+
+    def __init__(self, pc: RTCPeerConnection):
+        self.video = 0
+        self.audio = 0
+        self.tasks: list[asyncio.Task] = []
+        pc.on("track", lambda track: self.tasks.append(asyncio.ensure_future(self._consume(track))))
+
+    async def _consume(self, track) -> None:
+        try:
+            while True:
+                await track.recv()
+                if track.kind == "video":
+                    self.video += 1
+                else:
+                    self.audio += 1
+        except MediaStreamError:
+            pass
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def connect_viewer(client: aiohttp.ClientSession, session: dict) -> tuple[RTCPeerConnection, FrameCounter, str]:
+    """A WHEP viewer of the session: (its peer connection, its frame counter, its resource URL)."""
+    pc, sdp = await viewer_offer()
+    counter = FrameCounter(pc)
+    headers = {**bearer(session["token"]), "Content-Type": "application/sdp"}
+    async with client.post(session["whep_url"], data=sdp, headers=headers) as r:
+        assert r.status == 201, (r.status, await r.text())
+        answer = await r.text()
+        location = r.headers["Location"]
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    return pc, counter, location
+
+
+async def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if predicate():
+            return True
+        await asyncio.sleep(step)
+    return bool(predicate())
+
+
+def vanish(pc: RTCPeerConnection) -> None:
+    """The peer disappears without a word: its UDP sockets close, no DTLS close, no RTCP BYE, no ICE (as when a
+    laptop lid closes or the network drops). The far end notices only through ICE consent checks failing."""
+    for transceiver in pc.getTransceivers():
+        ice = transceiver.receiver.transport.transport  # DTLS -> ICE transport
+        for protocol in list(ice._connection._protocols):
+            if protocol.transport is not None:
+                protocol.transport.close()
+
+
+class Bystander:
+    """A well-behaved client in a thread of its own: a session with a frames websocket, counting what arrives, while
+    a test does something hostile to the server. `stop()` returns the arrival times."""
+
+    def __init__(self, url: str, headers: dict | None = None):
+        import threading
+
+        self.url, self.headers = url, headers or {}
+        self.arrivals: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="bystander", daemon=True)
+
+    def start(self) -> Bystander:
+        self._thread.start()
+        assert self._ready.wait(30), "the bystander did not connect"
+        if self.error:
+            raise self.error
+        return self
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._loop = loop
+        try:
+            async with http(timeout=3600) as c:
+                self.session = await create_session(c, self.url, headers=self.headers)
+                ws = await c.ws_connect(ws_url(self.session, "frames"))
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        self.arrivals.append(loop.time())
+                    elif msg.type != aiohttp.WSMsgType.TEXT:
+                        raise AssertionError(f"the bystander's frames websocket ended: {msg.type.name}")
+                await ws.close()
+                async with c.delete(self.session["url"], headers=bearer(self.session["token"])):
+                    pass
+        except BaseException as exc:  # reported by start()/stop()
+            self.error = exc
+            self._ready.set()
+
+    def stop(self) -> list[float]:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self.error:
+            raise self.error
+        return self.arrivals
+
+
+def longest_gap(arrivals: list[float]) -> float:
+    return max((b - a for a, b in zip(arrivals, arrivals[1:])), default=float("inf"))

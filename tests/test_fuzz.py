@@ -1,0 +1,403 @@
+"""Hostile input, property-based (hypothesis): random JSON to POST /v1/sessions, random bytes and corrupted real
+pictures as portraits, random and mutated SDP to offer/WHEP, random text and binary messages on the bot and frames
+websockets, truncated and corrupted audio files to speak. Every answer must be a 4xx (never a 5xx) or an `error`
+event; a bystander session keeps receiving its frames throughout; afterwards a fresh session works; and the
+server's log shows no unhandled exception. Bounded: about a minute on 2 CPU cores.
+
+`pytest -s` prints how many inputs each fuzzer tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import Counter
+
+import aiohttp
+import pytest
+from client_kit import (
+    Bystander,
+    avatar_form,
+    bearer,
+    create_session,
+    delete_session,
+    http,
+    image_bytes,
+    longest_gap,
+    mp3_bytes,
+    unhandled_records,
+    viewer_offer,
+    wav_bytes,
+    ws_messages,
+    ws_url,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from server_harness import ServerThread, call, make_config
+
+from server.app import SESSION_FIELDS, decode_image
+from server.errors import ApiError
+
+pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
+
+FUZZ = settings(
+    max_examples=100, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TRIED: Counter = Counter()
+EVENT_TYPES = {"session.ready", "playback.started", "playback.finished", "mark", "state", "buffer", "pong", "error"}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = ServerThread(make_config(max_sessions=6, max_ws_message_bytes=8192, max_buffer_s=5.0), tiny_engine).start()
+    yield srv
+    srv.stop()
+    print(f"\nfuzz inputs tried: {dict(TRIED)} (total {sum(TRIED.values())})")
+
+
+@pytest.fixture(scope="module")
+def bystander(server):
+    """Watches the whole module: a frames websocket that must keep receiving while the others attack."""
+    by = Bystander(server.url).start()
+    yield by
+    arrivals = by.stop()
+    gap, span = longest_gap(arrivals), arrivals[-1] - arrivals[0]
+    print(f"\nbystander: {len(arrivals)} frames in {span:.1f} s, longest gap {gap:.2f} s")
+    assert gap < 2.0 and len(arrivals) >= 0.5 * 25 * span, (len(arrivals), span, gap)
+
+
+@pytest.fixture
+def clean_log(caplog, bystander):
+    caplog.set_level(logging.INFO)
+    yield
+    bad = unhandled_records(caplog.records)
+    assert not bad, "\n".join(bad)
+
+
+def _run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _healthy(server) -> None:
+    """After the storm: a new session opens, reads back, and its websocket answers a ping."""
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            async with c.get(s["url"], headers=bearer(s["token"])) as r:
+                assert r.status == 200
+            ws = await c.ws_connect(ws_url(s))
+            await ws.send_str('{"type": "ping", "id": "health"}')
+            got = await ws_messages(ws, 3.0, until=lambda m: m == {"type": "pong", "id": "health"})
+            await ws.close()
+            await delete_session(c, server.url, s)
+            return got
+
+    got = _run(main())
+    assert {"type": "pong", "id": "health"} in got, got
+    assert len(server.state.sessions) == 1  # only the bystander
+
+
+# -- strategies --------------------------------------------------------------------------------------------------------
+scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    | st.sampled_from([10**400, -(10**400), 1e308, 25, 4, 16000, "25", "", "\u0000", "\ud800"])
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=4), max_leaves=10)
+known_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        **{name: values for name in SESSION_FIELDS},
+        "fps": st.integers(-5, 100) | values,
+        "steps": st.integers(-2, 12) | values,
+        "guidance_scale": st.floats() | st.integers(-3, 30),
+        "audio": st.fixed_dictionaries(
+            {}, optional={"sample_rate": st.integers(-1, 500_000) | values, "channels": st.integers(-1, 12) | values}
+        ) | values,
+        "record": values,
+    },
+)
+
+
+def _dump(value) -> str:
+    return json.dumps(value, allow_nan=True)  # lone surrogates travel as \\ud800 escapes
+
+
+session_bodies = st.one_of(
+    known_fields.map(_dump),
+    values.map(_dump),
+    st.text(max_size=200),
+    st.sampled_from(["[" * 3000, '{"fps": ' * 2000, '{"fps": 25', "NaN", '{"audio": {"sample_rate": 1e999}}']),
+)
+
+
+# -- HTTP: sessions -------------------------------------------------------------------------------------------------
+@FUZZ
+@given(body=session_bodies, raw=st.booleans())
+def test_fuzz_create_session(server, clean_log, body, raw):
+    TRIED["POST /v1/sessions"] += 1
+    data = body.encode("utf-8", "surrogatepass") if raw else body.encode("utf-8", "replace")
+    reply = call("POST", f"{server.url}/v1/sessions", data=data, headers={"Content-Type": "application/json"})
+    assert reply.status in (201, 400, 404, 413), (body[:200], reply.status, reply.text[:300])
+    assert reply.json["error" if reply.status != 201 else "id"]
+    if reply.status == 201:
+        call("DELETE", reply.json["url"], headers=bearer(reply.json["token"]))
+
+
+# -- HTTP: portraits ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pictures(fixtures_dir) -> dict[str, bytes]:
+    image = Image.open(fixtures_dir / "inputs" / "reference.png").convert("RGB")
+    return {
+        "png": (fixtures_dir / "inputs" / "reference.png").read_bytes(),
+        "jpeg": image_bytes(image, "JPEG", quality=90),
+        "webp": image_bytes(image, "WEBP"),
+        "gif": image_bytes(image, "GIF"),
+        "bmp": image_bytes(image, "BMP"),
+    }
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.data())
+def test_fuzz_decode_image_mutations(pictures, data):
+    """Truncated and corrupted real pictures, straight into the decoder: an RGB image or an ApiError (400/413)."""
+    TRIED["decode_image(mutated picture)"] += 1
+    kind = data.draw(st.sampled_from(sorted(pictures)))
+    blob = bytearray(pictures[kind])
+    for _ in range(data.draw(st.integers(0, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    try:
+        image = decode_image(bytes(blob[:cut]), 1_000_000)
+    except ApiError as exc:
+        assert exc.status in (400, 413), exc.message
+    else:
+        assert image.mode == "RGB" and image.width * image.height > 0
+
+
+@FUZZ
+@given(image=st.binary(max_size=3000), kps=st.none() | st.binary(max_size=100) | values.map(_dump),
+       name=st.none() | st.text(st.characters(blacklist_categories=("Cs",)), max_size=300))
+def test_fuzz_avatar_upload(server, clean_log, image, kps, name):
+    TRIED["POST /v1/avatars"] += 1
+    reply = call("POST", f"{server.url}/v1/avatars", data=avatar_form(image, kps, name))
+    assert reply.status in (400, 413), (image[:40], reply.status, reply.text[:300])
+
+
+def test_corrupt_and_truncated_pictures_over_http(server, clean_log, pictures):
+    """Real PNG/JPEG/WebP files truncated and with bytes flipped: 201 when still a picture with a face, else 400."""
+    rng = random.Random(6)
+    statuses = Counter()
+    kps = json.dumps([[52.6, 25.0], [73.8, 24.8], [63.2, 30.7]])
+    for kind in ("png", "jpeg", "webp"):
+        blob = pictures[kind]
+        cases = [blob[: int(len(blob) * f)] for f in (0.0, 0.02, 0.3, 0.7, 0.98)]
+        for _ in range(2):
+            flipped = bytearray(blob)
+            for _ in range(8):
+                flipped[rng.randrange(len(flipped))] ^= 0xFF
+            cases.append(bytes(flipped))
+        for case in cases:
+            TRIED["POST /v1/avatars (corrupt picture)"] += 1
+            reply = call("POST", f"{server.url}/v1/avatars", data=avatar_form(case, kps))
+            statuses[reply.status] += 1
+            assert reply.status in (201, 400), (kind, len(case), reply.status, reply.text[:300])
+            if reply.status == 201 and not reply.json["default"]:
+                call("DELETE", f"{server.url}/v1/avatars/{reply.json['id']}")
+    print(f"\ncorrupt pictures: {dict(statuses)}")
+    assert statuses[400] >= 8
+
+
+# -- HTTP: SDP -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_offer() -> str:
+    async def make():
+        pc, sdp = await viewer_offer()
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+_sdp_lines = st.one_of(
+    st.builds("m={} {} {} {}".format, st.sampled_from(["video", "audio", "application", "text", ""]),
+              st.integers(-1, 70000), st.sampled_from(["UDP/TLS/RTP/SAVPF", "RTP/AVP", "x"]),
+              st.lists(st.integers(-1, 300), max_size=4).map(lambda x: " ".join(map(str, x)))),
+    st.builds("a=rtpmap:{} {}/{}".format, st.integers(-1, 300), st.sampled_from(["VP8", "H264", "opus", "?"]),
+              st.integers(-1, 200000)),
+    st.builds("a=fmtp:{} {}".format, st.integers(-1, 300), st.text(max_size=30)),
+    st.builds("a=candidate:{} {} {} {} {} {} typ {}".format, st.text(max_size=5), st.integers(-1, 3),
+              st.sampled_from(["udp", "tcp", "x"]), st.integers(), st.sampled_from(["127.0.0.1", "::1", "x", ""]),
+              st.integers(-1, 70000), st.sampled_from(["host", "srflx", "relay", "x"])),
+    st.builds("a={}:{}".format, st.sampled_from(["mid", "setup", "ice-ufrag", "ice-pwd", "fingerprint", "group",
+                                                 "ssrc", "msid", "rtcp-fb", "extmap", "sctp-port", "direction"]),
+              st.text(max_size=40)),
+    st.sampled_from(["a=sendrecv", "a=recvonly", "a=inactive", "a=rtcp-mux", "c=IN IP4 0.0.0.0", "t=0 0", "s=-",
+                     "o=- 0 0 IN IP4 127.0.0.1", "a=group:BUNDLE 0 1", "a=fingerprint:sha-256 00:11"]),
+    st.text(max_size=60),
+)
+
+
+@st.composite
+def sdp_offers(draw, real: str):
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return draw(st.text(max_size=300))
+    if kind == 1:
+        return "v=0\r\n" + "\r\n".join(draw(st.lists(_sdp_lines, max_size=20))) + "\r\n"
+    lines = real.strip().split("\r\n")
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(lines) - 1))
+        op = draw(st.integers(0, 3))
+        if op == 0:
+            del lines[i]
+        elif op == 1:
+            lines.insert(i, draw(_sdp_lines))
+        elif op == 2:
+            lines[i] = lines[i][: draw(st.integers(0, len(lines[i])))]
+        else:
+            lines.insert(i, lines[i])
+        if not lines:
+            lines = ["v=0"]
+    return "\r\n".join(lines) + "\r\n"
+
+
+@settings(FUZZ, max_examples=80)
+@given(data=st.data())
+def test_fuzz_offer_and_whep(server, clean_log, real_offer, data):
+    TRIED["POST offer + WHEP (SDP)"] += 1
+    sdp = data.draw(sdp_offers(real_offer))
+    kind = data.draw(st.sampled_from(["offer", "answer", "pranswer", None, 7]))
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            auth_ = bearer(s["token"])
+            try:
+                async with c.post(s["offer_url"], json={"sdp": sdp, "type": kind}, headers=auth_) as r:
+                    offer = (r.status, await r.text())
+                headers = {**auth_, "Content-Type": "application/sdp"}
+                async with c.post(s["whep_url"], data=sdp.encode("utf-8", "surrogatepass"), headers=headers) as r:
+                    whep = (r.status, await r.text())
+                async with c.post(f"{server.url}/offer", data=_dump({"sdp": sdp})) as r:
+                    legacy = (r.status, await r.json())
+            finally:
+                await delete_session(c, server.url, s)
+            if legacy[0] == 200:
+                await delete_session(c, server.url, {"id": legacy[1]["session_id"], "token": legacy[1]["token"]})
+            return offer, whep, legacy
+
+    offer, whep, legacy = _run(main())
+    assert offer[0] in (200, 400, 413), (sdp[:300], offer)
+    assert whep[0] in (201, 400, 413), (sdp[:300], whep)
+    assert legacy[0] in (200, 400, 413), (sdp[:300], legacy)
+
+
+# -- websockets -------------------------------------------------------------------------------------------------------
+ws_texts = st.one_of(
+    st.text(max_size=200),
+    values.map(_dump),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["audio.end", "interrupt", "mark", "ping", "nope", ""]) | values},
+        optional={"name": values | st.text(max_size=300), "id": values},
+    ).map(_dump),
+    st.sampled_from(["[" * 60000, '{"type": "mark", "name": "' + "x" * 70000 + '"}', "{}", "null", '{"type": null}']),
+)
+ws_binary = st.one_of(st.binary(max_size=3000), st.integers(0, 20000).map(lambda n: bytes(n)))
+ws_messages_strategy = st.lists(st.one_of(ws_texts, ws_binary), min_size=1, max_size=8)
+
+
+@settings(FUZZ, max_examples=60)
+@given(messages=ws_messages_strategy)
+def test_fuzz_bot_websocket(server, clean_log, messages):
+    TRIED["bot websocket messages"] += len(messages)
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            try:
+                ws = await c.ws_connect(ws_url(s), max_msg_size=0)
+                for m in messages:
+                    await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
+                await ws.send_str('{"type": "ping", "id": "after"}')
+                got = await ws_messages(ws, 5.0, until=lambda m: m == {"type": "pong", "id": "after"})
+                await ws.close()
+                return got
+            finally:
+                await delete_session(c, server.url, s)
+
+    got = _run(main())
+    closed = [m for m in got if not isinstance(m, dict)]
+    assert not closed, f"the socket closed: {closed} after {[str(m)[:80] for m in messages]}"
+    for m in got:
+        assert m["type"] in EVENT_TYPES, m
+        if m["type"] == "error":
+            assert isinstance(m["code"], str) and isinstance(m["message"], str), m
+    assert {"type": "pong", "id": "after"} in got, got
+
+
+@settings(FUZZ, max_examples=15)
+@given(messages=ws_messages_strategy)
+def test_fuzz_frames_websocket(server, clean_log, messages):
+    TRIED["frames websocket messages"] += len(messages)
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            try:
+                ws = await c.ws_connect(ws_url(s, "frames"), max_msg_size=0)
+                for m in messages:
+                    await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
+                got = await ws_messages(ws, 2.0, until=lambda m, seen=[]: seen.append(1) or len(seen) >= 8)
+                await ws.close()
+                return got
+            finally:
+                await delete_session(c, server.url, s)
+
+    got = _run(main())
+    frames = [m for m in got if isinstance(m, bytes)]
+    assert len(frames) >= 5 or aiohttp.WSMsgType.CLOSE in got, got[:3]  # frames flow, or it closed cleanly
+    assert all(m != aiohttp.WSMsgType.ERROR for m in got)
+
+
+# -- audio files -----------------------------------------------------------------------------------------------------
+def test_corrupt_and_truncated_audio_files(server, clean_log):
+    """WAV and MP3 files cut short and with bytes flipped, to speak: 202 when still audio, else 400/415."""
+    rng = random.Random(7)
+    statuses = Counter()
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            headers = bearer(s["token"])
+            for kind, blob, ctype in (("wav", wav_bytes(1.0), "audio/wav"), ("mp3", mp3_bytes(1.0), "audio/mpeg")):
+                cases = [blob[: int(len(blob) * f)] for f in (0.01, 0.05, 0.3, 0.9)]
+                cases += [b"RIFF" + bytes(40), b"ID3" + bytes(100), bytes(rng.randrange(256) for _ in range(500))]
+                for _ in range(4):
+                    flipped = bytearray(blob)
+                    for _ in range(16):
+                        flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+                    cases.append(bytes(flipped))
+                for case in cases:
+                    TRIED["POST speak (corrupt audio)"] += 1
+                    async with c.post(s["speak_url"], data=case, headers={**headers, "Content-Type": ctype}) as r:
+                        statuses[r.status] += 1
+                        assert r.status in (202, 400, 409, 413, 415), (kind, len(case), r.status, await r.text())
+                    async with c.post(f"{s['url']}/interrupt", headers=headers):
+                        pass
+            await delete_session(c, server.url, s)
+
+    _run(main(), timeout=120)
+    print(f"\ncorrupt audio files: {dict(statuses)}")
+    assert statuses[400] + statuses[415] >= 4
+
+
+def test_healthy_after_the_fuzzing(server, clean_log):
+    _healthy(server)
+    metrics = call("GET", f"{server.url}/metrics").text
+    assert "vexpress_process_open_fds" in metrics and "vexpress_event_loop_tasks" in metrics

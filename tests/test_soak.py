@@ -1,0 +1,141 @@
+"""Cleanup and soak (tiny model, loopback): 200 sessions opened and closed through the HTTP API, some with a WebRTC
+viewer, a bot websocket or a frames websocket, leave no tasks, file descriptors, threads or memory behind; and a
+short run of the soak command reports its figures. `pytest -s` prints them."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import pytest
+from client_kit import (
+    bearer,
+    connect_viewer,
+    create_session,
+    delete_session,
+    http,
+    pcm16,
+    wait_for,
+    ws_messages,
+    ws_url,
+)
+from server_harness import ServerThread, make_config
+
+from server import lifetime, procstats
+from server.soak import _speech, run_soak
+from server.sockets import OPEN_SOCKETS
+from streaming import engine as engine_module
+
+pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
+
+WARMUP, SESSIONS, AT_ONCE = 20, 200, 4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = ServerThread(make_config(max_sessions=8), tiny_engine).start()
+    yield srv
+    srv.stop()
+
+
+def _figures(server) -> dict:
+    async def tasks():
+        return procstats.loop_tasks()
+
+    gc.collect()
+    return {
+        "tasks": server.call(tasks()),
+        "fds": procstats.open_fds(),
+        "rss_mb": round(procstats.rss_bytes() / 2**20, 1),
+        "threads": threading.active_count(),
+    }
+
+
+async def _one(c, server, i: int) -> str:
+    """One session's life; every 10th has a WebRTC viewer, a bot websocket or a frames websocket."""
+    s = await create_session(c, server.url)
+    kind = ("webrtc", "plain", "plain", "frames", "plain", "bot", "plain", "plain", "plain", "plain")[i % 10]
+    try:
+        if kind == "webrtc":
+            pc, seen, _ = await connect_viewer(c, s)
+            assert await wait_for(lambda: seen.video >= 3, 20), "no frames"
+            await seen.stop()
+            await pc.close()
+        elif kind == "bot":
+            ws = await c.ws_connect(ws_url(s))
+            await ws.send_bytes(pcm16(0.2))
+            await ws.send_str('{"type": "ping"}')
+            assert (await ws_messages(ws, 10, until=lambda m: m.get("type") == "pong"))[-1]["type"] == "pong"
+            await ws.close()
+        elif kind == "frames":
+            ws = await c.ws_connect(ws_url(s, "frames"))
+            await ws_messages(ws, 10, until=lambda m: isinstance(m, bytes))
+            await ws.close()
+        else:
+            async with c.get(s["url"], headers=bearer(s["token"])) as r:
+                assert r.status == 200
+    finally:
+        assert await delete_session(c, server.url, s) in (204, 404)  # 404: it ended with its publisher
+    return kind
+
+
+def test_200_sessions_leave_nothing_behind(server, tiny_engine):
+    async def cycles(start: int, count: int, c) -> list[str]:
+        kinds = []
+        for i in range(start, start + count, AT_ONCE):
+            kinds += await asyncio.gather(*(_one(c, server, j) for j in range(i, min(i + AT_ONCE, start + count))))
+        return kinds
+
+    async def main():
+        async with http() as c:
+            await cycles(0, WARMUP, c)
+            await wait_for(lambda: not len(server.state.sessions), 10)
+            base = await asyncio.to_thread(_figures, server)
+            kinds = await cycles(WARMUP, SESSIONS, c)
+            await wait_for(lambda: not len(server.state.sessions) and not tiny_engine.sessions(), 15)
+            await asyncio.sleep(1.0)
+            return base, await asyncio.to_thread(_figures, server), kinds
+
+    base, end, kinds = asyncio.run(asyncio.wait_for(main(), 200))
+    served = {k: kinds.count(k) for k in set(kinds)}
+    print(f"\n{SESSIONS} sessions {served}: after warm-up {base}, at the end {end}")
+    assert len(server.state.sessions) == 0 and not tiny_engine.sessions()
+    assert not server.app[OPEN_SOCKETS] and not lifetime._closing
+    assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS
+    assert end["tasks"] <= base["tasks"] + 5, (base, end)
+    assert end["fds"] <= base["fds"] + 5, (base, end)
+    assert end["threads"] <= base["threads"] + 3, (base, end)
+    assert end["rss_mb"] <= base["rss_mb"] + 50, (base, end)
+
+
+def test_soak_command_reports_its_figures(tiny_engine):
+    """`vexpress-rt soak` in short: 2 clients (a WebRTC publisher and a bot), 24 s, sessions of 10 s."""
+    config = make_config(host="127.0.0.1", port=0, fps=10, steps=2, max_sessions=4, admission=False).validate()
+    report = run_soak(tiny_engine, config, sessions=2, seconds=24, session_s=10, client="mixed", speech=_speech(None),
+                      timeline_every_s=5)
+    timeline = report.pop("timeline")
+    print(f"\nsoak: {report}")
+    start, end = report["process"]["start"], report["process"]["end"]
+    assert report["sessions_served"] >= 4 and not report["client_events"], report
+    assert report["frames_received"] > 100 and report["engine"]["worker_errors"] == 0
+    latency = report["latency_ms"]
+    assert latency["first_p95"] and latency["last_p95"] and latency["p95_by_window"]
+    assert end["sessions_open"] == 0 and end["engine_sessions"] == 0
+    assert end["tasks"] <= start["tasks"] + 2 and end["open_fds"] <= start["open_fds"] + 5, (start, end)
+    assert len(timeline) >= 4 and max(p["sessions_open"] for p in timeline) >= 1
+
+
+def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
+    """Every distinct (steps, weights, guidance) a client asks for makes a denoiser; the engine keeps at most
+    MAX_DENOISERS of them (those of open sessions first), however many clients ask."""
+
+    async def main():
+        async with http() as c:
+            for i in range(2 * engine_module.MAX_DENOISERS + 4):
+                s = await create_session(c, server.url, {"audio_attention_weight": 1.0 + i / 100})
+                await wait_for(lambda sid=s["id"]: tiny_engine.get_session(sid)._stream is not None, 5)
+                await delete_session(c, server.url, s)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS
