@@ -324,6 +324,7 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
     try:
         gc.collect()
         start_figures = server.figures()
+        errors0, frames0 = engine.worker.errors, engine.worker.frames_generated
         clients = _Clients(url, speech, {"fps": config.fps, "steps": config.steps})
         sampler = _LatencySampler(engine)
         window = min(60.0, seconds / 2)
@@ -359,7 +360,6 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
         end_figures = server.figures()
         first, n_first = sampler.p95(0.0, window)
         last, n_last = sampler.p95(elapsed - window, elapsed + 1)
-        stats = engine.stats()
         return {
             "sessions": sessions,
             "minutes": round(seconds / 60, 2),
@@ -386,7 +386,8 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
                 key: round(end_figures[key] - warm[key], 1) for key in ("rss_mb", "open_fds", "threads", "tasks")
                 if warm.get(key) is not None and end_figures.get(key) is not None
             },
-            "engine": {"worker_errors": stats.get("worker_errors"), "frames_generated": stats.get("frames_generated")},
+            "engine": {"worker_errors": engine.worker.errors - errors0,
+                       "frames_generated": engine.worker.frames_generated - frames0},
             "timeline": timeline,
         }
     finally:

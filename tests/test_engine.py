@@ -371,6 +371,7 @@ def test_interrupt_flushes_everything_within_one_frame(engine, avatar, tiny_spee
         session = run.session
         pushed = 0
         while len(run.speech()) < 10:
+            assert pushed < len(pcm) // 2, "speech never started"
             session.push_audio(pcm[pushed : pushed + chunk])
             pushed += chunk
             run.tick()
