@@ -255,7 +255,6 @@ def test_latency_stays_flat_over_a_long_run_with_a_slow_reader(engine, avatar, t
     seconds = 20.0
     pcm = np.tile(tiny_speech, math.ceil(seconds * 16000 / len(tiny_speech)))[: int(seconds * 16000)]
     chunk = 640  # 40 ms pushes: one per frame period, as a real-time source sends them
-    t_start = time.perf_counter()
     with Run(engine, avatar, steps=1) as run:  # one step: the same flow at half the compute
         session = run.session
         ready_peak, buffered = 0, []
@@ -272,22 +271,22 @@ def test_latency_stays_flat_over_a_long_run_with_a_slow_reader(engine, avatar, t
         run.play_until_idle()
         latencies = np.array(session.latencies_ms)
         dropped = session.dropped_frames
-    wall = time.perf_counter() - t_start
 
     _assert_clean_stream_indices_with_gaps(run)
-    assert dropped >= 0.8 * (seconds * 25 / 5)  # it skipped frames instead of falling behind ...
-    assert ready_peak <= session._max_ready  # ... and every queue stayed bounded
-    buffered = np.array(buffered)
-    assert buffered.max() < 1500  # ms: pushed audio waits at most a moment before it plays
+    # Audio pushed -> frame ready: the last quarter of the run no slower than the first.
     q = len(latencies) // 4
     assert q > 80
     first, last = latencies[:q], latencies[-q:]
     margin = 1000 / 25  # one frame period
     assert np.percentile(last, 95) <= np.percentile(first, 95) + margin, (first, last)
     assert last.mean() <= first.mean() + margin
+    # Audio pushed -> played (the pushed audio not played yet): bounded, and not growing either.
+    buffered = np.array(buffered)
+    assert buffered.max() < 1500
     quarter = len(buffered) // 4
     assert buffered[-quarter:].mean() <= buffered[:quarter].mean() + margin
-    assert wall < 120  # bounded: a fake clock, the worker driven directly
+    assert dropped >= 0.8 * (seconds * 25 / 5)  # the reader skipped frames instead of falling behind ...
+    assert ready_peak <= session._max_ready  # ... and every queue stayed bounded
 
 
 def _assert_clean_stream_indices_with_gaps(run: Run) -> None:

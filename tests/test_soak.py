@@ -112,14 +112,13 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
 def test_soak_command_reports_its_figures(tiny_engine):
     """`vexpress-rt soak` in short: 2 clients (a WebRTC publisher and a bot), 24 s, sessions of 10 s."""
     config = make_config(host="127.0.0.1", port=0, fps=10, steps=2, max_sessions=4, admission=False).validate()
-    errors_before = tiny_engine.worker.errors  # the engine is shared: the fault tests inject worker errors
     report = run_soak(tiny_engine, config, sessions=2, seconds=24, session_s=10, client="mixed", speech=_speech(None),
                       timeline_every_s=5)
     timeline = report.pop("timeline")
     print(f"\nsoak: {report}")
     start, end = report["process"]["start"], report["process"]["end"]
     assert report["sessions_served"] >= 4 and not report["client_events"], report
-    assert report["frames_received"] > 100 and report["engine"]["worker_errors"] == errors_before
+    assert report["frames_received"] > 100 and report["engine"]["worker_errors"] == 0  # during the run
     latency = report["latency_ms"]
     assert latency["first_p95"] and latency["last_p95"] and latency["p95_by_window"]
     assert end["sessions_open"] == 0 and end["engine_sessions"] == 0
