@@ -6,6 +6,8 @@ is the audio that drove it, just at the rate the transport wants.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from vexpress_rt.errors import InputError
@@ -80,3 +82,34 @@ class AudioInput:
 
 def _to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+class SampleFifo:
+    """Samples in arrival order: append pieces, take from the front, without copying what stays (a bot may
+    push minutes ahead in 20 ms pieces)."""
+
+    def __init__(self, dtype=np.int16):
+        self._chunks: deque[np.ndarray] = deque()
+        self._head = 0  # samples of the first chunk already taken
+        self._dtype = dtype
+        self.size = 0
+
+    def append(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self._chunks.append(samples)
+            self.size += len(samples)
+
+    def take(self, n: int) -> np.ndarray:
+        parts, need = [], n
+        while need and self._chunks:
+            rest = self._chunks[0][self._head :]
+            part = rest[:need]
+            parts.append(part)
+            need -= len(part)
+            if len(part) == len(rest):
+                self._chunks.popleft()
+                self._head = 0
+            else:
+                self._head += len(part)
+        self.size -= n - need
+        return np.concatenate(parts) if parts else np.zeros(0, self._dtype)

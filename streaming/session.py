@@ -29,7 +29,7 @@ import torch
 from vexpress_rt.errors import InputError
 
 from .audio_features import IncrementalAudioFeatures
-from .audio_input import MODEL_RATE, AudioInput, to_float_frames, validate_format
+from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
 from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
@@ -129,10 +129,9 @@ class Utterance:
     id: int
     audio: AudioInput
     features: IncrementalAudioFeatures
-    pcm16k: list[np.ndarray] = field(default_factory=list)  # pushed, not yet through the features
+    pcm16k: SampleFifo = field(default_factory=lambda: SampleFifo(np.float32))  # not yet through the features
     samples16k: int = 0
-    out_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # output-rate, not yet framed
-    out_offset: int = 0  # output-rate samples already given to frames
+    out_audio: SampleFifo = field(default_factory=SampleFifo)  # output-rate samples not yet given to frames
     out_total: int = 0
     arrivals: deque = field(default_factory=deque)  # (output-rate sample count, time pushed)
     tokens: list[torch.Tensor] = field(default_factory=list)
@@ -368,7 +367,7 @@ class StreamSession:
             utt.pcm16k.append(pcm16k)
             utt.samples16k += len(pcm16k)
         if len(out):
-            utt.out_audio = np.concatenate([utt.out_audio, out])
+            utt.out_audio.append(out)
             utt.out_total += len(out)
             if real:
                 utt.real_samples += len(out)
@@ -387,9 +386,14 @@ class StreamSession:
             utt = next((u for u in self._utterances if not (u.ended and u.frames_submitted >= u.frames_total)), None)
             if utt is None or len(self._ready) + self.denoiser_settings.new_frames > self._max_ready:
                 return self._flush_job() if utt is None else None
-            pcm = np.concatenate(utt.pcm16k) if utt.pcm16k else np.zeros(0, np.float32)
-            utt.pcm16k.clear()
-            end_features = utt.ended and not utt.features_ended
+            # Feed the features about two chunks of audio at a time: wav2vec2's span stays bounded however far
+            # ahead a bot has pushed.
+            cfg = self.config
+            feed = 0 if len(utt.tokens) >= self.denoiser_settings.new_frames else int(
+                (2 * self.denoiser_settings.new_frames / cfg.fps + cfg.lookahead_s) * MODEL_RATE
+            )
+            pcm = utt.pcm16k.take(feed)
+            end_features = utt.ended and not utt.features_ended and utt.pcm16k.size == 0
             epoch, stream = self._epoch, self._stream
         tokens = [t.tokens for t in utt.features.push(pcm)] if len(pcm) else []
         if end_features:
@@ -412,13 +416,9 @@ class StreamSession:
             payloads = []
             for _ in range(count):
                 k = utt.frames_submitted
-                start = k * spf - utt.out_offset
-                audio = utt.out_audio[start : start + spf].copy()
+                audio = utt.out_audio.take(spf)
                 payloads.append(FramePayload(utt.id, k, audio, self._arrival(utt, (k + 1) * spf), epoch))
                 utt.frames_submitted += 1
-            consumed = utt.frames_submitted * spf - utt.out_offset
-            utt.out_audio = utt.out_audio[consumed:]
-            utt.out_offset += consumed
             chunk_tokens = torch.stack(utt.tokens[:count])
             del utt.tokens[:count]
             if count < n:  # the end of an utterance: pad to the static window with silent filler frames
