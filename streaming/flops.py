@@ -79,21 +79,25 @@ def _vexpress_modules(reference_dir: str) -> tuple[DenoisingUNet, ReferenceNet, 
     return modules
 
 
+# sd-vae-ft-mse, the VAE V-Express ships with (also what bench --gpu builds at real size)
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+
+
 @cache
 def _vae():
     from diffusers import AutoencoderKL
 
-    with META:  # sd-vae-ft-mse
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-        )
+    with META:
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
     return vae.eval().requires_grad_(False)
 
 

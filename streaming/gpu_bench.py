@@ -15,6 +15,7 @@ import torch
 from vexpress_rt.models import DenoisingUNet, ReferenceNet, UNetConfig
 
 from .denoiser import DenoiserSettings, Schedule
+from .flops import SD_VAE_CONFIG
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -22,14 +23,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def _vae(dtype):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    ).to("cuda", dtype).eval()
+    return AutoencoderKL(**SD_VAE_CONFIG).to("cuda", dtype).eval()
 
 
 def _time(fn, repeats: int) -> float:
