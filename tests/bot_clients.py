@@ -17,6 +17,14 @@ OUT_RATE = 48000
 SPF = OUT_RATE // FPS
 
 
+def run(coro, timeout: float = 90):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def http_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+
+
 def pcm16(samples: np.ndarray) -> bytes:
     """float (n,) or (n, channels) in [-1, 1] -> PCM16 LE interleaved bytes."""
     return np.clip(np.round(np.asarray(samples) * 32767), -32768, 32767).astype("<i2").tobytes()

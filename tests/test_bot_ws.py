@@ -27,7 +27,9 @@ from bot_clients import (
     Frames,
     create_session,
     delete_session,
+    http_session,
     played_audio,
+    run,
     tone,
 )
 from server_harness import ServerThread, make_config
@@ -45,14 +47,6 @@ def server(tiny_engine):
     srv = ServerThread(make_config(), tiny_engine).start()
     yield srv
     srv.stop()
-
-
-def run(coro, timeout: float = 90):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def http_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
 
 
 def test_handshake_auth_ready_and_ping(server):

@@ -16,7 +16,18 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from bot_clients import FPS, OUT_RATE, SPF, Bot, Frames, create_session, delete_session, pcm16
+from bot_clients import (
+    FPS,
+    OUT_RATE,
+    SPF,
+    Bot,
+    Frames,
+    create_session,
+    delete_session,
+    http_session,
+    pcm16,
+    run,
+)
 from PIL import Image
 from server_harness import ServerThread, make_config
 
@@ -33,14 +44,6 @@ def server(tiny_engine, tmp_path_factory):
     srv.recording_dir = folder
     yield srv
     srv.stop()
-
-
-def run(coro, timeout: float = 90):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def http_session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
 
 
 def auth(session: dict) -> dict:
