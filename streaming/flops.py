@@ -53,6 +53,10 @@ class FlopBreakdown:
 
 
 def _reference_dir(reference_dir: str | Path | None) -> str:
+    """The reference notes' folder; "" when none was named and the default is absent (an installed package):
+    the module classes' defaults are the released widths."""
+    if reference_dir is None and not (DEFAULT_REFERENCE / "sd15_unet_config.json").is_file():
+        return ""
     return str(Path(reference_dir or DEFAULT_REFERENCE).resolve())
 
 
@@ -64,16 +68,20 @@ def _manifest_shapes(manifest: dict, name: str) -> dict[str, torch.Tensor]:
 def _vexpress_modules(reference_dir: str) -> tuple[DenoisingUNet, ReferenceNet, VKpsGuider, AudioProjection]:
     import json
 
-    ref = Path(reference_dir)
-    cfg = UNetConfig.from_json(ref / "sd15_unet_config.json")
-    manifest = json.loads((ref / "vexpress_checkpoint_manifest.json").read_text())
-    with META:
-        modules = (
-            DenoisingUNet(cfg),
-            ReferenceNet(cfg),
-            VKpsGuider.from_state_dict_shapes(_manifest_shapes(manifest, "v_kps_guider")),
-            AudioProjection.from_state_dict_shapes(_manifest_shapes(manifest, "audio_projection")),
-        )
+    if not reference_dir:
+        with META:
+            modules = (DenoisingUNet(UNetConfig()), ReferenceNet(UNetConfig()), VKpsGuider(), AudioProjection())
+    else:
+        ref = Path(reference_dir)
+        cfg = UNetConfig.from_json(ref / "sd15_unet_config.json")
+        manifest = json.loads((ref / "vexpress_checkpoint_manifest.json").read_text())
+        with META:
+            modules = (
+                DenoisingUNet(cfg),
+                ReferenceNet(cfg),
+                VKpsGuider.from_state_dict_shapes(_manifest_shapes(manifest, "v_kps_guider")),
+                AudioProjection.from_state_dict_shapes(_manifest_shapes(manifest, "audio_projection")),
+            )
     for m in modules:
         m.eval().requires_grad_(False)
     return modules

@@ -8,7 +8,7 @@ import math
 from streaming.gpu_bench import gpu_figures
 
 
-def test_bench_quick_json_prints_every_figure(fixtures_dir, capsys):
+def test_bench_quick_json_prints_every_figure(model_dir, capsys):
     from server.cli import main
 
     assert (
@@ -22,7 +22,7 @@ def test_bench_quick_json_prints_every_figure(fixtures_dir, capsys):
                 "--steps",
                 "2",
                 "--model_dir",
-                str(fixtures_dir / "model_ckpts"),
+                str(model_dir),
             ]
         )
         == 0

@@ -73,7 +73,12 @@ def test_handshake_auth_ready_and_ping(server):
     session, ready, pong = run(main())
     assert ready["type"] == "session.ready" and ready["session_id"] == session["id"]
     assert (ready["fps"], ready["sample_rate"], ready["channels"], ready["width"], ready["height"]) == (
-        25, 16000, 1, 128, 64)
+        25,
+        16000,
+        1,
+        128,
+        64,
+    )
     assert ready["format"] == "pcm_s16le" and ready["state"] == "idle"
     assert pong == {"type": "pong", "id": 7}
     assert session["frames_url"].endswith("/frames") and session["speak_url"].endswith("/speak")
@@ -188,8 +193,13 @@ def test_utterance_is_seen_and_heard_with_marks_in_order(server, tiny_speech):
             await bot.wait_type("mark", timeout=10, name="three")
             await asyncio.sleep(1.0)  # the viewer's audio after the last frame (jitter buffer)
             result = dict(
-                started=started, finished=finished, marks=bot.of("mark"), messages=[r.message for r in bot.messages],
-                frames=list(frames.frames), heard_s=viewer.loud_audio_s(t_push), viewer_video=len(viewer.video),
+                started=started,
+                finished=finished,
+                marks=bot.of("mark"),
+                messages=[r.message for r in bot.messages],
+                frames=list(frames.frames),
+                heard_s=viewer.loud_audio_s(t_push),
+                viewer_video=len(viewer.video),
                 before_s=viewer.loud_audio_s(0) - viewer.loud_audio_s(t_push),
                 underruns=server.state.sessions.get(session["id"]).engine_session.underruns,
             )
@@ -205,9 +215,11 @@ def test_utterance_is_seen_and_heard_with_marks_in_order(server, tiny_speech):
     played = played_audio(r["frames"], utt)
     duration_ms = 1000 * len(tiny_speech) / 16000
     order = [m["type"] for m in r["messages"] if m["type"] in ("playback.started", "mark", "playback.finished")]
-    print(f"\nevents: {order}; finished at {r['finished']['position_ms']} ms of {duration_ms:.0f}; "
-          f"speech frames {len(speech)} ({len(played) // SPF} with audio); viewer heard {r['heard_s']:.2f} s loud, "
-          f"saw {r['viewer_video']} frames")
+    print(
+        f"\nevents: {order}; finished at {r['finished']['position_ms']} ms of {duration_ms:.0f}; "
+        f"speech frames {len(speech)} ({len(played) // SPF} with audio); viewer heard {r['heard_s']:.2f} s loud, "
+        f"saw {r['viewer_video']} frames"
+    )
     # playback.finished: the whole utterance, at the right position
     assert r["finished"]["utterance"] == utt and r["finished"]["interrupted"] is False
     assert abs(r["finished"]["position_ms"] - duration_ms) <= FRAME_MS
@@ -259,8 +271,14 @@ def test_interrupt_stops_speech_within_a_frame(server):
             await bot.push(tone(0.4, seed=1))
             await bot.send({"type": "audio.end"})
             again = await bot.wait_type("playback.finished", timeout=60, after=mark)
-            result = dict(started=started, finished=finished, idle=idle, frames=list(frames.frames), again=again,
-                          t_interrupt=t_interrupt)
+            result = dict(
+                started=started,
+                finished=finished,
+                idle=idle,
+                frames=list(frames.frames),
+                again=again,
+                t_interrupt=t_interrupt,
+            )
             await bot.close()
             await frames.close()
             await delete_session(http, session)
@@ -274,10 +292,12 @@ def test_interrupt_stops_speech_within_a_frame(server):
     first_idle = next(f.index for f in after if not f.speaking)
     played_frames = len([f for f in r["frames"] if f.speaking and f.utterance == utt and f.audio.any()])
     idle_after_ms = 1000 * (next(f.at for f in after if not f.speaking) - r["t_interrupt"])
-    print(f"\ninterrupt at frame {cut}: first idle frame {first_idle} ({first_idle - cut} frames later, at the frames "
-          f"consumer {idle_after_ms:.0f} ms after the interrupt was sent), speech "
-          f"frames after it: {late_speech}; position {r['finished']['position_ms']} ms = {played_frames} frames "
-          f"played with audio")
+    print(
+        f"\ninterrupt at frame {cut}: first idle frame {first_idle} ({first_idle - cut} frames later, at the frames "
+        f"consumer {idle_after_ms:.0f} ms after the interrupt was sent), speech "
+        f"frames after it: {late_speech}; position {r['finished']['position_ms']} ms = {played_frames} frames "
+        f"played with audio"
+    )
     assert r["finished"]["interrupted"] is True and r["finished"]["utterance"] == utt
     assert r["idle"]["frame"] == cut
     assert not [i for i in late_speech if i > cut + 1]  # DESIGN: the cut lands within one frame period
@@ -319,9 +339,11 @@ def test_bot_pushing_5x_faster_than_real_time_is_buffered_without_loss(server):
     values = [b for _, b in r["buffers"]]
     peak = max(values)
     peak_at = values.index(peak)
-    print(f"\npushed {seconds} s in {r['push_s']:.2f} s; buffer events: {len(values)}, peak {peak} ms at "
-          f"{r['buffers'][peak_at][0]:.2f} s, 0 at {r['buffers'][-1][0]:.2f} s; played {len(played)} samples of "
-          f"{round(seconds * OUT_RATE)}; drops (queue, engine) {r['drops']}")
+    print(
+        f"\npushed {seconds} s in {r['push_s']:.2f} s; buffer events: {len(values)}, peak {peak} ms at "
+        f"{r['buffers'][peak_at][0]:.2f} s, 0 at {r['buffers'][-1][0]:.2f} s; played {len(played)} samples of "
+        f"{round(seconds * OUT_RATE)}; drops (queue, engine) {r['drops']}"
+    )
     assert r["push_s"] < seconds / 2  # pushed well ahead of real time
     # the buffer grew while the bot pushed, then drained to 0 (sent once at the end)
     assert peak >= 1000 and values[-1] == 0 and values.count(0) == 1
@@ -350,8 +372,9 @@ def mp3_24k_stereo(tmp_path_factory, tiny_speech):
         stream = container.add_stream("libmp3lame", rate=24000)
         stream.layout = "stereo"
         for start in range(0, stereo.shape[1], 1152):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start : start + 1152]),
-                                               format="fltp", layout="stereo")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(stereo[:, start : start + 1152]), format="fltp", layout="stereo"
+            )
             frame.sample_rate = 24000
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -361,22 +384,30 @@ def mp3_24k_stereo(tmp_path_factory, tiny_speech):
 
 
 def _push_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", "push", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server", "push", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_push_cli_end_to_end(server, fixtures_dir, mp3_24k_stereo, capsys):
+def test_push_cli_end_to_end(server, inputs_dir, mp3_24k_stereo, capsys):
     async def make(body):
         async with http_session() as http:
             return await create_session(http, server.url, body)
 
-    wav = fixtures_dir / "inputs" / "audio.wav"
+    wav = inputs_dir / "audio.wav"
     # the console command in a process of its own: as fast as allowed, an MP3 into a session that declared 24 kHz
     # stereo, the token as a header
     session = run(make({"audio": {"sample_rate": 24000, "channels": 2}}))
     t0 = time.monotonic()
-    fast = _push_cli(session["ws_url"], "--audio", str(mp3_24k_stereo), "--as-fast-as-allowed",
-                     "--token", session["token"], "--close")
+    fast = _push_cli(
+        session["ws_url"],
+        "--audio",
+        str(mp3_24k_stereo),
+        "--as-fast-as-allowed",
+        "--token",
+        session["token"],
+        "--close",
+    )
     fast_s = time.monotonic() - t0
     # in this process (same entry point): real time, a WAV, the token in the URL; then refusals
     session2 = run(make({}))
@@ -392,8 +423,10 @@ def test_push_cli_end_to_end(server, fixtures_dir, mp3_24k_stereo, capsys):
     events = [json.loads(line) for line in fast.stdout.splitlines()]
     real_events = [json.loads(line) for line in real.out.splitlines()]
     finished = [e for e in events if e["type"] == "playback.finished"]
-    print(f"\npush --as-fast-as-allowed: exit {fast.returncode} in {fast_s:.1f} s, {len(events)} events, "
-          f"finished {finished}; --realtime: exit {real_code}; {fast.stderr.strip().splitlines()[-1:]}")
+    print(
+        f"\npush --as-fast-as-allowed: exit {fast.returncode} in {fast_s:.1f} s, {len(events)} events, "
+        f"finished {finished}; --realtime: exit {real_code}; {fast.stderr.strip().splitlines()[-1:]}"
+    )
     assert fast.returncode == 0, fast.stderr
     assert events[0]["type"] == "session.ready" and events[0]["sample_rate"] == 24000 and events[0]["channels"] == 2
     assert [e["type"] for e in events].count("playback.started") == 1

@@ -88,13 +88,13 @@ def _log_tail(path: Path, n: int = 4000) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(fixtures_dir, tmp_path_factory):
+def server(model_dir, tmp_path_factory):
     """`vexpress-rt serve` on a free 127.0.0.1 port with the tiny fixture model; yields its base URL."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
     cmd = [
         sys.executable, "-m", "server", "serve",  # `python -m server` is the `vexpress-rt` command
-        "--model_dir", str(fixtures_dir / "model_ckpts"),
+        "--model_dir", str(model_dir),
         "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
         "--width", str(WIDTH), "--height", str(HEIGHT),
         # A small CI CPU cannot run even the tiny model in real time, so admission control would refuse the session;
@@ -164,19 +164,19 @@ def _save_artifacts(files: list[Path]) -> None:
             shutil.copy(f, Path(dest) / f.name)
 
 
-def _fixture_portrait(fixtures_dir: Path) -> tuple[Path, list[list[float]]]:
+def _fixture_portrait(inputs_dir: Path) -> tuple[Path, list[list[float]]]:
     """The fixtures' portrait and its eye, eye, nose points in the photo's pixels (the .npy has them in the 128x64
     frame the photo is resized to)."""
     import numpy as np
     from PIL import Image
 
-    path = fixtures_dir / "inputs" / "reference.png"
+    path = inputs_dir / "reference.png"
     w, h = Image.open(path).size
-    kps = np.load(fixtures_dir / "inputs" / "reference_kps.npy")[:3] * [w / 128, h / 64]
+    kps = np.load(inputs_dir / "reference_kps.npy")[:3] * [w / 128, h / 64]
     return path, np.round(kps, 3).tolist()
 
 
-def test_browser_session_end_to_end(server, sync_playwright, speech_wav, fixtures_dir, tmp_path):
+def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_dir, tmp_path):
     t_start = time.monotonic()
     console: list[str] = []
     page_errors: list[str] = []
@@ -204,7 +204,7 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, fixture
             page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
 
             # Upload a portrait through the page (with its key points: the fixtures have no face detector models).
-            portrait, kps = _fixture_portrait(fixtures_dir)
+            portrait, kps = _fixture_portrait(inputs_dir)
             page.fill("#avatar-kps", json.dumps(kps))
             page.set_input_files("#avatar-file", str(portrait))
             page.wait_for_function(

@@ -112,10 +112,10 @@ def _decoded_seconds(path: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def inputs(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
+def inputs(model_dir, inputs_dir, tmp_path_factory) -> dict[str, Path]:
     """The fixture inputs, plus inputs made here: an MP3, a too-short WAV, a broken PNG, a bad kps file."""
     root = tmp_path_factory.mktemp("cli_inputs")
-    src = fixtures_dir / "inputs"
+    src = inputs_dir
     mono, rate = _read_wav(src / "audio.wav")
     assert rate == 16000
     # 1.45 s instead of 1.3 s, so the video's rate visibly follows this file's duration: 36 frames at 36 / 1.45 fps.
@@ -127,12 +127,12 @@ def inputs(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
     np.save(root / "bad_reference_kps.npy", np.zeros((4, 3), dtype=np.float32))
     (root / "empty_model_dir").mkdir()
     return {
-        "model_dir": fixtures_dir / "model_ckpts",
+        "model_dir": model_dir,
         "reference": src / "reference.png",
         "wav": src / "audio.wav",
         "kps": src / "kps.pth",
         "reference_kps": src / "reference_kps.npy",
-        "video": fixtures_dir / "expected" / "e2e" / "fix_face_fp32.mp4",
+        "video": src / "video.mp4",
         "mp3": root / "audio_44k_stereo.mp3",
         "short_wav": root / "short.wav",
         "broken_png": root / "broken.png",

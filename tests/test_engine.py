@@ -33,10 +33,8 @@ OUT_RATE = 48000
 
 # -- fixtures and helpers ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def portrait(fixtures_dir):
-    image = Image.open(fixtures_dir / "inputs" / "reference.png").convert("RGB")
-    kps = np.load(fixtures_dir / "inputs" / "reference_kps.npy")[:3].astype(np.float32)
-    return image, kps
+def portrait(tiny_portrait):
+    return tiny_portrait
 
 
 @pytest.fixture(scope="module")

@@ -308,8 +308,7 @@ REQUIRED = (
 )
 
 
-def test_check_weights_on_fixtures(fixtures_dir, capsys):
-    model_dir = fixtures_dir / "model_ckpts"
+def test_check_weights_on_the_built_model(model_dir, capsys):
     code, status, lines = _check_weights(capsys, "--model_dir", str(model_dir))
     assert code == 0, lines
     assert {item: status.get(item) for item in REQUIRED} == dict.fromkeys(REQUIRED, "OK")
@@ -319,9 +318,9 @@ def test_check_weights_on_fixtures(fixtures_dir, capsys):
     assert any(str(model_dir / "v-express" / "motion_module.bin") in line for line in lines)
 
 
-def test_check_weights_names_missing_and_broken_files(fixtures_dir, tmp_path, capsys):
-    model_dir = tmp_path / "model_ckpts"
-    shutil.copytree(fixtures_dir / "model_ckpts", model_dir)
+def test_check_weights_names_missing_and_broken_files(model_dir, tmp_path, capsys):
+    source, model_dir = model_dir, tmp_path / "model_ckpts"
+    shutil.copytree(source, model_dir)
     (model_dir / "v-express" / "reference_net.bin").unlink()
     guider = model_dir / "v-express" / "v_kps_guider.bin"
     guider.write_bytes(guider.read_bytes()[:1000])
@@ -337,10 +336,10 @@ def test_check_weights_names_missing_and_broken_files(fixtures_dir, tmp_path, ca
     assert "download-weights" in lines[-1] and str(model_dir) in lines[-1]
 
 
-def test_check_weights_wrong_keys_and_per_file_override(fixtures_dir, tmp_path, capsys):
+def test_check_weights_wrong_keys_and_per_file_override(model_dir, tmp_path, capsys):
     """A mismatched file is WRONG with its first keys named; --<name>_path points at a file elsewhere."""
-    model_dir = tmp_path / "model_ckpts"
-    shutil.copytree(fixtures_dir / "model_ckpts", model_dir)
+    source, model_dir = model_dir, tmp_path / "model_ckpts"
+    shutil.copytree(source, model_dir)
     motion_path = model_dir / "v-express" / "motion_module.bin"
     motion = _load(motion_path)
     motion["conv_in.weight"] = torch.zeros(32, 4, 3, 3, dtype=torch.float16)
@@ -380,9 +379,9 @@ def test_check_weights_on_the_tiny_random_folder(tiny_model_dir, capsys):
 # load_models
 
 
-def test_load_models_without_wav2vec2(fixtures_dir, tmp_path):
-    model_dir = tmp_path / "model_ckpts"
-    shutil.copytree(fixtures_dir / "model_ckpts", model_dir, ignore=shutil.ignore_patterns("wav2vec2-base-960h"))
+def test_load_models_without_wav2vec2(model_dir, tmp_path):
+    source, model_dir = model_dir, tmp_path / "model_ckpts"
+    shutil.copytree(source, model_dir, ignore=shutil.ignore_patterns("wav2vec2-base-960h"))
     with pytest.raises(WeightsError) as info:
         load_models(ModelPaths.from_model_dir(model_dir))
     msg = str(info.value)
@@ -390,14 +389,14 @@ def test_load_models_without_wav2vec2(fixtures_dir, tmp_path):
     assert "download-weights" in msg and str(model_dir) in msg
 
 
-def test_load_models_on_fixtures(fixtures_dir):
-    models = load_models(ModelPaths.from_model_dir(fixtures_dir / "model_ckpts"), dtype=torch.float32)
+def test_load_models_on_the_built_model(model_dir):
+    models = load_models(ModelPaths.from_model_dir(model_dir), dtype=torch.float32)
     assert models.unet_config.block_out_channels == (32, 32, 32, 64)
     assert models.vae_scale_factor == 8
     assert models.audio_projection.pos_emb.num_embeddings == 10
     assert models.v_kps_guider.conv_out.out_channels == 32
     for module in (models.denoising_unet, models.reference_net, models.vae, models.audio_encoder):
         assert all(p.dtype == torch.float32 and not p.requires_grad for p in module.parameters())
-    motion_file = _load(fixtures_dir / "model_ckpts" / "v-express" / "motion_module.bin")
+    motion_file = _load(model_dir / "v-express" / "motion_module.bin")
     key = next(k for k in motion_file if k.endswith("temporal_transformer.proj_out.weight"))
     torch.testing.assert_close(models.denoising_unet.state_dict()[key], motion_file[key].float(), rtol=0, atol=0)

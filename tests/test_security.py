@@ -120,7 +120,7 @@ def test_one_sessions_token_cannot_reach_another(server):
             for method, url, kw in requests:
                 headers = {**kw.pop("headers", {}), **wrong}
                 async with c.request(method, url, headers=headers, **kw) as r:
-                    statuses[(method, url[len(base):])] = r.status
+                    statuses[(method, url[len(base) :])] = r.status
                 async with c.request(method, url, params={"token": b["token"]}, **kw) as r:
                     assert r.status == 401, (method, url)
             for path in ("ws", "frames"):
@@ -186,9 +186,15 @@ def test_browser_origins(server):
     session = allowed.json
     denied_key = call("POST", url, json={}, headers={"Origin": ORIGIN})  # errors carry CORS too: the page can read
     assert denied_key.status == 401 and denied_key.headers["Access-Control-Allow-Origin"] == ORIGIN
-    preflight = call("OPTIONS", url, headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    preflight = call(
+        "OPTIONS",
+        url,
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert preflight.status == 204
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
     assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
@@ -201,8 +207,9 @@ def test_browser_origins(server):
         pre = call("OPTIONS", url, headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
         assert pre.status == 403, origin
     # DNS rebinding: an evil name resolving to 127.0.0.1 makes Host and Origin agree; a loopback server refuses it
-    rebound = call("POST", url, json={}, headers={**KEY, "Origin": f"http://evil.example:{port}",
-                                                   "Host": f"evil.example:{port}"})
+    rebound = call(
+        "POST", url, json={}, headers={**KEY, "Origin": f"http://evil.example:{port}", "Host": f"evil.example:{port}"}
+    )
     assert rebound.status == 403
     plain = call("POST", url, data="{}", headers=KEY)  # no Origin: an API client, not a browser page
     assert plain.status == 201 and "Access-Control-Allow-Origin" not in plain.headers
@@ -236,18 +243,26 @@ def test_tokens_never_reach_the_access_log(server, caplog):
 
 
 def test_origin_and_key_settings():
-    config = ServerConfig.from_env({"VEXPRESS_ALLOWED_ORIGIN": "https://A.example/ http://b.example:8080",
-                                    "VEXPRESS_API_KEY": "k1,k2", "VEXPRESS_IDLE_TIMEOUT_S": "0"})
+    config = ServerConfig.from_env(
+        {
+            "VEXPRESS_ALLOWED_ORIGIN": "https://A.example/ http://b.example:8080",
+            "VEXPRESS_API_KEY": "k1,k2",
+            "VEXPRESS_IDLE_TIMEOUT_S": "0",
+        }
+    )
     assert config.allowed_origin == ["https://a.example", "http://b.example:8080"]
     assert config.api_key == ["k1", "k2"] and config.idle_timeout_s == 0
-    for bad in ({"VEXPRESS_ALLOWED_ORIGIN": "https://a.example/path"}, {"VEXPRESS_MAX_VIEWERS": "0"},
-                {"VEXPRESS_MAX_SESSION_S": "-1"}):
+    for bad in (
+        {"VEXPRESS_ALLOWED_ORIGIN": "https://a.example/path"},
+        {"VEXPRESS_MAX_VIEWERS": "0"},
+        {"VEXPRESS_MAX_SESSION_S": "-1"},
+    ):
         with pytest.raises(ConfigError):
             ServerConfig.from_env(bad)
 
 
 # -- limits -----------------------------------------------------------------------------------------------------
-def test_upload_and_image_limits(server, fixtures_dir):
+def test_upload_and_image_limits(server, inputs_dir):
     url = f"{server.url}/v1/avatars"
     too_big = call("POST", url, data=avatar_form(b"\0" * ((1 << 20) + 1)), headers=KEY)
     assert too_big.status == 413 and too_big.json["error"]["code"] == "payload_too_large"
@@ -259,13 +274,13 @@ def test_upload_and_image_limits(server, fixtures_dir):
     for w, h in ((100_000, 100_000), (2**31 - 1, 1)):  # a bomb: refused from its header, nothing decoded
         bomb = call("POST", url, data=avatar_form(png_bomb(w, h)), headers=KEY)
         assert bomb.status == 413, bomb.text
-    tiff = image_bytes(Image.open(fixtures_dir / "inputs" / "reference.png").convert("RGB"), "TIFF")
+    tiff = image_bytes(Image.open(inputs_dir / "reference.png").convert("RGB"), "TIFF")
     assert call("POST", url, data=avatar_form(tiff), headers=KEY).status == 400  # decoders we do not expose
 
 
-def test_avatar_count_limit(server, limits, fixtures_dir):
+def test_avatar_count_limit(server, limits, inputs_dir):
     limits.max_avatars = len(server.engine.avatars())
-    png = (fixtures_dir / "inputs" / "reference.png").read_bytes()
+    png = (inputs_dir / "reference.png").read_bytes()
     full = call("POST", f"{server.url}/v1/avatars", data=avatar_form(png), headers=KEY)
     assert full.status == 409 and full.json["error"]["code"] == "avatar_limit", full.text
 
@@ -291,8 +306,12 @@ def test_json_and_sdp_limits(server):
 
 @pytest.mark.parametrize(
     "audio, message",
-    [({"sample_rate": 4000}, "sample rate"), ({"sample_rate": 400_000}, "sample rate"), ({"channels": 9}, "channel"),
-     ({"channels": 0}, "channel")],
+    [
+        ({"sample_rate": 4000}, "sample rate"),
+        ({"sample_rate": 400_000}, "sample rate"),
+        ({"channels": 9}, "channel"),
+        ({"channels": 0}, "channel"),
+    ],
 )
 def test_audio_format_limits(server, audio, message):
     reply = call("POST", f"{server.url}/v1/sessions", json={"audio": audio}, headers=KEY)

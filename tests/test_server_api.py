@@ -45,8 +45,8 @@ def test_health_ready_info_page(server):
         assert missing.status == 404 and missing.json["error"]["code"] == "not_found", path
 
 
-def test_avatar_upload_get_delete(server, fixtures_dir):
-    image = (fixtures_dir / "inputs" / "reference.png").read_bytes()
+def test_avatar_upload_get_delete(server, inputs_dir):
+    image = (inputs_dir / "reference.png").read_bytes()
     form = aiohttp.FormData()
     form.add_field("image", image, filename="ref.png", content_type="image/png")
     form.add_field("kps", json.dumps({"kps": [[52.6, 25.0], [73.8, 24.8], [63.2, 30.7]]}))
@@ -79,10 +79,10 @@ def test_avatar_upload_get_delete(server, fixtures_dir):
         ({"image": None, "kps": b"{not json"}, "kps"),
     ],
 )
-def test_avatar_upload_bad_input_is_400(server, fixtures_dir, fields, message):
+def test_avatar_upload_bad_input_is_400(server, inputs_dir, fields, message):
     form = aiohttp.FormData()
     for name, value in fields.items():
-        value = (fixtures_dir / "inputs" / "reference.png").read_bytes() if value is None else value
+        value = (inputs_dir / "reference.png").read_bytes() if value is None else value
         form.add_field(name, value, filename=f"{name}.bin")
     reply = call("POST", f"{server.url}/v1/avatars", data=form)
     assert reply.status == 400, reply.text
