@@ -314,6 +314,11 @@ def test_bot_pushing_5x_faster_than_real_time_is_buffered_without_loss(server):
     async def main():
         async with http_session() as http:
             session = await create_session(http, server.url)
+            # The server's frame pump is this session's reader. On a loaded CPU its wake-ups can come late, and a
+            # reader more than max_reader_lag_frames behind skips frame periods (test_engine covers that). Here
+            # the reader is made to keep up (late frames are still delivered, none skipped), so that what is
+            # checked is the buffering alone: every pushed sample must come out, unconditionally.
+            server.state.sessions.get(session["id"]).engine_session.config.max_reader_lag_frames = 10**6
             frames = await Frames.connect(http, session, queue=250)
             bot = await Bot.connect(http, session)
             await bot.wait_type("session.ready")
@@ -349,18 +354,14 @@ def test_bot_pushing_5x_faster_than_real_time_is_buffered_without_loss(server):
     assert peak >= 1000 and values[-1] == 0 and values.count(0) == 1
     assert values[: peak_at + 1] == sorted(values[: peak_at + 1])
     assert values[peak_at:] == sorted(values[peak_at:], reverse=True)
-    # nothing lost: every pushed sample was played, in order. (The engine skips frame periods only when the pacing
-    # task itself runs late, CPU contention on a small machine: then at most those frames may be missing here.)
-    queue_drops, engine_skips = r["drops"]
-    assert queue_drops == 0
+    # nothing lost: every pushed sample was played, in order, and nothing was skipped or dropped on the way
+    assert r["drops"] == (0, 0)
     assert r["finished"]["interrupted"] is False and r["finished"]["position_ms"] == seconds * 1000
-    assert round(seconds * OUT_RATE) - engine_skips * SPF <= len(played) <= round(seconds * OUT_RATE)
-    if engine_skips == 0:
-        assert len(played) == round(seconds * OUT_RATE)
+    assert len(played) == round(seconds * OUT_RATE)
     source = resample_pcm(speech[None], 16000, OUT_RATE)[0]
-    n = min(len(played), len(source))
+    n = len(source)
     corr = np.corrcoef(played[:n].astype(np.float64), source[:n])[0, 1]
-    assert corr > 0.99 or engine_skips, corr
+    assert corr > 0.99, corr
 
 
 @pytest.fixture(scope="module")
