@@ -76,11 +76,7 @@ def _run(coro, timeout: float = 60):
 
 
 # -- access ------------------------------------------------------------------------------------------------------
-def test_ids_and_tokens_are_unguessable_and_compared_in_constant_time(server, monkeypatch):
-    compared = []
-    real = hmac.compare_digest
-    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
-
+def test_ids_and_tokens_are_unguessable(server):
     async def main():
         async with http() as c:
             made = [await create_session(c, server.url, headers=KEY) for _ in range(2)]
@@ -89,11 +85,73 @@ def test_ids_and_tokens_are_unguessable_and_compared_in_constant_time(server, mo
             return made
 
     a, b = _run(main())
-    assert compared, "secrets must be compared with hmac.compare_digest"
     for s in (a, b):
         assert re.fullmatch(r"s[0-9a-f]{20}", s["id"]), s["id"]  # 80 random bits from `secrets`
         assert len(s["token"]) >= 32  # 192 bits
     assert a["id"] != b["id"] and a["token"] != b["token"]
+
+
+def _near_misses(secret: str) -> list[str]:
+    """Wrong secrets a guesser would try: same length with one character changed (first, last), a prefix, the
+    secret with something appended, another case."""
+    flip = {c: "0" if c != "0" else "1" for c in secret}
+    return [
+        flip[secret[0]] + secret[1:],
+        secret[:-1] + flip[secret[-1]],
+        secret[:-1],
+        secret + "0",
+        secret.swapcase() if secret.swapcase() != secret else secret + "x",
+    ]
+
+
+def test_a_wrong_token_of_the_right_length_is_refused(server, monkeypatch):
+    """Only the exact token opens the session; each near miss is 401. The comparison of the given token with the
+    session's goes through hmac.compare_digest (timing is not testable, the call site is)."""
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url, headers=KEY)
+            statuses = {}
+            for token in [*_near_misses(s["token"]), s["token"]]:
+                async with c.get(s["url"], headers=bearer(token)) as r:
+                    statuses[token] = r.status
+            await delete_session(c, server.url, s)
+            return s, statuses
+
+    s, statuses = _run(main())
+    assert statuses.pop(s["token"]) == 200
+    assert len(statuses) == 5 and set(statuses.values()) == {401}, statuses
+    same_length = _near_misses(s["token"])[1]
+    assert (same_length.encode(), s["token"].encode()) in compared or (same_length, s["token"]) in compared
+
+
+def test_the_api_key_is_required_where_configured(server):
+    """Creating a session: no key, a near miss of a configured key, or a session token instead: 401; either
+    configured key works."""
+
+    async def main():
+        async with http() as c:
+            statuses = []
+            for headers in [{}, *({"X-API-Key": k} for k in _near_misses(KEYS[0])), bearer(KEYS[0][:-1] + "x")]:
+                async with c.post(f"{server.url}/v1/sessions", json={}, headers=headers) as r:
+                    statuses.append(r.status)
+            s = await create_session(c, server.url, headers=KEY)
+            async with c.post(f"{server.url}/v1/sessions", json={}, headers=bearer(s["token"])) as r:
+                statuses.append(r.status)
+            await delete_session(c, server.url, s)
+            ok = []
+            for headers in ({"X-API-Key": KEYS[1]}, bearer(KEYS[0])):
+                made = await create_session(c, server.url, headers=headers)
+                ok.append(made["id"])
+                await delete_session(c, server.url, made)
+            return statuses, ok
+
+    statuses, ok = _run(main())
+    assert statuses == [401] * len(statuses) and len(statuses) == 8, statuses
+    assert len(ok) == 2
 
 
 def test_one_sessions_token_cannot_reach_another(server):
