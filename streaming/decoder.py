@@ -75,8 +75,9 @@ def load_decoders(models: VExpressModels, choice: str, taesd_path: Path | None) 
     if choice == "auto":
         choice = "tiny" if "tiny" in decoders else "full"
         if problem:
-            log.warning("decoder auto: using the full VAE decoder (%s; `vexpress-rt download-weights` fetches it)",
-                        problem)
+            log.warning(
+                "decoder auto: using the full VAE decoder (%s; `vexpress-rt download-weights` fetches it)", problem
+            )
     elif problem and choice == "full":
         log.debug("TAESD not offered to sessions: %s", problem)
     return choice, decoders
