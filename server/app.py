@@ -56,6 +56,7 @@ SESSION_FIELDS = {
     "guidance_scale",
     "reference_attention_weight",
     "audio_attention_weight",
+    "decoder",
     "audio",
 }
 
@@ -85,7 +86,12 @@ class ServerState:
         return len(self.engine.avatars())
 
     def session_config(self, **overrides) -> SessionConfig:
-        values = {"fps": self.config.fps, "steps": self.config.steps, "max_buffer_s": self.config.max_buffer_s}
+        values = {
+            "fps": self.config.fps,
+            "steps": self.config.steps,
+            "max_buffer_s": self.config.max_buffer_s,
+            "decoder": self.engine.config.default_session.decoder,  # --decoder, resolved when the engine loaded
+        }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SessionConfig(**values)
 
@@ -189,6 +195,8 @@ async def info(request: web.Request) -> web.Response:
             "height": cfg.height,
             "fps": cfg.fps,
             "steps": cfg.steps,
+            "decoder": state.engine.config.default_session.decoder,
+            "decoders": list(state.engine.decoders),
             "max_sessions": cfg.max_sessions,
             "sessions": len(state.sessions),
             "codecs": {"video": ["VP8", "H264"], "audio": ["opus"]},
@@ -319,6 +327,7 @@ def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sess
         "guidance_scale": data.get("guidance_scale"),
         "reference_attention_weight": data.get("reference_attention_weight"),
         "audio_attention_weight": data.get("audio_attention_weight"),
+        "decoder": data.get("decoder"),
         "input_sample_rate": audio.get("sample_rate"),
         "input_channels": audio.get("channels"),
     }
@@ -328,6 +337,8 @@ def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sess
     for key in ("guidance_scale", "reference_attention_weight", "audio_attention_weight"):
         if values[key] is not None and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)):
             raise ApiError(400, f"{key} must be a number")
+    if values["decoder"] is not None and not isinstance(values["decoder"], str):
+        raise ApiError(400, "decoder must be a string")
     config = state.session_config(**values)
     config.validate()  # InputError -> 400
     return avatar_id, config
@@ -391,6 +402,7 @@ def _session_json(session: ServerSession) -> dict:
         "state": es.state.value,
         "fps": es.config.fps,
         "steps": es.config.steps,
+        "decoder": es.config.decoder,
         "width": es.width,
         "height": es.height,
         "created": session.created,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote
 
+from streaming.decoder import DECODER_CHOICES
 from vexpress_rt.errors import InputError
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
@@ -137,6 +138,7 @@ class ServerConfig:
     cache_dir: str | None = None
     device: str = "cuda"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
+    decoder: str = "auto"  # sessions' default decoder; auto: TAESD ("tiny") when installed, else the full VAE
     web_root: str = str(DEFAULT_WEB_ROOT)
     admission: bool = True  # also refuse sessions the engine measures it cannot serve in real time
     mark_frames: bool = False  # diagnostics: frame index barcode in the video, a chirp every second in the audio
@@ -171,6 +173,8 @@ class ServerConfig:
             raise ConfigError("--width and --height must be positive multiples of 8")
         if self.dtype not in ("auto", "fp16", "fp32", "bf16"):
             raise ConfigError(f"--dtype {self.dtype!r} is not auto, fp16, fp32 or bf16")
+        if self.decoder not in DECODER_CHOICES:
+            raise ConfigError(f"--decoder {self.decoder!r} is not one of {', '.join(DECODER_CHOICES)}")
         if self.subscriber_queue_frames < 1:
             raise ConfigError("--subscriber_queue_frames must be at least 1")
         if not 1 <= self.jpeg_quality <= 95:
@@ -306,6 +310,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")
+    opt("decoder", "latents -> frames: tiny (TAESD), full (sd-vae-ft-mse) or auto (tiny when <model_dir>/taesd "
+        "is there); sessions may choose another; default auto")
     opt("web_root", "folder of the browser page; default: web_client/ next to the server package")
     p.add_argument(
         "--mark_frames",

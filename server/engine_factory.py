@@ -38,6 +38,7 @@ def weights_report(config: ServerConfig) -> list[str]:
 
 def build_engine(config: ServerConfig):
     """The engine (not started). Raises WeightsError when the model folder is incomplete or wrong."""
+    from streaming.decoder import load_decoders
     from streaming.engine import Engine, EngineConfig
     from streaming.session import SessionConfig
     from vexpress_rt.loader import load_models
@@ -48,6 +49,8 @@ def build_engine(config: ServerConfig):
     if not paths.denoising_unet_path.parent.is_dir():
         raise WeightsError(f"model folder not found: {paths.denoising_unet_path.parent}")
     models = load_models(paths, device=device, dtype=dtype)
+    decoder, decoders = load_decoders(models, config.decoder, paths.taesd_path)
+    log.info("decoder: %s by default (available: %s)", decoder, ", ".join(decoders))
     return Engine(
         models,
         EngineConfig(
@@ -56,6 +59,7 @@ def build_engine(config: ServerConfig):
             max_sessions=config.max_sessions,
             cache_dir=config.cache_dir,
             admission=config.admission,
-            default_session=SessionConfig(fps=config.fps, steps=config.steps),
+            default_session=SessionConfig(fps=config.fps, steps=config.steps, decoder=decoder),
         ),
+        decoders,
     )

@@ -9,7 +9,7 @@
 (c) On a CUDA GPU (skipped cleanly without one): the real-size UNet with random weights at 1-8 steps in
     fp16/bf16: fps, latency per chunk and memory.
 --strategies adds the chunked vs staggered comparison (boundary smoothness, agreement with the offline
-pipeline at equal steps, latency).
+pipeline at equal steps, latency). --decoders only times the two live decoders at real size (random weights).
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def add_bench_command(sub) -> None:
     p.add_argument("--new_frames", type=int, default=None)
     p.add_argument("--context_frames", type=int, default=None)
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=None, help="default 128 (512 with --decoders)")
+    p.add_argument("--height", type=int, default=None, help="default 64 (512 with --decoders)")
     p.add_argument("--strategies", action="store_true", help="also compare chunked and staggered windows")
     p.add_argument("--gpu", action="store_true", help="also run the real-size GPU figures (needs CUDA)")
+    p.add_argument(
+        "--decoders",
+        action="store_true",
+        help="only time the full (sd-vae-ft-mse) and tiny (TAESD) decoders at real size, random weights, "
+        "on CUDA when there is one (--width/--height default to 512 here)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -68,8 +74,9 @@ def flops_figures(cfg) -> dict:
     # Frames a window call finishes per frame-pass: chunked N of C+N; staggered every frame passes once per
     # step, i.e. steps passes per frame, which `new_frames = window` expresses.
     new = s.new_frames if s.strategy == "chunked" else s.window_frames
-    common = dict(fps=cfg.fps, steps=s.steps, guidance_scale=s.guidance_scale, window_frames=s.window_frames,
-                  new_frames=new)
+    common = dict(
+        fps=cfg.fps, steps=s.steps, guidance_scale=s.guidance_scale, window_frames=s.window_frames, new_frames=new
+    )
     engine = engine_flops_per_frame(**common)
     tiny = engine_flops_per_frame(**common, decoder="tiny")
     original = original_flops_per_frame()
@@ -93,8 +100,9 @@ def _load_engine(model_dir: Path, width: int, height: int, cfg):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = load_models(ModelPaths.from_model_dir(model_dir), device=device, dtype=torch.float32)
-    engine = Engine(models, EngineConfig(width=width, height=height, admission=False, default_session=cfg,
-                                         idle_seconds=0.64))
+    engine = Engine(
+        models, EngineConfig(width=width, height=height, admission=False, default_session=cfg, idle_seconds=0.64)
+    )
     portrait = Path(__file__).resolve().parents[1] / "server" / "assets" / "default_portrait"
     from PIL import Image
 
@@ -195,10 +203,72 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
     }
 
 
+def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeats: int = 3) -> dict:
+    """ms per frame of the full and the tiny decoder, side by side, decoding `frames` latents per call through
+    the engine's own decode path (uint8 frames on the host), real-size architectures with random weights."""
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers.utils import logging as diffusers_logging
+
+    from vexpress_rt.pipeline import VAE_SCALE
+
+    from .decoder import FrameDecoder
+    from .flops import SD_VAE_CONFIG
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    decoders = {
+        "full": FrameDecoder("full", AutoencoderKL(**SD_VAE_CONFIG), VAE_SCALE),
+        "tiny": FrameDecoder.tiny(AutoencoderTiny()),
+    }
+    latents = torch.randn(frames, 4, height // 8, width // 8, device=device, dtype=dtype)
+    diffusers_logging.set_verbosity_error()  # its note on casting the VAE with .to() is expected here
+    out: dict = {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "size": [width, height],
+        "frames_per_call": frames,
+        "ms_per_frame": {},
+    }
+    for name, decoder in decoders.items():
+        decoder.vae.to(device, dtype).eval().requires_grad_(False)
+        if device.type == "cuda":  # kernel selection and allocation; the CPU has nothing to warm up
+            decoder(latents)
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            decoder(latents)  # ends with the copy to the host: synchronised
+        out["ms_per_frame"][name] = 1000 * (time.perf_counter() - t0) / (repeats * frames)
+    out["full_over_tiny"] = out["ms_per_frame"]["full"] / out["ms_per_frame"]["tiny"]
+    return out
+
+
+def _print_decoders(out: dict) -> None:
+    ms = out["ms_per_frame"]
+    print(
+        f"decoders on {out['device']} ({out['dtype']}, {out['size'][0]}x{out['size'][1]}, "
+        f"{out['frames_per_call']} frames per call, random weights)"
+    )
+    print(f"  {'full (sd-vae-ft-mse) ms/frame':<32} {ms['full']:>10.1f}")
+    print(f"  {'tiny (TAESD) ms/frame':<32} {ms['tiny']:>10.1f}")
+    print(f"  {'full / tiny':<32} {out['full_over_tiny']:>10.1f}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.decoders:
+        quick = dict(frames=1, repeats=1) if args.quick else {}  # the full decoder takes minutes a frame on a CPU
+        out = decoder_figures(args.width or 512, args.height or 512, **quick)
+        if args.json:
+            print(json.dumps(out, default=float))
+        else:
+            _print_decoders(out)
+        return 0
     cfg = _session_config(args)
-    out: dict = {"settings": {k: getattr(cfg, k) for k in ("fps", "steps", "strategy", "new_frames",
-                                                               "context_frames", "guidance_scale")}}
+    out: dict = {
+        "settings": {
+            k: getattr(cfg, k) for k in ("fps", "steps", "strategy", "new_frames", "context_frames", "guidance_scale")
+        }
+    }
     out.update(flops_figures(cfg))
     model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
     if not model_dir.is_dir():
@@ -208,7 +278,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"note: no model at {model_dir} (give --model_dir): FLOPs only", file=sys.stderr)
         print(json.dumps(out, default=float) if args.json else json.dumps(out, indent=2, default=float))
         return 0
-    engine, info = _load_engine(model_dir, args.width, args.height, cfg)
+    engine, info = _load_engine(model_dir, args.width or 128, args.height or 64, cfg)
     out["model_dir"] = str(model_dir)
     out["device"] = str(engine.models.device)
     out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)

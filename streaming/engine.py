@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vexpress_rt.errors import VExpressError
+from vexpress_rt.errors import InputError, VExpressError
 from vexpress_rt.loader import VExpressModels
 
 from .audio_features import IncrementalAudioFeatures
 from .avatar import AvatarStore, PreEncodedAvatar
+from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .portrait import prepare_portrait
 from .session import SessionConfig, StreamSession
@@ -70,14 +71,23 @@ class AvatarInfo:
 class Avatar:
     info: AvatarInfo
     encoded: PreEncodedAvatar
-    idle_frames: np.ndarray  # uint8 (K, H, W, 3)
+    idle_frames: dict[str, np.ndarray]  # per decoder name: uint8 (K, H, W, 3), all decoded from idle_latents
     idle_latents: torch.Tensor  # (4, K, h, w)
 
 
 class Engine:
-    def __init__(self, models: VExpressModels, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        models: VExpressModels,
+        config: EngineConfig | None = None,
+        decoders: dict[str, FrameDecoder] | None = None,
+    ):
+        """`decoders`: those sessions may choose (streaming/decoder.py); default: the full VAE only."""
         self.models = models
         self.config = config or EngineConfig()
+        self.decoders = decoders or {"full": FrameDecoder.full(models)}
+        if self.config.default_session.decoder not in self.decoders:
+            raise VExpressError(f"the default session decoder {self.config.default_session.decoder!r} is not loaded")
         self.store = AvatarStore(models, self.config.cache_dir)
         self.worker = ModelWorker(self, max_batch=self.config.max_batch)
         self.model_lock = threading.Lock()  # the worker and avatar registration take turns on the device
@@ -134,8 +144,9 @@ class Engine:
             return self._avatars.pop(avatar_id, None) is not None
 
     @torch.no_grad()
-    def render_idle(self, encoded: PreEncodedAvatar) -> tuple[np.ndarray, torch.Tensor]:
-        """The idle clip: the streaming denoiser driven by silence, so idle and speech frames look alike."""
+    def render_idle(self, encoded: PreEncodedAvatar) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """The idle clip: the streaming denoiser driven by silence, so idle and speech frames look alike; decoded
+        by every decoder, so that a session's idle and speech frames come from the same one."""
         cfg = self.config.default_session
         settings = cfg.denoiser_settings()
         denoiser = self.denoiser(settings)
@@ -152,8 +163,10 @@ class Engine:
                 self.worker.record_chunk(settings, 1, time.perf_counter() - t0)
             latents += [latent for _, latent in out]
         stacked = torch.stack(latents[:total], dim=1)
-        with self.model_lock:
-            frames = self.decode(stacked.transpose(0, 1))
+        frames = {}
+        for name in self.decoders:
+            with self.model_lock:
+                frames[name] = self.decode(stacked.transpose(0, 1), name)
         return frames, stacked
 
     # -- sessions ---------------------------------------------------------------------------------------------
@@ -179,6 +192,11 @@ class Engine:
         """A new session on a registered avatar; `now` is its clock (tests and simulations pass their own)."""
         config = config or SessionConfig(**self.config.default_session.__dict__)
         config.validate()
+        if config.decoder not in self.decoders:
+            raise InputError(
+                f"decoder {config.decoder!r} is not available on this server (its weights are not installed); "
+                f"available: {', '.join(self.decoders)}"
+            )
         with self._lock:
             avatar = self._avatars[avatar_id]  # KeyError: unknown avatar
             problem = self._admission_problem(config)
@@ -253,12 +271,7 @@ class Engine:
             self._silence[fps] = frames[len(frames) // 2].tokens
         return self._silence[fps]
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """(F, 4, h, w) latents -> uint8 (F, H, W, 3), in one VAE call."""
-        from vexpress_rt.pipeline import VAE_SCALE
-
-        z = latents.to(self.models.device, self.models.dtype) / VAE_SCALE
-        images = self.models.vae.decode(z).sample
-        images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+    def decode(self, latents: torch.Tensor, decoder: str | None = None) -> np.ndarray:
+        """(F, 4, h, w) latents -> uint8 (F, H, W, 3), in one call of the named decoder (default: the default
+        session's)."""
+        return self.decoders[decoder or self.config.default_session.decoder](latents)

@@ -30,6 +30,7 @@ from vexpress_rt.errors import InputError
 
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
+from .decoder import DECODERS
 from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
@@ -52,6 +53,7 @@ class SessionConfig:
     input_sample_rate: int = 16000
     input_channels: int = 1
     output_sample_rate: int = 48000
+    decoder: str = "full"  # "tiny": TAESD, 11x cheaper on an H100 (streaming/decoder.py, docs/streaming.md)
     strategy: str = "staggered"  # measured against "chunked": docs/streaming.md
     new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
     context_frames: int = 4  # chunked: frames already made that each window sees again
@@ -82,6 +84,8 @@ class SessionConfig:
         validate_format(self.input_sample_rate, self.input_channels)
         if self.output_sample_rate not in (16000, 24000, 32000, 44100, 48000):
             bad(f"output_sample_rate must be one of 16000, 24000, 32000, 44100, 48000, got {self.output_sample_rate}")
+        if self.decoder not in DECODERS:
+            bad(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.strategy not in STRATEGIES:
             bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         try:
@@ -522,7 +526,7 @@ class StreamSession:
                 self._start_blend()
 
     def _idle_index(self, pos: int) -> int:
-        n = self.avatar.idle_frames.shape[0]
+        n = self.avatar.idle_frames[self.config.decoder].shape[0]
         if n == 1:
             return 0
         period = 2 * (n - 1)
@@ -539,7 +543,7 @@ class StreamSession:
         self._blend = (self._last_image, 0)
 
     def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
-        image = self.avatar.idle_frames[self._idle_index(self._idle_pos)]
+        image = self.avatar.idle_frames[self.config.decoder][self._idle_index(self._idle_pos)]
         self._idle_pos += 1
         if self._blend is not None:
             last, k = self._blend

@@ -1,8 +1,8 @@
 """The model worker: one thread per device that owns all model compute for every session.
 
 Each turn it asks every session for its next chunk (the session runs its audio features on the new audio), groups
-the chunks by denoiser settings, runs each group as one batched UNet call per step and one VAE decode, and hands
-the frames back. It measures what that costs, which is what admission control uses.
+the chunks by denoiser settings, runs each group as one batched UNet call per step and one decode per decoder in
+use, and hands the frames back. It measures what that costs, which is what admission control uses.
 """
 
 from __future__ import annotations
@@ -142,33 +142,41 @@ class ModelWorker:
             )
 
     def _decode(self, items: list, outputs: list) -> list:
-        """Each session's frames as images, in one VAE call; when that fails, one call per session, so that only
-        the session(s) whose decode fails end. None for those."""
+        """Each session's frames as images: one call per decoder in use (sessions that shared a UNet call may
+        have chosen different decoders). When a call fails, one call per session, so that only the session(s)
+        whose decode fails end. None for those."""
         latents = [[latent for _, latent in out] for out in outputs]
+        by_decoder: dict[str, list[int]] = {}
+        for i, (session, _) in enumerate(items):
+            by_decoder.setdefault(session.config.decoder, []).append(i)
+        images: list = [None] * len(items)
+        for decoder, indices in by_decoder.items():
+            flat = [x for i in indices for x in latents[i]]
+            try:
+                with self.engine.model_lock:
+                    decoded = self.engine.decode(torch.stack(flat), decoder) if flat else []
+            except Exception as exc:
+                _release_memory(exc)
+                if len(indices) == 1:
+                    self._fail(items[indices[0]][0], exc)
+                    continue
+                for i in indices:
+                    images[i] = self._decode_alone(items[i][0], latents[i], decoder)
+                continue
+            k = 0
+            for i in indices:
+                images[i] = decoded[k : k + len(latents[i])]
+                k += len(latents[i])
+        return images
+
+    def _decode_alone(self, session, latents: list, decoder: str):
         try:
-            flat = [x for per in latents for x in per]
             with self.engine.model_lock:
-                images = self.engine.decode(torch.stack(flat)) if flat else []
+                return self.engine.decode(torch.stack(latents), decoder) if latents else []
         except Exception as exc:
             _release_memory(exc)
-            if len(items) == 1:
-                self._fail(items[0][0], exc)
-                return [None]
-            out = []
-            for (session, _), per in zip(items, latents):
-                try:
-                    with self.engine.model_lock:
-                        out.append(self.engine.decode(torch.stack(per)) if per else [])
-                except Exception as exc:
-                    _release_memory(exc)
-                    self._fail(session, exc)
-                    out.append(None)
-            return out
-        split, k = [], 0
-        for per in latents:
-            split.append(images[k : k + len(per)])
-            k += len(per)
-        return split
+            self._fail(session, exc)
+            return None
 
     def _fail(self, session, exc: Exception) -> None:
         """A failure confined to one session (bad state, out of memory alone): it ends with an `error` event,

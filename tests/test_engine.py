@@ -299,7 +299,7 @@ def _assert_clean_stream_indices_with_gaps(run: Run) -> None:
 
 # -- 4: idle -----------------------------------------------------------------------------------------------------------
 def test_idle_never_stalls_and_loops_forth_and_back(engine, avatar):
-    clip = engine.avatar(avatar).idle_frames
+    clip = engine.avatar(avatar).idle_frames["full"]
     n = len(clip)
     assert n >= 8 and clip.shape[1:] == (H, W, 3)
     with Run(engine, avatar) as run:
@@ -350,7 +350,7 @@ def test_end_of_utterance_fades_back_to_idle(engine, avatar, tiny_speech):
     fade = [_diff(speech[-1].image, f.image) for f in after[:4]]
     assert fade == sorted(fade)
     # ... and lands in the idle loop.
-    clip = engine.avatar(avatar).idle_frames
+    clip = engine.avatar(avatar).idle_frames["full"]
     assert any(np.array_equal(after[-1].image, c) for c in clip)
     states = [e.data["state"] for e in run.of_type("state")]
     assert states[:2] == ["speaking", "idle"]
@@ -513,7 +513,7 @@ def test_saved_avatar_loads_and_gives_identical_frames(
         info = fresh.add_avatar(*portrait)
         assert info.id == avatar
         assert fresh.avatar(info.id).encoded is not engine.avatar(avatar).encoded  # loaded from disk
-        assert np.array_equal(fresh.avatar(info.id).idle_frames, engine.avatar(avatar).idle_frames)
+        assert np.array_equal(fresh.avatar(info.id).idle_frames["full"], engine.avatar(avatar).idle_frames["full"])
         with Run(fresh, info.id, seed=5) as run2:
             run2.speak(tiny_speech[:12800], realtime=False)
             run2.play_until_idle()

@@ -8,7 +8,7 @@ import torch
 
 from .errors import WeightsError
 from .kps import insightface_pack_dir
-from .loader import load_audio_encoder, load_vae, read_unet_config
+from .loader import load_audio_encoder, load_tiny_vae, load_vae, read_unet_config
 from .models import AudioProjection, DenoisingUNet, ReferenceNet, UNetConfig, VKpsGuider
 from .weights import HOW_TO_GET, ModelPaths, compare_state, motion_module_keys, read_checkpoint
 
@@ -84,9 +84,22 @@ def check_model_folder(paths: ModelPaths) -> CheckReport:
             report.add("ok", label, str(path))
         except WeightsError as exc:
             report.add("missing" if not path.exists() else "wrong", label, str(exc))
+    _check_taesd(report, paths.taesd_path)
     pack = insightface_pack_dir(paths.insightface_model_path)
     if pack.is_dir() and any(pack.glob("*.onnx")):
         report.add("ok", "insightface buffalo_l", str(pack))
     else:
         report.add("optional", "insightface buffalo_l", f"{pack} absent: pass --reference_kps_path to generate")
     return report
+
+
+def _check_taesd(report: CheckReport, path) -> None:
+    """Optional: without it the live server decodes with the full VAE; a broken folder is still an error."""
+    if not path.exists():
+        report.add("optional", "taesd", f"{path} absent: the live server decodes with the full VAE (slower)")
+        return
+    try:
+        load_tiny_vae(path)
+        report.add("ok", "taesd", str(path))
+    except WeightsError as exc:
+        report.add("wrong", "taesd", str(exc))

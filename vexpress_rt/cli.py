@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import InputError, VExpressError
 from .kps import RETARGET_STRATEGIES
-from .weights import DEFAULT_MODEL_DIR, ModelPaths
+from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
 
 log = logging.getLogger("vexpress_rt")
 
@@ -32,6 +32,7 @@ def _add_model_path_args(p: argparse.ArgumentParser) -> None:
         "v_kps_guider_path",
         "audio_projection_path",
         "motion_module_path",
+        "taesd_path",
     ):
         p.add_argument(f"--{name}", default=None, help="default: its place under --model_dir")
 
@@ -260,13 +261,16 @@ def _add_download_weights(sub) -> None:
     p.add_argument("--model_dir", default=DEFAULT_MODEL_DIR)
     p.add_argument("--repo_id", default="tk93/V-Express")
     p.add_argument("--revision", default=None)
+    p.add_argument(
+        "--taesd_repo_id", default=TAESD_REPO, help='the live decoder (into <model_dir>/taesd); "" to skip it'
+    )
     p.set_defaults(func=cmd_download_weights)
 
 
 def cmd_download_weights(args: argparse.Namespace) -> int:
     from .weights import download_weights
 
-    target = download_weights(args.model_dir, args.repo_id, args.revision)
+    target = download_weights(args.model_dir, args.repo_id, args.revision, args.taesd_repo_id)
     print(f"Weights are in {target}; check them with: vexpress-rt check-weights --model_dir {target}")
     return 0
 

@@ -114,6 +114,18 @@ def load_vae(path: Path):
         raise WeightsError(f"cannot load the VAE from {path}: {exc}") from exc
 
 
+def load_tiny_vae(path: Path):
+    """TAESD (diffusers `AutoencoderTiny`): the live server's fast decoder; the offline pipeline never uses it."""
+    from diffusers import AutoencoderTiny
+
+    if not (path / "config.json").is_file():
+        raise WeightsError(f"TAESD folder missing or incomplete (no config.json): {path}")
+    try:
+        return AutoencoderTiny.from_pretrained(path).eval().requires_grad_(False)
+    except Exception as exc:
+        raise WeightsError(f"cannot load TAESD from {path}: {exc}") from exc
+
+
 def load_audio_encoder(path: Path):
     """wav2vec2 (transformers) and its feature extractor (the processor's normalisation settings)."""
     import transformers

@@ -6,6 +6,7 @@
 <model_dir>/sd-vae-ft-mse/                 diffusers AutoencoderKL folder
 <model_dir>/wav2vec2-base-960h/            transformers Wav2Vec2 folder (+ preprocessor_config.json)
 <model_dir>/insightface_models/models/buffalo_l/   only for face detection
+<model_dir>/taesd/                         diffusers AutoencoderTiny folder: the live server's fast decoder (optional)
 ```
 """
 
@@ -21,6 +22,8 @@ from torch import nn
 from .errors import WeightsError
 
 HUB_REPO = "tk93/V-Express"
+TAESD_REPO = "madebyollin/taesd"  # TAESD for SD-1.x latents, in the diffusers layout
+TAESD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 DEFAULT_MODEL_DIR = "./model_ckpts"
 VEXPRESS_FILES = ("denoising_unet", "reference_net", "v_kps_guider", "audio_projection", "motion_module")
 MOTION_MODULE_MARKER = "motion_module"
@@ -43,6 +46,7 @@ class ModelPaths:
     v_kps_guider_path: Path
     audio_projection_path: Path
     motion_module_path: Path
+    taesd_path: Path
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **overrides: str | Path | None) -> ModelPaths:
@@ -57,6 +61,7 @@ class ModelPaths:
             v_kps_guider_path=d / "v-express" / "v_kps_guider.bin",
             audio_projection_path=d / "v-express" / "audio_projection.bin",
             motion_module_path=d / "v-express" / "motion_module.bin",
+            taesd_path=d / "taesd",
         )
         for key, value in overrides.items():
             if value:
@@ -115,20 +120,65 @@ def motion_module_keys(module: nn.Module) -> set[str]:
     return {k for k in module.state_dict() if MOTION_MODULE_MARKER in k}
 
 
-def download_weights(model_dir: str | Path, repo_id: str = HUB_REPO, revision: str | None = None) -> Path:
-    """Fetch the released model folder from the hub into `model_dir` (several GB; needs network)."""
+@dataclass(frozen=True)
+class HubFetch:
+    """One hub snapshot to fetch: the files matching `patterns` from `repo_id`. Either the items of its folder
+    `source` land in the model folder, or (with `dest`) the listed files land in the model folder's `dest`."""
+
+    repo_id: str
+    revision: str | None
+    patterns: tuple[str, ...]
+    source: str = ""
+    dest: str = ""
+
+
+def download_plan(repo_id: str = HUB_REPO, revision: str | None = None, taesd_repo: str | None = TAESD_REPO):
+    """What `download-weights` fetches: the released folder, then (unless `taesd_repo` is empty) TAESD."""
+    plan = [HubFetch(repo_id, revision, ("model_ckpts/**",), source="model_ckpts")]
+    if taesd_repo:
+        plan.append(HubFetch(taesd_repo, None, TAESD_FILES, dest="taesd"))
+    return plan
+
+
+def _snapshot(fetch: HubFetch, local_dir: Path) -> None:
     from huggingface_hub import snapshot_download
 
+    snapshot_download(
+        repo_id=fetch.repo_id, revision=fetch.revision, local_dir=local_dir, allow_patterns=list(fetch.patterns)
+    )
+
+
+def download_weights(
+    model_dir: str | Path,
+    repo_id: str = HUB_REPO,
+    revision: str | None = None,
+    taesd_repo: str | None = TAESD_REPO,
+    snapshot=_snapshot,
+) -> Path:
+    """Fetch the released model folder (several GB) and TAESD from the hub into `model_dir` (needs network).
+    `snapshot(fetch, local_dir)` downloads one plan item; tests pass a local fake."""
     target = Path(model_dir)
     staging = target / ".download"
-    snapshot_download(repo_id=repo_id, revision=revision, local_dir=staging, allow_patterns=["model_ckpts/**"])
-    source = staging / "model_ckpts"
-    if not source.is_dir():
-        raise WeightsError(f"{repo_id} has no model_ckpts/ folder at this revision")
-    for item in source.iterdir():
-        dest = target / item.name
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        shutil.move(str(item), dest)
+    for fetch in download_plan(repo_id, revision, taesd_repo):
+        shutil.rmtree(staging, ignore_errors=True)
+        snapshot(fetch, staging)
+        if fetch.dest:  # a fixed list of files, into a folder of its own
+            missing = [name for name in fetch.patterns if not (staging / name).is_file()]
+            if missing:
+                raise WeightsError(f"{fetch.repo_id} has no {', '.join(missing)} at this revision")
+            dest = target / fetch.dest
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            for name in fetch.patterns:
+                shutil.move(str(staging / name), dest / name)
+            continue
+        source = staging / fetch.source
+        if not source.is_dir():
+            raise WeightsError(f"{fetch.repo_id} has no {fetch.source}/ folder at this revision")
+        for item in source.iterdir():
+            dest = target / item.name
+            if dest.exists():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            shutil.move(str(item), dest)
     shutil.rmtree(staging, ignore_errors=True)
     return target

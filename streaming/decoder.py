@@ -1,0 +1,83 @@
+"""Latents -> video frames: the full sd-vae-ft-mse decoder or TAESD (diffusers `AutoencoderTiny`), chosen per session.
+
+Both decoders read the UNet's latents (SD-1.x space, already multiplied by 0.18215) and return images in [-1, 1]:
+the full VAE wants them divided by 0.18215 first (the original hard-codes it), TAESD's `scaling_factor` is 1.0
+(its decoder clamps the latents, works in [0, 1] and maps its output to [-1, 1] itself). On an H100 the full
+decoder costs 20 ms a frame and TAESD 1.8 ms (docs/streaming.md): TAESD is the live default when installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vexpress_rt.errors import WeightsError
+from vexpress_rt.loader import VExpressModels, load_tiny_vae
+from vexpress_rt.pipeline import VAE_SCALE
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("full", "tiny")
+DECODER_CHOICES = ("auto", *DECODERS)  # auto: tiny when its weights are there, else full
+
+
+@dataclass(frozen=True)
+class FrameDecoder:
+    """One VAE decoder and the factor its latents are divided by."""
+
+    name: str
+    vae: torch.nn.Module
+    latent_scale: float
+
+    @classmethod
+    def full(cls, models: VExpressModels) -> FrameDecoder:
+        return cls("full", models.vae, VAE_SCALE)
+
+    @classmethod
+    def tiny(cls, tiny_vae: torch.nn.Module) -> FrameDecoder:
+        return cls("tiny", tiny_vae, float(tiny_vae.config.scaling_factor))
+
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """(F, 4, h, w) latents -> uint8 (F, H, W, 3) on the decoder's device, in one batched call."""
+        weight = next(self.vae.parameters())
+        z = latents.to(weight.device, weight.dtype) / self.latent_scale
+        images = self.vae.decode(z).sample
+        # to uint8 before leaving the device: a quarter of the bytes to copy
+        return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        return self.images(latents).cpu().numpy()
+
+
+def load_decoders(models: VExpressModels, choice: str, taesd_path: Path | None) -> tuple[str, dict[str, FrameDecoder]]:
+    """The decoders a server offers and its default one. The full VAE is always there; TAESD when its folder
+    loads (on the models' device and dtype). `choice` "tiny" without TAESD is a WeightsError; "auto" falls back
+    to the full decoder with one log line."""
+    if choice not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {DECODER_CHOICES}, got {choice!r}")
+    decoders = {"full": FrameDecoder.full(models)}
+    problem = None
+    if taesd_path is None or not (taesd_path / "config.json").is_file():
+        problem = f"no TAESD weights at {taesd_path}"
+    else:
+        try:
+            tiny_vae = load_tiny_vae(taesd_path).to(models.device, models.dtype)
+            decoders["tiny"] = FrameDecoder.tiny(tiny_vae)
+        except WeightsError as exc:
+            problem = str(exc)
+    if choice == "tiny" and problem:
+        raise WeightsError(f"--decoder tiny: {problem}; get it with `vexpress-rt download-weights`")
+    if choice == "auto":
+        choice = "tiny" if "tiny" in decoders else "full"
+        if problem:
+            log.warning(
+                "decoder auto: using the full VAE decoder (%s; `vexpress-rt download-weights` fetches it)", problem
+            )
+    elif problem and choice == "full":
+        log.debug("TAESD not offered to sessions: %s", problem)
+    return choice, decoders
