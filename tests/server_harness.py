@@ -1,6 +1,7 @@
 """Run the server in-process for tests: the aiohttp app on 127.0.0.1, port 0, in a thread with its own event loop.
 
-Tests talk to it over real HTTP (and WebRTC) from their own loop, as a client would.
+Tests talk to it over real HTTP (and WebRTC) from their own loop, as a client would. The server's loop is uvloop's,
+as `vexpress-rt serve` runs it in production (`server/cli.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 from server.app import STATE, create_app
@@ -29,7 +31,7 @@ class ServerThread:
     def __init__(self, config: ServerConfig, engine):
         self.config = config
         self.engine = engine
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the production loop, not asyncio's default
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.url = ""
         self.app: web.Application | None = None

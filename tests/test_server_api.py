@@ -45,6 +45,18 @@ def test_health_ready_info_page(server):
         assert missing.status == 404 and missing.json["error"]["code"] == "not_found", path
 
 
+def test_the_server_under_test_runs_on_uvloop(server):
+    """Production serves on uvloop (server/cli.py): the tests exercise the same loop, not asyncio's default."""
+    import asyncio
+
+    import uvloop
+
+    async def running_loop():
+        return asyncio.get_running_loop()
+
+    assert isinstance(server.call(running_loop()), uvloop.Loop)
+
+
 def test_avatar_upload_get_delete(server, inputs_dir):
     image = (inputs_dir / "reference.png").read_bytes()
     form = aiohttp.FormData()
