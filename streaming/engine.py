@@ -22,8 +22,10 @@ from vexpress_rt.loader import VExpressModels
 from .audio_features import IncrementalAudioFeatures
 from .avatar import AvatarStore, PreEncodedAvatar
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
+from .device import synchronize
 from .portrait import prepare_portrait
 from .session import SessionConfig, StreamSession
+from .stage_timer import NoStageTimer
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class Engine:
         self._sessions: dict[str, StreamSession] = {}
         self._denoisers: dict[DenoiserSettings, StreamDenoiser] = {}
         self._silence: dict[int, torch.Tensor] = {}
+        self.stages = NoStageTimer()  # device time per stage; the benchmark installs a StageTimer
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +152,7 @@ class Engine:
             with self.model_lock:
                 t0 = time.perf_counter()
                 out = denoiser.run([ChunkJob(state, encoded, tokens, list(range(n)))])[0]
+                synchronize(self.models.device)  # the measured cost must cover the compute, not its launch
                 self.worker.record_chunk(settings, 1, time.perf_counter() - t0)
             latents += [latent for _, latent in out]
         stacked = torch.stack(latents[:total], dim=1)
@@ -258,7 +262,9 @@ class Engine:
         """(F, 4, h, w) latents -> uint8 (F, H, W, 3), in one VAE call."""
         from vexpress_rt.pipeline import VAE_SCALE
 
-        z = latents.to(self.models.device, self.models.dtype) / VAE_SCALE
-        images = self.models.vae.decode(z).sample
-        images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        with self.stages("decode"):
+            z = latents.to(self.models.device, self.models.dtype) / VAE_SCALE
+            images = self.models.vae.decode(z).sample
+            images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        with self.stages("host_copy"):
+            return images.permute(0, 2, 3, 1).cpu().numpy()
