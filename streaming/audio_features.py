@@ -106,14 +106,19 @@ class IncrementalAudioFeatures:
         base = start_sample // HOP
         # Offline, a clip of L frames has 2L tokens and zeros after them.
         total_tokens = TOKENS_PER_FRAME * int(self._total * self.fps / SAMPLE_RATE + 1e-9)
-        rows = torch.zeros(len(tok_idx), hidden.shape[1])
-        for r, (j, s) in enumerate(zip(tok_idx, src)):
-            if j < 0 or (self._ended and j >= total_tokens) or s > n_hidden - 1 + 1e-9:
-                continue  # zero padding before the start and after the end, as the offline windows
-            i0 = int(np.floor(s)) - base
-            frac = s - np.floor(s)
-            i1 = min(i0 + 1, hidden.shape[0] - 1)
-            rows[r] = hidden[i0] * (1 - frac) + hidden[i1] * frac
+        # Each token interpolates linearly between two hidden states, all rows at once on the model's device.
+        real = (tok_idx >= 0) & (src <= n_hidden - 1 + 1e-9)
+        if self._ended:
+            real &= tok_idx < total_tokens  # zero padding before the start and after the end, as offline
+        floor = np.floor(src)
+        i0 = np.clip(floor.astype(np.int64) - base, 0, hidden.shape[0] - 1)
+        i1 = np.minimum(i0 + 1, hidden.shape[0] - 1)
+        # The weights rounded to float32 from float64, as a Python-float scalar multiply does per row.
+        w0 = torch.from_numpy((1 - (src - floor)).astype(np.float32)).to(hidden.device)[:, None]
+        w1 = torch.from_numpy((src - floor).astype(np.float32)).to(hidden.device)[:, None]
+        index = torch.from_numpy(np.stack([i0, i1])).to(hidden.device)
+        rows = hidden[index[0]] * w0 + hidden[index[1]] * w1
+        rows = torch.where(torch.from_numpy(real).to(hidden.device)[:, None], rows, torch.zeros_like(rows))
         rows = rows.to(self.models.dtype)
         width = TOKENS_PER_FRAME * (2 * self.pad + 1)
         windows = rows.unfold(0, width, TOKENS_PER_FRAME).transpose(1, 2)[: len(frames)]

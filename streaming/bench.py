@@ -6,8 +6,11 @@
     possible), audio-in -> frame-out latency p50/p95 while audio arrives in real time, the engine's overhead
     (latency minus model compute minus waiting for the chunk's audio), and latency p95 of the first and last
     "minute" of a bounded run (quick mode: shorter minutes).
-(c) On a CUDA GPU (skipped cleanly without one): the real-size UNet with random weights at 1-8 steps in
-    fp16/bf16: fps, latency per chunk and memory.
+(c) --gpu, instead of (b): the whole engine on a device (streaming/gpu_bench.py): real-size random weights (or
+    --model_dir) in fp16/bf16 at 512x512, the default portrait registered, then 1, 2, 4, 8 concurrent sessions fed
+    speech in real time: delivered fps, latency, underruns, busy fraction, device ms per frame by stage, peak
+    memory; plus the UNet window / decode timings alone. Skipped cleanly without CUDA; `--device cpu` runs it at
+    tiny size.
 --strategies adds the chunked vs staggered comparison (boundary smoothness, agreement with the offline
 pipeline at equal steps, latency). --decoders only times the two live decoders at real size (random weights).
 """
@@ -39,16 +42,35 @@ def add_bench_command(sub) -> None:
     p.add_argument("--new_frames", type=int, default=None)
     p.add_argument("--context_frames", type=int, default=None)
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--width", type=int, default=None, help="default 128 (512 with --decoders)")
-    p.add_argument("--height", type=int, default=None, help="default 64 (512 with --decoders)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default 128; 512 with --gpu or --decoders)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default 64; 512 with --gpu or --decoders)")
     p.add_argument("--strategies", action="store_true", help="also compare chunked and staggered windows")
-    p.add_argument("--gpu", action="store_true", help="also run the real-size GPU figures (needs CUDA)")
     p.add_argument(
         "--decoders",
         action="store_true",
         help="only time the full (sd-vae-ft-mse) and tiny (TAESD) decoders at real size, random weights, "
         "on CUDA when there is one (--width/--height default to 512 here)",
     )
+    g = p.add_argument_group("--gpu: the whole engine on a device, N concurrent real-time sessions")
+    g.add_argument("--gpu", action="store_true", help="measure the engine end to end on --device (default CUDA)")
+    g.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny size: a quick check of the path)")
+    g.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    g.add_argument(
+        "--model_size",
+        default=None,
+        choices=["real", "tiny"],
+        help="random weights at this size when no --model_dir (default: real on CUDA, tiny on CPU)",
+    )
+    g.add_argument("--sessions", default="1,2,4,8", help="concurrent session counts to ramp through")
+    g.add_argument("--seconds", type=float, default=10.0, help="speech fed to every session per count")
+    g.add_argument("--max_batch", type=int, default=4, help="windows of different sessions in one UNet call")
+    g.add_argument(
+        "--decoder",
+        default="tiny",
+        choices=["tiny", "full"],
+        help="the sessions' decoder (default tiny, the live default; full: sd-vae-ft-mse)",
+    )
+    g.add_argument("--no_components", action="store_true", help="skip the UNet window / decode timings")
     p.set_defaults(func=cmd_bench)
 
 
@@ -269,7 +291,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             k: getattr(cfg, k) for k in ("fps", "steps", "strategy", "new_frames", "context_frames", "guidance_scale")
         }
     }
+    if args.gpu:
+        cfg.decoder = args.decoder
+        return _cmd_engine_bench(args, cfg, out)
     out.update(flops_figures(cfg))
+    args.width, args.height = args.width or 128, args.height or 64
     model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
     if not model_dir.is_dir():
         if args.model_dir:
@@ -288,14 +314,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .strategies import compare_strategies
 
         out["strategies"] = compare_strategies(engine.models, info, engine, cfg)
-    if args.gpu:
-        from .gpu_bench import gpu_figures
-
-        out["gpu"] = gpu_figures(quick=args.quick)
     if args.json:
         print(json.dumps(out, default=float))
     else:
         _print_table(out)
+    return 0
+
+
+def _cmd_engine_bench(args: argparse.Namespace, cfg, out: dict) -> int:
+    from .gpu_bench import engine_figures, print_engine_table
+
+    try:
+        sessions = tuple(int(n) for n in args.sessions.split(","))
+    except ValueError:
+        print(f"error: --sessions takes counts like 1,2,4,8, got {args.sessions!r}", file=sys.stderr)
+        return 2
+    if not sessions or min(sessions) < 1:
+        print("error: --sessions counts must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        out.update(flops_figures(cfg))
+    except FileNotFoundError as exc:  # a GPU machine without ../shared/reference: the engine figures still come
+        print(f"note: FLOPs not counted ({exc})", file=sys.stderr)
+    out["gpu"] = engine_figures(
+        device=args.device,
+        dtype=args.dtype,
+        model_size=args.model_size,
+        model_dir=args.model_dir,
+        width=args.width or 512,
+        height=args.height or 512,
+        sessions=sessions,
+        seconds=args.seconds,
+        session_config=cfg,
+        max_batch=args.max_batch,
+        components=not args.no_components,
+    )
+    if "skipped" in out["gpu"]:
+        print(f"note: engine bench skipped: {out['gpu']['skipped']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, default=float))
+    else:
+        print(f"settings: {out['settings']}")
+        print_engine_table(out["gpu"])
     return 0
 
 
@@ -316,7 +376,7 @@ def _print_table(out: dict) -> None:
     print(f"settings: {out['settings']}")
     for name, value in rows:
         print(f"  {name:<45} {value:>10.2f}" if isinstance(value, float) else f"  {name:<45} {value:>10}")
-    for key in ("strategies", "gpu"):
+    for key in ("strategies",):
         if key in out:
             print(f"{key}:")
             print(json.dumps(out[key], indent=2, default=float))

@@ -26,6 +26,7 @@ from vexpress_rt.loader import VExpressModels, make_scheduler
 from vexpress_rt.models.attention import KeyValue
 
 from .avatar import PreEncodedAvatar
+from .device import noise_generator
 
 STRATEGIES = ("chunked", "staggered")
 MAX_WINDOW = 32  # the motion modules' positional table
@@ -68,16 +69,20 @@ class DenoiserSettings:
 
 
 class Schedule:
-    """The few-step DDIM schedule (trailing spacing, v-prediction, zero terminal SNR) as plain tensors."""
+    """The few-step DDIM schedule (trailing spacing, v-prediction, zero terminal SNR) as tensors on `device`,
+    made once: timesteps (long) and the alphas (float32, the precision the steps compute in)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, device: torch.device | str = "cpu"):
         scheduler = make_scheduler()
         scheduler.set_timesteps(steps)
-        self.timesteps = scheduler.timesteps.clone()  # descending, e.g. [999, 749, 499, 249]
+        timesteps = scheduler.timesteps.clone()  # descending, e.g. [999, 749, 499, 249]
         alphas = scheduler.alphas_cumprod
-        self.alpha = alphas[self.timesteps].to(torch.float64)
+        alpha = alphas[timesteps].to(torch.float64)
         final = scheduler.final_alpha_cumprod.to(torch.float64)
-        self.alpha_prev = torch.cat([self.alpha[1:], final.reshape(1)])
+        alpha_prev = torch.cat([alpha[1:], final.reshape(1)])
+        self.timesteps = timesteps.to(device)
+        self.alpha = alpha.to(device, torch.float32)
+        self.alpha_prev = alpha_prev.to(device, torch.float32)
 
 
 def ddim_step(x: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
@@ -123,24 +128,29 @@ class StreamDenoiser:
     def __init__(self, models: VExpressModels, settings: DenoiserSettings):
         self.models = models
         self.settings = settings
-        self.schedule = Schedule(settings.steps)
+        self.device = models.device
+        self.schedule = Schedule(settings.steps, self.device)
+        if settings.strategy == "staggered":  # per-frame levels and timesteps of a full window, oldest group first
+            self._levels_in = self._queue_alphas(0).reshape(1, 1, -1, 1, 1)
+            self._levels_out = self._queue_alphas(1).reshape(1, 1, -1, 1, 1)
+            self._frame_t = self.schedule.timesteps.flip(0).repeat_interleave(settings.new_frames)
 
     # -- state --------------------------------------------------------------------------------------------
     def new_state(self, avatar: PreEncodedAvatar, seed: int, silence: torch.Tensor) -> StreamState:
         """A fresh stream. Its context is the portrait's own latent repeated (the pose to start from), with
         `silence` (n, d) tokens; a staggered queue starts as filler noise."""
         s = self.settings
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latent = avatar.latent[0].to(self.models.dtype)
+        generator = noise_generator(self.device, seed)
+        latent = avatar.latent[0].to(self.device, self.models.dtype)
         context = latent[:, None].repeat(1, s.context_frames, 1, 1)
         context_tokens = silence[None].repeat(s.context_frames, 1, 1)
         state = StreamState(generator, context, context_tokens)
         if s.strategy == "staggered":
             c, h, w = latent.shape
             held = s.window_frames - s.new_frames
-            noise = torch.randn((c, held, h, w), generator=generator).to(latent.device, latent.dtype)
+            noise = self._draw(generator, (c, held, h, w))
             # Filler groups at their levels: the portrait latent noised to each group's timestep.
-            levels = self._queue_alphas(0)[:held].reshape(1, -1, 1, 1).to(latent.device)
+            levels = self._levels_in[0, :, :held]
             state.queue = add_noise(latent[:, None].expand_as(noise), noise, levels)
             state.queue_tokens = silence[None].repeat(held, 1, 1)
             state.queue_payloads = [None] * held
@@ -163,7 +173,11 @@ class StreamDenoiser:
 
     def _noise(self, state: StreamState, frames: int, like: torch.Tensor) -> torch.Tensor:
         c, _, h, w = like.shape
-        return torch.randn((c, frames, h, w), generator=state.generator).to(like.device, like.dtype)
+        return self._draw(state.generator, (c, frames, h, w))
+
+    def _draw(self, generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """Noise drawn on the model's device, in float32 then cast (the CPU figures stay those of before)."""
+        return torch.randn(shape, generator=generator, device=self.device).to(self.models.dtype)
 
     def _run_chunked(self, jobs):
         s, sched = self.settings, self.schedule
@@ -190,18 +204,16 @@ class StreamDenoiser:
         1: the levels it leaves them at. Group g (0 = oldest) sits at schedule index S-1-g."""
         s, sched = self.settings, self.schedule
         alphas = torch.cat([sched.alpha, sched.alpha_prev[-1:]])
-        idx = torch.tensor([s.steps - 1 - g + shift for g in range(s.steps)])
+        idx = torch.tensor([s.steps - 1 - g + shift for g in range(s.steps)], device=alphas.device)
         return alphas[idx].repeat_interleave(s.new_frames)
 
     def _run_staggered(self, jobs):
         """Between calls a stream holds S-1 groups; the call appends the new group (pure noise), steps every
         group once at its own timestep, and the oldest group leaves clean."""
-        s, sched = self.settings, self.schedule
+        s = self.settings
         n = s.new_frames
-        group_t = torch.stack([sched.timesteps[s.steps - 1 - g] for g in range(s.steps)])
-        frame_t = group_t.repeat_interleave(n).repeat(len(jobs))
-        a = self._queue_alphas(0).reshape(1, 1, -1, 1, 1)
-        ap = self._queue_alphas(1).reshape(1, 1, -1, 1, 1)
+        frame_t = self._frame_t.repeat(len(jobs))
+        a, ap = self._levels_in, self._levels_out
         x = torch.stack([torch.cat([j.state.queue, self._noise(j.state, n, j.state.queue)], dim=1) for j in jobs])
         tokens = [torch.cat([j.state.queue_tokens, j.tokens]) for j in jobs]
         x = ddim_step(x, self._unet(x, frame_t, torch.cat(tokens), jobs), a, ap)

@@ -1,29 +1,227 @@
-"""Real-size figures on a CUDA GPU with random weights (same speed as the released ones): `bench --gpu`.
+"""`bench --gpu`: the whole engine on a device, measured as the server runs it.
 
-Per dtype (fp16, bf16) and step count (1, 2, 4, 8): one engine call = the staggered window through the SD-1.5-size
-3-D UNet (reference attention, audio attention, motion modules) + the VAE decode of the frames it finishes.
-Prints fps (frames finished per second of compute), the call time, the audio-to-frame latency it implies, how many
-25 fps sessions one device carries at batch 1 and 4, and peak memory. Without CUDA it returns {"skipped": ...}.
+Real-size modules with random weights built in memory (same speed as the released weights; or `--model_dir`),
+fp16 or bf16, 512x512 by default. The default portrait is registered through `Engine.add_avatar`; then N
+concurrent sessions (1, 2, 4, 8 by default; the ramp stops once the engine is far past capacity) are each fed speech
+in real time in 20 ms pushes and read at their fps. Per N: delivered fps per session, latency from audio arrival to
+frame ready (p50/p95, p95 of the first vs the second half), underruns, the worker's busy fraction, device
+milliseconds per output frame by stage (audio features, UNet, decode, host copies; CUDA events) and peak memory.
+A `components` section times the UNet window and the VAE decode alone at 1-8 steps (CUDA only).
+
+`--device cpu` runs the same code at tiny size (CI); the GPU path differs only in device and dtype.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from vexpress_rt.models import DenoisingUNet, ReferenceNet, UNetConfig
-
 from .denoiser import DenoiserSettings, Schedule
-from .flops import SD_VAE_CONFIG
+from .device import synchronize
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PUSH_SAMPLES = 320  # 20 ms at 16 kHz, as the server's clients push
+FAR_PAST_CAPACITY = 0.5  # stop the ramp once sessions get less than this fraction of their fps
+PORTRAIT = Path(__file__).resolve().parents[1] / "server" / "assets" / "default_portrait"
 
 
-def _vae(dtype):
-    from diffusers import AutoencoderKL
+def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None):
+    if model_dir:
+        from vexpress_rt.loader import load_models
+        from vexpress_rt.weights import ModelPaths
 
-    return AutoencoderKL(**SD_VAE_CONFIG).to("cuda", dtype).eval()
+        return load_models(ModelPaths.from_model_dir(Path(model_dir)), device=device, dtype=dtype)
+    from .random_models import random_models
+
+    return random_models(model_size, device=device, dtype=dtype)
+
+
+def _decoders(models, model_dir: str | None):
+    """Both live decoders: from the model folder (TAESD when present), else TAESD's architecture with random
+    weights beside the full VAE (the same speed as its released weights)."""
+    from .decoder import FrameDecoder, load_decoders
+
+    if model_dir:
+        from vexpress_rt.weights import ModelPaths
+
+        return load_decoders(models, "auto", ModelPaths.from_model_dir(Path(model_dir)).taesd_path)[1]
+    from diffusers import AutoencoderTiny
+
+    tiny = AutoencoderTiny().to(models.device, models.dtype).eval().requires_grad_(False)
+    return {"full": FrameDecoder.full(models), "tiny": FrameDecoder.tiny(tiny)}
+
+
+def _default_portrait():
+    from PIL import Image
+
+    kps = np.array(json.loads(PORTRAIT.with_suffix(".json").read_text())["kps"], dtype=np.float32)
+    return Image.open(PORTRAIT.with_suffix(".png")), kps
+
+
+@torch.no_grad()
+def engine_figures(
+    device: str = "cuda",
+    dtype: str = "fp16",
+    model_size: str | None = None,
+    model_dir: str | None = None,
+    width: int = 512,
+    height: int = 512,
+    sessions: tuple[int, ...] = (1, 2, 4, 8),
+    seconds: float = 10.0,
+    session_config=None,
+    max_batch: int = 4,
+    components: bool = True,
+) -> dict:
+    """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent."""
+    from .engine import Engine, EngineConfig
+    from .session import SessionConfig
+    from .stage_timer import StageTimer
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    model_size = model_size or ("real" if device.type == "cuda" else "tiny")
+    cfg = session_config or SessionConfig()
+    cfg.validate()
+    out: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "dtype": dtype,
+        "model": model_dir or f"random weights, {model_size} size",
+        "width": width,
+        "height": height,
+        "seconds_per_run": seconds,
+    }
+    t0 = time.perf_counter()
+    models = _models(device, DTYPES[dtype], model_size, model_dir)
+    synchronize(device)
+    decoders = _decoders(models, model_dir)
+    out["model_load_s"] = time.perf_counter() - t0
+    if cfg.decoder not in decoders:
+        raise ValueError(f"decoder {cfg.decoder!r} is not in the model folder (have {sorted(decoders)})")
+    out["decoder"] = cfg.decoder
+    engine = Engine(
+        models,
+        EngineConfig(
+            width=width,
+            height=height,
+            max_sessions=max(sessions),
+            max_batch=max_batch,
+            admission=False,
+            default_session=cfg,
+        ),
+        decoders,
+    )
+    engine.stages = StageTimer(device)
+    image, kps = _default_portrait()
+    t0 = time.perf_counter()
+    info = engine.add_avatar(image, kps)
+    synchronize(device)
+    out["avatar_registration_s"] = time.perf_counter() - t0
+    out["runs"] = []
+    engine.start()
+    try:
+        for n in sessions:
+            run = sessions_run(engine, info.id, cfg, n, seconds)
+            out["runs"].append(run)
+            if run["delivered_fps_per_session"] < FAR_PAST_CAPACITY * cfg.fps:
+                break  # far past capacity: more sessions only take longer to tell the same
+    finally:
+        engine.close()
+    if components and device.type == "cuda":
+        out["components"] = component_timings(engine, info.id, cfg.new_frames)
+    return out
+
+
+def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
+    """n sessions, each pushed `seconds` of speech in real time in 20 ms pushes and read at its fps."""
+    from dataclasses import replace
+
+    from .bench import _speech
+
+    device = engine.models.device
+    opened = [engine.open_session(avatar_id, replace(cfg, seed=cfg.seed + i)) for i in range(n)]
+    pcm = _speech(seconds)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.stages.reset()
+    frames0 = engine.worker.frames_generated
+    first_speech: dict[str, tuple[float, int]] = {}
+    read = dict.fromkeys((s.id for s in opened), 0)
+    pushed = 0
+    start = time.monotonic()
+
+    def read_due(now: float) -> None:
+        for s in opened:
+            while read[s.id] / cfg.fps <= now - start:
+                s.read_frame()
+                read[s.id] += 1
+                if s.id not in first_speech and s.speech_frames_out:
+                    first_speech[s.id] = (time.monotonic(), s.speech_frames_out)
+
+    try:
+        while pushed < len(pcm):
+            now = time.monotonic()
+            while pushed < len(pcm) and pushed / 16000 <= now - start:
+                for s in opened:
+                    s.push_audio(pcm[pushed : pushed + PUSH_SAMPLES])
+                pushed += PUSH_SAMPLES
+            read_due(now)
+            time.sleep(0.004)
+        push_end = time.monotonic()
+        delivered = [
+            (s.speech_frames_out - first_speech[s.id][1]) / max(push_end - first_speech[s.id][0], 1e-9)
+            if s.id in first_speech
+            else 0.0
+            for s in opened
+        ]
+        for s in opened:
+            s.end_utterance()
+        deadline = push_end + max(5.0, seconds)  # a slow device: let the backlog play out, bounded
+        while any(s.buffered_ms > 0 for s in opened) and time.monotonic() < deadline:
+            read_due(time.monotonic())
+            time.sleep(0.004)
+        end = time.monotonic()
+        frames = engine.worker.frames_generated - frames0
+        stage_ms = engine.stages.totals_ms()
+    finally:
+        for s in opened:
+            s.close()
+    ids = {s.id for s in opened}
+    latencies, first, second = [], [], []
+    for chunk in list(engine.worker.chunk_log):
+        if chunk["session"] not in ids:
+            continue
+        for audio_time in chunk["audio_times"]:
+            ms = 1000 * (chunk["ready"] - audio_time)
+            latencies.append(ms)
+            (first if audio_time - start < seconds / 2 else second).append(ms)
+
+    def p(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    per_frame = {k: v / frames if frames else float("nan") for k, v in stage_ms.items()}
+    return {
+        "sessions": n,
+        "delivered_fps_per_session": float(np.mean(delivered)),
+        "delivered_fps_min": float(np.min(delivered)),
+        "latency_p50_ms": p(latencies, 50),
+        "latency_p95_ms": p(latencies, 95),
+        "latency_p95_first_half_ms": p(first, 95),
+        "latency_p95_second_half_ms": p(second, 95),
+        "underruns": int(sum(s.underruns for s in opened)),
+        "dropped_frames": int(sum(s.dropped_frames for s in opened)),
+        "frames_generated": int(frames),
+        "worker_busy_fraction": engine.worker.compute_between(start, end) / (end - start),
+        "device_ms_per_frame": per_frame,
+        "device_ms_per_frame_total": float(sum(per_frame.values())),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def _time(fn, repeats: int) -> float:
@@ -38,56 +236,93 @@ def _time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def gpu_figures(quick: bool = False, size: int = 512, new_frames: int = 2, lookahead_ms: float = 200.0) -> dict:
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
-    cfg = UNetConfig()  # the SD-1.5 layout V-Express uses
-    h = w = size // 8
-    out: dict = {"device": torch.cuda.get_device_name(), "size": size, "new_frames": new_frames, "runs": []}
-    repeats = 5 if quick else 20
-    for name, dtype in DTYPES.items():
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            continue
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        out["runs"] += _runs(cfg, name, dtype, h, w, new_frames, lookahead_ms, repeats)
-    return out
-
-
-def _runs(cfg: UNetConfig, name: str, dtype, h: int, w: int, new_frames: int, lookahead_ms: float, repeats: int):
-    unet = DenoisingUNet(cfg).to("cuda", dtype).eval()
-    reference_net = ReferenceNet(cfg).to("cuda", dtype).eval()
-    kv = unet.reference_kv(reference_net(torch.randn(1, 4, h, w, device="cuda", dtype=dtype)))
-    del reference_net
-    vae = _vae(dtype)
+def component_timings(engine, avatar_id: str, new_frames: int = 2, repeats: int = 10) -> list[dict]:
+    """One staggered UNet window and the VAE decode of the frames it finishes, alone, at 1-8 steps, batch 1 and 4:
+    the call time, fps and the sessions at 25 fps it implies."""
+    models = engine.models
+    avatar = engine.avatar(avatar_id).encoded
+    unet, vae, device, dtype = models.denoising_unet, models.vae, models.device, models.dtype
+    _, _, h, w = avatar.latent.shape
     runs = []
     for steps in (1, 2, 4, 8):
         settings = DenoiserSettings(steps=steps, new_frames=new_frames, strategy="staggered")
         frames = settings.window_frames
+        schedule = Schedule(steps, device)
         for batch in (1, 4):
-            x = torch.randn(batch, 4, frames, h, w, device="cuda", dtype=dtype)
-            tokens = torch.randn(batch * frames, 5, cfg.cross_attention_dim, device="cuda", dtype=dtype)
-            kps = torch.randn(batch, cfg.block_out_channels[0], frames, h, w, device="cuda", dtype=dtype)
-            t = Schedule(steps).timesteps.repeat_interleave(new_frames).repeat(batch).to("cuda")
-            z = torch.randn(batch * new_frames, 4, h, w, device="cuda", dtype=dtype)
-
-            def call(x=x, t=t, tokens=tokens, kps=kps, z=z):
-                unet(x, t, tokens, kv, kps, 0.95, 3.0)
-                vae.decode(z)
-
-            seconds = _time(call, repeats)
-            fps = batch * new_frames / seconds
+            kv = {k: (a.expand(batch, -1, -1), b.expand(batch, -1, -1)) for k, (a, b) in avatar.reference_kv.items()}
+            x = torch.randn(batch, 4, frames, h, w, device=device, dtype=dtype)
+            tokens = torch.randn(batch * frames, 5, models.unet_config.cross_attention_dim, device=device, dtype=dtype)
+            kps = avatar.kps_feature.expand(batch, -1, frames, -1, -1)
+            t = schedule.timesteps.repeat_interleave(new_frames).repeat(batch)
+            z = torch.randn(batch * new_frames, 4, h, w, device=device, dtype=dtype)
+            unet_s = _time(
+                lambda x=x, t=t, tokens=tokens, kps=kps, kv=kv: unet(x, t, tokens, kv, kps, 0.95, 3.0), repeats
+            )
+            decode_s = _time(lambda z=z: vae.decode(z), repeats)
+            fps = batch * new_frames / (unet_s + decode_s)
             runs.append(
                 {
-                    "dtype": name,
                     "steps": steps,
                     "batch": batch,
-                    "call_ms": 1000 * seconds,
+                    "window_frames": frames,
+                    "unet_ms": 1000 * unet_s,
+                    "decode_ms": 1000 * decode_s,
                     "fps": fps,
                     "sessions_at_25fps": int(fps // 25),
-                    # audio a frame waits for (its group + the pipeline depth) + lookahead + one call
-                    "latency_ms": 1000 * steps * new_frames / 25 + lookahead_ms + 1000 * seconds,
-                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                 }
             )
     return runs
+
+
+def print_engine_table(out: dict) -> None:
+    if "skipped" in out:
+        print(f"engine on the device: skipped ({out['skipped']})")
+        return
+    print(
+        f"engine on {out['device']} ({out['dtype']}, {out['model']}, {out['width']}x{out['height']}): "
+        f"model load {out['model_load_s']:.1f} s, avatar registration {out['avatar_registration_s']:.1f} s"
+    )
+    head = (
+        "N",
+        "fps/sess",
+        "p50 ms",
+        "p95 ms",
+        "p95 1st",
+        "p95 2nd",
+        "underruns",
+        "busy",
+        "ms/frame",
+        "feat",
+        "unet",
+        "decode",
+        "copy",
+        "peak GiB",
+    )
+    print("  " + " ".join(f"{h:>9}" for h in head))
+    for r in out["runs"]:
+        st = r["device_ms_per_frame"]
+        peak = r["peak_memory_gib"]
+        cells = (
+            r["sessions"],
+            r["delivered_fps_per_session"],
+            r["latency_p50_ms"],
+            r["latency_p95_ms"],
+            r["latency_p95_first_half_ms"],
+            r["latency_p95_second_half_ms"],
+            r["underruns"],
+            r["worker_busy_fraction"],
+            r["device_ms_per_frame_total"],
+            st["audio_features"],
+            st["unet"],
+            st["decode"],
+            st["host_copy"],
+            "-" if peak is None else peak,
+        )
+        print("  " + " ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c:>9}" for c in cells))
+    if "components" in out:
+        print("components (one staggered window through the UNet + the decode of its new frames):")
+        for r in out["components"]:
+            print(
+                f"  steps {r['steps']} batch {r['batch']}: UNet {r['unet_ms']:.1f} ms, decode {r['decode_ms']:.1f} ms,"
+                f" {r['fps']:.1f} fps, {r['sessions_at_25fps']} sessions at 25 fps"
+            )

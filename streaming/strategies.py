@@ -20,6 +20,7 @@ from vexpress_rt.audio_features import audio_tokens
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+from .device import synchronize
 
 
 def _speech16k(seconds: float) -> np.ndarray:
@@ -30,7 +31,7 @@ def _speech16k(seconds: float) -> np.ndarray:
 
 def _boundary_ratio(latents: torch.Tensor, period: int) -> float:
     steps = (latents[:, 1:] - latents[:, :-1]).abs().mean(dim=(0, 2, 3))  # step i: frame i -> i+1
-    idx = torch.arange(len(steps))
+    idx = torch.arange(len(steps), device=steps.device)
     across = (idx + 1) % period == 0
     return float(steps[across].mean() / steps[~across].mean())
 
@@ -76,6 +77,7 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
                 payloads += [None] * (4 - len(payloads))
             t0 = time.perf_counter()
             made += denoiser.run([ChunkJob(state, avatar, chunk, payloads)])[0]
+            synchronize(models.device)
             call_s.append(time.perf_counter() - t0)
         while state.queue is not None and state.real_frames_queued:
             made += denoiser.run([ChunkJob(state, avatar, silence[None].expand(4, -1, -1), [None] * 4)])[0]

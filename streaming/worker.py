@@ -78,7 +78,8 @@ class ModelWorker:
         for session in self.engine.sessions():
             t0 = time.monotonic()
             try:
-                job = session._next_job()  # runs the audio features on new audio: model compute
+                with self.engine.stages("audio_features"):
+                    job = session._next_job()  # runs the audio features on new audio: model compute
             except Exception as exc:
                 _release_memory(exc)
                 self._fail(session, exc)
@@ -102,7 +103,7 @@ class ModelWorker:
         noise = [job.state.generator.get_state() for job in jobs]  # to replay a failed batch's noise
         t0 = time.perf_counter()
         try:
-            with self.engine.model_lock:
+            with self.engine.model_lock, self.engine.stages("unet"):
                 outputs = self.engine.denoiser(settings).run(jobs)
         except Exception as exc:
             _release_memory(exc)

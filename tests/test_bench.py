@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from streaming.gpu_bench import gpu_figures
+import pytest
+
+from streaming.gpu_bench import engine_figures
 
 
 def test_bench_quick_json_prints_every_figure(model_dir, capsys):
@@ -44,11 +46,27 @@ def test_bench_quick_json_prints_every_figure(model_dir, capsys):
     assert 0 < out["latency_p50_ms"] <= out["latency_p95_ms"]
 
 
-def test_gpu_figures_skip_cleanly_without_cuda():
+def test_engine_bench_skips_cleanly_without_cuda():
     import torch
 
-    figures = gpu_figures(quick=True)
     if torch.cuda.is_available():
-        assert figures["runs"] and all(r["fps"] > 0 for r in figures["runs"])
-    else:
-        assert figures == {"skipped": "no CUDA device"}
+        pytest.skip("a CUDA device is present: tests/test_gpu.py and scripts/gpu_check.sh measure it")
+    assert engine_figures(device="cuda") == {"skipped": "no CUDA device"}
+
+
+def test_engine_bench_on_cpu_runs_sessions_and_reports_every_figure(capsys):
+    """The same path as `bench --gpu`, at tiny size on the CPU: the default portrait, then one session fed speech
+    in real time; a short, bounded run."""
+    from server.cli import main
+
+    args = ["bench", "--gpu", "--device", "cpu", "--dtype", "fp32", "--json", "--sessions", "1", "--seconds", "1.5"]
+    assert main(args + ["--width", "128", "--height", "64"]) == 0
+    gpu = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gpu"]
+    assert gpu["model_load_s"] > 0 and gpu["avatar_registration_s"] > 0
+    (run,) = gpu["runs"]
+    assert run["sessions"] == 1 and run["frames_generated"] > 0
+    assert 0 < run["latency_p50_ms"] <= run["latency_p95_ms"]
+    assert 0 < run["worker_busy_fraction"] <= 1.0
+    stages = run["device_ms_per_frame"]
+    assert set(stages) == {"audio_features", "unet", "decode", "host_copy"} and all(v > 0 for v in stages.values())
+    assert run["peak_memory_gib"] is None  # CPU: no device memory figure

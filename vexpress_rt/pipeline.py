@@ -136,6 +136,7 @@ def denoise(
     coverage = torch.zeros(latents.shape[2], dtype=dtype)
     for window in windows:
         coverage[window] += 1
+    coverage = coverage.to(device)  # once: every window below reads its slice on the device
     latents = latents.to(device)
     for step, t in enumerate(scheduler.timesteps):
         v_sum = torch.zeros_like(latents)
@@ -154,7 +155,7 @@ def denoise(
             if cfg:
                 v_uncond, v_cond = v.chunk(2)
                 v = v_uncond + settings.guidance_scale * (v_cond - v_uncond)
-            v_sum[:, :, window] += v / coverage[window].to(device)[None, None, :, None, None]
+            v_sum[:, :, window] += v / coverage[window][None, None, :, None, None]
         latents = scheduler.step(v_sum, t, latents).prev_sample.to(dtype)
         if on_step is not None:
             on_step(step, latents)

@@ -1,0 +1,63 @@
+"""The engine and the offline pipeline end to end on CUDA (skipped without a CUDA device).
+
+Random tiny models built in memory, so these need neither the fixtures nor a model folder (the GPU machine has
+neither); `scripts/gpu_check.sh` runs them there with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module", params=["fp16", "bf16"])
+def cuda_models(request):
+    from streaming.random_models import random_models
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[request.param]
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this device")
+    return random_models("tiny", device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("strategy", ["staggered", "chunked"])
+def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
+    from streaming.engine import Engine, EngineConfig
+    from streaming.gpu_bench import _default_portrait
+    from streaming.session import SessionConfig
+
+    engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False))
+    image, kps = _default_portrait()
+    info = engine.add_avatar(image, kps)  # crashed on CUDA before: schedule alphas left on the CPU
+    assert engine.avatar(info.id).idle_latents.device.type == "cuda"
+    engine.start()
+    try:
+        session = engine.open_session(info.id, SessionConfig(strategy=strategy))
+        t = np.arange(16000) / 16000
+        session.push_audio((8000 * np.sin(2 * np.pi * 150 * t)).astype(np.int16))
+        session.end_utterance()
+        images, deadline = [], time.monotonic() + 60
+        while session.speech_frames_out < 20 and time.monotonic() < deadline:
+            images.append(session.read_frame().image)
+            time.sleep(0.01)
+        assert engine.worker.errors == 0
+        assert session.speech_frames_out >= 20, f"only {session.speech_frames_out} speech frames in 60 s"
+        assert all(im.shape == (128, 128, 3) and im.dtype == np.uint8 for im in images)
+        session.close()
+    finally:
+        engine.close()
+
+
+def test_offline_generate_on_cuda(cuda_models):
+    from vexpress_rt.pipeline import GenerationSettings, generate
+
+    settings = GenerationSettings(width=64, height=64, num_inference_steps=2, context_frames=4, context_overlap=1)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    kps = np.array([[20, 24], [44, 24], [32, 44]], np.float32)
+    waveform = np.random.default_rng(0).standard_normal(16000 // 2).astype(np.float32) * 0.1
+    result = generate(cuda_models, settings, image, kps, waveform)
+    assert result.frames.shape[1:] == (64, 64, 3) and result.frames.shape[0] == result.latents.shape[2] >= 4
