@@ -301,9 +301,11 @@ def test_retarget_strategies(runs, outputs, strategy):
     frames = _frames(outputs, strategy)
     assert frames.std() > 5
     if strategy != "no_retarget":
-        # The key points drawn differ from the raw driving ones, so the video differs.
+        # The key points drawn differ from the raw driving ones, so the video differs. Same seed, same audio: equal
+        # key points give bit-identical frames, so any mean difference is the strategy's. The built random model's
+        # guider moves the frames only a little (about 0.05 grey levels on average, 0.5 on the golden fixture's).
         baseline = _frames(outputs, "no_retarget")
-        assert np.abs(frames.astype(np.int16) - baseline).mean() > 0.5
+        assert np.abs(frames.astype(np.int16) - baseline).mean() > 0.01
 
 
 def test_retargeted_strategies_differ_from_each_other(runs, outputs):
