@@ -80,3 +80,59 @@ def test_speak_refuses_images_and_text_with_415():
         with pytest.raises(ApiError) as err:
             decode_audio_bytes(data, max_seconds=5.0)
         assert err.value.status == 415
+
+
+# -- 2. the portrait crop stays bounded; key points that are no face are refused ------------------------------------
+def test_the_issue_crop_bomb_is_refused_before_any_pixel_is_padded():
+    """Eyes 1 px apart and a nose 999 px below them made a 6450x6450 padded copy (the issue's 40823x40823 at
+    6324x6324): now an InputError (400), answered at once."""
+    import time
+
+    from PIL import Image
+
+    from streaming.portrait import prepare_portrait
+    from vexpress_rt.errors import InputError
+
+    started = time.perf_counter()
+    with pytest.raises(InputError, match="degenerate"):
+        prepare_portrait(Image.new("RGB", (1000, 1000), "grey"), 128, 64, kps=[[0, 0], [1, 0], [0.5, 999]])
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "kps",
+    [
+        [[100, 100], [200, 100], [300, 100]],  # the nose on the eye line
+        [[100, 100], [102, 100], [101, 102]],  # eyes 2 px apart
+        [[100, 100], [140, 100], [120, 900]],  # a nose 35 eye distances below the eyes
+        [[0, 0], [990, 0], [495, 560]],  # a face shape, but its crop is 16 times the photo
+    ],
+    ids=["collinear", "tiny-eyes", "far-nose", "crop-larger-than-photo"],
+)
+def test_key_points_that_are_no_face_in_the_photo_are_refused(kps):
+    from PIL import Image
+
+    from streaming.portrait import prepare_portrait
+    from vexpress_rt.errors import InputError
+
+    with pytest.raises(InputError):
+        prepare_portrait(Image.new("RGB", (1000, 1000), "grey"), 128, 64, kps=kps)
+
+
+def test_padding_a_face_in_a_corner_costs_the_crop_not_the_photo():
+    """A face at the corner of a 2000x2000 photo: the crop (about 370 px) is padded, not the whole photo."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from streaming.portrait import prepare_portrait
+
+    photo = Image.new("RGB", (2000, 2000), "grey")
+    tracemalloc.start()
+    try:
+        crop, kps = prepare_portrait(photo, 128, 64, kps=[[10, 10], [110, 10], [60, 67]])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert crop.size == (128, 64) and kps.shape == (3, 2)
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB (the photo alone is {3 * 2000 * 2000 / 2**20:.1f} MiB)"
