@@ -135,6 +135,8 @@ class ServerConfig:
     width: int = 512
     height: int = 512
     cache_dir: str | None = None
+    avatar_cache_mb: float = 2048.0  # pre-encoded avatars kept in memory for re-registration (LRU)
+    cache_dir_mb: float = 8192.0  # pre-encoded avatars kept in --cache_dir (LRU)
     device: str = "cuda"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
     web_root: str = str(DEFAULT_WEB_ROOT)
@@ -182,7 +184,8 @@ class ServerConfig:
         if isinstance(self.api_key, (list, tuple)) and not all(isinstance(k, str) and k for k in self.api_key):
             raise ConfigError("--api-key: every key must be a non-empty string")
         self.allowed_origin = [parse_origin(o) for o in self.allowed_origin]
-        for name in ("max_upload_mb", "max_image_pixels", "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
+        for name in ("avatar_cache_mb", "cache_dir_mb", "max_upload_mb", "max_image_pixels",
+                     "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
                      "max_viewers", "max_avatars"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
@@ -300,6 +303,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)
     opt("cache_dir", "keep pre-encoded avatars here across restarts")
+    opt("cache_dir_mb", "most MiB of pre-encoded avatars kept in --cache_dir (least recently used go); default 8192",
+        type=float)
+    opt("avatar_cache_mb", "most MiB of pre-encoded avatars cached in memory for re-registration; default 2048",
+        type=float)
     opt("recording_dir", "folder for MP4 recordings of sessions; default: a temporary folder, deleted at shutdown")
     opt("recording_retention_s", "delete a finished recording this many seconds after it stopped; default 3600",
         type=float)

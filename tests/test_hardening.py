@@ -136,3 +136,81 @@ def test_padding_a_face_in_a_corner_costs_the_crop_not_the_photo():
         tracemalloc.stop()
     assert crop.size == (128, 64) and kps.shape == (3, 2)
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB (the photo alone is {3 * 2000 * 2000 / 2**20:.1f} MiB)"
+
+
+# -- 3. deleted avatars are freed; the avatar caches are bounded ---------------------------------------------------
+def _portrait(i: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    return Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+
+
+KPS = [[30, 40], [66, 40], [48, 61]]
+
+
+def _live_tensors() -> int:
+    import gc
+
+    import torch
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model is fastest on one thread here (2 shared cores: more threads only contend)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.fixtures
+def test_upload_delete_cycles_leave_the_store_where_it_started(tiny_models, tmp_path, one_thread):
+    """100 registrations and deletions, the way the engine does them (encode into the store, forget on delete)."""
+    from streaming.avatar import AvatarStore
+    from streaming.portrait import prepare_portrait
+
+    store = AvatarStore(tiny_models, tmp_path)
+    kept = store.get_or_encode(*prepare_portrait(_portrait(1000), 128, 64, kps=KPS), 128, 64)
+    before, tensors_before = store.stats(), _live_tensors()
+    for i in range(100):
+        store.forget(store.get_or_encode(*prepare_portrait(_portrait(i), 128, 64, kps=KPS), 128, 64))
+    after, tensors_after = store.stats(), _live_tensors()
+    assert after == before and after["memory_avatars"] == 1, (before, after)
+    assert tensors_after - tensors_before < 20, (tensors_before, tensors_after)  # not 100 avatars' (~40 each)
+    assert store.get_or_encode(*prepare_portrait(_portrait(1000), 128, 64, kps=KPS), 128, 64) is kept
+
+
+@pytest.mark.fixtures
+def test_deleting_an_avatar_frees_its_tensors(tiny_models, tmp_path, one_thread):
+    from streaming.engine import Engine, EngineConfig
+
+    engine = Engine(tiny_models, EngineConfig(width=128, height=64, cache_dir=str(tmp_path), idle_seconds=0.2))
+    kept = engine.add_avatar(_portrait(1000), KPS, "kept")
+    before, tensors_before = engine.store.stats(), _live_tensors()
+    for i in range(3):
+        assert engine.remove_avatar(engine.add_avatar(_portrait(i), KPS).id)
+    assert engine.store.stats() == before
+    assert _live_tensors() - tensors_before < 10
+    assert [a.id for a in engine.avatars()] == [kept.id]
+
+
+@pytest.mark.fixtures
+def test_avatar_caches_stay_within_their_byte_budgets(tiny_models, tmp_path, one_thread):
+    from streaming.avatar import AvatarStore, avatar_bytes
+    from streaming.portrait import prepare_portrait
+
+    store = AvatarStore(tiny_models, tmp_path, memory_bytes=1, disk_bytes=1)
+    one = prepare_portrait(_portrait(0), 128, 64, kps=KPS)
+    size = avatar_bytes(store.get_or_encode(*one, 128, 64))
+    store.memory_bytes, store.disk_bytes = int(2.5 * size), int(2.5 * (tmp_path.stat().st_size + size * 1.2))
+    for i in range(6):
+        store.get_or_encode(*prepare_portrait(_portrait(i), 128, 64, kps=KPS), 128, 64)
+    stats = store.stats()
+    assert stats["memory_avatars"] == 2 and stats["memory_bytes"] <= store.memory_bytes, stats
+    assert 1 <= stats["disk_files"] <= 3 and stats["disk_bytes"] <= store.disk_bytes, stats
