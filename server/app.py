@@ -482,6 +482,7 @@ async def _connect_peer(state: ServerState, session: ServerSession, name: str, o
         session.peers.pop(name, None)
         await rtc.close_quietly(pc)  # the offer's error is the answer, not a failure to clean up
         raise
+    session.pump.start()  # the clock runs from the answer on; the tracks subscribe when their senders start
     return pc
 
 
