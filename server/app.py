@@ -66,7 +66,9 @@ class ServerState:
     engine: object
     owns_engine: bool
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
-    default_avatar_id: str | None = None
+    default_avatar_id: str | None = None  # None while the default portrait is being registered
+    startup_task: asyncio.Task | None = None
+    startup_error: str | None = None  # why the default portrait could not be registered
     avatar_jobs: limits.PendingLimit = field(
         default_factory=lambda: limits.PendingLimit(limits.MAX_PENDING_AVATARS, "portrait registrations")
     )
@@ -147,6 +149,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = _state(request)
     body = {"sessions": len(state.sessions), "max_sessions": state.config.max_sessions}
+    if state.startup_error is not None:
+        return web.json_response({"status": "failed", "error": state.startup_error, **body}, status=503)
     if state.default_avatar_id is None:
         return web.json_response(
             {"status": "starting", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -308,6 +312,8 @@ def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sess
     if unknown:
         raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
     avatar_id = data.get("avatar_id") or state.default_avatar_id
+    if avatar_id is None:
+        raise _capacity_error("the server is starting (the default portrait is being encoded)")
     if not isinstance(avatar_id, str):
         raise ApiError(400, "avatar_id must be a string")
     audio = data.get("audio") or {}
@@ -553,26 +559,46 @@ async def legacy_offer(request: web.Request) -> web.Response:
 
 
 # -- lifecycle ----------------------------------------------------------------------------------------------------
+async def _start_default_avatar(app: web.Application) -> None:
+    """Check the default portrait's path now (a typo fails the start), register it in the background: the port
+    opens (and `/healthz` answers) at once, `/readyz` says `starting` until the portrait is encoded (minutes on a
+    small CPU at 512x512, longer than a supervisor waits for a port)."""
+    state = app[STATE]
+    if not Path(state.config.avatar).is_file():
+        raise InputError(f"--avatar: portrait not found: {state.config.avatar}")
+    state.startup_task = asyncio.get_running_loop().create_task(_register_default_avatar(app), name="default-avatar")
+
+
 async def _register_default_avatar(app: web.Application) -> None:
     from vexpress_rt.kps import load_reference_kps
 
     state = app[STATE]
     cfg = state.config
     path = Path(cfg.avatar)
-    if not path.is_file():
-        raise InputError(f"--avatar: portrait not found: {path}")
-    image = decode_image(path.read_bytes())
-    kps_path = cfg.avatar_kps_path()
-    kps = load_reference_kps(kps_path) if kps_path else None
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, "default"))
+
+    def register():
+        image = decode_image(path.read_bytes())
+        kps_path = cfg.avatar_kps_path()
+        kps = load_reference_kps(kps_path) if kps_path else None
+        return state.engine.add_avatar(image, kps, "default")
+
+    try:
+        avatar = await loop.run_in_executor(state.executor, register)
+    except Exception as exc:
+        state.startup_error = f"the default portrait {path.name} could not be registered: {exc}"
+        log.exception("%s; no session can open", state.startup_error)
+        return
     state.default_avatar_id = avatar.id
     log.info("default avatar %s (%s) ready in %.2f s", avatar.id, path.name, time.perf_counter() - started)
 
 
 async def _close_sessions(app: web.Application) -> None:
-    await app[STATE].sessions.close_all("server shutting down")
+    state = app[STATE]
+    if state.startup_task is not None:
+        state.startup_task.cancel()
+    await state.sessions.close_all("server shutting down")
 
 
 async def _release(app: web.Application) -> None:
@@ -626,7 +652,7 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     r.add_get("/{path:.+}", page_file)  # last: every API route above wins
     if not Path(config.web_root).is_dir():
         log.warning("no browser page: %s is not a folder", config.web_root)
-    app.on_startup.append(_register_default_avatar)
+    app.on_startup.append(_start_default_avatar)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_release)
     return app

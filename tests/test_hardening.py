@@ -214,3 +214,47 @@ def test_avatar_caches_stay_within_their_byte_budgets(tiny_models, tmp_path, one
     stats = store.stats()
     assert stats["memory_avatars"] == 2 and stats["memory_bytes"] <= store.memory_bytes, stats
     assert 1 <= stats["disk_files"] <= 3 and stats["disk_bytes"] <= store.disk_bytes, stats
+
+
+# -- 11. the port answers at once; /readyz says starting until the default portrait is ready -----------------------
+class SlowPortraitEngine:
+    """The shared engine, whose portrait registration waits for the test's signal (as a 512x512 portrait on a
+    small CPU takes minutes): everything else is the real engine."""
+
+    def __init__(self, engine, gate):
+        self._engine, self._gate = engine, gate
+
+    def add_avatar(self, *args, **kwargs):
+        self._gate.wait(30)
+        return self._engine.add_avatar(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.mark.fixtures
+def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engine):
+    import threading
+    import time
+
+    from server_harness import ServerThread, call, make_config
+
+    gate = threading.Event()
+    started = time.perf_counter()
+    server = ServerThread(make_config(), SlowPortraitEngine(tiny_engine, gate)).start(wait_ready=False)
+    try:
+        up_s = time.perf_counter() - started
+        health, ready = call("GET", f"{server.url}/healthz"), call("GET", f"{server.url}/readyz")
+        session = call("POST", f"{server.url}/v1/sessions", json={})
+        gate.set()
+        assert up_s < 10, f"the port opened after {up_s:.1f} s"
+        assert health.status == 200
+        assert ready.status == 503 and ready.json["status"] == "starting", ready.text
+        assert session.status == 503 and "starting" in session.json["error"]["message"], session.text
+        deadline = time.monotonic() + 60
+        while call("GET", f"{server.url}/readyz").status != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert call("GET", f"{server.url}/readyz").json["status"] == "ready"
+    finally:
+        gate.set()
+        server.stop()
