@@ -623,7 +623,14 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
         engine = build_engine(config)
         engine.start()
     security.install_log_redaction()  # ?token= never reaches the access log
-    origins = security.OriginPolicy(config.allowed_origin, config.host)  # CORS: outermost, so errors carry it too
+    if config.insecure_no_auth and not config.api_key and not security.is_loopback_host(config.host):
+        log.warning(
+            "\n%s\nINSECURE: serving on %s with NO API KEY (--insecure-no-auth): anyone who reaches this port can\n"
+            "register portraits, open sessions and read server information. Give --api-key.\n%s",
+            "!" * 100, config.host, "!" * 100,
+        )
+    # Host and CORS checks: outermost, so errors carry them too
+    origins = security.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)
     app = web.Application(
         middlewares=[origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
     )

@@ -27,6 +27,8 @@ from urllib.parse import unquote
 from vexpress_rt.errors import InputError
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
+from .security import is_loopback_host
+
 ENV_PREFIX = "VEXPRESS_"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_AVATAR = ASSETS / "default_portrait.png"
@@ -149,6 +151,8 @@ class ServerConfig:
     jpeg_quality: int = 80  # JPEG quality of the frames websocket (a client may ask for another with ?quality=)
     # access and limits (SECURITY.md); 0 turns a time limit off
     allowed_origin: list[str] = field(default_factory=list)  # browser origins besides the server's own; "*": any
+    allowed_host: list[str] = field(default_factory=list)  # Host names the server answers to besides IPs, localhost
+    insecure_no_auth: bool = False  # serve off loopback without an API key (refused otherwise)
     max_upload_mb: float = 20.0  # one upload (portrait image, audio file)
     max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
     max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
@@ -184,6 +188,12 @@ class ServerConfig:
         if isinstance(self.api_key, (list, tuple)) and not all(isinstance(k, str) and k for k in self.api_key):
             raise ConfigError("--api-key: every key must be a non-empty string")
         self.allowed_origin = [parse_origin(o) for o in self.allowed_origin]
+        self.allowed_host = [h.strip().lower() for h in self.allowed_host if h.strip()]
+        if self.api_key is None and not self.insecure_no_auth and not is_loopback_host(self.host):
+            raise ConfigError(
+                f"--host {self.host} serves other machines: give --api-key (or VEXPRESS_API_KEY), or "
+                "--insecure-no-auth to serve the whole API to anyone who can reach it"
+            )
         for name in ("avatar_cache_mb", "cache_dir_mb", "max_upload_mb", "max_image_pixels",
                      "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
                      "max_viewers", "max_avatars"):
@@ -225,6 +235,7 @@ _INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
+_FLOATS |= {"avatar_cache_mb", "cache_dir_mb"}  # the avatar store's caches
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -235,7 +246,7 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
-        if name == "allowed_origin":
+        if name in ("allowed_origin", "allowed_host"):
             return _split_env_list(value) if from_env else list(value)
         if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
             keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
@@ -244,7 +255,7 @@ def _convert(name: str, value, from_env: bool = False):
             return int(value)
         if name in _FLOATS:
             return float(value)
-        if name in ("mark_frames", "admission"):
+        if name in ("mark_frames", "admission", "insecure_no_auth"):
             return _parse_bool(value) if isinstance(value, str) else bool(value)
         return str(value)
     except ValueError as exc:
@@ -286,6 +297,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "a browser origin (scheme://host[:port]) allowed to call the API besides the server's own, repeatable; "
         "* allows any; default: same origin only",
         action="append",
+    )
+    opt(
+        "allowed_host",
+        "a host name (host or host:port) clients reach the server by, repeatable; requests naming another Host are "
+        "refused (DNS rebinding); IP addresses and localhost are always accepted; default: none",
+        action="append",
+    )
+    p.add_argument(
+        "--insecure_no_auth",
+        "--insecure-no-auth",
+        dest="insecure_no_auth",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve off loopback without --api-key: anyone who reaches the port may use the whole API "
+        f"(env {ENV_PREFIX}INSECURE_NO_AUTH)",
     )
     opt("max_upload_mb", "largest upload (portrait, audio file) in MiB; default 20", type=float)
     opt("max_image_pixels", "largest portrait in pixels (width x height), checked before decoding; default 40000000",

@@ -258,3 +258,43 @@ def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engin
     finally:
         gate.set()
         server.stop()
+
+
+# -- 4. off loopback a key is required; the server answers only to Host names it was configured for ----------------
+def test_serving_off_loopback_needs_an_api_key_or_an_explicit_insecure_flag():
+    from server.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="--api-key"):
+        ServerConfig(host="0.0.0.0").validate()
+    with pytest.raises(ConfigError, match="--insecure-no-auth"):
+        ServerConfig.from_env({"VEXPRESS_HOST": "192.0.2.10"})
+    assert ServerConfig(host="0.0.0.0", api_key="k").validate().api_key == "k"
+    assert ServerConfig.from_env({"VEXPRESS_HOST": "::", "VEXPRESS_INSECURE_NO_AUTH": "1"}).insecure_no_auth
+    assert ServerConfig(host="127.0.0.1").validate().api_key is None  # loopback stays open
+
+
+def test_the_serve_command_refuses_to_start_off_loopback_without_a_key(capsys):
+    from server.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) != 0
+    assert "--api-key" in capsys.readouterr().err
+
+
+@pytest.mark.fixtures
+def test_a_host_header_the_server_was_not_configured_for_is_refused(tiny_engine):
+    """DNS rebinding: a page on evil.example, re-pointed at the server, is "same origin" for the browser."""
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(allowed_host=["avatars.example"]), tiny_engine).start()
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+        assert call("GET", f"{server.url}/v1/info", headers=rebound).status == 403
+        assert call("POST", f"{server.url}/v1/sessions", headers=rebound, json={}).status == 403
+        assert call("GET", f"{server.url}/v1/info", headers={"Host": f"evil.example:{port}"}).status == 403
+        configured = {"Host": f"avatars.example:{port}", "Origin": f"http://avatars.example:{port}"}
+        assert call("GET", f"{server.url}/v1/info", headers=configured).status == 200
+        assert call("GET", f"{server.url}/v1/info", headers={"Host": f"localhost:{port}"}).status == 200
+        assert call("GET", f"{server.url}/healthz").status == 200
+    finally:
+        server.stop()
