@@ -185,10 +185,15 @@ def _may_control(request: web.Request, config: ServerConfig) -> bool:
 async def info(request: web.Request) -> web.Response:
     state = _state(request)
     cfg = state.config
+    control = _may_control(request, cfg)  # what only a key holder may see: the model's folder, the avatars
+    model = {"name": "V-Express", "device": str(state.engine.models.device)}  # the device in use, not the flag
+    if control:
+        model["model_dir"] = str(cfg.model_dir)
+    avatars = [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()] if control else None
     return web.json_response(
         {
             "version": VERSION,
-            "model": {"name": "V-Express", "model_dir": str(cfg.model_dir), "device": cfg.device},
+            "model": model,
             "width": cfg.width,
             "height": cfg.height,
             "fps": cfg.fps,
@@ -198,10 +203,10 @@ async def info(request: web.Request) -> web.Response:
             "codecs": {"video": ["VP8", "H264"], "audio": ["opus"]},
             "audio_out": {"sample_rate": 48000, "channels": 1, "packet_ms": 20},
             # TURN credentials only to callers who may open sessions (they get them with the session anyway)
-            "ice_servers": [s.to_json(with_credentials=_may_control(request, cfg)) for s in cfg.ice_server],
+            "ice_servers": [s.to_json(with_credentials=control) for s in cfg.ice_server],
             "auth": {"api_key": cfg.api_key is not None},
             "default_avatar_id": state.default_avatar_id,
-            "avatars": [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()],
+            **({"avatars": avatars} if control else {}),
             "mark_frames": cfg.mark_frames,
         }
     )

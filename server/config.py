@@ -148,6 +148,7 @@ class ServerConfig:
     subscriber_queue_frames: int = 6  # per track: absorbs stalls of the sender; beyond, the oldest are dropped
     recording_dir: str | None = None  # MP4 recordings (server/recording.py); default: a temporary folder
     recording_retention_s: float = 3600.0  # a finished recording is deleted this long after it stopped
+    recordings_quota_mb: float = 4096.0  # disk all recordings may take; beyond, they stop and new ones get 507
     jpeg_quality: int = 80  # JPEG quality of the frames websocket (a client may ask for another with ?quality=)
     # access and limits (SECURITY.md); 0 turns a time limit off
     allowed_origin: list[str] = field(default_factory=list)  # browser origins besides the server's own; "*": any
@@ -194,7 +195,7 @@ class ServerConfig:
                 f"--host {self.host} serves other machines: give --api-key (or VEXPRESS_API_KEY), or "
                 "--insecure-no-auth to serve the whole API to anyone who can reach it"
             )
-        for name in ("avatar_cache_mb", "cache_dir_mb", "max_upload_mb", "max_image_pixels",
+        for name in ("avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb", "max_upload_mb", "max_image_pixels",
                      "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
                      "max_viewers", "max_avatars"):
             if not getattr(self, name) > 0:
@@ -235,7 +236,7 @@ _INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
-_FLOATS |= {"avatar_cache_mb", "cache_dir_mb"}  # the avatar store's caches
+_FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -337,6 +338,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("recording_dir", "folder for MP4 recordings of sessions; default: a temporary folder, deleted at shutdown")
     opt("recording_retention_s", "delete a finished recording this many seconds after it stopped; default 3600",
         type=float)
+    opt("recordings_quota_mb", "MiB of disk all recordings may take (running ones stop, new ones get 507); "
+        "default 4096", type=float)
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")

@@ -298,3 +298,80 @@ def test_a_host_header_the_server_was_not_configured_for_is_refused(tiny_engine)
         assert call("GET", f"{server.url}/healthz").status == 200
     finally:
         server.stop()
+
+
+# -- 10. what an anonymous caller sees; where ?token= works; the recordings' disk quota ------------------------------
+@pytest.mark.fixtures
+def test_info_shows_avatars_and_model_folder_only_to_key_holders_and_the_real_device(tiny_engine):
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(api_key="k3y", device="cuda"), tiny_engine).start()
+    try:
+        anonymous = call("GET", f"{server.url}/v1/info").json
+        keyed = call("GET", f"{server.url}/v1/info", headers={"X-API-Key": "k3y"}).json
+    finally:
+        server.stop()
+    assert "avatars" not in anonymous and "model_dir" not in anonymous["model"], anonymous
+    assert str(tiny_engine.models.device) == "cpu" and anonymous["model"]["device"] == "cpu"  # not the flag's cuda
+    assert keyed["avatars"] and keyed["model"]["model_dir"]
+
+
+@pytest.mark.fixtures
+def test_query_tokens_work_on_websockets_and_media_only(tiny_engine):
+    import asyncio
+
+    from client_kit import create_session, delete_session, http, ws_url
+    from server_harness import ServerThread, make_config
+
+    server = ServerThread(make_config(), tiny_engine).start()
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            query = {"token": s["token"]}
+            async with c.get(s["url"], params=query) as r:
+                get_status = r.status
+            async with c.post(f"{s['url']}/interrupt", params=query) as r:
+                post_status = r.status
+            async with c.get(s["recording_url"], params=query) as r:
+                media_status = r.status  # 404: no recording yet, but the token was taken
+            ws = await c.ws_connect(ws_url(s))
+            await ws.close()
+            await delete_session(c, server.url, s)
+            return get_status, post_status, media_status
+
+    try:
+        get_status, post_status, media_status = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+    assert (get_status, post_status) == (401, 401)
+    assert media_status == 404
+
+
+@pytest.mark.fixtures
+def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine, tmp_path):
+    import time
+
+    from client_kit import bearer
+    from server_harness import ServerThread, call, make_config
+
+    from server.recording import RECORDINGS
+
+    server = ServerThread(make_config(recording_dir=str(tmp_path), recordings_quota_mb=0.005), tiny_engine).start()
+    try:
+        s = call("POST", f"{server.url}/v1/sessions", json={"record": True}).json
+        auth = bearer(s["token"])
+        recording = server.app[RECORDINGS].recordings[s["id"]]
+        deadline = time.monotonic() + 60
+        while recording.state == "recording" and time.monotonic() < deadline:
+            time.sleep(0.2)  # it must stop on its own, the session still open
+        assert server.state.sessions.get(s["id"]) is not None
+        done = call("DELETE", s["recording_url"], headers=auth).json
+        other = call("POST", f"{server.url}/v1/sessions", json={}).json
+        again = call("POST", other["recording_url"], headers=bearer(other["token"]))
+        call("DELETE", s["url"], headers=auth)
+        call("DELETE", other["url"], headers=bearer(other["token"]))
+    finally:
+        server.stop()
+    assert "quota" in done.get("stop_reason", ""), done
+    assert again.status == 507 and again.json["error"]["code"] == "recordings_quota", again.text
