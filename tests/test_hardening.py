@@ -375,3 +375,34 @@ def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine,
         server.stop()
     assert "quota" in done.get("stop_reason", ""), done
     assert again.status == 507 and again.json["error"]["code"] == "recordings_quota", again.text
+
+
+# -- 7. hostile uploads do not stall the frames of other sessions -------------------------------------------------
+@pytest.mark.fixtures
+def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_engine):
+    """40 MP flat PNGs (132 KB each) with key points that are no face: each is decoded, then refused. Decoding ran on
+    the event loop and stalled every session's frames for most of a second per upload."""
+    import time
+
+    from client_kit import Bystander, avatar_form, image_bytes, longest_gap
+    from PIL import Image
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(max_image_pixels=40_000_000, max_upload_mb=5), tiny_engine).start()
+    big = image_bytes(Image.new("RGB", (6324, 6324), "grey"), "PNG")
+    bystander = Bystander(server.url).start()
+    try:
+        time.sleep(2.0)  # the bystander's frames before the attack
+        calm = len(bystander.arrivals)
+        statuses = []
+        for _ in range(3):
+            form = avatar_form(big, kps="[[0, 0], [1, 0], [0.5, 6323]]")
+            statuses.append(call("POST", f"{server.url}/v1/avatars", data=form).status)
+        time.sleep(0.5)
+    finally:
+        arrivals = bystander.stop()
+        server.stop()
+    calm_gap, attack_gap = longest_gap(arrivals[:calm]), longest_gap(arrivals[calm - 1 :])
+    print(f"\nbystander longest frame gap: {calm_gap:.3f} s calm, {attack_gap:.3f} s during 3 hostile uploads")
+    assert statuses == [400, 400, 400]
+    assert attack_gap < max(0.4, 2 * calm_gap), (calm_gap, attack_gap)
