@@ -75,6 +75,11 @@ class ServerState:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
     )
+    avatar_places: limits.Reservations = field(default=None)  # registrations in flight, counted against max_avatars
+
+    def __post_init__(self):
+        if self.avatar_places is None:
+            self.avatar_places = limits.Reservations(self.config.max_avatars)
 
     def engine_stats(self) -> dict:
         try:
@@ -249,7 +254,11 @@ async def create_avatar(request: web.Request) -> web.Response:
     require_api_key(request, state.config.api_key)
     if not request.content_type.startswith("multipart/"):
         raise ApiError(415, "send multipart/form-data with an 'image' file (and optional 'kps', 'name')")
-    limits.check_avatar_count(state.engine, state.config.max_avatars)
+    with state.avatar_places.reserve(len(state.engine.avatars())):  # 409 beyond --max_avatars, reserved first
+        return await _register_avatar(request, state)
+
+
+async def _register_avatar(request: web.Request, state: ServerState) -> web.Response:
     max_upload = limits.upload_bytes(state.config)
     fields: dict[str, bytes] = {}
     total = 0
@@ -363,7 +372,14 @@ async def _open_session(
     except KeyError as exc:
         raise ApiError(404, f"no avatar {avatar_id!r}") from exc
     logger = SessionLog(log, {"session_id": engine_session.id})
-    pump = MediaPump(engine_session, config.fps, state.config.subscriber_queue_frames, state.config.mark_frames, logger)
+    pump = MediaPump(
+        engine_session,
+        config.fps,
+        state.config.subscriber_queue_frames,
+        state.config.mark_frames,
+        logger,
+        on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
+    )
     session = ServerSession(engine_session, new_token(), pump, logger)
     state.sessions.add(session)
     lifetime.supervise(state, session, owner)  # ends it on engine errors, after max_session_s, when idle
@@ -517,9 +533,11 @@ async def whep_offer(request: web.Request) -> web.Response:
     session = _session_for(request)
     if request.content_type != "application/sdp":
         raise ApiError(415, "WHEP: send the offer as application/sdp")
-    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
     sdp = await limits.read_body(request, state.config.max_sdp_bytes, "the SDP", code="sdp_too_large")
     offer = rtc.parse_description(limits.utf8(sdp, "the SDP", code="invalid_sdp"))
+    # Checked after the last await before _connect_peer takes its place in session.peers (synchronously), so
+    # concurrent offers cannot all pass the check first.
+    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
     viewer = session.new_viewer_id()
     pc = await _connect_peer(state, session, viewer, offer)
     location = f"/v1/sessions/{session.id}/whep/{viewer}"

@@ -107,8 +107,11 @@ class AudioRechunker:
 class MediaPump:
     """The one task per session that calls `session.read_frame()` once per frame period and fans the frame out."""
 
-    def __init__(self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None):
+    def __init__(
+        self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None, on_failure=None
+    ):
         self.session = session
+        self._on_failure = on_failure  # (reason) -> None: called when reading the engine fails
         self.fps = float(fps)
         self.clock = FrameClock(fps)
         self.queue_frames = queue_frames
@@ -171,8 +174,10 @@ class MediaPump:
                 n += 1
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             self.log.exception("the media pump stopped: reading the engine failed")
+            if self._on_failure is not None:
+                self._on_failure(f"the session's frames stopped: {type(exc).__name__}: {exc}")
         finally:
             for queue in list(self._subscribers):
                 queue.close()

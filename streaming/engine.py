@@ -202,7 +202,8 @@ class Engine:
         return self._sessions.get(session_id)
 
     def sessions(self) -> list[StreamSession]:
-        return list(self._sessions.values())
+        with self._lock:  # the worker thread and the event loop both open and close sessions
+            return list(self._sessions.values())
 
     def _forget(self, session: StreamSession) -> None:
         with self._lock:

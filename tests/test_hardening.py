@@ -406,3 +406,75 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
     print(f"\nbystander longest frame gap: {calm_gap:.3f} s calm, {attack_gap:.3f} s during 3 hostile uploads")
     assert statuses == [400, 400, 400]
     assert attack_gap < max(0.4, 2 * calm_gap), (calm_gap, attack_gap)
+
+
+# -- 9. limits hold under concurrent requests; a session whose frames stop is closed -------------------------------
+@pytest.mark.fixtures
+def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(tiny_engine):
+    import asyncio
+
+    from client_kit import avatar_form, bearer, create_session, delete_session, http, image_bytes, viewer_offer
+    from server_harness import ServerThread, make_config
+
+    server = ServerThread(make_config(max_viewers=2, max_avatars=2), tiny_engine).start()  # the default is one
+
+    async def main():
+        async with http(timeout=120) as c:
+            s = await create_session(c, server.url)
+            headers = {**bearer(s["token"]), "Content-Type": "application/sdp"}
+            peers = [await viewer_offer() for _ in range(6)]
+
+            async def offer(sdp):
+                async with c.post(s["whep_url"], data=sdp, headers=headers) as r:
+                    return r.status
+
+            async def upload(i):
+                form = avatar_form(image_bytes(_portrait(2000 + i), "PNG"), kps=str(KPS))
+                async with c.post(f"{server.url}/v1/avatars", data=form) as r:
+                    return r.status, (await r.json()).get("id")
+
+            offers = await asyncio.gather(*(offer(sdp) for _, sdp in peers))
+            uploads = await asyncio.gather(*(upload(i) for i in range(4)))
+            viewers = len(server.state.sessions.get(s["id"]).peers)
+            for pc, _ in peers:
+                await pc.close()
+            await delete_session(c, server.url, s)
+            for status, avatar_id in uploads:
+                if status == 201:
+                    async with c.delete(f"{server.url}/v1/avatars/{avatar_id}"):
+                        pass
+            return offers, [status for status, _ in uploads], viewers
+
+    try:
+        offers, uploads, viewers = asyncio.run(asyncio.wait_for(main(), 150))
+    finally:
+        server.stop()
+    assert sorted(offers) == [201, 201, 429, 429, 429, 429] and viewers == 2, (offers, viewers)
+    assert sorted(uploads) == [201, 409, 409, 409], uploads
+
+
+@pytest.mark.fixtures
+def test_a_session_whose_frames_stop_is_closed(tiny_engine):
+    import time
+
+    from client_kit import bearer
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(), tiny_engine).start()
+    try:
+        s = call("POST", f"{server.url}/v1/sessions", json={}).json
+        engine_session = server.state.sessions.get(s["id"]).engine_session
+
+        def broken_read_frame():
+            raise RuntimeError("the device went away")
+
+        engine_session.read_frame = broken_read_frame  # the fault: reading the engine fails
+        assert call("POST", f"{s['url']}/speak", data=wav_bytes(0.5), headers={**bearer(s["token"]),
+                    "Content-Type": "audio/wav"}).status == 202  # starts the frame pump
+        deadline = time.monotonic() + 10
+        while server.state.sessions.get(s["id"]) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.state.sessions.get(s["id"]) is None, "the session outlived its frame pump"
+        assert call("GET", s["url"], headers=bearer(s["token"])).status == 404
+    finally:
+        server.stop()
