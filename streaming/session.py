@@ -33,6 +33,8 @@ from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, va
 from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
+MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
+
 log = logging.getLogger(__name__)
 
 
@@ -145,7 +147,7 @@ class Utterance:
     frames_played: int = 0
     real_samples: int = 0  # output-rate samples of real (unpadded) audio
     in_samples: int = 0  # input-rate sample frames pushed
-    marks: list[tuple[int, str]] = field(default_factory=list)  # (output sample position, name)
+    marks: deque[tuple[int, str]] = field(default_factory=deque)  # (output sample position, name), in order
 
 
 class StreamSession:
@@ -254,10 +256,13 @@ class StreamSession:
         self.last_input = self._now()
         with self._lock:
             pending = [u for u in self._utterances if self._pushed_end(u) > u.frames_played * self.samples_per_frame]
+            marks = pending[-1].marks if pending else self._pending_marks
+            if len(marks) >= MAX_MARKS_PER_UTTERANCE:
+                raise InputError(f"too many marks: at most {MAX_MARKS_PER_UTTERANCE} wait in one utterance")
             if pending:
-                pending[-1].marks.append((self._pushed_end(pending[-1]), name))
+                marks.append((self._pushed_end(pending[-1]), name))
             else:
-                self._pending_marks.append(name)
+                marks.append(name)
 
     def _pushed_end(self, utt: Utterance) -> int:
         """Output-rate sample position where the audio pushed into `utt` so far ends: from the input count, not
@@ -509,7 +514,7 @@ class StreamSession:
         self.speech_frames_out += 1
         played = utt.frames_played * self.samples_per_frame
         while utt.marks and utt.marks[0][0] <= played:
-            events.append(Event("mark", {"name": utt.marks.pop(0)[1]}, index))
+            events.append(Event("mark", {"name": utt.marks.popleft()[1]}, index))
         if utt.ended and utt.frames_played >= utt.frames_total:
             self._finish(utt, index, events)
         return AVFrame(index, self.time_base, sf.image, sf.payload.audio, self.config.output_sample_rate, True, utt.id)

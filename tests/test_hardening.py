@@ -478,3 +478,37 @@ def test_a_session_whose_frames_stop_is_closed(tiny_engine):
         assert call("GET", s["url"], headers=bearer(s["token"])).status == 404
     finally:
         server.stop()
+
+
+# -- 6. marks are bounded per utterance -------------------------------------------------------------------------
+@pytest.mark.fixtures
+def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine):
+    import asyncio
+
+    from client_kit import create_session, delete_session, http, ws_messages, ws_url
+    from server_harness import ServerThread, make_config
+
+    from streaming.session import MAX_MARKS_PER_UTTERANCE
+
+    server = ServerThread(make_config(), tiny_engine).start()
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            ws = await c.ws_connect(ws_url(s))
+            await ws.send_bytes(pcm16(2.0))
+            for i in range(MAX_MARKS_PER_UTTERANCE + 5):
+                await ws.send_str(f'{{"type": "mark", "name": "m{i}"}}')
+            await ws.send_str('{"type": "ping", "id": "after"}')
+            got = await ws_messages(ws, 20.0, until=lambda m: m == {"type": "pong", "id": "after"})
+            await ws.close()
+            await delete_session(c, server.url, s)
+            return got
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+    errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
+    assert len(errors) == 5 and all("too many marks" in e["message"] for e in errors), errors[:2]
+    assert {"type": "pong", "id": "after"} in got
