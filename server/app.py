@@ -75,6 +75,7 @@ class ServerState:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
     )
+    sockets_refused: dict[str, int] = field(default_factory=dict)  # websockets refused at a per-session limit
     avatar_places: limits.Reservations = field(default=None)  # registrations in flight, counted against max_avatars
 
     def __post_init__(self):

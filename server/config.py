@@ -163,6 +163,8 @@ class ServerConfig:
     idle_timeout_s: float = 300.0  # a session with no audio and no call on it for this long ends
     max_sessions_per_key: int = 0  # sessions one API key (without keys: one client address) holds; 0: max_sessions
     max_viewers: int = 4  # WHEP viewers per session
+    max_frames_sockets: int = 4  # frames websockets per session (each may hold a queue of full frames)
+    max_bot_sockets: int = 2  # bot websockets per session
     max_avatars: int = 16  # registered portraits, the default one included
 
     def validate(self) -> ServerConfig:
@@ -197,7 +199,7 @@ class ServerConfig:
             )
         for name in ("avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb", "max_upload_mb", "max_image_pixels",
                      "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
-                     "max_viewers", "max_avatars"):
+                     "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
@@ -232,7 +234,8 @@ class ServerConfig:
 
 
 _INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames", "max_image_pixels",
-         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars"}
+         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars",
+         "max_frames_sockets", "max_bot_sockets"}
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
@@ -327,6 +330,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("max_sessions_per_key", "sessions one API key (without keys: one client address) may hold; 0: max_sessions",
         type=int)
     opt("max_viewers", "WHEP viewers per session; default 4", type=int)
+    opt("max_frames_sockets", "frames websockets per session; default 4", type=int)
+    opt("max_bot_sockets", "bot websockets per session; default 2", type=int)
     opt("max_avatars", "registered portraits, the default included; default 16", type=int)
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)

@@ -512,3 +512,43 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
     errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
     assert len(errors) == 5 and all("too many marks" in e["message"] for e in errors), errors[:2]
     assert {"type": "pong", "id": "after"} in got
+
+
+# -- 8. websockets per session are bounded, refusals counted ---------------------------------------------------------
+@pytest.mark.fixtures
+def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
+    import asyncio
+
+    import aiohttp
+    from client_kit import create_session, delete_session, http, ws_url
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(max_frames_sockets=2, max_bot_sockets=1), tiny_engine).start()
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            opened, refused = [], []
+            for kind, count in (("frames", 4), ("ws", 3)):
+                for _ in range(count):
+                    try:
+                        opened.append(await c.ws_connect(ws_url(s, kind)))
+                    except aiohttp.WSServerHandshakeError as exc:
+                        refused.append((kind, exc.status))
+            await opened[0].close()  # a place frees when a socket ends
+            await asyncio.sleep(0.2)
+            again = await c.ws_connect(ws_url(s, "frames"))
+            await again.close()
+            for ws in opened[1:]:
+                await ws.close()
+            await delete_session(c, server.url, s)
+            return len(opened), refused
+
+    try:
+        opened, refused = asyncio.run(asyncio.wait_for(main(), 60))
+        metrics = call("GET", f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    assert opened == 3 and refused == [("frames", 429), ("frames", 429), ("ws", 429), ("ws", 429)], refused
+    assert 'vexpress_websockets_refused_total{kind="frames"} 2' in metrics
+    assert 'vexpress_websockets_refused_total{kind="bot"} 2' in metrics
