@@ -398,7 +398,7 @@ def test_corrupt_and_truncated_audio_files(server, clean_log):
 
 
 # -- valid containers, hostile content ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def long_session(server):
     """One session that lives through every hostile speak below, so what a case leaks stays to be counted."""
 
@@ -426,24 +426,6 @@ TARGETS = ["sub/secret.wav", "./sub/secret.wav", "sub/../sub/secret.wav", "file:
            "http://127.0.0.1:9/x.wav", "/dev/zero", "/proc/self/environ"]
 
 
-@settings(FUZZ, max_examples=60)
-@given(template=st.sampled_from(PLAYLISTS), target=st.sampled_from(TARGETS), prefix=st.sampled_from(["", "\ufeff",
-       " ", "\n"]), ctype=st.sampled_from(["audio/wav", "audio/x-mpegurl", "application/octet-stream", "audio/ogg"]))
-def test_fuzz_speak_playlists_never_read_server_files(server, clean_log, long_session, tmp_path, monkeypatch,
-                                                       template, target, prefix, ctype):
-    """ffconcat, HLS, PLS, SMIL and protocol URLs naming a WAV beside the server's working directory: FFmpeg would
-    open the file (or the URL) and play it. Every one must be refused (415) and nothing must reach the session."""
-    TRIED["POST speak (playlist)"] += 1
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "sub").mkdir(exist_ok=True)
-    (tmp_path / "sub" / "secret.wav").write_bytes(wav_bytes(1.0))
-    session, served = long_session
-    body = (prefix + template.format(path=target)).encode()
-    reply = call("POST", session["speak_url"], data=body, headers={**bearer(session["token"]), "Content-Type": ctype})
-    assert reply.status == 415, (body, reply.status, reply.text[:300])
-    assert served.engine_session.buffered_ms == 0 and not served.closed
-
-
 def _patched_wav(rate: int, channels: int, bits: int, data_size: int) -> bytes:
     import struct
 
@@ -454,19 +436,45 @@ def _patched_wav(rate: int, channels: int, bits: int, data_size: int) -> bytes:
     return bytes(blob)
 
 
-@settings(FUZZ, max_examples=40)
-@given(rate=st.sampled_from([0, 1, 7999, 16000, 192001, 2**31 - 1, 2**32 - 1]),
-       channels=st.sampled_from([0, 1, 2, 9, 255, 65535]), bits=st.sampled_from([0, 8, 16, 24, 33, 65535]),
-       data_size=st.sampled_from([0, 6400, 2**31, 2**32 - 1]))
-def test_fuzz_speak_wav_headers_that_lie(server, clean_log, long_session, rate, channels, bits, data_size):
-    """A real WAV container whose header claims absurd rates, channel counts, sample sizes and lengths."""
-    TRIED["POST speak (lying WAV header)"] += 1
-    session, served = long_session
-    headers = {**bearer(session["token"]), "Content-Type": "audio/wav"}
-    reply = call("POST", session["speak_url"], data=_patched_wav(rate, channels, bits, data_size), headers=headers)
-    assert reply.status in (202, 400, 409, 413, 415), (rate, channels, bits, data_size, reply.status, reply.text)
-    call("POST", f"{session['url']}/interrupt", headers=bearer(session["token"]))
-    assert not served.closed and len(served.pump.queue_depths()) == 0
+class TestHostileAudioOnOneLongLivedSession:
+    """Every case goes to the same session (torn down after the class), so what a case leaks stays to be seen."""
+
+    @settings(FUZZ, max_examples=60)
+    @given(
+        template=st.sampled_from(PLAYLISTS),
+        target=st.sampled_from(TARGETS),
+        prefix=st.sampled_from(["", "\ufeff", " ", "\n"]),
+        ctype=st.sampled_from(["audio/wav", "audio/x-mpegurl", "application/octet-stream", "audio/ogg"]),
+    )
+    def test_fuzz_speak_playlists_never_read_server_files(self, server, clean_log, long_session, tmp_path, monkeypatch,
+                                                           template, target, prefix, ctype):
+        """ffconcat, HLS, PLS, SMIL and protocol URLs naming a WAV beside the server's working directory: FFmpeg would
+        open the file (or the URL) and play it. Every one must be refused (415) and nothing must reach the session."""
+        TRIED["POST speak (playlist)"] += 1
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        (tmp_path / "sub" / "secret.wav").write_bytes(wav_bytes(1.0))
+        session, served = long_session
+        body = (prefix + template.format(path=target)).encode()
+        headers = {**bearer(session["token"]), "Content-Type": ctype}
+        reply = call("POST", session["speak_url"], data=body, headers=headers)
+        assert reply.status == 415, (body, reply.status, reply.text[:300])
+        assert served.engine_session.buffered_ms == 0 and not served.closed
+
+
+    @settings(FUZZ, max_examples=40)
+    @given(rate=st.sampled_from([0, 1, 7999, 16000, 192001, 2**31 - 1, 2**32 - 1]),
+           channels=st.sampled_from([0, 1, 2, 9, 255, 65535]), bits=st.sampled_from([0, 8, 16, 24, 33, 65535]),
+           data_size=st.sampled_from([0, 6400, 2**31, 2**32 - 1]))
+    def test_fuzz_speak_wav_headers_that_lie(self, server, clean_log, long_session, rate, channels, bits, data_size):
+        """A real WAV container whose header claims absurd rates, channel counts, sample sizes and lengths."""
+        TRIED["POST speak (lying WAV header)"] += 1
+        session, served = long_session
+        headers = {**bearer(session["token"]), "Content-Type": "audio/wav"}
+        reply = call("POST", session["speak_url"], data=_patched_wav(rate, channels, bits, data_size), headers=headers)
+        assert reply.status in (202, 400, 409, 413, 415), (rate, channels, bits, data_size, reply.status, reply.text)
+        call("POST", f"{session['url']}/interrupt", headers=bearer(session["token"]))
+        assert not served.closed and len(served.pump.queue_depths()) == 0
 
 
 @settings(FUZZ, max_examples=30)
