@@ -22,4 +22,6 @@ RUN python3 -m pip install torch==2.13.0 && python3 -m pip install '.[gpu]'
 ENV VEXPRESS_MODEL_DIR=/models VEXPRESS_WEB_ROOT=/app/web_client
 EXPOSE 8080
 ENTRYPOINT ["vexpress-rt"]
+# Off loopback the server needs a key: docker run -e VEXPRESS_API_KEY=... (or -e VEXPRESS_INSECURE_NO_AUTH=1 on a
+# private network), and -e VEXPRESS_ALLOWED_HOST=name.example when browsers reach it by a DNS name.
 CMD ["serve", "--model_dir", "/models", "--host", "0.0.0.0", "--port", "8080"]

@@ -67,13 +67,21 @@ class ServerState:
     engine: object
     owns_engine: bool
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
-    default_avatar_id: str | None = None
+    default_avatar_id: str | None = None  # None while the default portrait is being registered
+    startup_task: asyncio.Task | None = None
+    startup_error: str | None = None  # why the default portrait could not be registered
     avatar_jobs: limits.PendingLimit = field(
         default_factory=lambda: limits.PendingLimit(limits.MAX_PENDING_AVATARS, "portrait registrations")
     )
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
     )
+    sockets_refused: dict[str, int] = field(default_factory=dict)  # websockets refused at a per-session limit
+    avatar_places: limits.Reservations = field(default=None)  # registrations in flight, counted against max_avatars
+
+    def __post_init__(self):
+        if self.avatar_places is None:
+            self.avatar_places = limits.Reservations(self.config.max_avatars)
 
     def engine_stats(self) -> dict:
         try:
@@ -153,6 +161,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = _state(request)
     body = {"sessions": len(state.sessions), "max_sessions": state.config.max_sessions}
+    if state.startup_error is not None:
+        return web.json_response({"status": "failed", "error": state.startup_error, **body}, status=503)
     if state.default_avatar_id is None:
         return web.json_response(
             {"status": "starting", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
@@ -187,10 +197,15 @@ def _may_control(request: web.Request, config: ServerConfig) -> bool:
 async def info(request: web.Request) -> web.Response:
     state = _state(request)
     cfg = state.config
+    control = _may_control(request, cfg)  # what only a key holder may see: the model's folder, the avatars
+    model = {"name": "V-Express", "device": str(state.engine.models.device)}  # the device in use, not the flag
+    if control:
+        model["model_dir"] = str(cfg.model_dir)
+    avatars = [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()] if control else None
     return web.json_response(
         {
             "version": VERSION,
-            "model": {"name": "V-Express", "model_dir": str(cfg.model_dir), "device": cfg.device},
+            "model": model,
             "width": cfg.width,
             "height": cfg.height,
             "fps": cfg.fps,
@@ -202,10 +217,10 @@ async def info(request: web.Request) -> web.Response:
             "codecs": {"video": ["VP8", "H264"], "audio": ["opus"]},
             "audio_out": {"sample_rate": 48000, "channels": 1, "packet_ms": 20},
             # TURN credentials only to callers who may open sessions (they get them with the session anyway)
-            "ice_servers": [s.to_json(with_credentials=_may_control(request, cfg)) for s in cfg.ice_server],
+            "ice_servers": [s.to_json(with_credentials=control) for s in cfg.ice_server],
             "auth": {"api_key": cfg.api_key is not None},
             "default_avatar_id": state.default_avatar_id,
-            "avatars": [_avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()],
+            **({"avatars": avatars} if control else {}),
             "mark_frames": cfg.mark_frames,
         }
     )
@@ -248,7 +263,11 @@ async def create_avatar(request: web.Request) -> web.Response:
     require_api_key(request, state.config.api_key)
     if not request.content_type.startswith("multipart/"):
         raise ApiError(415, "send multipart/form-data with an 'image' file (and optional 'kps', 'name')")
-    limits.check_avatar_count(state.engine, state.config.max_avatars)
+    with state.avatar_places.reserve(len(state.engine.avatars())):  # 409 beyond --max_avatars, reserved first
+        return await _register_avatar(request, state)
+
+
+async def _register_avatar(request: web.Request, state: ServerState) -> web.Response:
     max_upload = limits.upload_bytes(state.config)
     fields: dict[str, bytes] = {}
     total = 0
@@ -267,12 +286,13 @@ async def create_avatar(request: web.Request) -> web.Response:
         raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from exc
     if not fields.get("image"):
         raise ApiError(400, "the form needs an 'image' file")
-    image = decode_image(fields["image"], state.config.max_image_pixels)
     kps = parse_kps(fields["kps"].decode("utf-8", "replace")) if fields.get("kps") else None
     name = fields["name"].decode("utf-8", "replace")[:200] if fields.get("name") else None
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    with state.avatar_jobs:  # a bounded queue in front of the device: 503 beyond
+    with state.avatar_jobs:  # a bounded queue in front of the device (decoding included): 503 beyond
+        # Decoding a 40 MP picture takes most of a second: in a thread, never on the loop that paces every session.
+        image = await loop.run_in_executor(None, decode_image, fields["image"], state.config.max_image_pixels)
         avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, name))
     log.info("avatar %s registered in %.2f s", avatar.id, time.perf_counter() - started)
     body = _avatar_json(avatar, state.default_avatar_id)
@@ -316,6 +336,8 @@ def _session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sess
     if unknown:
         raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
     avatar_id = data.get("avatar_id") or state.default_avatar_id
+    if avatar_id is None:
+        raise _capacity_error("the server is starting (the default portrait is being encoded)")
     if not isinstance(avatar_id, str):
         raise ApiError(400, "avatar_id must be a string")
     audio = data.get("audio") or {}
@@ -362,7 +384,14 @@ async def _open_session(
     except KeyError as exc:
         raise ApiError(404, f"no avatar {avatar_id!r}") from exc
     logger = SessionLog(log, {"session_id": engine_session.id})
-    pump = MediaPump(engine_session, config.fps, state.config.subscriber_queue_frames, state.config.mark_frames, logger)
+    pump = MediaPump(
+        engine_session,
+        config.fps,
+        state.config.subscriber_queue_frames,
+        state.config.mark_frames,
+        logger,
+        on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
+    )
     session = ServerSession(engine_session, new_token(), pump, logger)
     state.sessions.add(session)
     lifetime.supervise(state, session, owner)  # ends it on engine errors, after max_session_s, when idle
@@ -494,6 +523,7 @@ async def _connect_peer(state: ServerState, session: ServerSession, name: str, o
         session.peers.pop(name, None)
         await rtc.close_quietly(pc)  # the offer's error is the answer, not a failure to clean up
         raise
+    session.pump.start()  # the clock runs from the answer on; the tracks subscribe when their senders start
     return pc
 
 
@@ -516,9 +546,11 @@ async def whep_offer(request: web.Request) -> web.Response:
     session = _session_for(request)
     if request.content_type != "application/sdp":
         raise ApiError(415, "WHEP: send the offer as application/sdp")
-    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
     sdp = await limits.read_body(request, state.config.max_sdp_bytes, "the SDP", code="sdp_too_large")
     offer = rtc.parse_description(limits.utf8(sdp, "the SDP", code="invalid_sdp"))
+    # Checked after the last await before _connect_peer takes its place in session.peers (synchronously), so
+    # concurrent offers cannot all pass the check first.
+    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
     viewer = session.new_viewer_id()
     pc = await _connect_peer(state, session, viewer, offer)
     location = f"/v1/sessions/{session.id}/whep/{viewer}"
@@ -564,26 +596,46 @@ async def legacy_offer(request: web.Request) -> web.Response:
 
 
 # -- lifecycle ----------------------------------------------------------------------------------------------------
+async def _start_default_avatar(app: web.Application) -> None:
+    """Check the default portrait's path now (a typo fails the start), register it in the background: the port
+    opens (and `/healthz` answers) at once, `/readyz` says `starting` until the portrait is encoded (minutes on a
+    small CPU at 512x512, longer than a supervisor waits for a port)."""
+    state = app[STATE]
+    if not Path(state.config.avatar).is_file():
+        raise InputError(f"--avatar: portrait not found: {state.config.avatar}")
+    state.startup_task = asyncio.get_running_loop().create_task(_register_default_avatar(app), name="default-avatar")
+
+
 async def _register_default_avatar(app: web.Application) -> None:
     from vexpress_rt.kps import load_reference_kps
 
     state = app[STATE]
     cfg = state.config
     path = Path(cfg.avatar)
-    if not path.is_file():
-        raise InputError(f"--avatar: portrait not found: {path}")
-    image = decode_image(path.read_bytes())
-    kps_path = cfg.avatar_kps_path()
-    kps = load_reference_kps(kps_path) if kps_path else None
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    avatar = await loop.run_in_executor(state.executor, lambda: state.engine.add_avatar(image, kps, "default"))
+
+    def register():
+        image = decode_image(path.read_bytes())
+        kps_path = cfg.avatar_kps_path()
+        kps = load_reference_kps(kps_path) if kps_path else None
+        return state.engine.add_avatar(image, kps, "default")
+
+    try:
+        avatar = await loop.run_in_executor(state.executor, register)
+    except Exception as exc:
+        state.startup_error = f"the default portrait {path.name} could not be registered: {exc}"
+        log.exception("%s; no session can open", state.startup_error)
+        return
     state.default_avatar_id = avatar.id
     log.info("default avatar %s (%s) ready in %.2f s", avatar.id, path.name, time.perf_counter() - started)
 
 
 async def _close_sessions(app: web.Application) -> None:
-    await app[STATE].sessions.close_all("server shutting down")
+    state = app[STATE]
+    if state.startup_task is not None:
+        state.startup_task.cancel()
+    await state.sessions.close_all("server shutting down")
 
 
 async def _release(app: web.Application) -> None:
@@ -608,7 +660,14 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
         engine = build_engine(config)
         engine.start()
     security.install_log_redaction()  # ?token= never reaches the access log
-    origins = security.OriginPolicy(config.allowed_origin, config.host)  # CORS: outermost, so errors carry it too
+    if config.insecure_no_auth and not config.api_key and not security.is_loopback_host(config.host):
+        log.warning(
+            "\n%s\nINSECURE: serving on %s with NO API KEY (--insecure-no-auth): anyone who reaches this port can\n"
+            "register portraits, open sessions and read server information. Give --api-key.\n%s",
+            "!" * 100, config.host, "!" * 100,
+        )
+    # Host and CORS checks: outermost, so errors carry them too
+    origins = security.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)
     app = web.Application(
         middlewares=[origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
     )
@@ -637,7 +696,7 @@ def create_app(config: ServerConfig, engine=None) -> web.Application:
     r.add_get("/{path:.+}", page_file)  # last: every API route above wins
     if not Path(config.web_root).is_dir():
         log.warning("no browser page: %s is not a folder", config.web_root)
-    app.on_startup.append(_register_default_avatar)
+    app.on_startup.append(_start_default_avatar)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_release)
     return app

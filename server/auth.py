@@ -1,8 +1,8 @@
 """Who may call what: the API key on control endpoints, the key or the session's token on session endpoints.
 
 * API key (when the server has one): `Authorization: Bearer <key>` or `X-API-Key: <key>`.
-* Session token (from `POST /v1/sessions`): `Authorization: Bearer <token>` or `?token=<token>` (browsers cannot
-  set headers on a websocket).
+* Session token (from `POST /v1/sessions`): `Authorization: Bearer <token>`; `?token=<token>` only on websocket
+  upgrades and the recording download (browsers cannot set headers there).
 
 Secrets are compared with `hmac.compare_digest`. The server may have several API keys (`--api-key` repeated); a key
 is never logged, only `key_id` (a short hash) names it. Session ids and tokens come from `secrets` (unguessable).
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .errors import ApiError
 
+QUERY_TOKEN_ENDPOINTS = ("/ws", "/frames", "/recording")  # under /v1/sessions/{id}: websockets, the MP4
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="vexpress-rt"'}
 
 
@@ -74,8 +75,15 @@ def has_api_key(request: web.Request, api_key: str | Sequence[str] | None) -> bo
     return matching_key(request, api_key) is not None
 
 
+def query_token_allowed(request: web.Request) -> bool:
+    """`?token=` only where a browser cannot send a header: websocket upgrades and media it loads by URL (the
+    recording in a `<video src>`). Elsewhere a token in a URL would only end up in histories and proxy logs."""
+    return request.method in ("GET", "HEAD") and request.path.endswith(QUERY_TOKEN_ENDPOINTS)
+
+
 def has_token(request: web.Request, token: str) -> bool:
-    return any(same_secret(s, token) for s in (bearer(request), request.query.get("token")))
+    given = [bearer(request)] + ([request.query.get("token")] if query_token_allowed(request) else [])
+    return any(same_secret(s, token) for s in given)
 
 
 def require_api_key(request: web.Request, api_key: str | Sequence[str] | None) -> None:
@@ -93,5 +101,7 @@ def require_session_token(request: web.Request, token: str, api_key: str | Seque
     if has_token(request, token) or has_api_key(request, api_key):
         return
     raise ApiError(
-        401, "this session's token is required (Authorization: Bearer or ?token=)", headers=UNAUTHORIZED_HEADERS
+        401,
+        "this session's token is required (Authorization: Bearer; ?token= on websockets and the recording only)",
+        headers=UNAUTHORIZED_HEADERS,
     )

@@ -83,7 +83,7 @@ async def _serve(config: ServerConfig, engine) -> int:
 
     app = create_app(config, engine=engine)
     runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()  # registers the default avatar (pre-encodes it)
+    await runner.setup()  # starts registering the default avatar in the background (/readyz: starting)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,8 @@ from streaming.decoder import DECODER_CHOICES
 from vexpress_rt.errors import InputError
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
+from .security import is_loopback_host
+
 ENV_PREFIX = "VEXPRESS_"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_AVATAR = ASSETS / "default_portrait.png"
@@ -136,6 +138,8 @@ class ServerConfig:
     width: int = 512
     height: int = 512
     cache_dir: str | None = None
+    avatar_cache_mb: float = 2048.0  # pre-encoded avatars kept in memory for re-registration (LRU)
+    cache_dir_mb: float = 8192.0  # pre-encoded avatars kept in --cache_dir (LRU)
     device: str = "cuda"
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
     decoder: str = "auto"  # sessions' default decoder; auto: TAESD ("tiny") when installed, else the full VAE
@@ -146,9 +150,12 @@ class ServerConfig:
     subscriber_queue_frames: int = 6  # per track: absorbs stalls of the sender; beyond, the oldest are dropped
     recording_dir: str | None = None  # MP4 recordings (server/recording.py); default: a temporary folder
     recording_retention_s: float = 3600.0  # a finished recording is deleted this long after it stopped
+    recordings_quota_mb: float = 4096.0  # disk all recordings may take; beyond, they stop and new ones get 507
     jpeg_quality: int = 80  # JPEG quality of the frames websocket (a client may ask for another with ?quality=)
     # access and limits (SECURITY.md); 0 turns a time limit off
     allowed_origin: list[str] = field(default_factory=list)  # browser origins besides the server's own; "*": any
+    allowed_host: list[str] = field(default_factory=list)  # Host names the server answers to besides IPs, localhost
+    insecure_no_auth: bool = False  # serve off loopback without an API key (refused otherwise)
     max_upload_mb: float = 20.0  # one upload (portrait image, audio file)
     max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
     max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
@@ -158,6 +165,8 @@ class ServerConfig:
     idle_timeout_s: float = 300.0  # a session with no audio and no call on it for this long ends
     max_sessions_per_key: int = 0  # sessions one API key (without keys: one client address) holds; 0: max_sessions
     max_viewers: int = 4  # WHEP viewers per session
+    max_frames_sockets: int = 4  # frames websockets per session (each may hold a queue of full frames)
+    max_bot_sockets: int = 2  # bot websockets per session
     max_avatars: int = 16  # registered portraits, the default one included
 
     def validate(self) -> ServerConfig:
@@ -186,8 +195,15 @@ class ServerConfig:
         if isinstance(self.api_key, (list, tuple)) and not all(isinstance(k, str) and k for k in self.api_key):
             raise ConfigError("--api-key: every key must be a non-empty string")
         self.allowed_origin = [parse_origin(o) for o in self.allowed_origin]
-        for name in ("max_upload_mb", "max_image_pixels", "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
-                     "max_viewers", "max_avatars"):
+        self.allowed_host = [h.strip().lower() for h in self.allowed_host if h.strip()]
+        if self.api_key is None and not self.insecure_no_auth and not is_loopback_host(self.host):
+            raise ConfigError(
+                f"--host {self.host} serves other machines: give --api-key (or VEXPRESS_API_KEY), or "
+                "--insecure-no-auth to serve the whole API to anyone who can reach it"
+            )
+        for name in ("avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb", "max_upload_mb", "max_image_pixels",
+                     "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
+                     "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
@@ -222,10 +238,12 @@ class ServerConfig:
 
 
 _INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames", "max_image_pixels",
-         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars"}
+         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars",
+         "max_frames_sockets", "max_bot_sockets"}
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
+_FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -236,7 +254,7 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
-        if name == "allowed_origin":
+        if name in ("allowed_origin", "allowed_host"):
             return _split_env_list(value) if from_env else list(value)
         if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
             keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
@@ -245,7 +263,7 @@ def _convert(name: str, value, from_env: bool = False):
             return int(value)
         if name in _FLOATS:
             return float(value)
-        if name in ("mark_frames", "admission"):
+        if name in ("mark_frames", "admission", "insecure_no_auth"):
             return _parse_bool(value) if isinstance(value, str) else bool(value)
         return str(value)
     except ValueError as exc:
@@ -288,6 +306,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "* allows any; default: same origin only",
         action="append",
     )
+    opt(
+        "allowed_host",
+        "a host name (host or host:port) clients reach the server by, repeatable; requests naming another Host are "
+        "refused (DNS rebinding); IP addresses and localhost are always accepted; default: none",
+        action="append",
+    )
+    p.add_argument(
+        "--insecure_no_auth",
+        "--insecure-no-auth",
+        dest="insecure_no_auth",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve off loopback without --api-key: anyone who reaches the port may use the whole API "
+        f"(env {ENV_PREFIX}INSECURE_NO_AUTH)",
+    )
     opt("max_upload_mb", "largest upload (portrait, audio file) in MiB; default 20", type=float)
     opt("max_image_pixels", "largest portrait in pixels (width x height), checked before decoding; default 40000000",
         type=int)
@@ -300,13 +334,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("max_sessions_per_key", "sessions one API key (without keys: one client address) may hold; 0: max_sessions",
         type=int)
     opt("max_viewers", "WHEP viewers per session; default 4", type=int)
+    opt("max_frames_sockets", "frames websockets per session; default 4", type=int)
+    opt("max_bot_sockets", "bot websockets per session; default 2", type=int)
     opt("max_avatars", "registered portraits, the default included; default 16", type=int)
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)
     opt("cache_dir", "keep pre-encoded avatars here across restarts")
+    opt("cache_dir_mb", "most MiB of pre-encoded avatars kept in --cache_dir (least recently used go); default 8192",
+        type=float)
+    opt("avatar_cache_mb", "most MiB of pre-encoded avatars cached in memory for re-registration; default 2048",
+        type=float)
     opt("recording_dir", "folder for MP4 recordings of sessions; default: a temporary folder, deleted at shutdown")
     opt("recording_retention_s", "delete a finished recording this many seconds after it stopped; default 3600",
         type=float)
+    opt("recordings_quota_mb", "MiB of disk all recordings may take (running ones stop, new ones get 507); "
+        "default 4096", type=float)
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")

@@ -58,6 +58,8 @@ def build_engine(config: ServerConfig):
             height=config.height,
             max_sessions=config.max_sessions,
             cache_dir=config.cache_dir,
+            avatar_memory_bytes=int(config.avatar_cache_mb * 2**20),
+            avatar_disk_bytes=int(config.cache_dir_mb * 2**20),
             admission=config.admission,
             default_session=SessionConfig(fps=config.fps, steps=config.steps, decoder=decoder),
         ),

@@ -25,7 +25,7 @@ from PIL import Image
 from streaming.frames import AVFrame
 
 from .errors import ApiError
-from .sockets import ENCODER_POOL, Tracked, server_state, session_for
+from .sockets import ENCODER_POOL, SessionSockets, Tracked, server_state, session_for
 
 MAGIC = b"VXRT"
 VERSION = 1
@@ -124,56 +124,57 @@ async def frames_socket(request: web.Request) -> web.WebSocketResponse:
     queue_frames = _int_query(request, "queue", DEFAULT_QUEUE_FRAMES, 1, MAX_QUEUE_FRAMES)
     # A small write buffer: frames a consumer cannot take wait in the bounded queue (and the oldest are dropped)
     # instead of piling up in socket buffers as latency.
-    ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 16, heartbeat=20.0, writer_limit=WRITE_BUFFER)
-    await ws.prepare(request)
-    _limit_send_buffer(request)
-    es = session.engine_session
-    pool = request.app[ENCODER_POOL]
-    loop = asyncio.get_running_loop()
-    session.connected_once.set()
-    queue = session.pump.subscribe(queue_frames)
+    with SessionSockets(request, session, "frames", config.max_frames_sockets):  # 429 beyond, before upgrading
+        ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 16, heartbeat=20.0, writer_limit=WRITE_BUFFER)
+        await ws.prepare(request)
+        _limit_send_buffer(request)
+        es = session.engine_session
+        pool = request.app[ENCODER_POOL]
+        loop = asyncio.get_running_loop()
+        session.connected_once.set()
+        queue = session.pump.subscribe(queue_frames)
 
-    async def read_client() -> None:  # nothing is expected from the client; this notices it leaving
-        async for msg in ws:
-            if msg.type == WSMsgType.ERROR:
-                break
-
-    reader = loop.create_task(read_client(), name=f"frames-read-{session.id}")
-    sent = 0
-    async with Tracked(request.app, ws):
-        try:
-            await ws.send_json(
-                {
-                    "type": "stream.start",
-                    "session_id": session.id,
-                    "fps": es.config.fps,
-                    "width": es.width,
-                    "height": es.height,
-                    "sample_rate": es.config.output_sample_rate,
-                    "channels": 1,
-                    "jpeg_quality": quality,
-                    "header_bytes": HEADER.size,
-                    "version": VERSION,
-                }
-            )
-            while not reader.done():
-                get = loop.create_task(queue.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    get.cancel()
+        async def read_client() -> None:  # nothing is expected from the client; this notices it leaving
+            async for msg in ws:
+                if msg.type == WSMsgType.ERROR:
                     break
-                frame = get.result()  # MediaStreamError once the session has ended
-                data = await loop.run_in_executor(pool, pack_frame, frame, quality)
-                await ws.send_bytes(data)
-                sent += 1
-        except MediaStreamError:
-            await ws.close(code=WSCloseCode.OK, message=b"session closed")
-        except (ConnectionError, RuntimeError):
-            pass  # the client went away mid-send
-        finally:
-            session.pump.unsubscribe(queue)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            await ws.close()
-    session.log.info("frames websocket closed after %d frames (%d dropped)", sent, queue.dropped)
-    return ws
+
+        reader = loop.create_task(read_client(), name=f"frames-read-{session.id}")
+        sent = 0
+        async with Tracked(request.app, ws):
+            try:
+                await ws.send_json(
+                    {
+                        "type": "stream.start",
+                        "session_id": session.id,
+                        "fps": es.config.fps,
+                        "width": es.width,
+                        "height": es.height,
+                        "sample_rate": es.config.output_sample_rate,
+                        "channels": 1,
+                        "jpeg_quality": quality,
+                        "header_bytes": HEADER.size,
+                        "version": VERSION,
+                    }
+                )
+                while not reader.done():
+                    get = loop.create_task(queue.get())
+                    done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if get not in done:
+                        get.cancel()
+                        break
+                    frame = get.result()  # MediaStreamError once the session has ended
+                    data = await loop.run_in_executor(pool, pack_frame, frame, quality)
+                    await ws.send_bytes(data)
+                    sent += 1
+            except MediaStreamError:
+                await ws.close(code=WSCloseCode.OK, message=b"session closed")
+            except (ConnectionError, RuntimeError):
+                pass  # the client went away mid-send
+            finally:
+                session.pump.unsubscribe(queue)
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                await ws.close()
+        session.log.info("frames websocket closed after %d frames (%d dropped)", sent, queue.dropped)
+        return ws

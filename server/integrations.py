@@ -23,6 +23,7 @@ def add_routes(app: web.Application, config) -> None:
         app,
         getattr(config, "recording_dir", None),
         getattr(config, "recording_retention_s", recording.DEFAULT_RETENTION_S),
+        int(config.recordings_quota_mb * 2**20),
     )
     r = app.router
     r.add_get("/v1/sessions/{session_id}/ws", ws.bot_socket)

@@ -19,6 +19,8 @@ Session duration and idle time are enforced by `server/lifetime.py`.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from .errors import ApiError
@@ -97,13 +99,28 @@ def check_viewers(session, limit: int, publisher: str) -> None:
         )
 
 
-def check_avatar_count(engine, limit: int) -> None:
-    count = len(engine.avatars())
-    if count >= limit:
-        raise ApiError(
-            409, f"{count} portraits are registered (at most {limit}, --max_avatars); delete one first",
-            code="avatar_limit",
-        )
+class Reservations:
+    """Places counted against a limit from the moment a request is accepted, before its first await: concurrent
+    requests cannot all pass a check of what exists and then all add one."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pending = 0
+
+    @contextlib.contextmanager
+    def reserve(self, existing: int):
+        if existing + self.pending >= self.limit:
+            raise ApiError(
+                409,
+                f"{existing} portraits are registered and {self.pending} being registered (at most {self.limit}, "
+                "--max_avatars); delete one first",
+                code="avatar_limit",
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
 
 class PendingLimit:

@@ -107,8 +107,11 @@ class AudioRechunker:
 class MediaPump:
     """The one task per session that calls `session.read_frame()` once per frame period and fans the frame out."""
 
-    def __init__(self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None):
+    def __init__(
+        self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None, on_failure=None
+    ):
         self.session = session
+        self._on_failure = on_failure  # (reason) -> None: called when reading the engine fails
         self.fps = float(fps)
         self.clock = FrameClock(fps)
         self.queue_frames = queue_frames
@@ -171,8 +174,10 @@ class MediaPump:
                 n += 1
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             self.log.exception("the media pump stopped: reading the engine failed")
+            if self._on_failure is not None:
+                self._on_failure(f"the session's frames stopped: {type(exc).__name__}: {exc}")
         finally:
             for queue in list(self._subscribers):
                 queue.close()
@@ -211,31 +216,43 @@ class MediaPump:
         return [len(q) for q in self._subscribers]
 
 
-class AvatarVideoTrack(MediaStreamTrack):
-    """The avatar's video for one peer connection: frame `i` as an rgb24 VideoFrame, pts `i`, time base 1/fps."""
-
-    kind = "video"
+class PumpTrack(MediaStreamTrack):
+    """A track that reads the pump's frames. It subscribes when its sender first asks for a frame: aiortc stops
+    (and so lets unsubscribe) only senders it started, so a track subscribed when built would stay subscribed
+    forever for an offer that fails or a peer that never connects."""
 
     def __init__(self, pump: MediaPump):
         super().__init__()
         self._pump = pump
-        self._queue = pump.subscribe()
+        self._queue: FrameQueue | None = None
+
+    async def _next_frame(self) -> AVFrame:
+        if self._queue is None:
+            self._queue = self._pump.subscribe()
+        return await self._queue.get()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._queue is not None:
+            self._pump.unsubscribe(self._queue)
+
+
+class AvatarVideoTrack(PumpTrack):
+    """The avatar's video for one peer connection: frame `i` as an rgb24 VideoFrame, pts `i`, time base 1/fps."""
+
+    kind = "video"
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        frame = await self._queue.get()
+        frame = await self._next_frame()
         video = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.image), format="rgb24")
         video.pts = frame.index
         video.time_base = frame.time_base
         return video
 
-    def stop(self) -> None:
-        super().stop()
-        self._pump.unsubscribe(self._queue)
 
-
-class AvatarAudioTrack(MediaStreamTrack):
+class AvatarAudioTrack(PumpTrack):
     """The avatar's audio for one peer connection: the frames' audio as 20 ms s16 mono packets, pts in samples.
 
     Packet `k` of a frame is released at that frame's due time plus `k` * 20 ms, so audio leaves at the pace of
@@ -245,9 +262,7 @@ class AvatarAudioTrack(MediaStreamTrack):
     kind = "audio"
 
     def __init__(self, pump: MediaPump):
-        super().__init__()
-        self._pump = pump
-        self._queue = pump.subscribe()
+        super().__init__(pump)
         self._rechunker = AudioRechunker()
         self._packets: collections.deque[AudioPacket] = collections.deque()
         self._samples_per_frame = 0
@@ -256,7 +271,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         while not self._packets:
-            frame = await self._queue.get()
+            frame = await self._next_frame()
             self._samples_per_frame = len(frame.audio)
             self._packets.extend(self._rechunker.push(frame))
         packet = self._packets.popleft()
@@ -266,7 +281,3 @@ class AvatarAudioTrack(MediaStreamTrack):
         audio.pts = packet.position
         audio.time_base = Fraction(1, packet.sample_rate)
         return audio
-
-    def stop(self) -> None:
-        super().stop()
-        self._pump.unsubscribe(self._queue)

@@ -69,6 +69,7 @@ def collect(app_state) -> list[Metric]:
             sum(len(s.peers) for s in sessions)
         ),
         Metric("avatars", "gauge", "Registered avatars.").add(app_state.avatar_count()),
+        _sockets_refused(app_state),
         Metric("frames_sent_total", "counter", "Frames read from the engine and sent to the tracks.").add(
             sum(p.frames for p in pumps)
         ),
@@ -98,3 +99,10 @@ def collect(app_state) -> list[Metric]:
     from .procstats import metrics as process_metrics  # memory, fds, threads, tasks: what a leak shows in
 
     return out + process_metrics()
+
+
+def _sockets_refused(app_state) -> Metric:
+    metric = Metric("websockets_refused_total", "counter", "Websockets refused at a per-session limit (429).")
+    for kind, count in sorted(app_state.sockets_refused.items()):
+        metric.add(count, kind=kind)
+    return metric

@@ -14,8 +14,10 @@ pacing task and the encoder is bounded (`QUEUE_FRAMES`): if the encoder falls th
 dropped (a gap in the video, silence in the audio; counted) rather than stalling the session.
 
 Files go to `--recording_dir` (default: a temporary folder made at the first recording). A finished recording is
-kept for `--recording_retention_s` (default 1 h) after it stopped, then deleted; at shutdown every recording this
-process made is deleted (and the temporary folder with it). Download what you want to keep.
+kept for `--recording_retention_s` (default 1 h) after it stopped, then deleted; all of them together may take
+`--recordings_quota_mb` (default 4096) of disk: beyond, running recordings stop and new ones are refused (507);
+at shutdown every recording this process made is deleted (and the temporary folder with it). Download what you
+want to keep.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ QUEUE_FRAMES = 50  # 2 s at 25 fps between the pacing task and the encoder
 AAC_BLOCK = 1024
 X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
 DEFAULT_RETENTION_S = 3600.0
+DEFAULT_QUOTA_BYTES = 4 << 30  # all recordings kept on disk; new ones refused (507), running ones stop beyond
 
 
 class Mp4Writer:
@@ -126,7 +129,7 @@ class Mp4Writer:
 
 
 class Recording:
-    def __init__(self, session, path: Path, executor: ThreadPoolExecutor):
+    def __init__(self, session, path: Path, executor: ThreadPoolExecutor, over_quota=lambda: False):
         self.session = session  # the ServerSession (kept after it ends, for its token and id)
         self.session_id = session.id
         self.token = session.token
@@ -137,6 +140,8 @@ class Recording:
         self.stopped: float | None = None
         self.writer = Mp4Writer(path, session.engine_session.config.fps)
         self._executor = executor
+        self._over_quota = over_quota  # () -> bool: the recordings on disk have reached --recordings_quota_mb
+        self.stop_reason: str | None = None
         self._queue = session.pump.subscribe(QUEUE_FRAMES)
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"record-{session.id}")
         self.expiry: asyncio.TimerHandle | None = None
@@ -152,6 +157,10 @@ class Recording:
                 while len(self._queue):
                     batch.append(await self._queue.get())
                 await loop.run_in_executor(self._executor, self.writer.write, batch)
+                if self._over_quota():
+                    self.stop_reason = "the recordings' disk quota (--recordings_quota_mb) is full"
+                    self.session.log.warning("recording stopped: %s", self.stop_reason)
+                    break
         except Exception as exc:
             self.error = f"recording failed: {exc}"
             self.session.log.exception("recording failed")
@@ -194,13 +203,16 @@ class Recording:
             out["bytes"] = self.path.stat().st_size
         if self.error:
             out["error"] = self.error
+        if self.stop_reason:
+            out["stop_reason"] = self.stop_reason
         return out
 
 
 class RecordingStore:
-    def __init__(self, directory: str | None, retention_s: float):
+    def __init__(self, directory: str | None, retention_s: float, quota_bytes: int = DEFAULT_QUOTA_BYTES):
         self.configured_dir = Path(directory) if directory else None
         self.retention_s = retention_s
+        self.quota_bytes = quota_bytes
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="record")
         self.recordings: dict[str, Recording] = {}
         self._dir: Path | None = None
@@ -222,13 +234,33 @@ class RecordingStore:
                 raise ApiError(409, "this session is already being recorded", code="conflict")
             await old.stop()
             self._forget(old)
+        if self.over_quota():
+            raise ApiError(
+                507,
+                f"the recordings on disk hold {self.used_bytes() / 2**20:.1f} MiB, the quota "
+                "(--recordings_quota_mb): download and delete recordings, or wait for them to expire",
+                code="recordings_quota",
+            )
         path = self.directory() / f"{session.id}-{int(time.time() * 1000)}.mp4"
-        recording = Recording(session, path, self.executor)
+        recording = Recording(session, path, self.executor, self.over_quota)
         self.recordings[session.id] = recording
         recording.task.add_done_callback(lambda _: self._schedule_expiry(recording))
         session.connected_once.set()
         session.log.info("recording to %s", path)
         return recording
+
+    def used_bytes(self) -> int:
+        """Bytes of this server's recordings on disk, running ones included."""
+        total = 0
+        for recording in list(self.recordings.values()):
+            try:
+                total += recording.path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def over_quota(self) -> bool:
+        return self.used_bytes() >= self.quota_bytes
 
     def _schedule_expiry(self, recording: Recording) -> None:
         loop = asyncio.get_running_loop()
@@ -255,8 +287,8 @@ class RecordingStore:
 RECORDINGS = web.AppKey("recordings", RecordingStore)
 
 
-def setup(app: web.Application, directory: str | None, retention_s: float) -> None:
-    app[RECORDINGS] = RecordingStore(directory, retention_s)
+def setup(app: web.Application, directory: str | None, retention_s: float, quota_bytes: int) -> None:
+    app[RECORDINGS] = RecordingStore(directory, retention_s, quota_bytes)
 
     async def cleanup(app: web.Application) -> None:
         await app[RECORDINGS].close()

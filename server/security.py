@@ -2,6 +2,8 @@
 
 * Requests without an `Origin` header (curl, bots, other servers, page navigations) are not a browser calling
   across sites: they pass, and the API key / session token decide.
+* A request naming a `Host` the server was not configured for (an IP address, a loopback name or a
+  `--allowed-host`) gets 403 first: against DNS rebinding, where a page on the attacker's name is "same origin".
 * A request with an `Origin` is let through when that origin is the server's own (its host and port are the `Host`
   of the request; a server listening on loopback only trusts loopback names, against DNS rebinding) or is listed
   with `--allowed-origin` (`*`: any). Any other origin gets 403 before a handler runs: websocket upgrades
@@ -55,13 +57,34 @@ def _split_host(hostport: str, scheme: str) -> tuple[str, str]:
     return host, port or _DEFAULT_PORTS.get(scheme, "")
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class OriginPolicy:
-    def __init__(self, allowed: list[str], listen_host: str):
+    def __init__(self, allowed: list[str], listen_host: str, allowed_hosts: list[str] | None = None):
         self.allowed = {o.lower().rstrip("/") for o in allowed}
+        self.allowed_hosts = {h.lower() for h in allowed_hosts or []}
         self.any = "*" in self.allowed
         # A server bound to loopback serves this machine only: a page whose origin is not a loopback name can only
         # be "same origin" through DNS rebinding, so it must be listed explicitly.
         self.loopback_only = is_loopback_host(listen_host)
+
+    def trusted_host(self, request: web.Request) -> bool:
+        """The `Host` names this server: an IP address, a loopback name or a `--allowed-host`. A DNS name pointed
+        at the server by someone else (DNS rebinding: the attacker's page then counts as same-origin and reads the
+        API) is none of these."""
+        if not request.host:
+            return True  # HTTP/1.0 without Host: not a browser
+        host, port = _split_host(request.host, request.scheme)
+        return is_loopback_host(host) or _is_ip(host) or self._listed_host(host, port)
+
+    def _listed_host(self, host: str, port: str) -> bool:
+        return host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts
 
     def same_origin(self, origin: str, request: web.Request) -> bool:
         scheme, sep, hostport = origin.partition("://")
@@ -70,7 +93,7 @@ class OriginPolicy:
         host, port = _split_host(hostport, scheme)
         if (host, port) != _split_host(request.host, scheme):
             return False
-        return not self.loopback_only or is_loopback_host(host)
+        return not self.loopback_only or is_loopback_host(host) or self._listed_host(host, port)
 
     def allows(self, origin: str, request: web.Request) -> bool:
         origin = origin.strip().lower().rstrip("/")
@@ -81,6 +104,12 @@ class OriginPolicy:
 
         @web.middleware
         async def origin_middleware(request: web.Request, handler):
+            if not policy.trusted_host(request):
+                log.warning("refused %s %s for Host %r (not an --allowed-host)", request.method, request.path,
+                            request.host[:200])
+                return error_response(
+                    403, "host_not_allowed", f"this server does not answer as {request.host[:200]!r} (--allowed-host)"
+                )
             origin = request.headers.get(hdrs.ORIGIN)
             if origin is None:
                 return await handler(request)

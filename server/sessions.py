@@ -8,6 +8,7 @@ A session ends, releasing everything (peer connections closed, pacing task cance
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -38,6 +39,7 @@ class ServerSession:
         self.log = logger
         self.created = time.time()
         self.peers: dict[str, RTCPeerConnection] = {}  # "publisher" and WHEP viewer ids
+        self.open_sockets: collections.Counter[str] = collections.Counter()  # websockets by kind ("bot", "frames")
         self.connected_once = asyncio.Event()
         self.closed = False
         self.close_reason: str | None = None

@@ -12,6 +12,8 @@ from aiohttp import WSCloseCode, web
 
 from streaming.frames import Event
 
+from .errors import ApiError
+
 log = logging.getLogger("server.ws")
 
 OPEN_SOCKETS = web.AppKey("open_sockets", set)
@@ -34,6 +36,29 @@ def server_state(request: web.Request):
 def event_message(event: Event) -> dict:
     """An engine event as a websocket message: `{"type", <its data>, "frame"}` (the output frame it happened at)."""
     return {"type": event.type, **event.data, "frame": event.frame_index}
+
+
+class SessionSockets:
+    """`with SessionSockets(request, session, "frames", limit):` one more websocket of that kind on the session,
+    checked and counted before the upgrade's first await (429 `socket_limit` beyond); released when it ends."""
+
+    def __init__(self, request: web.Request, session, kind: str, limit: int):
+        counts = session.open_sockets
+        if counts[kind] >= limit:
+            refused = server_state(request).sockets_refused
+            refused[kind] = refused.get(kind, 0) + 1
+            raise ApiError(
+                429, f"this session has {counts[kind]} {kind} websockets open already (at most {limit})",
+                code="socket_limit",
+            )
+        counts[kind] += 1
+        self._counts, self._kind = counts, kind
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._counts[self._kind] -= 1
 
 
 class Tracked:

@@ -1,10 +1,11 @@
-"""`POST /v1/sessions/{id}/speak`: an audio file (WAV, MP3, OGG, FLAC, M4A... anything PyAV decodes, at any rate
-and channel count) queued for the avatar to say as one utterance.
+"""`POST /v1/sessions/{id}/speak`: an audio file (WAV, MP3, OGG/Opus, FLAC, WebM, M4A, AAC: see `sniff`, at any
+rate and channel count) queued for the avatar to say as one utterance.
 
 The body is the file itself (`Content-Type: audio/*` or `application/octet-stream`) or a multipart form with the
 file in the field `audio`. Replies: 202 `{"utterance_ms", "sample_rate", "channels", "buffered_ms"}`; 400 for a
 body that is not a readable audio file; 413 beyond `--max_upload_mb` or longer than the session's audio buffer;
-415 for another content type or a file without an audio stream; 409 when the session's buffer has no room for it.
+415 for another content type, a container outside the allow-list (playlists, concat, images...) or a
+file without an audio stream; 409 when the session's buffer has no room for it.
 
 Decoding (bounded by the duration limit while it runs, so a small file cannot expand without end) and pushing run
 in a thread; the audio is pushed in 1 s pieces so the session's lock is never held for long. Whatever the session
@@ -24,6 +25,7 @@ from streaming.audio_input import MAX_CHANNELS, MAX_RATE
 from vexpress_rt.errors import InputError
 
 from .errors import ApiError
+from .sniff import audio_demuxer
 from .sockets import server_state, session_for
 
 MAX_SPEAK_BYTES = 25 * 2**20  # unless the server sets --max_upload_mb
@@ -51,7 +53,7 @@ def decode_audio_bytes(data: bytes, max_seconds: float) -> DecodedFile:
     total = 0
     rate = channels = 0
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data), mode="r", format=audio_demuxer(data)) as container:
             if not container.streams.audio:
                 raise ApiError(415, "the file has no audio stream", code="unsupported_media_type")
             stream = container.streams.audio[0]
@@ -137,8 +139,10 @@ async def speak(request: web.Request) -> web.Response:
     room_ms = 1000 * max_s - es.buffered_ms
     if decoded.duration_ms > room_ms:
         raise ApiError(
-            409, f"the session's audio buffer has room for {room_ms / 1000:.1f} s, the file lasts "
-            f"{decoded.duration_ms / 1000:.1f} s; try again after playback", code="buffer_full"
+            409,
+            f"the session's audio buffer has room for {room_ms / 1000:.1f} s, the file lasts "
+            f"{decoded.duration_ms / 1000:.1f} s; try again after playback",
+            code="buffer_full",
         )
     try:
         await loop.run_in_executor(None, _push, es, decoded)
@@ -148,8 +152,9 @@ async def speak(request: web.Request) -> web.Response:
         raise
     session.connected_once.set()
     session.pump.start()  # the audio plays (and its events come) with or without a viewer
-    session.log.info("speak: %.2f s of audio (%d Hz, %d ch)", decoded.duration_ms / 1000, decoded.sample_rate,
-                     decoded.channels)
+    session.log.info(
+        "speak: %.2f s of audio (%d Hz, %d ch)", decoded.duration_ms / 1000, decoded.sample_rate, decoded.channels
+    )
     return web.json_response(
         {
             "utterance_ms": round(decoded.duration_ms, 1),

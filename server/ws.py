@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
 
-from .sockets import Tracked, event_message, server_state, session_for
+from .sockets import SessionSockets, Tracked, event_message, server_state, session_for
 
 try:  # the idle timeout's bookkeeping (server/lifetime.py), when the server has one
     from .lifetime import touch
@@ -222,11 +222,12 @@ class BotConnection:
 async def bot_socket(request: web.Request) -> web.WebSocketResponse:
     session = session_for(request)  # 404 / 401 before the upgrade
     max_audio = int(getattr(server_state(request).config, "max_ws_message_bytes", MAX_AUDIO_MESSAGE))
-    ws = web.WebSocketResponse(max_msg_size=max(MAX_FRAME, 4 * max_audio), heartbeat=HEARTBEAT_S)
-    await ws.prepare(request)
-    connection = BotConnection(request, session, ws, max_audio)
-    session.log.info("bot websocket connected")
-    async with Tracked(request.app, ws):
-        await connection.run()
-    session.log.info("bot websocket closed (%d error events)", connection.errors)
-    return ws
+    with SessionSockets(request, session, "bot", server_state(request).config.max_bot_sockets):  # 429 beyond
+        ws = web.WebSocketResponse(max_msg_size=max(MAX_FRAME, 4 * max_audio), heartbeat=HEARTBEAT_S)
+        await ws.prepare(request)
+        connection = BotConnection(request, session, ws, max_audio)
+        session.log.info("bot websocket connected")
+        async with Tracked(request.app, ws):
+            await connection.run()
+        session.log.info("bot websocket closed (%d error events)", connection.errors)
+        return ws

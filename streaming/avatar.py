@@ -8,6 +8,8 @@ Shared by every session of that avatar; saved to and loaded from disk, keyed by 
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from vexpress_rt.models.attention import KeyValue
 from vexpress_rt.pipeline import encode_reference, kps_features, reference_tensor
 
 FORMAT_VERSION = 1
+DEFAULT_MEMORY_BYTES = 2 << 30  # pre-encoded avatars kept in memory for re-registration (512x512 fp16: ~60 MB each)
+DEFAULT_DISK_BYTES = 8 << 30  # the same, kept on disk across restarts (--cache_dir)
 
 
 def image_digest(image: Image.Image) -> str:
@@ -120,13 +124,28 @@ def encode_avatar(
 
 
 class AvatarStore:
-    """In-memory and on-disk cache of pre-encoded avatars keyed by (image hash, model identity, size)."""
+    """In-memory and on-disk cache of pre-encoded avatars keyed by (image hash, model identity, size).
 
-    def __init__(self, models: VExpressModels, cache_dir: str | Path | None = None):
+    Both caches are bounded in bytes and drop their least recently used entries beyond (`memory_bytes`,
+    `disk_bytes`; an entry larger than the budget is used but not kept). The engine holds the avatars it
+    has registered on its own, so evicting an entry here never takes an avatar from a session; `forget`
+    drops a deleted avatar from both caches.
+    """
+
+    def __init__(
+        self,
+        models: VExpressModels,
+        cache_dir: str | Path | None = None,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        disk_bytes: int = DEFAULT_DISK_BYTES,
+    ):
         self.models = models
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.memory_bytes = memory_bytes
+        self.disk_bytes = disk_bytes
         self.model_id = model_identity(models)
-        self._memory: dict[str, PreEncodedAvatar] = {}
+        self._memory: OrderedDict[str, PreEncodedAvatar] = OrderedDict()
+        self._lock = threading.Lock()  # registrations run in an executor; deletes come from the event loop
 
     def key(self, image: Image.Image, reference_kps: np.ndarray, width: int, height: int) -> str:
         kps = hashlib.sha256(np.asarray(reference_kps, dtype=np.float32)[:3].tobytes()).hexdigest()[:8]
@@ -134,14 +153,83 @@ class AvatarStore:
 
     def get_or_encode(self, image: Image.Image, reference_kps: np.ndarray, width: int, height: int) -> PreEncodedAvatar:
         key = self.key(image, reference_kps, width, height)
-        if key in self._memory:
-            return self._memory[key]
-        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        path = self._path(key)
         if path is not None and path.is_file():
             avatar = PreEncodedAvatar.load(path).to(self.models.device, self.models.dtype)
+            path.touch()  # recently used: the disk cache evicts by modification time
         else:
             avatar = encode_avatar(self.models, image, reference_kps, width, height)
             if path is not None:
                 avatar.save(path)
-        self._memory[key] = avatar
+                self._trim_disk()
+        with self._lock:
+            self._memory[key] = avatar
+            self._trim_memory()
         return avatar
+
+    def forget(self, avatar: PreEncodedAvatar) -> None:
+        """Drop `avatar` from memory and disk (a deleted avatar); sessions holding it keep it until they end."""
+        with self._lock:
+            keys = [k for k, v in self._memory.items() if v is avatar]
+            for key in keys:
+                del self._memory[key]
+        if self.cache_dir is not None:
+            pattern = f"{avatar.image_hash[:24]}-*-{avatar.model_id}-{avatar.width}x{avatar.height}.pt"
+            for path in self.cache_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+
+    def stats(self) -> dict:
+        """What the caches hold: avatars, tensors and bytes in memory, files and bytes on disk."""
+        with self._lock:
+            entries = list(self._memory.values())
+        files = self._disk_files()
+        return {
+            "memory_avatars": len(entries),
+            "memory_tensors": sum(len(_tensors(a)) for a in entries),
+            "memory_bytes": sum(avatar_bytes(a) for a in entries),
+            "disk_files": len(files),
+            "disk_bytes": sum(size for _, size, _ in files),
+        }
+
+    def _path(self, key: str) -> Path | None:
+        return self.cache_dir / f"{key}.pt" if self.cache_dir else None
+
+    def _trim_memory(self) -> None:
+        total = sum(avatar_bytes(a) for a in self._memory.values())
+        while self._memory and total > self.memory_bytes:
+            _, evicted = self._memory.popitem(last=False)
+            total -= avatar_bytes(evicted)
+
+    def _disk_files(self) -> list[tuple[float, int, Path]]:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return []
+        files = []
+        for path in self.cache_dir.glob("*.pt"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        return files
+
+    def _trim_disk(self) -> None:
+        files = sorted(self._disk_files())
+        total = sum(size for _, size, _ in files)
+        for _, size, path in files:
+            if total <= self.disk_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _tensors(avatar: PreEncodedAvatar) -> list[torch.Tensor]:
+    return [avatar.latent, avatar.kps_feature, *(t for kv in avatar.reference_kv.values() for t in kv)]
+
+
+def avatar_bytes(avatar: PreEncodedAvatar) -> int:
+    """Bytes of the avatar's tensors (on whatever device they are)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(avatar))

@@ -20,7 +20,7 @@ from vexpress_rt.errors import InputError, VExpressError
 from vexpress_rt.loader import VExpressModels
 
 from .audio_features import IncrementalAudioFeatures
-from .avatar import AvatarStore, PreEncodedAvatar
+from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, AvatarStore, PreEncodedAvatar
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .device import synchronize
@@ -49,6 +49,8 @@ class EngineConfig:
     max_sessions: int = 4
     max_batch: int = 4  # windows of different sessions in one UNet call
     cache_dir: str | None = None
+    avatar_memory_bytes: int = DEFAULT_MEMORY_BYTES  # the avatar store's in-memory cache (LRU)
+    avatar_disk_bytes: int = DEFAULT_DISK_BYTES  # ... and its cache_dir (LRU)
     idle_seconds: float = 2.0  # the idle clip rendered at registration (played forth and back)
     admission: bool = True  # refuse sessions the measured worker speed cannot serve in real time
     realtime_margin: float = 0.9  # admit while the estimated worker load stays below this fraction
@@ -90,7 +92,9 @@ class Engine:
         self.decoders = decoders or {"full": FrameDecoder.full(models)}
         if self.config.default_session.decoder not in self.decoders:
             raise VExpressError(f"the default session decoder {self.config.default_session.decoder!r} is not loaded")
-        self.store = AvatarStore(models, self.config.cache_dir)
+        self.store = AvatarStore(
+            models, self.config.cache_dir, self.config.avatar_memory_bytes, self.config.avatar_disk_bytes
+        )
         self.worker = ModelWorker(self, max_batch=self.config.max_batch)
         self.model_lock = threading.Lock()  # the worker and avatar registration take turns on the device
         self._lock = threading.RLock()
@@ -144,9 +148,13 @@ class Engine:
         return [a.info for a in self._avatars.values()]
 
     def remove_avatar(self, avatar_id: str) -> bool:
-        """Forget an avatar; sessions already using it keep their reference until they end."""
+        """Forget an avatar and drop it from the caches: its memory is freed once the last session using it ends."""
         with self._lock:
-            return self._avatars.pop(avatar_id, None) is not None
+            avatar = self._avatars.pop(avatar_id, None)
+        if avatar is None:
+            return False
+        self.store.forget(avatar.encoded)
+        return True
 
     @torch.no_grad()
     def render_idle(self, encoded: PreEncodedAvatar) -> tuple[dict[str, np.ndarray], torch.Tensor]:
@@ -218,7 +226,8 @@ class Engine:
         return self._sessions.get(session_id)
 
     def sessions(self) -> list[StreamSession]:
-        return list(self._sessions.values())
+        with self._lock:  # the worker thread and the event loop both open and close sessions
+            return list(self._sessions.values())
 
     def _forget(self, session: StreamSession) -> None:
         with self._lock:
@@ -232,6 +241,7 @@ class Engine:
         return {
             "sessions": len(sessions),
             "avatars": len(self._avatars),
+            **{f"avatar_cache_{k}": v for k, v in self.store.stats().items()},
             "frames_generated": self.worker.frames_generated,
             "worker_errors": self.worker.errors,  # sessions the worker failed (each ended with an error event)
             "worker_batch_retries": self.worker.batch_retries,

@@ -55,6 +55,13 @@ NOSE_BELOW_EYES = 0.57  # nose tip below the mid-eye point, in eye distances (5-
 EYE_X_IN_BOX = (0.28, 0.72)  # eye centres in a cascade's face box, as fractions of its width ...
 EYE_Y_IN_BOX = 0.37  # ... and of its height from the top (measured on Haar and LBP boxes)
 
+# Given key points must describe a face, not a line: bounds that no real face in a photo comes near.
+MIN_EYE_DISTANCE_PX = 4.0  # eyes closer than this cannot be told apart, whatever the photo
+MAX_NOSE_TO_EYES = 6.0  # nose height / expected nose height for the eye distance (a full profile is about 3)
+MIN_NOSE_ANGLE_SIN = 0.3  # the nose lies off the eye line (frontal: perpendicular, sin 1)
+MAX_CROP_AREA_RATIO = 4.0  # crop box area / photo area (a close-up selfie is about 2)
+LANCZOS_SUPPORT = 3  # source pixels Lanczos reads on each side of an output pixel, per unit of downscale
+
 DETECTION_MAX_SIDE = 640  # cascades run on the photo shrunk to at most this size (speed; faces stay > 24 px)
 
 HAAR_FACE = "haarcascade_frontalface_default.xml"
@@ -150,13 +157,24 @@ def crop_portrait(
     rgb = _to_rgb(image)
     left, top, right, bottom = crop_box(face.kps, width, height, scale)
     w, h = rgb.size
-    pad_left, pad_top = max(0, math.ceil(-left)), max(0, math.ceil(-top))
-    pad_right, pad_bottom = max(0, math.ceil(right - w)), max(0, math.ceil(bottom - h))
+    if (right - left) * (bottom - top) > MAX_CROP_AREA_RATIO * w * h:
+        raise InputError(
+            f"the key points make a face far larger than the {w}x{h} photo (crop {right - left:.0f}x"
+            f"{bottom - top:.0f}): give the eyes and nose tip of the face in the photo"
+        )
+    # Only the part of the photo under the crop (plus what Lanczos reads around it) is padded, never the whole
+    # photo, so memory follows the bounded crop box, not the photo times the padding.
+    margin = math.ceil(LANCZOS_SUPPORT * max((right - left) / width, (bottom - top) / height, 1.0)) + 2
+    x0, y0 = max(0, math.floor(left) - margin), max(0, math.floor(top) - margin)
+    x1, y1 = min(w, math.ceil(right) + margin), min(h, math.ceil(bottom) + margin)
+    region = rgb.crop((x0, y0, x1, y1))
+    pad_left, pad_top = max(0, math.ceil(x0 - left)), max(0, math.ceil(y0 - top))
+    pad_right, pad_bottom = max(0, math.ceil(right - x1)), max(0, math.ceil(bottom - y1))
     if pad_left or pad_top or pad_right or pad_bottom:
-        pixels = np.pad(np.asarray(rgb), ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), mode="edge")
-        rgb = Image.fromarray(pixels)
-    box = (left + pad_left, top + pad_top, right + pad_left, bottom + pad_top)
-    crop = rgb.resize((width, height), Image.LANCZOS, box=box)
+        pixels = np.pad(np.asarray(region), ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), mode="edge")
+        region = Image.fromarray(pixels)
+    box = (left - x0 + pad_left, top - y0 + pad_top, right - x0 + pad_left, bottom - y0 + pad_top)
+    crop = region.resize((width, height), Image.LANCZOS, box=box)
     kps = np.asarray(face.kps, np.float64)[:3]
     mapped = np.stack(
         [(kps[:, 0] - left) * width / (right - left), (kps[:, 1] - top) * height / (bottom - top)], axis=1
@@ -428,4 +446,20 @@ def _check_given_kps(kps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     w, h = size
     if (pts[:, 0] < 0).any() or (pts[:, 0] > w).any() or (pts[:, 1] < 0).any() or (pts[:, 1] > h).any():
         raise InputError(f"key points must lie inside the {w}x{h} portrait, got {pts.round(1).tolist()}")
+    _check_face_shape(pts)
     return pts.astype(np.float32)
+
+
+def _check_face_shape(pts: np.ndarray) -> None:
+    """Refuse key points no face has: eyes (nearly) on one spot, a nose on the eye line or absurdly far below."""
+    eyes = pts[1] - pts[0]
+    eye_distance = float(np.hypot(*eyes))
+    nose = pts[2] - (pts[0] + pts[1]) / 2
+    nose_height = float(np.hypot(*nose))
+    shown = np.round(pts, 1).tolist()
+    if eye_distance < MIN_EYE_DISTANCE_PX:
+        raise InputError(f"the key points are degenerate: the eyes are {eye_distance:.1f} px apart ({shown})")
+    if nose_height > MAX_NOSE_TO_EYES * NOSE_BELOW_EYES * eye_distance:
+        raise InputError(f"the key points are degenerate: the nose is far below the eyes for their distance ({shown})")
+    if abs(float(eyes[0] * nose[1] - eyes[1] * nose[0])) < MIN_NOSE_ANGLE_SIN * eye_distance * nose_height:
+        raise InputError(f"the key points are degenerate: the nose lies on the eye line ({shown})")

@@ -34,6 +34,8 @@ from .decoder import DECODERS
 from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
+MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
+
 log = logging.getLogger(__name__)
 
 
@@ -126,6 +128,7 @@ class SpeechFrame:
     image: np.ndarray
     latent: torch.Tensor
     ready_time: float
+    idle_pos: int  # the idle clip frame closest to this one (where the idle loop resumes after it)
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Utterance:
     frames_played: int = 0
     real_samples: int = 0  # output-rate samples of real (unpadded) audio
     in_samples: int = 0  # input-rate sample frames pushed
-    marks: list[tuple[int, str]] = field(default_factory=list)  # (output sample position, name)
+    marks: deque[tuple[int, str]] = field(default_factory=deque)  # (output sample position, name), in order
 
 
 class StreamSession:
@@ -180,6 +183,7 @@ class StreamSession:
         self._idle_dir = 1
         self._last_image: np.ndarray | None = None
         self._last_latent: torch.Tensor | None = None
+        self._last_idle_pos = 0
         self._blend: tuple[np.ndarray, int] | None = None
         self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
         self._silence = np.zeros(self.samples_per_frame, np.int16)
@@ -256,10 +260,13 @@ class StreamSession:
         self.last_input = self._now()
         with self._lock:
             pending = [u for u in self._utterances if self._pushed_end(u) > u.frames_played * self.samples_per_frame]
+            marks = pending[-1].marks if pending else self._pending_marks
+            if len(marks) >= MAX_MARKS_PER_UTTERANCE:
+                raise InputError(f"too many marks: at most {MAX_MARKS_PER_UTTERANCE} wait in one utterance")
             if pending:
-                pending[-1].marks.append((self._pushed_end(pending[-1]), name))
+                marks.append((self._pushed_end(pending[-1]), name))
             else:
-                self._pending_marks.append(name)
+                marks.append(name)
 
     def _pushed_end(self, utt: Utterance) -> int:
         """Output-rate sample position where the audio pushed into `utt` so far ends: from the input count, not
@@ -462,14 +469,17 @@ class StreamSession:
                                                    .expand(c, -1, -1))
 
     def _deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]]) -> None:
+        # Here, on the worker thread: reading a device tensor waits for the device, which the event loop that
+        # calls read_frame() must never do.
+        nearest = [self._nearest_idle(latent) for _, _, latent in frames]
         with self._lock:
             # On the session's clock, which stamped the audio and paces playback (a caller-given clock and the
             # worker's monotonic one must not mix: latencies and play_after would be meaningless).
             ready_time = self._now()
-            for payload, image, latent in frames:
+            for (payload, image, latent), idle_pos in zip(frames, nearest):
                 if payload.epoch != self._epoch or self.closed:
                     continue  # interrupted while in flight
-                self._ready.append(SpeechFrame(payload, image, latent, ready_time))
+                self._ready.append(SpeechFrame(payload, image, latent, ready_time, idle_pos))
                 self.latencies_ms.append(1000.0 * (ready_time - payload.audio_time))
                 self.latency_count += 1
                 utt = self._utterance(payload.utterance)
@@ -503,12 +513,12 @@ class StreamSession:
             return AVFrame(index, self.time_base, self._last_image, self._silence, self.config.output_sample_rate,
                            True, utt.id)
         sf = self._ready.popleft()
-        self._last_image, self._last_latent = sf.image, sf.latent
+        self._last_image, self._last_latent, self._last_idle_pos = sf.image, sf.latent, sf.idle_pos
         utt.frames_played += 1
         self.speech_frames_out += 1
         played = utt.frames_played * self.samples_per_frame
         while utt.marks and utt.marks[0][0] <= played:
-            events.append(Event("mark", {"name": utt.marks.pop(0)[1]}, index))
+            events.append(Event("mark", {"name": utt.marks.popleft()[1]}, index))
         if utt.ended and utt.frames_played >= utt.frames_total:
             self._finish(utt, index, events)
         return AVFrame(index, self.time_base, sf.image, sf.payload.audio, self.config.output_sample_rate, True, utt.id)
@@ -537,10 +547,14 @@ class StreamSession:
         """Enter the idle loop at the clip frame closest to the last speech frame, cross-fading into it."""
         if self._last_image is None or self._last_latent is None:
             return
-        idle = self.avatar.idle_latents.to(self._last_latent)
-        distance = (idle - self._last_latent[:, None]).flatten(2).pow(2).sum(dim=(0, 2))
-        self._idle_pos = int(distance.argmin())
+        self._idle_pos = self._last_idle_pos
         self._blend = (self._last_image, 0)
+
+    def _nearest_idle(self, latent: torch.Tensor) -> int:
+        """The idle clip frame closest to a speech frame's latent (worker thread: this waits for the device)."""
+        idle = self.avatar.idle_latents.to(latent)
+        distance = (idle - latent[:, None]).flatten(2).pow(2).sum(dim=(0, 2))
+        return int(distance.argmin())
 
     def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
         image = self.avatar.idle_frames[self.config.decoder][self._idle_index(self._idle_pos)]

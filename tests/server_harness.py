@@ -45,7 +45,7 @@ class ServerThread:
     def state(self):
         return self.app[STATE]
 
-    def start(self) -> ServerThread:
+    def start(self, wait_ready: bool = True) -> ServerThread:
         self._thread.start()
 
         async def up():
@@ -57,7 +57,15 @@ class ServerThread:
             return site._server.sockets[0].getsockname()[1]
 
         self.url = f"http://127.0.0.1:{self.call(up(), timeout=120)}"
+        if wait_ready:
+            self.call(self._ready(), timeout=120)
         return self
+
+    async def _ready(self) -> None:
+        """The default portrait registers in the background: wait for it (or its failure)."""
+        state = self.state
+        while state.default_avatar_id is None and state.startup_error is None:
+            await asyncio.sleep(0.02)
 
     def stop(self) -> None:
         if self._runner is not None:

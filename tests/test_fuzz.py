@@ -397,6 +397,119 @@ def test_corrupt_and_truncated_audio_files(server, clean_log):
     assert statuses[400] + statuses[415] >= 4
 
 
+# -- valid containers, hostile content ----------------------------------------------------------------------------
+@pytest.fixture(scope="class")
+def long_session(server):
+    """One session that lives through every hostile speak below, so what a case leaks stays to be counted."""
+
+    async def open_():
+        async with http() as c:
+            return await create_session(c, server.url)
+
+    session = _run(open_())
+    served = server.state.sessions.get(session["id"])
+    yield session, served
+    call("DELETE", session["url"], headers=bearer(session["token"]))
+
+
+PLAYLISTS = [
+    "ffconcat version 1.0\nfile {path}\n",
+    "ffconcat version 1.0\nfile 'file:{path}'\nduration 1\n",
+    "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{path}\n#EXT-X-ENDLIST\n",
+    "#EXTM3U\n#EXTINF:-1,x\n{path}\n",
+    "[playlist]\nNumberOfEntries=1\nFile1={path}\n",
+    "<?xml version='1.0'?><smil><body><audio src='{path}'/></body></smil>",
+    "{path}",
+]
+TARGETS = ["sub/secret.wav", "./sub/secret.wav", "sub/../sub/secret.wav", "file:sub/secret.wav",
+           "subfile:,start,0,end,0,,:sub/secret.wav", "concat:sub/secret.wav|sub/secret.wav",
+           "http://127.0.0.1:9/x.wav", "/dev/zero", "/proc/self/environ"]
+
+
+def _patched_wav(rate: int, channels: int, bits: int, data_size: int) -> bytes:
+    import struct
+
+    blob = bytearray(wav_bytes(0.2))
+    byte_rate, align = (rate * channels * bits // 8) & 0xFFFFFFFF, (channels * bits // 8) & 0xFFFF
+    struct.pack_into("<HIIHH", blob, 22, channels, rate, byte_rate, align, bits)
+    struct.pack_into("<I", blob, 40, data_size)
+    return bytes(blob)
+
+
+class TestHostileAudioOnOneLongLivedSession:
+    """Every case goes to the same session (torn down after the class), so what a case leaks stays to be seen."""
+
+    @settings(FUZZ, max_examples=60)
+    @given(
+        template=st.sampled_from(PLAYLISTS),
+        target=st.sampled_from(TARGETS),
+        prefix=st.sampled_from(["", "\ufeff", " ", "\n"]),
+        ctype=st.sampled_from(["audio/wav", "audio/x-mpegurl", "application/octet-stream", "audio/ogg"]),
+    )
+    def test_fuzz_speak_playlists_never_read_server_files(self, server, clean_log, long_session, tmp_path, monkeypatch,
+                                                           template, target, prefix, ctype):
+        """ffconcat, HLS, PLS, SMIL and protocol URLs naming a WAV beside the server's working directory: FFmpeg would
+        open the file (or the URL) and play it. Every one must be refused (415) and nothing must reach the session."""
+        TRIED["POST speak (playlist)"] += 1
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        (tmp_path / "sub" / "secret.wav").write_bytes(wav_bytes(1.0))
+        session, served = long_session
+        body = (prefix + template.format(path=target)).encode()
+        headers = {**bearer(session["token"]), "Content-Type": ctype}
+        reply = call("POST", session["speak_url"], data=body, headers=headers)
+        assert reply.status == 415, (body, reply.status, reply.text[:300])
+        assert served.engine_session.buffered_ms == 0 and not served.closed
+
+
+    @settings(FUZZ, max_examples=40)
+    @given(rate=st.sampled_from([0, 1, 7999, 16000, 192001, 2**31 - 1, 2**32 - 1]),
+           channels=st.sampled_from([0, 1, 2, 9, 255, 65535]), bits=st.sampled_from([0, 8, 16, 24, 33, 65535]),
+           data_size=st.sampled_from([0, 6400, 2**31, 2**32 - 1]))
+    def test_fuzz_speak_wav_headers_that_lie(self, server, clean_log, long_session, rate, channels, bits, data_size):
+        """A real WAV container whose header claims absurd rates, channel counts, sample sizes and lengths."""
+        TRIED["POST speak (lying WAV header)"] += 1
+        session, served = long_session
+        headers = {**bearer(session["token"]), "Content-Type": "audio/wav"}
+        reply = call("POST", session["speak_url"], data=_patched_wav(rate, channels, bits, data_size), headers=headers)
+        assert reply.status in (202, 400, 409, 413, 415), (rate, channels, bits, data_size, reply.status, reply.text)
+        call("POST", f"{session['url']}/interrupt", headers=bearer(session["token"]))
+        assert not served.closed and len(served.pump.queue_depths()) == 0
+
+
+@settings(FUZZ, max_examples=30)
+@given(size=st.sampled_from([(64, 64), (200, 120), (2000, 2000)]), data=st.data())
+def test_fuzz_valid_portraits_with_hostile_kps(server, clean_log, size, data):
+    """Real PNGs with key points anywhere inside them: coincident, collinear, 1 px apart, a nose thousands of
+    pixels away, a face far larger than the photo. Each answer is 201 or 400, quickly, without a memory jump."""
+    import time
+
+    w, h = size
+    coord = st.one_of(st.sampled_from([0.0, 0.5, 1.0]), st.floats(0, 1))
+    points = data.draw(st.lists(st.tuples(coord, coord), min_size=3, max_size=3))
+    kps = [[round(x * w, 2), round(y * h, 2)] for x, y in points]
+    if data.draw(st.booleans()):  # the shapes that used to make giant crops: two eyes close, the nose far away
+        kps = [[0, 0], [data.draw(st.sampled_from([0.5, 1, 3, 10])), 0], [0.5, h - 1]]
+    TRIED["POST /v1/avatars (hostile kps)"] += 1
+    image = image_bytes(Image.new("RGB", size, "grey"), "PNG")
+    rss_before = _peak_rss_bytes()
+    started = time.perf_counter()
+    reply = call("POST", f"{server.url}/v1/avatars", data=avatar_form(image, json.dumps(kps)))
+    took = time.perf_counter() - started
+    assert reply.status in (201, 400), (kps, reply.status, reply.text[:300])
+    if reply.status == 201:
+        assert call("DELETE", f"{server.url}/v1/avatars/{reply.json['id']}").status == 204
+    assert took < 20, (kps, took)
+    assert _peak_rss_bytes() - rss_before < 512 * 2**20, kps
+
+
+def _peak_rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def test_healthy_after_the_fuzzing(server, clean_log):
     _healthy(server)
     metrics = call("GET", f"{server.url}/metrics").text

@@ -117,9 +117,10 @@ def test_ice_host_restriction_connects_two_peers_on_loopback():
 
 # -- auth ---------------------------------------------------------------------------------------------------------
 class _Req:
-    def __init__(self, headers=None, query=None):
+    def __init__(self, headers=None, query=None, method="GET", path="/v1/sessions/s1/ws"):
         self.headers = headers or {}
         self.query = query or {}
+        self.method, self.path = method, path
 
 
 def test_auth_key_and_token():
@@ -132,7 +133,9 @@ def test_auth_key_and_token():
             require_api_key(bad, "k")
         assert err.value.status == 401
     require_session_token(_Req({"Authorization": "Bearer t"}), "t", None)
-    require_session_token(_Req(query={"token": "t"}), "t", None)
+    require_session_token(_Req(query={"token": "t"}), "t", None)  # a websocket: browsers cannot set headers
+    with pytest.raises(ApiError):  # elsewhere a token in the URL is refused
+        require_session_token(_Req(query={"token": "t"}, method="POST", path="/v1/sessions/s1/speak"), "t", None)
     require_session_token(_Req({"X-API-Key": "k"}), "t", "k")  # the API key opens every session
     for bad in (_Req(), _Req(query={"token": "other"}), _Req({"Authorization": "Basic t"})):
         with pytest.raises(ApiError):
