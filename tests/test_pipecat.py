@@ -18,6 +18,7 @@ websocket client on the same server) is printed (`pytest -s`).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_model
-from bot_clients import Bot, Frames, create_session, delete_session, http_session, pcm16
+from bot_clients import Bot, Frames, create_session, delete_session, http_session
 from conftest import skip_or_fail
 from pipecat.frames.frames import (
     ErrorFrame,
@@ -353,8 +354,8 @@ def test_interruption_stops_speech_within_a_frame(server, speech):
             await bot.wait(lambda: bot.recorder.index_of(InterruptionFrame) is not None, 10, "the interruption")
             cut = bot.recorder.index_of(InterruptionFrame)
             await bot.wait(lambda: len(bot.recorder.pairs(cut)) >= 2 * FPS, 30, "2 s of frames after it")
-            before, after = bot.recorder.pairs()[: len(bot.recorder.pairs()) - len(bot.recorder.pairs(cut))], \
-                bot.recorder.pairs(cut)
+            pairs, after = bot.recorder.pairs(), bot.recorder.pairs(cut)
+            before = pairs[: len(pairs) - len(after)]
             assert not bot.errors, bot.errors
             await bot.end()
             return before, after
@@ -395,3 +396,34 @@ def test_server_gone_ends_pipeline_with_error(model_dir, tmp_path, speech):
     print(f"\n[pipecat] server killed: pipeline ended after {took:.2f} s with {[e.error for e in bot.errors]}")
     assert any(e.processor is bot.service and "vexpress-rt" in e.error for e in bot.errors), bot.errors
     assert not bot.service.is_usable
+
+
+def test_unreachable_server_ends_pipeline_with_error():
+    """A wrong URL (nothing listens there) is an ErrorFrame and the end of the pipeline, not a hang."""
+
+    async def main():
+        service = VExpressVideoService(url=f"http://127.0.0.1:{_free_port()}", connect_timeout_s=5.0)
+        worker = PipelineWorker(Pipeline([service, Recorder()]), idle_timeout_secs=None, enable_rtvi=False)
+        errors: list[ErrorFrame] = []
+
+        @worker.event_handler("on_pipeline_error")
+        async def on_error(_worker, frame: ErrorFrame):
+            errors.append(frame)
+
+        runner = WorkerRunner(handle_sigint=False)
+        await runner.add_workers(worker)
+        await asyncio.wait_for(runner.run(), 20)
+        return service, errors
+
+    service, errors = asyncio.run(asyncio.wait_for(main(), 60))
+    assert any(e.processor is service and "could not open a session" in e.error for e in errors), errors
+
+
+def test_example_bot_imports():
+    """examples/pipecat_bot.py builds its pipeline pieces from the installed Pipecat (no network, no API key)."""
+    spec = importlib.util.spec_from_file_location("pipecat_bot", REPO_ROOT / "examples" / "pipecat_bot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = module.transport_params()
+    assert params.video_out_enabled and not params.video_out_is_live and params.video_out_framerate == module.FPS
+    assert isinstance(module.avatar(), VExpressVideoService)

@@ -38,6 +38,7 @@ import time
 import numpy as np
 from av.audio.frame import AudioFrame
 from av.audio.resampler import AudioResampler
+from PIL import Image
 from pipecat.frames.frames import (
     CancelFrame,
     EndFrame,
@@ -52,7 +53,6 @@ from pipecat.frames.frames import (
     TTSStoppedFrame,
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
-from PIL import Image
 
 from .session_client import AvatarSession, SessionLost, SessionOptions
 

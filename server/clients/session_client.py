@@ -41,7 +41,9 @@ class SessionOptions:
 
     def body(self) -> dict:
         fields = asdict(self)
-        body = {k: v for k, v in fields.items() if v is not None and k not in ("sample_rate", "channels", "jpeg_quality")}
+        body = {
+            k: v for k, v in fields.items() if v is not None and k not in ("sample_rate", "channels", "jpeg_quality")
+        }
         body["audio"] = {"sample_rate": self.sample_rate, "channels": self.channels}
         return body
 
