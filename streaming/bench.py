@@ -71,6 +71,11 @@ def add_bench_command(sub) -> None:
         help="the sessions' decoder (default tiny, the live default; full: sd-vae-ft-mse)",
     )
     g.add_argument("--no_components", action="store_true", help="skip the UNet window / decode timings")
+    g.add_argument(
+        "--eager",
+        action="store_true",
+        help="also run the engine with eager UNet calls (first session count) beside the CUDA-graph one",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -348,6 +353,7 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg, out: dict) -> int:
         session_config=cfg,
         max_batch=args.max_batch,
         components=not args.no_components,
+        eager=args.eager,
     )
     if "skipped" in out["gpu"]:
         print(f"note: engine bench skipped: {out['gpu']['skipped']}", file=sys.stderr)

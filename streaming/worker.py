@@ -80,7 +80,7 @@ class ModelWorker:
             t0 = time.monotonic()
             try:
                 with self.engine.stages("audio_features"):
-                    job = session._next_job()  # runs the audio features on new audio: model compute
+                    job = session.next_job()  # runs the audio features on new audio: model compute
             except Exception as exc:
                 _release_memory(exc)
                 self._fail(session, exc)
@@ -131,7 +131,7 @@ class ModelWorker:
             if decoded is None:
                 continue  # its decode failed: the session has ended
             frames = [(payload, image, latent) for (payload, latent), image in zip(out, decoded)]
-            session._deliver(frames)
+            session.deliver(frames)
             self.frames_generated += len(frames)
             trigger = job.meta.get("trigger")
             self.chunk_log.append(
@@ -189,7 +189,7 @@ class ModelWorker:
         oom = isinstance(exc, OUT_OF_MEMORY)
         log.error("session %s: model worker failed", session.id, exc_info=exc)
         code, what = ("out_of_memory", "the device ran out of memory") if oom else ("model_error", "generation failed")
-        session._fail(code, f"{what}: {type(exc).__name__}: {exc}")
+        session.fail(code, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- cost model for admission control ----------------------------------------------------------------
     def record_chunk(self, settings: DenoiserSettings, batch: int, seconds: float) -> None:
