@@ -167,6 +167,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "starting", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)}
         )
+    if not state.engine.warm:
+        return web.json_response({"status": "warming", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     if state.at_capacity():
         return web.json_response({"status": "full", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return web.json_response({"status": "ready", **body})
@@ -629,6 +631,8 @@ async def _register_default_avatar(app: web.Application) -> None:
         return
     state.default_avatar_id = avatar.id
     log.info("default avatar %s (%s) ready in %.2f s", avatar.id, path.name, time.perf_counter() - started)
+    # Graphs captured and the cost per batch size measured before /readyz says ready (engine.warm_up logs it).
+    await loop.run_in_executor(state.executor, state.engine.warm_up, avatar.id)
 
 
 async def _close_sessions(app: web.Application) -> None:

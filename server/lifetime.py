@@ -47,7 +47,7 @@ def end_session(state, session, code: str, message: str) -> None:
     """Tell the clients (an `error` event) and end the session."""
     session.log.info("ending: %s", message)
     try:
-        session.engine_session._fail(code, message)  # emits the event, closes the engine session
+        session.engine_session.fail(code, message)  # emits the event, closes the engine session
     finally:
         close_later(state, session, message)
 

@@ -46,6 +46,11 @@ def add_bench_command(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="frame height (default 64; 512 with --gpu or --decoders)")
     p.add_argument("--strategies", action="store_true", help="also compare chunked and staggered windows")
     p.add_argument(
+        "--loop_lag",
+        action="store_true",
+        help="also measure an asyncio event loop's lateness while the model worker is saturated",
+    )
+    p.add_argument(
         "--decoders",
         action="store_true",
         help="only time the full (sd-vae-ft-mse) and tiny (TAESD) decoders at real size, random weights, "
@@ -71,6 +76,11 @@ def add_bench_command(sub) -> None:
         help="the sessions' decoder (default tiny, the live default; full: sd-vae-ft-mse)",
     )
     g.add_argument("--no_components", action="store_true", help="skip the UNet window / decode timings")
+    g.add_argument(
+        "--eager",
+        action="store_true",
+        help="also run the engine with eager UNet calls (first session count) beside the CUDA-graph one",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -305,15 +315,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(out, default=float) if args.json else json.dumps(out, indent=2, default=float))
         return 0
     engine, info = _load_engine(model_dir, args.width or 128, args.height or 64, cfg)
-    out["model_dir"] = str(model_dir)
-    out["device"] = str(engine.models.device)
-    out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
-    minute_s = 60.0 * args.minutes if args.minutes else (5.0 if args.quick else 60.0)
-    out.update(latency_run(engine, info.id, cfg, minute_s))
-    if args.strategies:
-        from .strategies import compare_strategies
+    try:  # a worker thread left running at exit aborts the interpreter
+        out["model_dir"] = str(model_dir)
+        out["device"] = str(engine.models.device)
+        out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
+        minute_s = 60.0 * args.minutes if args.minutes else (5.0 if args.quick else 60.0)
+        out.update(latency_run(engine, info.id, cfg, minute_s))
+        if args.strategies:
+            from .strategies import compare_strategies
 
-        out["strategies"] = compare_strategies(engine.models, info, engine, cfg)
+            out["strategies"] = compare_strategies(engine.models, info, engine, cfg)
+        if args.loop_lag:
+            from .loop_lag import loop_lag
+
+            out["loop_lag"] = loop_lag(engine, info.id, cfg, seconds=3.0 if args.quick else 10.0)
+    finally:
+        engine.close()
     if args.json:
         print(json.dumps(out, default=float))
     else:
@@ -348,6 +365,7 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg, out: dict) -> int:
         session_config=cfg,
         max_batch=args.max_batch,
         components=not args.no_components,
+        eager=args.eager,
     )
     if "skipped" in out["gpu"]:
         print(f"note: engine bench skipped: {out['gpu']['skipped']}", file=sys.stderr)
@@ -376,7 +394,7 @@ def _print_table(out: dict) -> None:
     print(f"settings: {out['settings']}")
     for name, value in rows:
         print(f"  {name:<45} {value:>10.2f}" if isinstance(value, float) else f"  {name:<45} {value:>10}")
-    for key in ("strategies",):
+    for key in ("strategies", "loop_lag"):
         if key in out:
             print(f"{key}:")
             print(json.dumps(out[key], indent=2, default=float))

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from vexpress_rt.loader import VExpressModels, make_scheduler
-from vexpress_rt.models.attention import KeyValue
 
 from .avatar import PreEncodedAvatar
 from .device import noise_generator
+from .unet_runner import CaptureBackend, EagerUNet, GraphedUNet
 
 STRATEGIES = ("chunked", "staggered")
 MAX_WINDOW = 32  # the motion modules' positional table
@@ -63,9 +63,16 @@ class DenoiserSettings:
         return self.guidance_scale > 1.0
 
     @property
+    def passes_per_call(self) -> int:
+        """UNet frame-passes of one denoiser call (x2 with guidance): chunked runs the window once per step,
+        staggered once in all."""
+        calls = self.steps if self.strategy == "chunked" else 1
+        return calls * self.window_frames * (2 if self.cfg else 1)
+
+    @property
     def passes_per_frame(self) -> float:
         """UNet frame-passes per output frame (x2 with guidance)."""
-        return self.steps * self.window_frames / self.new_frames * (2 if self.cfg else 1)
+        return self.passes_per_call / self.new_frames
 
 
 class Schedule:
@@ -125,10 +132,14 @@ class ChunkJob:
 
 
 class StreamDenoiser:
-    def __init__(self, models: VExpressModels, settings: DenoiserSettings):
+    def __init__(self, models: VExpressModels, settings: DenoiserSettings, graphs: CaptureBackend | None = None):
+        """`graphs`: replay the UNet windows from captured graphs (streaming/unet_runner.py); None: eager."""
         self.models = models
         self.settings = settings
         self.device = models.device
+        weights = (settings.reference_attention_weight, settings.audio_attention_weight)
+        unet = models.denoising_unet
+        self.unet = EagerUNet(unet, weights) if graphs is None else GraphedUNet(unet, weights, graphs)
         self.schedule = Schedule(settings.steps, self.device)
         if settings.strategy == "staggered":  # per-frame levels and timesteps of a full window, oldest group first
             self._levels_in = self._queue_alphas(0).reshape(1, 1, -1, 1, 1)
@@ -229,36 +240,16 @@ class StreamDenoiser:
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, jobs: list[ChunkJob]) -> torch.Tensor:
         """One UNet call over the batch of windows x (B, 4, T, h, w); guidance doubles the batch."""
-        s, unet, device, dtype = self.settings, self.models.denoising_unet, self.models.device, self.models.dtype
-        kv, kps = _batched_reference(jobs, x.shape[2])
-        x, tokens = x.to(device, dtype), tokens.to(device, dtype)
+        s, device, dtype = self.settings, self.models.device, self.models.dtype
+        refs: list = [j.avatar for j in jobs]
+        x, tokens, t = x.to(device, dtype), tokens.to(device, dtype), t.to(device)
         if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and kps together
-            kv = {k: (torch.cat([torch.zeros_like(a), a]), torch.cat([torch.zeros_like(b), b])) for k, (a, b) in
-                  kv.items()}
-            if kps.shape[0] != x.shape[0]:
-                kps = kps.expand(x.shape[0], -1, -1, -1, -1)
-            kps = torch.cat([torch.zeros_like(kps), kps])
+            refs = [None] * len(jobs) + refs
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             x = x.repeat(2, 1, 1, 1, 1)
             t = t.repeat(2) if t.ndim else t
-        weights = (s.reference_attention_weight, s.audio_attention_weight)
-        v = unet(x, t.to(device), tokens, kv, kps, *weights)
+        v = self.unet(x, t, tokens, refs)
         if s.cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + s.guidance_scale * (v_cond - v_uncond)
         return v
-
-
-def _batched_reference(jobs: list[ChunkJob], frames: int) -> tuple[dict[str, KeyValue], torch.Tensor]:
-    """Reference K/V and the fix_face kps feature for a batch; one avatar shared by all jobs is not copied."""
-    avatars = [j.avatar for j in jobs]
-    if all(a is avatars[0] for a in avatars):
-        kps = avatars[0].kps_feature.expand(len(jobs), -1, frames, -1, -1)
-        return avatars[0].reference_kv, kps
-    kv = {
-        name: (torch.cat([a.reference_kv[name][0] for a in avatars]), torch.cat([a.reference_kv[name][1] for a in
-                                                                                 avatars]))
-        for name in avatars[0].reference_kv
-    }
-    kps = torch.cat([a.kps_feature.expand(-1, -1, frames, -1, -1) for a in avatars])
-    return kv, kps

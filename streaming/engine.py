@@ -27,11 +27,21 @@ from .device import synchronize
 from .portrait import prepare_portrait
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer
+from .unet_runner import CudaGraphBackend, RerunBackend, bucket_for
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
 MAX_DENOISERS = 16  # cached denoisers (one per distinct settings); beyond, those no session uses are dropped
+
+
+def _capture_backend(device: torch.device, graphs: bool | None):
+    """CUDA graphs on a CUDA device unless switched off; `graphs=True` elsewhere reruns the captured function
+    (the graph path's bookkeeping, for tests); otherwise eager."""
+    device = torch.device(device)
+    if graphs is False or (graphs is None and device.type != "cuda"):
+        return None
+    return CudaGraphBackend(device) if device.type == "cuda" else RerunBackend()
 
 
 class CapacityError(VExpressError):
@@ -55,6 +65,7 @@ class EngineConfig:
     admission: bool = True  # refuse sessions the measured worker speed cannot serve in real time
     realtime_margin: float = 0.9  # admit while the estimated worker load stays below this fraction
     insightface_root: str | None = None
+    graphs: bool | None = None  # UNet windows replayed from CUDA graphs; None: on CUDA devices, eager elsewhere
     default_session: SessionConfig = field(default_factory=SessionConfig)
 
 
@@ -103,6 +114,9 @@ class Engine:
         self._denoisers: dict[DenoiserSettings, StreamDenoiser] = {}
         self._silence: dict[int, torch.Tensor] = {}
         self.stages = NoStageTimer()  # device time per stage; the benchmark installs a StageTimer
+        self._graphs = _capture_backend(models.device, self.config.graphs)
+        self.warm = False  # set by warm_up(): graphs captured, cost per batch size measured
+        self.warmup: dict | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,6 +196,52 @@ class Engine:
             with self.model_lock:
                 frames[name] = self.decode(stacked.transpose(0, 1), name)
         return frames, stacked
+
+    @torch.no_grad()
+    def warm_up(self, avatar_id: str | None = None) -> dict:
+        """Before serving: run the default settings' call (UNet + decode) at every batch size the worker will use
+        (its buckets up to `max_batch`) on a registered avatar, twice each: the first captures the graphs (or
+        warms up the eager path), the second is measured and calibrates the admission cost model. Idempotent;
+        bounded by len(buckets) x 2 calls. Returns what it did (seconds, call ms per batch)."""
+        if self.warmup is not None:
+            return self.warmup
+        avatar = self._avatars[avatar_id] if avatar_id else next(iter(self._avatars.values()))
+        cfg = self.config.default_session
+        settings = cfg.denoiser_settings()
+        denoiser = self.denoiser(settings)
+        silence = self.silence_tokens_for(cfg.fps)
+        n = settings.new_frames
+        batches = sorted({bucket_for(b) or b for b in range(1, self.worker.max_batch + 1)})
+        started = time.perf_counter()
+        call_ms = {}
+        for batch in batches:
+            states = [denoiser.new_state(avatar.encoded, seed=i, silence=silence) for i in range(batch)]
+            latents = avatar.encoded.latent.to(self.models.device, self.models.dtype).expand(batch * n, -1, -1, -1)
+            for _ in range(2):
+                jobs = [
+                    ChunkJob(state, avatar.encoded, silence[None].expand(n, -1, -1), [None] * n) for state in states
+                ]
+                with self.model_lock:
+                    t0 = time.perf_counter()
+                    denoiser.run(jobs)
+                    self.decode(latents, cfg.decoder)  # ends with the host copy: the device is done
+                    seconds = time.perf_counter() - t0
+            self.worker.record_chunk(settings, batch, seconds)
+            call_ms[batch] = round(1000 * seconds, 2)
+        self.warmup = {
+            "warmup_s": round(time.perf_counter() - started, 2),
+            "graphs": self._graphs is not None,
+            "settings": settings.__dict__,
+            "call_ms_by_batch": call_ms,
+        }
+        self.warm = True
+        log.info(
+            "engine warm in %.1f s (graphs: %s); ms per call by batch size: %s",
+            self.warmup["warmup_s"],
+            self.warmup["graphs"],
+            call_ms,
+        )
+        return self.warmup
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def can_admit(self, config: SessionConfig | None = None) -> bool:
@@ -263,7 +323,7 @@ class Engine:
                     used.add(self.config.default_session.denoiser_settings())
                     for key in [k for k in self._denoisers if k not in used]:
                         del self._denoisers[key]
-                self._denoisers[settings] = StreamDenoiser(self.models, settings)
+                self._denoisers[settings] = StreamDenoiser(self.models, settings, self._graphs)
             return self._denoisers[settings]
 
     def denoiser_for(self, session: StreamSession) -> StreamDenoiser:

@@ -75,11 +75,12 @@ def engine_figures(
     session_config=None,
     max_batch: int = 4,
     components: bool = True,
+    eager: bool = False,
 ) -> dict:
-    """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent."""
-    from .engine import Engine, EngineConfig
+    """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
+    On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
+    session count (`eager` key) from the same run, for the side-by-side."""
     from .session import SessionConfig
-    from .stage_timer import StageTimer
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -105,6 +106,31 @@ def engine_figures(
     if cfg.decoder not in decoders:
         raise ValueError(f"decoder {cfg.decoder!r} is not in the model folder (have {sorted(decoders)})")
     out["decoder"] = cfg.decoder
+    modes = [("graphs" if device.type == "cuda" else "eager", None)]
+    if eager and device.type == "cuda":
+        modes.append(("eager", False))
+    for name, graphs in modes:
+        # The eager comparison: one session count (it is far past real time on a GPU), same models, same run.
+        counts = sessions if name == modes[0][0] else sessions[:1]
+        figures = _engine_figures(models, decoders, cfg, width, height, counts, seconds, max_batch, graphs)
+        if name == modes[0][0]:
+            out.update(figures)
+            out["mode"] = name
+        else:
+            out[name] = figures
+    if components and device.type == "cuda":
+        out["components"] = component_timings(models, out.pop("_avatar"), cfg.new_frames)
+    out.pop("_avatar", None)
+    return out
+
+
+def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max_batch, graphs) -> dict:
+    """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
+    measured), then the session ramp."""
+    from .engine import Engine, EngineConfig
+    from .stage_timer import StageTimer
+
+    device = models.device
     engine = Engine(
         models,
         EngineConfig(
@@ -113,16 +139,22 @@ def engine_figures(
             max_sessions=max(sessions),
             max_batch=max_batch,
             admission=False,
+            graphs=graphs,
             default_session=cfg,
         ),
         decoders,
     )
+    out: dict = {}
     engine.stages = StageTimer(device)
     image, kps = _default_portrait()
     t0 = time.perf_counter()
     info = engine.add_avatar(image, kps)
     synchronize(device)
     out["avatar_registration_s"] = time.perf_counter() - t0
+    out["warmup"] = engine.warm_up(info.id)
+    out["sessions_held_by_cost_model"] = engine.worker.costs.sessions_held(
+        cfg.denoiser_settings(), cfg.fps, max_batch, engine.config.realtime_margin
+    )
     out["runs"] = []
     engine.start()
     try:
@@ -133,8 +165,7 @@ def engine_figures(
                 break  # far past capacity: more sessions only take longer to tell the same
     finally:
         engine.close()
-    if components and device.type == "cuda":
-        out["components"] = component_timings(engine, info.id, cfg.new_frames)
+    out["_avatar"] = engine.avatar(info.id).encoded
     return out
 
 
@@ -236,20 +267,25 @@ def _time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def component_timings(engine, avatar_id: str, new_frames: int = 2, repeats: int = 10) -> list[dict]:
-    """One staggered UNet window and the VAE decode of the frames it finishes, alone, at 1-8 steps, batch 1 and 4:
-    the call time, fps and the sessions at 25 fps it implies."""
-    models = engine.models
-    avatar = engine.avatar(avatar_id).encoded
+def component_timings(models, avatar, new_frames: int = 2, repeats: int = 10) -> list[dict]:
+    """One staggered UNet window (eager and replayed from a CUDA graph) and the VAE decode of the frames it
+    finishes, alone, at 1-8 steps, batch 1 and 4: call times, UNet TFLOP/s (when the FLOPs can be counted), fps
+    and the sessions at 25 fps it implies (graph UNet + VAE decode)."""
+    from .unet_runner import CudaGraphBackend, GraphedUNet
+
     unet, vae, device, dtype = models.denoising_unet, models.vae, models.device, models.dtype
     _, _, h, w = avatar.latent.shape
+    graphed = GraphedUNet(unet, (0.95, 3.0), CudaGraphBackend(device))
     runs = []
     for steps in (1, 2, 4, 8):
         settings = DenoiserSettings(steps=steps, new_frames=new_frames, strategy="staggered")
         frames = settings.window_frames
         schedule = Schedule(steps, device)
         for batch in (1, 4):
-            kv = {k: (a.expand(batch, -1, -1), b.expand(batch, -1, -1)) for k, (a, b) in avatar.reference_kv.items()}
+            kv = {
+                k: (a.expand(batch, -1, -1, -1), b.expand(batch, -1, -1, -1))
+                for k, (a, b) in avatar.reference_kv.items()
+            }
             x = torch.randn(batch, 4, frames, h, w, device=device, dtype=dtype)
             tokens = torch.randn(batch * frames, 5, models.unet_config.cross_attention_dim, device=device, dtype=dtype)
             kps = avatar.kps_feature.expand(batch, -1, frames, -1, -1)
@@ -258,14 +294,19 @@ def component_timings(engine, avatar_id: str, new_frames: int = 2, repeats: int 
             unet_s = _time(
                 lambda x=x, t=t, tokens=tokens, kps=kps, kv=kv: unet(x, t, tokens, kv, kps, 0.95, 3.0), repeats
             )
+            refs = [avatar] * batch
+            graph_s = _time(lambda x=x, t=t, tokens=tokens, refs=refs: graphed(x, t, tokens, refs), repeats)
             decode_s = _time(lambda z=z: vae.decode(z), repeats)
-            fps = batch * new_frames / (unet_s + decode_s)
+            flops = _unet_flops(frames, batch, 8 * h, 8 * w)
+            fps = batch * new_frames / (graph_s + decode_s)
             runs.append(
                 {
                     "steps": steps,
                     "batch": batch,
                     "window_frames": frames,
                     "unet_ms": 1000 * unet_s,
+                    "unet_graph_ms": 1000 * graph_s,
+                    "unet_graph_tflops": flops / graph_s / 1e12 if flops else None,
                     "decode_ms": 1000 * decode_s,
                     "fps": fps,
                     "sessions_at_25fps": int(fps // 25),
@@ -274,14 +315,17 @@ def component_timings(engine, avatar_id: str, new_frames: int = 2, repeats: int 
     return runs
 
 
-def print_engine_table(out: dict) -> None:
-    if "skipped" in out:
-        print(f"engine on the device: skipped ({out['skipped']})")
-        return
-    print(
-        f"engine on {out['device']} ({out['dtype']}, {out['model']}, {out['width']}x{out['height']}): "
-        f"model load {out['model_load_s']:.1f} s, avatar registration {out['avatar_registration_s']:.1f} s"
-    )
+def _unet_flops(frames: int, batch: int, height: int, width: int) -> float | None:
+    """FLOPs of one UNet window (meta-device count); None without ../shared/reference."""
+    from .flops import unet_call_flops
+
+    try:
+        return unet_call_flops(frames, batch, width, height)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _print_runs(runs: list[dict]) -> None:
     head = (
         "N",
         "fps/sess",
@@ -299,7 +343,7 @@ def print_engine_table(out: dict) -> None:
         "peak GiB",
     )
     print("  " + " ".join(f"{h:>9}" for h in head))
-    for r in out["runs"]:
+    for r in runs:
         st = r["device_ms_per_frame"]
         peak = r["peak_memory_gib"]
         cells = (
@@ -319,10 +363,32 @@ def print_engine_table(out: dict) -> None:
             "-" if peak is None else peak,
         )
         print("  " + " ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c:>9}" for c in cells))
+
+
+def print_engine_table(out: dict) -> None:
+    if "skipped" in out:
+        print(f"engine on the device: skipped ({out['skipped']})")
+        return
+    print(
+        f"engine on {out['device']} ({out['dtype']}, {out['model']}, {out['width']}x{out['height']}): "
+        f"model load {out['model_load_s']:.1f} s, avatar registration {out['avatar_registration_s']:.1f} s"
+    )
+    warm = out["warmup"]
+    print(
+        f"  {out['mode']}: warm-up {warm['warmup_s']:.1f} s, ms per call by batch {warm['call_ms_by_batch']}; "
+        f"the cost model holds {out['sessions_held_by_cost_model']} sessions"
+    )
+    _print_runs(out["runs"])
+    if "eager" in out:
+        warm = out["eager"]["warmup"]
+        print(f"  eager, same run: warm-up {warm['warmup_s']:.1f} s, ms per call by batch {warm['call_ms_by_batch']}")
+        _print_runs(out["eager"]["runs"])
     if "components" in out:
         print("components (one staggered window through the UNet + the decode of its new frames):")
         for r in out["components"]:
+            tflops = "-" if r["unet_graph_tflops"] is None else f"{r['unet_graph_tflops']:.0f}"
             print(
-                f"  steps {r['steps']} batch {r['batch']}: UNet {r['unet_ms']:.1f} ms, decode {r['decode_ms']:.1f} ms,"
-                f" {r['fps']:.1f} fps, {r['sessions_at_25fps']} sessions at 25 fps"
+                f"  steps {r['steps']} batch {r['batch']}: UNet eager {r['unet_ms']:.1f} ms, graph "
+                f"{r['unet_graph_ms']:.1f} ms ({tflops} TFLOP/s), decode {r['decode_ms']:.1f} ms, {r['fps']:.1f} fps,"
+                f" {r['sessions_at_25fps']} sessions at 25 fps"
             )

@@ -3,7 +3,7 @@
 The session is the state machine (idle -> speaking -> idle, interrupt, closed) and the bookkeeping around the model
 worker, which does all model compute (`streaming/worker.py`). Threads: `push_audio`, `end_utterance`, `mark`,
 `interrupt` and `read_frame` may be called from any thread (the server's event loop); the worker thread calls
-`_next_job` and `_deliver`. One lock guards the shared state; model calls happen outside it.
+`next_job`, `deliver` and `fail`. One lock guards the shared state; model calls happen outside it.
 
 Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`);
 frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind skips frames (dropped,
@@ -332,8 +332,9 @@ class StreamSession:
         self._emit(events)
         self.engine._forget(self)
 
-    def _fail(self, code: str, message: str) -> None:
-        """The worker could not serve this session: tell the client and end the session; others go on."""
+    def fail(self, code: str, message: str) -> None:
+        """The worker (or the server) could not serve this session: an `error` event {code, message}, then the
+        session ends; the others go on. Any thread."""
         self._emit([Event("error", {"code": code, "message": message}, self._next_index)])
         self.close()
 
@@ -385,9 +386,9 @@ class StreamSession:
             utt.arrivals.append((utt.out_total, self._now()))
 
     # -- the worker's side --------------------------------------------------------------------------------------
-    def _next_job(self) -> ChunkJob | None:
-        """Called by the worker: run the features on new audio (model compute) and return the next chunk
-        when its audio (plus lookahead) is in and there is room for its frames."""
+    def next_job(self) -> ChunkJob | None:
+        """The worker's call, on its thread: run the audio features on new audio (model compute) and return the
+        next chunk when its audio (plus lookahead) is in and there is room for its frames; else None."""
         with self._lock:
             if self.closed:
                 return None
@@ -468,7 +469,9 @@ class StreamSession:
         self.engine.denoiser_for(self).set_context(stream, idle[:, order], self.engine.silence_tokens(self)[None]
                                                    .expand(c, -1, -1))
 
-    def _deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]]) -> None:
+    def deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]]) -> None:
+        """The worker hands back a chunk's frames: (payload, uint8 image, clean latent) each, in order. Frames of an
+        epoch that was interrupted since, or of a closed session, are dropped."""
         # Here, on the worker thread: reading a device tensor waits for the device, which the event loop that
         # calls read_frame() must never do.
         nearest = [self._nearest_idle(latent) for _, _, latent in frames]

@@ -87,7 +87,7 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
         out[strategy] = {
             "rel_l2_to_offline": float((latents - offline_a).norm() / norm),
             "boundary_ratio": _boundary_ratio(latents, 4),
-            "frame_passes_per_frame": settings.passes_per_frame if strategy == "chunked" else settings.steps,
+            "frame_passes_per_frame": settings.passes_per_frame,
             "compute_ms_per_call": compute_ms,
             "latency_ms": 1000 * depth * 4 / 25 + 1000 * cfg.lookahead_s + compute_ms,
         }

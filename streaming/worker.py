@@ -14,6 +14,7 @@ from collections import deque
 
 import torch
 
+from .cost_model import CostModel, Demand
 from .denoiser import ChunkJob, DenoiserSettings
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ModelWorker:
         self.frames_generated = 0
         self.chunks = 0
         self._busy: deque[tuple[float, float]] = deque(maxlen=512)  # (end time, seconds busy)
-        self._pass_cost: float | None = None  # seconds per UNet frame-pass (EMA)
+        self.costs = CostModel()  # seconds per call by settings and batch size: what admission control reads
         self.chunk_log: deque[dict] = deque(maxlen=10000)  # per chunk: trigger, ready, compute (for the bench)
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
         self.errors = 0
@@ -79,7 +80,7 @@ class ModelWorker:
             t0 = time.monotonic()
             try:
                 with self.engine.stages("audio_features"):
-                    job = session._next_job()  # runs the audio features on new audio: model compute
+                    job = session.next_job()  # runs the audio features on new audio: model compute
             except Exception as exc:
                 _release_memory(exc)
                 self._fail(session, exc)
@@ -87,6 +88,7 @@ class ModelWorker:
             self.compute_log.append((t0, time.monotonic()))
             if job is not None:
                 job.meta["features_s"] = time.monotonic() - t0
+                self.costs.record_features(job.meta["features_s"])
                 work.append((session, job))
         if not work:
             return False
@@ -113,8 +115,9 @@ class ModelWorker:
             # One bad session (or a batch too big for the device) must not take its batch mates down: run each
             # window alone, with the noise it would have drawn (a denoiser call changes a stream only on success).
             self.batch_retries += 1
-            log.warning("a batch of %d windows failed (%s: %s); running them one by one", len(items),
-                        type(exc).__name__, exc)
+            log.warning(
+                "a batch of %d windows failed (%s: %s); running them one by one", len(items), type(exc).__name__, exc
+            )
             for item, state in zip(items, noise):
                 item[1].state.generator.set_state(state)
                 self._run(settings, [item])
@@ -128,7 +131,7 @@ class ModelWorker:
             if decoded is None:
                 continue  # its decode failed: the session has ended
             frames = [(payload, image, latent) for (payload, latent), image in zip(out, decoded)]
-            session._deliver(frames)
+            session.deliver(frames)
             self.frames_generated += len(frames)
             trigger = job.meta.get("trigger")
             self.chunk_log.append(
@@ -186,26 +189,20 @@ class ModelWorker:
         oom = isinstance(exc, OUT_OF_MEMORY)
         log.error("session %s: model worker failed", session.id, exc_info=exc)
         code, what = ("out_of_memory", "the device ran out of memory") if oom else ("model_error", "generation failed")
-        session._fail(code, f"{what}: {type(exc).__name__}: {exc}")
+        session.fail(code, f"{what}: {type(exc).__name__}: {exc}")
 
     # -- cost model for admission control ----------------------------------------------------------------
     def record_chunk(self, settings: DenoiserSettings, batch: int, seconds: float) -> None:
+        """One call over `batch` sessions' windows took `seconds` (UNet and decode)."""
         self.chunks += 1
         self._busy.append((time.monotonic(), seconds))
-        passes = settings.steps * settings.window_frames * (2 if settings.cfg else 1) * batch
-        cost = seconds / passes
-        self._pass_cost = cost if self._pass_cost is None else 0.8 * self._pass_cost + 0.2 * cost
+        self.costs.record_call(settings, batch, seconds)
 
     def estimated_load(self, configs: list) -> float | None:
-        """Fraction of the worker's time the given sessions need at batch 1 (conservative); None before any
-        measurement."""
-        if self._pass_cost is None:
-            return None
-        total = 0.0
-        for config in configs:
-            s = config.denoiser_settings()
-            total += self._pass_cost * s.passes_per_frame * config.fps
-        return total
+        """Fraction of the worker's time the given sessions need, batched as the worker batches them; None
+        before any measurement."""
+        demands = [Demand(c.denoiser_settings(), c.fps) for c in configs]
+        return self.costs.load(demands, self.max_batch)
 
     def compute_between(self, start: float, end: float) -> float:
         """Seconds of model compute (any session's) inside [start, end]: what a chunk waited on that was not

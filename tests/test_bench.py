@@ -74,6 +74,7 @@ def test_engine_bench_on_cpu_runs_sessions_and_reports_every_figure(capsys):
     assert main(args + ["--width", "128", "--height", "64"]) == 0
     gpu = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gpu"]
     assert gpu["model_load_s"] > 0 and gpu["avatar_registration_s"] > 0
+    assert gpu["mode"] == "eager" and sorted(gpu["warmup"]["call_ms_by_batch"]) == ["1", "2", "4"]
     (run,) = gpu["runs"]
     assert run["sessions"] == 1 and run["frames_generated"] > 0
     assert 0 < run["latency_p50_ms"] <= run["latency_p95_ms"]

@@ -251,9 +251,9 @@ def test_sessions_on_both_decoders_share_unet_calls(engine, avatar, decoders, ti
     }
     delivered = {name: [] for name in sessions}
     for name, session in sessions.items():
-        real = session._deliver
+        real = session.deliver
         monkeypatch.setattr(
-            session, "_deliver", lambda frames, real=real, name=name: (delivered[name].extend(frames), real(frames))[1]
+            session, "deliver", lambda frames, real=real, name=name: (delivered[name].extend(frames), real(frames))[1]
         )
     try:
         idle = {name: s.read_frame() for name, s in sessions.items()}

@@ -588,6 +588,29 @@ def test_admission_control(tiny_models, portrait):
     assert not engine.sessions()
 
 
+def test_warm_up_measures_every_batch_size_and_admission_follows_it(tiny_models, portrait):
+    """The warm-up measures one call per batch size the worker uses; admission then refuses exactly the session
+    whose batched load would pass the margin."""
+    engine = Engine(tiny_models, _engine_config(admission=True, max_sessions=8, max_batch=4))
+    try:
+        info = engine.add_avatar(*portrait)
+        assert not engine.warm
+        report = engine.warm_up(info.id)
+        assert engine.warm and sorted(report["call_ms_by_batch"]) == [1, 2, 4]
+        assert engine.warm_up() is report  # once
+        settings = engine.config.default_session.denoiser_settings()
+        assert {b for s, b in engine.worker.costs.measured if s == settings} == {1, 2, 4}
+        config = SessionConfig(steps=2)
+        loads = [engine.worker.estimated_load([config] * n) for n in (1, 2, 3)]
+        engine.config.realtime_margin = (loads[1] + loads[2]) / 2  # room for two sessions, not three
+        engine.open_session(info.id, SessionConfig(steps=2))
+        engine.open_session(info.id, SessionConfig(steps=2))
+        with pytest.raises(CapacityError, match="estimated load"):
+            engine.open_session(info.id, SessionConfig(steps=2))
+    finally:
+        engine.close()
+
+
 # -- the real worker thread --------------------------------------------------------------------------------------------
 def test_the_worker_thread_serves_a_reader_that_never_waits(engine, avatar, tiny_speech):
     """Everything above drives the worker by hand; here it runs as a thread, on the real clock."""

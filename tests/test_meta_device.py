@@ -13,6 +13,7 @@ from streaming.audio_features import IncrementalAudioFeatures
 from streaming.avatar import PreEncodedAvatar
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from streaming.random_models import random_models
+from streaming.unet_runner import RerunBackend
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
 META = torch.device("meta")
@@ -60,9 +61,11 @@ def test_audio_features_stay_on_the_model_device(meta_models):
 
 @pytest.mark.parametrize("strategy", ["staggered", "chunked"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_stream_denoiser_batch_of_two_avatars_stays_on_the_model_device(meta_models, strategy, guidance):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_stream_denoiser_batch_of_two_avatars_stays_on_the_model_device(meta_models, strategy, guidance, graphs):
+    """`graphs`: the graph runner's static buffers and reference slots (a rerun stands in for the replay)."""
     settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance)
-    denoiser = StreamDenoiser(meta_models, settings)
+    denoiser = StreamDenoiser(meta_models, settings, RerunBackend() if graphs else None)
     silence = torch.empty(5, 768, device=META, dtype=meta_models.dtype)  # (queries, width) audio tokens
     avatars = [_avatar(meta_models, "a"), _avatar(meta_models, "b")]
     states = [denoiser.new_state(a, seed=i, silence=silence) for i, a in enumerate(avatars)]

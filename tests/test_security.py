@@ -470,7 +470,7 @@ def test_engine_session_ending_on_its_own_ends_the_served_session(server):
             served = server.state.sessions.get(s["id"])
             pc, counter, _ = await connect_viewer(c, s)
             assert await wait_for(lambda: counter.video > 5, 15)
-            served.engine_session._fail("model_error", "simulated")  # what the worker does (any thread)
+            served.engine_session.fail("model_error", "simulated")  # what the worker does (any thread)
             ended = await wait_for(lambda: served.closed and not served.peers, 5)
             await counter.stop()
             await pc.close()

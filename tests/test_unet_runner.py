@@ -1,0 +1,134 @@
+"""The graph runner's bookkeeping on the CPU: a 'replay' reruns the captured function on the static buffers
+(`RerunBackend`), so bucketing, padding and the per-row reference slots are checked exactly as a CUDA graph would
+use them; the results must equal the eager UNet's for the same inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streaming.avatar import PreEncodedAvatar
+from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+from streaming.unet_runner import EagerUNet, GraphedUNet, RerunBackend, bucket_for
+
+H, W, T = 8, 16, 4  # latent size of a 128x64 frame, window frames
+WEIGHTS = (0.95, 3.0)
+
+
+def _avatar(models, seed: int) -> PreEncodedAvatar:
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(1, 4, H, W, generator=g)
+    with torch.no_grad():
+        kv = models.denoising_unet.reference_kv(models.reference_net(latent))
+        kps = models.v_kps_guider(torch.rand(1, 3, 1, 8 * H, 8 * W, generator=g))
+    return PreEncodedAvatar(f"a{seed}", "random", 8 * W, 8 * H, np.zeros((3, 2), np.float32), latent, kv, kps)
+
+
+@pytest.fixture(scope="module")
+def avatars(tiny_models):
+    return [_avatar(tiny_models, s) for s in range(3)]
+
+
+def _inputs(models, n: int, seed: int, per_frame: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, T, H, W, generator=g)
+    t = torch.randint(0, 1000, (n * T,), generator=g) if per_frame else torch.tensor(500)
+    tokens = torch.randn(n * T, 5, models.unet_config.cross_attention_dim, generator=g)
+    return x, t, tokens
+
+
+def _eager_rows(models, x, t, tokens, refs):
+    """Each row alone through the plain UNet: the reference a padded, batched replay must reproduce."""
+    like = next(r for r in refs if r is not None)
+    zero = PreEncodedAvatar(  # guidance's unconditional row: zero K/V and kps, written out here independently
+        "zero",
+        "random",
+        8 * W,
+        8 * H,
+        like.reference_kps,
+        like.latent,
+        {k: (torch.zeros_like(a), torch.zeros_like(b)) for k, (a, b) in like.reference_kv.items()},
+        torch.zeros_like(like.kps_feature),
+    )
+    rows = []
+    for i, ref in enumerate(refs):
+        ti = t[i * T : (i + 1) * T] if t.ndim else t
+        rows.append(
+            EagerUNet(models.denoising_unet, WEIGHTS)(x[i : i + 1], ti, tokens[i * T : (i + 1) * T], [ref or zero])
+        )
+    return torch.cat(rows)
+
+
+def test_bucket_for():
+    assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, None]
+
+
+@torch.no_grad()
+def test_a_padded_bucket_replay_equals_the_unpadded_eager_rows(tiny_models, avatars):
+    a, b, _ = avatars
+    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend())
+    for per_frame in (True, False):  # staggered windows (a timestep per frame) and chunked ones (one per call)
+        x, t, tokens = _inputs(tiny_models, 3, seed=1, per_frame=per_frame)
+        refs = [a, b, a]  # 3 rows padded to the bucket of 4
+        torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+    assert graphed.graphs == 2 and graphed.backend.captures == 2
+
+
+@torch.no_grad()
+def test_replays_follow_the_references_when_sessions_change(tiny_models, avatars):
+    """Rows change avatars between calls (sessions come, go, reorder): each replay must read the new ones,
+    while unchanged rows are not copied again."""
+    a, b, c = avatars
+    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend())
+    copies = []
+    for step, refs in enumerate([[a, b], [a, b], [b, a], [c], [None, c]]):  # [None, c]: guidance's zero row
+        x, t, tokens = _inputs(tiny_models, len(refs), seed=10 + step)
+        torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+        copies.append(graphed.slot_copies)
+    assert copies == [2, 2, 4, 5, 7]  # a repeated batch copies nothing; only rows whose avatar changed are copied
+    assert graphed.graphs == 2  # bucket 2 and bucket 1, each captured once and replayed since
+
+
+@torch.no_grad()
+def test_a_batch_beyond_the_largest_bucket_runs_eagerly(tiny_models, avatars):
+    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend(), buckets=(1, 2))
+    refs = [avatars[0], avatars[1], avatars[2]]
+    x, t, tokens = _inputs(tiny_models, 3, seed=3)
+    torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+    assert graphed.graphs == 0
+
+
+@torch.no_grad()
+def test_the_eager_runner_assembles_a_batch_composition_once(tiny_models, avatars):
+    a, b, _ = avatars
+    eager = EagerUNet(tiny_models.denoising_unet, WEIGHTS)
+    kv, _ = eager.reference([a, a, a], T)
+    assert kv is a.reference_kv  # one avatar for the whole batch: its K/V serve every row, no copy
+    for _ in range(3):
+        eager.reference([None, None, a, a], T)  # guidance: zero rows then the avatar's
+    assert eager.compositions_built == 2
+    kv, kps = eager.reference([a, b], T)
+    assert next(iter(kv.values()))[0].shape[0] == 2 and kps.shape[:3] == (2, kps.shape[1], T)
+    assert kps.transpose(1, 2).is_contiguous()  # the UNet's frame-major reshape is a view, not a copy per call
+
+
+@pytest.mark.parametrize("strategy", ["staggered", "chunked"])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_the_graphed_denoiser_makes_the_eager_denoisers_frames(tiny_models, avatars, strategy, guidance):
+    """Three sessions (two share an avatar) for two calls: the same frames through graphs as eagerly."""
+    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance)
+    silence = torch.zeros(5, tiny_models.unet_config.cross_attention_dim)
+    refs = [avatars[0], avatars[1], avatars[0]]
+    frames = []
+    for graphs in (None, RerunBackend()):
+        denoiser = StreamDenoiser(tiny_models, settings, graphs)
+        states = [denoiser.new_state(a, seed=i, silence=silence) for i, a in enumerate(refs)]
+        out = []
+        for turn in range(2):  # the second call runs on the state the first left
+            tokens = torch.randn(2, 5, silence.shape[1], generator=torch.Generator().manual_seed(turn))
+            jobs = [ChunkJob(s, a, tokens, [(turn, k) for k in range(2)]) for s, a in zip(states, refs)]
+            out += [latent for job_out in denoiser.run(jobs) for _, latent in job_out]
+        frames.append(torch.stack(out))
+    assert len(frames[0]) > 0
+    torch.testing.assert_close(frames[1], frames[0])
