@@ -18,8 +18,8 @@ from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
 from .config import ServerConfig, add_serve_arguments
-from .push import add_push_command
-from .soak import add_soak_command
+from .tools.push import add_push_command
+from .tools.soak import add_soak_command
 
 log = logging.getLogger("server")
 

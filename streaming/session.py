@@ -337,6 +337,8 @@ class StreamSession:
         self._emit([Event("error", {"code": code, "message": message}, self._next_index)])
         self.close()
 
+    fail = _fail  # public name for the server (its time and idle limits end a session with an error event)
+
     def stats(self) -> dict:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         return {
