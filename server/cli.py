@@ -66,14 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run(config: ServerConfig, engine) -> int:
+    coro = _serve(config, engine)
     try:
         import uvloop
     except ImportError:  # Windows
-        uvloop = None
-    coro = _serve(config, engine)
-    if uvloop is not None:
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(config: ServerConfig, engine) -> int:

@@ -86,6 +86,7 @@ async def open_session(
     except KeyError as exc:
         raise ApiError(404, f"no avatar {avatar_id!r}") from exc
     logger = SessionLog(log, {"session_id": engine_session.id})
+    session: ServerSession  # made below, after its pump (whose failure callback closes it)
     pump = MediaPump(
         engine_session,
         config.fps,

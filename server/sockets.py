@@ -18,7 +18,7 @@ from .state import server_state
 
 log = logging.getLogger("server.ws")
 
-OPEN_SOCKETS = web.AppKey("open_sockets", set)
+OPEN_SOCKETS = web.AppKey[set[web.WebSocketResponse]]("open_sockets")
 ENCODER_POOL = web.AppKey("encoder_pool", ThreadPoolExecutor)
 
 
@@ -71,7 +71,8 @@ def setup(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    sockets = list(app[OPEN_SOCKETS])
+    open_sockets = app[OPEN_SOCKETS]
+    sockets = list(open_sockets)
     if sockets:
         await asyncio.gather(
             *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets),
