@@ -18,8 +18,8 @@ from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
 from .config import ServerConfig, add_serve_arguments
-from .push import add_push_command
-from .soak import add_soak_command
+from .tools.push import add_push_command
+from .tools.soak import add_soak_command
 
 log = logging.getLogger("server")
 
@@ -66,14 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run(config: ServerConfig, engine) -> int:
+    coro = _serve(config, engine)
     try:
         import uvloop
     except ImportError:  # Windows
-        uvloop = None
-    coro = _serve(config, engine)
-    if uvloop is not None:
-        return uvloop.run(coro)
-    return asyncio.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(config: ServerConfig, engine) -> int:

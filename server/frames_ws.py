@@ -25,7 +25,8 @@ from PIL import Image
 from streaming.frames import AVFrame
 
 from .errors import ApiError
-from .sockets import ENCODER_POOL, SessionSockets, Tracked, server_state, session_for
+from .sockets import ENCODER_POOL, SessionSockets, Tracked
+from .state import server_state, session_for
 
 MAGIC = b"VXRT"
 VERSION = 1
@@ -120,7 +121,7 @@ def _limit_send_buffer(request: web.Request) -> None:
 async def frames_socket(request: web.Request) -> web.WebSocketResponse:
     session = session_for(request)  # 404 / 401 before the upgrade
     config = server_state(request).config
-    quality = _int_query(request, "quality", getattr(config, "jpeg_quality", 80), 1, 95)
+    quality = _int_query(request, "quality", config.jpeg_quality, 1, 95)
     queue_frames = _int_query(request, "queue", DEFAULT_QUEUE_FRAMES, 1, MAX_QUEUE_FRAMES)
     # A small write buffer: frames a consumer cannot take wait in the bounded queue (and the oldest are dropped)
     # instead of piling up in socket buffers as latency.

@@ -17,21 +17,17 @@ import time
 
 from streaming.frames import Event
 
+from .sessions import ServerSession
+
 log = logging.getLogger("server.lifetime")
 
 CHECK_PERIOD_S = 0.5
 _closing: set[asyncio.Task] = set()  # close tasks started from callbacks (kept referenced until done)
 
 
-def touch(session) -> None:
-    """Something came in for this session (a request with its token, a websocket message)."""
-    session.last_activity = time.monotonic()
-
-
-def idle_for(session, now: float | None = None) -> float:
-    now = time.monotonic() if now is None else now
-    last = max(getattr(session, "last_activity", 0.0), getattr(session.engine_session, "last_input", 0.0))
-    return now - last
+def closes_pending() -> int:
+    """Close tasks started by `close_later` and not finished yet."""
+    return len(_closing)
 
 
 def close_later(state, session, reason: str) -> None:
@@ -52,21 +48,18 @@ def end_session(state, session, code: str, message: str) -> None:
         close_later(state, session, message)
 
 
-def supervise(state, session, owner: str | None = None) -> None:
+def supervise(state, session: ServerSession) -> None:
     """Attach the supervisor to a new ServerSession (on the server's event loop)."""
     loop = asyncio.get_running_loop()
-    session.owner = owner
-    session.started_monotonic = time.monotonic()
-    touch(session)
 
     def on_event(event: Event) -> None:  # any thread (the model worker's, for errors)
         # Only on "closed": an engine failure emits "error" then "closed", and the listeners after this one must get
         # the error before the server's close (on the loop thread, racing the worker's thread) tells them "closed".
         if event.type == "error":
-            session.end_reason = event.data.get("message")
+            session.engine_failed(event.data.get("message"))
         if not (event.type == "state" and event.data.get("state") == "closed") or session.closed:
             return
-        reason = getattr(session, "end_reason", None) or "the engine session ended"
+        reason = session.end_reason or "the engine session ended"
         try:
             loop.call_soon_threadsafe(close_later, state, session, reason)
         except RuntimeError:  # the loop has closed: shutdown is under way
@@ -76,7 +69,7 @@ def supervise(state, session, owner: str | None = None) -> None:
     session.start_task(_watch(state, session), "supervisor")
 
 
-async def _watch(state, session) -> None:
+async def _watch(state, session: ServerSession) -> None:
     cfg = state.config
     first_seen: dict[str, float] = {}
     while not session.closed:
@@ -86,7 +79,7 @@ async def _watch(state, session) -> None:
             end_session(state, session, "max_duration",
                         f"the session reached its maximum duration of {cfg.max_session_s:g} s (--max_session_s)")
             return
-        if cfg.idle_timeout_s and idle_for(session, now) > cfg.idle_timeout_s:
+        if cfg.idle_timeout_s and session.idle_for(now) > cfg.idle_timeout_s:
             end_session(state, session, "idle_timeout",
                         f"no audio or request for {cfg.idle_timeout_s:g} s (--idle_timeout_s)")
             return

@@ -20,6 +20,7 @@ Session duration and idle time are enforced by `server/lifetime.py`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -82,7 +83,7 @@ def check_session_quota(state, owner: str | None) -> None:
     limit = state.config.max_sessions_per_key or state.config.max_sessions
     if owner is None or limit >= state.config.max_sessions:
         return
-    held = sum(1 for s in state.sessions if getattr(s, "owner", None) == owner)
+    held = sum(1 for s in state.sessions if s.owner == owner)
     if held >= limit:
         state.sessions.refused_total += 1
         raise ApiError(
@@ -103,16 +104,16 @@ class Reservations:
     """Places counted against a limit from the moment a request is accepted, before its first await: concurrent
     requests cannot all pass a check of what exists and then all add one."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self) -> None:
         self.pending = 0
 
     @contextlib.contextmanager
-    def reserve(self, existing: int):
-        if existing + self.pending >= self.limit:
+    def reserve(self, existing: int, limit: int) -> Iterator[None]:
+        """One place, if `existing` plus those reserved stay under `limit` (read when used: a setting may change)."""
+        if existing + self.pending >= limit:
             raise ApiError(
                 409,
-                f"{existing} portraits are registered and {self.pending} being registered (at most {self.limit}, "
+                f"{existing} portraits are registered and {self.pending} being registered (at most {limit}, "
                 "--max_avatars); delete one first",
                 code="avatar_limit",
             )

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -108,10 +109,12 @@ class MediaPump:
     """The one task per session that calls `session.read_frame()` once per frame period and fans the frame out."""
 
     def __init__(
-        self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None, on_failure=None
+        self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None, on_failure=None,
+        on_queued: Callable[[int], None] | None = None,
     ):
         self.session = session
         self._on_failure = on_failure  # (reason) -> None: called when reading the engine fails
+        self._on_queued = on_queued  # (frames in the queue) -> None: after each put (the depth histogram)
         self.fps = float(fps)
         self.clock = FrameClock(fps)
         self.queue_frames = queue_frames
@@ -166,6 +169,8 @@ class MediaPump:
                     frame = marks.mark_frame(frame, self.mark_period)
                 for queue in self._subscribers:
                     queue.put(frame)
+                    if self._on_queued is not None:
+                        self._on_queued(len(queue))
                 self.frames += 1
                 self.last_late_s = late
                 if late > period:

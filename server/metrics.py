@@ -1,108 +1,112 @@
-"""`GET /metrics`: Prometheus text format (version 0.0.4), written by hand from one snapshot of the server."""
+"""`GET /metrics` with `prometheus-client`: one `CollectorRegistry` per app (tests start several apps in a process).
+
+What it holds:
+* the server's figures, read by `scrape.StateCollector` from the session registry, the pumps and `engine.stats()`
+  at each scrape (`vexpress_sessions`, `vexpress_fps`, `vexpress_latency_ms{quantile}`, `vexpress_engine_*`...);
+* histograms, so that percentiles can be computed across servers: `vexpress_audio_to_frame_seconds` (audio pushed
+  to frame ready, every frame), `vexpress_engine_compute_seconds` (each span of model compute the engine's worker
+  logs: a session's audio features, a batch's denoising and decoding)
+  and `vexpress_track_queue_depth_frames` (a track's queue when a frame is put in it);
+* the process: the library's process collector (`vexpress_process_resident_memory_bytes`,
+  `vexpress_process_open_fds`, CPU, ...), plus threads and event-loop tasks: what a leak shows in.
+"""
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field
+import asyncio
+import threading
+from collections.abc import Iterable
+from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 PREFIX = "vexpress_"
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+TURN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
+DEPTH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+_PROCESS = ProcessCollector(namespace="vexpress", registry=None)  # reads /proc on Linux; nothing elsewhere
 
 
-@dataclass
-class Metric:
-    name: str
-    kind: str  # gauge | counter
-    help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+class ServerMetrics:
+    """One app's registry: the counters and histograms handlers update, and a collector reading the rest."""
 
-    def add(self, value: float, **labels: str) -> Metric:
-        self.samples.append((labels, float(value)))
-        return self
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.websockets_refused = Counter(
+            "vexpress_websockets_refused", "Websockets refused at a per-session limit (429).", ["kind"],
+            registry=self.registry,
+        )
+        self.audio_to_frame = Histogram(
+            "vexpress_audio_to_frame_seconds", "Audio pushed to frame ready, per frame.",
+            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+        )
+        self.engine_compute = Histogram(
+            "vexpress_engine_compute_seconds",
+            "Model compute spans of the engine's worker: one session's audio features, or one batch's denoise+decode.",
+            buckets=TURN_BUCKETS_S, registry=self.registry,
+        )
+        self.queue_depth = Histogram(
+            "vexpress_track_queue_depth_frames", "Frames waiting in a track's queue when a frame is put in it.",
+            buckets=DEPTH_BUCKETS, registry=self.registry,
+        )
+        self._latency_seen: dict[str, int] = {}  # engine session id -> latencies observed
+        self._compute_seen = 0.0  # end of the last model compute span observed
 
+    def attach(self, collector: Collector) -> None:
+        """Read the server at each scrape through `collector` (server/scrape.py), with the process collector."""
+        self.registry.register(collector)
+        self.registry.register(_PROCESS)
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
+    # -- histograms fed from the engine's records (at scrape time and when a session ends) -----------------------
+    def observe_latencies(self, engine_session: Any) -> None:
+        """The frames' latencies the engine recorded for this session since the last call."""
+        seen = self._latency_seen.get(engine_session.id, 0)
+        recent = list(engine_session.latencies_ms)
+        new = min(engine_session.latency_count - seen, len(recent))
+        for ms in recent[len(recent) - new:] if new > 0 else ():
+            self.audio_to_frame.observe(ms / 1000.0)
+        self._latency_seen[engine_session.id] = engine_session.latency_count
 
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
+    def forget(self, engine_session: Any) -> None:
+        self.observe_latencies(engine_session)
+        self._latency_seen.pop(engine_session.id, None)
 
-
-def render(metrics: list[Metric]) -> str:
-    lines = []
-    for m in metrics:
-        name = PREFIX + m.name
-        lines.append(f"# HELP {name} {m.help}")
-        lines.append(f"# TYPE {name} {m.kind}")
-        for labels, value in m.samples:
-            label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def metric_name(key: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_]", "_", key).strip("_").lower()
-
-
-def collect(app_state) -> list[Metric]:
-    """Everything `/metrics` shows, from the registry of sessions, their pumps and the engine's figures."""
-    sessions = list(app_state.sessions)
-    pumps = [s.pump for s in sessions]
-    engine_stats = app_state.engine_stats()
-    depths = [d for p in pumps for d in p.queue_depths()]
-    out = [
-        Metric("sessions", "gauge", "Sessions being served.").add(len(sessions)),
-        Metric("sessions_max", "gauge", "Sessions the server admits at once (--max_sessions).").add(
-            app_state.config.max_sessions
-        ),
-        Metric("sessions_created_total", "counter", "Sessions created.").add(app_state.sessions.created_total),
-        Metric("sessions_refused_total", "counter", "Session requests refused at capacity (503).").add(
-            app_state.sessions.refused_total
-        ),
-        Metric("peer_connections", "gauge", "WebRTC peer connections (publishers and WHEP viewers).").add(
-            sum(len(s.peers) for s in sessions)
-        ),
-        Metric("avatars", "gauge", "Registered avatars.").add(app_state.avatar_count()),
-        _sockets_refused(app_state),
-        Metric("frames_sent_total", "counter", "Frames read from the engine and sent to the tracks.").add(
-            sum(p.frames for p in pumps)
-        ),
-        Metric("fps", "gauge", "Measured output frame rate of each session, averaged over sessions.").add(
-            sum(p.measured_fps for p in pumps) / len(pumps) if pumps else 0.0
-        ),
-        Metric("pacing_late_frames_total", "counter", "Frames read more than one period after they were due.").add(
-            sum(p.late_frames for p in pumps)
-        ),
-        Metric("queue_depth", "gauge", "Frames waiting in the per-track queues.")
-        .add(sum(depths), stat="sum")
-        .add(max(depths, default=0), stat="max"),
-        Metric("dropped_frames_total", "counter", "Frames dropped, by where.")
-        .add(sum(p.dropped for p in pumps), stage="track_queue")
-        .add(engine_stats.get("dropped_frames", 0), stage="engine"),
-    ]
-    latency = Metric("latency_ms", "gauge", "Audio pushed to frame ready, engine-wide percentiles (ms).")
-    for q, key in (("0.5", "latency_p50_ms"), ("0.95", "latency_p95_ms")):
-        if isinstance(engine_stats.get(key), (int, float)):
-            latency.add(engine_stats[key], quantile=q)
-    if latency.samples:
-        out.append(latency)
-    shown = {"dropped_frames", "latency_p50_ms", "latency_p95_ms", "sessions", "avatars"}
-    for key, value in sorted(engine_stats.items()):
-        if key not in shown and isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append(Metric(f"engine_{metric_name(key)}", "gauge", f"Engine figure {key!r}.").add(value))
-    from .procstats import metrics as process_metrics  # memory, fds, threads, tasks: what a leak shows in
-
-    return out + process_metrics()
+    def observe_compute(self, spans: Iterable[tuple[float, float]]) -> None:
+        """The worker's model compute spans `(start, end)` (monotonic) that ended after the last call."""
+        last = self._compute_seen
+        for start, end in list(spans):
+            if end > self._compute_seen:
+                self.engine_compute.observe(max(0.0, end - start))
+                last = max(last, end)
+        self._compute_seen = last
 
 
-def _sockets_refused(app_state) -> Metric:
-    metric = Metric("websockets_refused_total", "counter", "Websockets refused at a per-session limit (429).")
-    for kind, count in sorted(app_state.sockets_refused.items()):
-        metric.add(count, kind=kind)
-    return metric
+# -- process figures (also reported by `vexpress-rt soak`) -------------------------------------------------------
+def loop_tasks(loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Tasks not done on `loop` (default: the running one). Call it from that loop's thread."""
+    loop = loop or asyncio.get_running_loop()
+    return sum(1 for t in asyncio.all_tasks(loop) if not t.done())
+
+
+def process_figures() -> dict[str, float]:
+    """The process collector's samples by name (`process_resident_memory_bytes`, `process_open_fds`, ...);
+    empty where the platform has no /proc."""
+    return {s.name.removeprefix(PREFIX): s.value for family in _PROCESS.collect() for s in family.samples}
+
+
+def snapshot(loop: asyncio.AbstractEventLoop | None = None) -> dict:
+    """Memory, file descriptors, threads and tasks now: what growth over a soak run shows a leak in."""
+    figures = process_figures()
+    fds = figures.get("process_open_fds")
+    return {
+        "rss_mb": round(figures.get("process_resident_memory_bytes", 0) / 2**20, 1),
+        "open_fds": None if fds is None else int(fds),
+        "threads": threading.active_count(),
+        "tasks": loop_tasks(loop),
+    }

@@ -40,7 +40,7 @@ from streaming.frames import AVFrame
 
 from .auth import require_session_token
 from .errors import ApiError
-from .sockets import server_state, session_for
+from .state import server_state, session_for
 
 log = logging.getLogger("server.recording")
 
@@ -346,9 +346,3 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
     headers = {"Content-Disposition": f'attachment; filename="{recording.session_id}.mp4"'}
     return web.FileResponse(recording.path, headers={**headers, "Content-Type": "video/mp4"})
 
-
-def add_routes(app: web.Application) -> None:
-    path = "/v1/sessions/{session_id}/recording"
-    app.router.add_post(path, start_recording)
-    app.router.add_delete(path, stop_recording)
-    app.router.add_get(path, get_recording)

@@ -12,8 +12,11 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 
 from aiortc import RTCPeerConnection
+
+from streaming.session import StreamSession
 
 from .media import MediaPump
 
@@ -31,8 +34,17 @@ class SessionLog(logging.LoggerAdapter):
 
 
 class ServerSession:
-    def __init__(self, engine_session, token: str, pump: MediaPump, logger: SessionLog):
+    """`owner`: who the session counts against (--max_sessions_per_key); `end_reason`: the engine's error message,
+    when the engine ended the session on its own."""
+
+    def __init__(
+        self, engine_session: StreamSession, token: str, pump: MediaPump, logger: SessionLog, owner: str | None = None
+    ):
         self.engine_session = engine_session
+        self.owner = owner
+        self.started_monotonic = time.monotonic()
+        self.last_activity = self.started_monotonic  # the last request with its token or websocket message
+        self.end_reason: str | None = None
         self.id: str = engine_session.id
         self.token = token
         self.pump = pump
@@ -44,6 +56,19 @@ class ServerSession:
         self.closed = False
         self.close_reason: str | None = None
         self._tasks: set[asyncio.Task] = set()
+
+    def touch(self) -> None:
+        """Something came in for this session (a request with its token, a websocket message)."""
+        self.last_activity = time.monotonic()
+
+    def engine_failed(self, message: str | None) -> None:
+        """The engine ended this session with an error (`message`): the reason the server session closes."""
+        self.end_reason = message
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since the last input: a request, a websocket message or audio pushed to the engine."""
+        now = time.monotonic() if now is None else now
+        return now - max(self.last_activity, self.engine_session.last_input)
 
     def start_task(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=f"{name}-{self.id}")
@@ -86,11 +111,16 @@ class SessionRegistry:
         self.created_total = 0
         self.refused_total = 0
         self.closed_total = 0
+        self._on_close: list[Callable[[ServerSession], None]] = []
+
+    def add_close_listener(self, listener: Callable[[ServerSession], None]) -> None:
+        """`listener(session)` after each session closed."""
+        self._on_close.append(listener)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ServerSession]:
         return iter(list(self._sessions.values()))
 
     def add(self, session: ServerSession) -> None:
@@ -106,6 +136,8 @@ class SessionRegistry:
             return False
         self.closed_total += 1
         await session.close(reason)
+        for listener in self._on_close:
+            listener(session)
         return True
 
     async def close_all(self, reason: str) -> None:

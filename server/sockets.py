@@ -1,4 +1,4 @@
-"""What the server's websockets share: the session lookup (token checked before the upgrade), the set of open
+"""What the server's websockets share: the per-session socket limits, the set of open
 sockets closed at shutdown (aiohttp waits for every handler to return), a thread pool for frame encoding, and the
 JSON envelope of engine events."""
 
@@ -13,24 +13,13 @@ from aiohttp import WSCloseCode, web
 from streaming.frames import Event
 
 from .errors import ApiError
+from .sessions import ServerSession
+from .state import server_state
 
 log = logging.getLogger("server.ws")
 
-OPEN_SOCKETS = web.AppKey("open_sockets", set)
+OPEN_SOCKETS = web.AppKey[set[web.WebSocketResponse]]("open_sockets")
 ENCODER_POOL = web.AppKey("encoder_pool", ThreadPoolExecutor)
-
-
-def session_for(request: web.Request):
-    """The ServerSession named in the path; 404 for unknown ids, 401 without its token (before any upgrade)."""
-    from .app import _session_for
-
-    return _session_for(request)
-
-
-def server_state(request: web.Request):
-    from .app import STATE
-
-    return request.app[STATE]
 
 
 def event_message(event: Event) -> dict:
@@ -42,11 +31,10 @@ class SessionSockets:
     """`with SessionSockets(request, session, "frames", limit):` one more websocket of that kind on the session,
     checked and counted before the upgrade's first await (429 `socket_limit` beyond); released when it ends."""
 
-    def __init__(self, request: web.Request, session, kind: str, limit: int):
+    def __init__(self, request: web.Request, session: ServerSession, kind: str, limit: int):
         counts = session.open_sockets
         if counts[kind] >= limit:
-            refused = server_state(request).sockets_refused
-            refused[kind] = refused.get(kind, 0) + 1
+            server_state(request).metrics.websockets_refused.labels(kind=kind).inc()
             raise ApiError(
                 429, f"this session has {counts[kind]} {kind} websockets open already (at most {limit})",
                 code="socket_limit",
@@ -83,7 +71,8 @@ def setup(app: web.Application) -> None:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    sockets = list(app[OPEN_SOCKETS])
+    open_sockets = app[OPEN_SOCKETS]
+    sockets = list(open_sockets)
     if sockets:
         await asyncio.gather(
             *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets),

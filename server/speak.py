@@ -26,7 +26,7 @@ from vexpress_rt.errors import InputError
 
 from .errors import ApiError
 from .sniff import audio_demuxer
-from .sockets import server_state, session_for
+from .state import server_state, session_for
 
 MAX_SPEAK_BYTES = 25 * 2**20  # unless the server sets --max_upload_mb
 RAW_TYPES = ("application/octet-stream", "application/ogg")
@@ -129,7 +129,7 @@ def _push(session, decoded: DecodedFile) -> None:
 async def speak(request: web.Request) -> web.Response:
     session = session_for(request)
     es = session.engine_session
-    limit = int(getattr(server_state(request).config, "max_upload_mb", MAX_SPEAK_BYTES / 2**20) * 2**20)
+    limit = int(server_state(request).config.max_upload_mb * 2**20)
     data = await read_audio_body(request, limit)
     if not data:
         raise ApiError(400, "the body is empty: send an audio file", code="invalid_audio")

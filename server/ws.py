@@ -22,14 +22,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
 
-from .sockets import SessionSockets, Tracked, event_message, server_state, session_for
-
-try:  # the idle timeout's bookkeeping (server/lifetime.py), when the server has one
-    from .lifetime import touch
-except ImportError:  # pragma: no cover
-
-    def touch(session) -> None:
-        pass
+from .sockets import SessionSockets, Tracked, event_message
+from .state import server_state, session_for
 
 BUFFER_TICK_S = 0.1  # `buffer` is sent at most this often while audio is buffered, and once when it reaches 0
 MAX_AUDIO_MESSAGE = 1 << 20  # default bytes of PCM in one message (--max_ws_message_bytes); larger: an error event
@@ -201,7 +195,7 @@ class BotConnection:
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
-                    touch(self.session)  # input: the session is in use
+                    self.session.touch()  # input: the session is in use
                 if msg.type == WSMsgType.BINARY:
                     self.on_audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
@@ -221,7 +215,7 @@ class BotConnection:
 
 async def bot_socket(request: web.Request) -> web.WebSocketResponse:
     session = session_for(request)  # 404 / 401 before the upgrade
-    max_audio = int(getattr(server_state(request).config, "max_ws_message_bytes", MAX_AUDIO_MESSAGE))
+    max_audio = server_state(request).config.max_ws_message_bytes
     with SessionSockets(request, session, "bot", server_state(request).config.max_bot_sockets):  # 429 beyond
         ws = web.WebSocketResponse(max_msg_size=max(MAX_FRAME, 4 * max_audio), heartbeat=HEARTBEAT_S)
         await ws.prepare(request)

@@ -1,5 +1,5 @@
-"""Clients and inputs for the robustness tests (security, fuzzing, faults, soak): real HTTP, websocket and aiortc
-peers against a `ServerThread` on 127.0.0.1, real media files made in the test, and a log check."""
+"""The tests' one client kit: real HTTP, websocket (bot, frames) and aiortc clients against a `ServerThread` on
+127.0.0.1, real media made in the test (tones, PCM16, WAV/MP3, images), and a log check."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import io
 import json
 import logging
 import struct
+import time
 import wave
 import zlib
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from PIL import Image
+
+from server.frames_ws import parse_frame
 
 UNHANDLED = ("Traceback", "Error handling request", "Unhandled exception", "unhandled error", "Task exception")
 
@@ -44,8 +48,11 @@ async def create_session(client: aiohttp.ClientSession, url: str, body: dict | N
         return await r.json()
 
 
-async def delete_session(client: aiohttp.ClientSession, url: str, session: dict) -> int:
-    async with client.delete(f"{url}/v1/sessions/{session['id']}", headers=bearer(session["token"])) as r:
+async def delete_session(client: aiohttp.ClientSession, session: dict, base_url: str | None = None) -> int:
+    """DELETE the session (`session["url"]`, or under `base_url` by its id); 204, or 404 when it ended already."""
+    url = f"{base_url}/v1/sessions/{session['id']}" if base_url else session["url"]
+    async with client.delete(url, headers=bearer(session["token"])) as r:
+        assert r.status in (204, 404), (r.status, await r.text())
         return r.status
 
 
@@ -76,7 +83,12 @@ async def ws_messages(ws, seconds: float, until=None) -> list:
     return out
 
 
-def pcm16(seconds: float, rate: int = 16000, freq: float = 220.0, channels: int = 1) -> bytes:
+def pcm16(samples: np.ndarray) -> bytes:
+    """float (n,) or (n, channels) in [-1, 1] -> PCM16 LE interleaved bytes."""
+    return np.clip(np.round(np.asarray(samples) * 32767), -32768, 32767).astype("<i2").tobytes()
+
+
+def voiced_pcm16(seconds: float, rate: int = 16000, freq: float = 220.0, channels: int = 1) -> bytes:
     """A voiced tone with a syllable-rate envelope: enough for the engine to make speech frames of."""
     t = np.arange(int(seconds * rate)) / rate
     x = 0.3 * np.sin(2 * np.pi * freq * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
@@ -89,7 +101,7 @@ def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(pcm16(seconds, rate))
+        w.writeframes(voiced_pcm16(seconds, rate))
     return out.getvalue()
 
 
@@ -100,7 +112,7 @@ def mp3_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
     with av.open(out, "w", format="mp3") as container:
         stream = container.add_stream("mp3", rate=rate)
         stream.layout = "mono"
-        samples = np.frombuffer(pcm16(seconds, rate), dtype="<i2")
+        samples = np.frombuffer(voiced_pcm16(seconds, rate), dtype="<i2")
         frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
         frame.sample_rate = rate
         for packet in stream.encode(frame):
@@ -268,3 +280,147 @@ class Bystander:
 
 def longest_gap(arrivals: list[float]) -> float:
     return max((b - a for a, b in zip(arrivals, arrivals[1:])), default=float("inf"))
+
+
+# -- bot and frames websocket clients ----------------------------------------------------------------------------
+FPS = 25
+OUT_RATE = 48000
+SPF = OUT_RATE // FPS
+
+
+def run(coro, timeout: float = 90):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def tone(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A test signal with no silent stretch: a 220 Hz tone with a little noise (float32, mono)."""
+    t = np.arange(round(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).normal(0, 0.02, len(t))
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + noise).astype(np.float32)
+
+
+@dataclass
+class Received:
+    at: float
+    message: dict
+
+
+class Bot:
+    """The session websocket: every server message is kept with its arrival time."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.messages: list[Received] = []
+        self._new = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read())
+        self.closed_code: int | None = None
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, session: dict, **kw) -> Bot:
+        ws = await http.ws_connect(session["ws_url"], headers={"Authorization": f"Bearer {session['token']}"}, **kw)
+        return cls(ws)
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.messages.append(Received(time.monotonic(), json.loads(msg.data)))
+                self._new.set()
+        self.closed_code = self.ws.close_code
+        self._new.set()
+
+    def of(self, kind: str) -> list[dict]:
+        return [r.message for r in self.messages if r.message["type"] == kind]
+
+    async def wait_for(self, predicate, timeout: float = 30.0, after: int = 0) -> dict:
+        """The first message (from index `after`) for which `predicate(message)` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.messages[after:]:
+                if predicate(r.message):
+                    return r.message
+            if self._task.done():
+                raise AssertionError(f"the websocket closed ({self.closed_code}) before the awaited message")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                types = [r.message["type"] for r in self.messages]
+                raise AssertionError(f"no awaited message within {timeout} s; got {types}")
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_type(self, kind: str, timeout: float = 30.0, after: int = 0, **fields) -> dict:
+        return await self.wait_for(
+            lambda m: m["type"] == kind and all(m.get(k) == v for k, v in fields.items()), timeout, after
+        )
+
+    async def send(self, message: dict) -> None:
+        await self.ws.send_str(json.dumps(message))
+
+    async def push(self, samples: np.ndarray, chunk: int = 320, pace_s: float = 0.0) -> None:
+        """PCM16 in `chunk`-sample messages, `pace_s` apart (0: as fast as the socket takes them)."""
+        data = pcm16(samples)
+        step = 2 * chunk * (samples.shape[1] if samples.ndim == 2 else 1)
+        t0 = time.monotonic()
+        for k, start in enumerate(range(0, len(data), step)):
+            if pace_s:
+                await asyncio.sleep(max(0.0, t0 + k * pace_s - time.monotonic()))
+            await self.ws.send_bytes(data[start : start + step])
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@dataclass
+class FrameInfo:
+    at: float
+    index: int
+    pts_us: int
+    speaking: bool
+    utterance: int
+    audio: np.ndarray
+    jpeg: bytes
+
+
+@dataclass
+class Frames:
+    """The frames websocket: every frame's header fields and audio (JPEGs kept when asked)."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    keep_jpeg: bool = False
+    start: dict | None = None
+    frames: list[FrameInfo] = field(default_factory=list)
+    task: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, http: aiohttp.ClientSession, session: dict, keep_jpeg: bool = False, **params) -> Frames:
+        ws = await http.ws_connect(session["frames_url"], params={"token": session["token"], **params})
+        frames = cls(ws, keep_jpeg)
+        frames.task = asyncio.ensure_future(frames._read())
+        return frames
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.start = json.loads(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                f = parse_frame(msg.data)
+                jpeg = f.jpeg if self.keep_jpeg else b""
+                self.frames.append(FrameInfo(time.monotonic(), f.index, f.pts_us, f.speaking, f.utterance,
+                                             f.audio.copy(), jpeg))
+
+    def speech(self, utterance: int | None = None) -> list[FrameInfo]:
+        return [f for f in self.frames if f.speaking and (utterance is None or f.utterance == utterance)]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+def played_audio(frames: list[FrameInfo], utterance: int) -> np.ndarray:
+    """The audio of an utterance's frames in order, without the engine's hold frames (silent frames it plays while
+    generation catches up: the rest shifts later, nothing is lost)."""
+    pieces = [f.audio for f in frames if f.speaking and f.utterance == utterance and f.audio.any()]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int16)

@@ -15,8 +15,9 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from server.app import STATE, create_app
+from server.app import create_app
 from server.config import ServerConfig
+from server.state import STATE
 
 TEST_SIZE = {"width": 128, "height": 64}
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from bot_clients import (
+from client_kit import (
     FPS,
     OUT_RATE,
     SPF,
@@ -27,11 +27,11 @@ from bot_clients import (
     Frames,
     create_session,
     delete_session,
-    http_session,
     played_audio,
     run,
     tone,
 )
+from client_kit import http as open_http
 from server_harness import ServerThread, make_config
 
 from server.cli import main
@@ -51,7 +51,7 @@ def server(tiny_engine):
 
 def test_handshake_auth_ready_and_ping(server):
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             for headers, params, status in (({}, {}, 401), ({"Authorization": "Bearer nope"}, {}, 401)):
                 with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -86,7 +86,7 @@ def test_handshake_auth_ready_and_ping(server):
 
 def test_malformed_messages_get_errors_and_the_session_survives(server, tiny_speech):
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             bot = await Bot.connect(http, session)
             await bot.wait_type("session.ready")
@@ -171,7 +171,7 @@ def test_utterance_is_seen_and_heard_with_marks_in_order(server, tiny_speech):
     parts = np.array_split(tiny_speech, 3)
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             viewer = Viewer()
             await viewer.connect(http, session)
@@ -248,7 +248,7 @@ def test_interrupt_stops_speech_within_a_frame(server):
     speech = tone(4.0)
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             frames = await Frames.connect(http, session)
             bot = await Bot.connect(http, session)
@@ -312,7 +312,7 @@ def test_bot_pushing_5x_faster_than_real_time_is_buffered_without_loss(server):
     speech = tone(seconds, seed=2)
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             # The server's frame pump is this session's reader. On a loaded CPU its wake-ups can come late, and a
             # reader more than max_reader_lag_frames behind skips frame periods (test_engine covers that). Here
@@ -392,7 +392,7 @@ def _push_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
 
 def test_push_cli_end_to_end(server, inputs_dir, mp3_24k_stereo, capsys):
     async def make(body):
-        async with http_session() as http:
+        async with open_http(60) as http:
             return await create_session(http, server.url, body)
 
     wav = inputs_dir / "audio.wav"
@@ -443,7 +443,7 @@ def test_push_cli_end_to_end(server, inputs_dir, mp3_24k_stereo, capsys):
 
 
 async def _delete(server, session):
-    async with http_session() as http:
+    async with open_http(60) as http:
         await delete_session(http, session)
 
 

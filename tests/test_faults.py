@@ -23,9 +23,9 @@ from client_kit import (
     delete_session,
     http,
     loopback_pc,
-    pcm16,
     vanish,
     viewer_offer,
+    voiced_pcm16,
     wait_for,
     ws_messages,
     ws_url,
@@ -73,7 +73,7 @@ async def _speak(ws, seconds: float, chunk_s: float = 0.04) -> None:
     sent = 0.0
     while sent < seconds and not ws.closed:
         try:
-            await ws.send_bytes(pcm16(chunk_s))
+            await ws.send_bytes(voiced_pcm16(chunk_s))
         except ConnectionError:  # the server closed it meanwhile (the session ended)
             return
         sent += chunk_s
@@ -113,7 +113,7 @@ def test_publisher_vanishing_ends_its_session_and_others_continue(server, fast_c
             other_alive = server.state.sessions.get(other["id"]) is not None
             await seen.stop()
             await viewer.close()
-            await delete_session(c, server.url, other)
+            await delete_session(c, other)
             return ended, detected_s, served, before, after, other_alive
 
     ended, detected_s, served, before, after, other_alive = _run(main())
@@ -143,7 +143,7 @@ def test_viewer_vanishing_loses_only_its_peer(server, fast_consent):
                 await counter.stop()
                 await pc.close()
             alive = not served.closed
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return removed, alive, before, after, subscribers
 
     removed, alive, before, after, subscribers = _run(main())
@@ -182,7 +182,7 @@ def test_websockets_dropped_without_close(server):
             bot = await _bot(c, s)
             frames = await c.ws_connect(ws_url(s, "frames"))
             await ws_messages(frames, 1.0, until=lambda m: isinstance(m, bytes))
-            await bot.send_bytes(pcm16(0.3))
+            await bot.send_bytes(voiced_pcm16(0.3))
             assert len(es._listeners) > listeners and len(served.pump._subscribers) == 1
             for ws in (bot, frames):
                 ws._response.connection.transport.abort()  # the TCP connection is gone
@@ -193,7 +193,7 @@ def test_websockets_dropped_without_close(server):
             await again.send_str('{"type": "ping", "id": 1}')
             pong = await ws_messages(again, 5.0, until=lambda m: m.get("type") == "pong")
             await again.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return released, pong
 
     released, pong = _run(main())
@@ -223,7 +223,7 @@ def test_slow_consumer_loses_frames_not_the_session(server):
             slow.close()
             await fast.close()
             for s in (slow_s, fast_s):
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
             return dropped, served.pump.dropped, fps, metrics
 
     dropped, count, fps, metrics = _run(main())
@@ -284,7 +284,7 @@ def _worker_fault(server, monkeypatch, exc_factory, code: str):
             good_events = await ws_messages(good_ws, 10.0, until=lambda m: m.get("type") == "playback.finished")
             good_after = good_es.speech_frames_out
             await good_ws.close()
-            await delete_session(c, server.url, good)
+            await delete_session(c, good)
             monkeypatch.undo()
             fresh = await create_session(c, server.url)
             fresh_ws = await _bot(c, fresh)
@@ -292,7 +292,7 @@ def _worker_fault(server, monkeypatch, exc_factory, code: str):
             await fresh_ws.send_str('{"type": "audio.end"}')
             fresh_events = await ws_messages(fresh_ws, 15.0, until=lambda m: m.get("type") == "playback.finished")
             await fresh_ws.close()
-            await delete_session(c, server.url, fresh)
+            await delete_session(c, fresh)
             return bad, bad_events, good_events, good_after - good_before, fresh_events
 
     bad, bad_events, good_events, good_frames, fresh_events = _run(main())
@@ -339,7 +339,7 @@ def test_batch_out_of_memory_is_retried_one_by_one(server, monkeypatch):
                 events.append(await ws_messages(ws, 15.0, until=lambda m: m.get("type") == "playback.finished"))
                 await ws.close()
             for s in sessions:
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
             return events
 
     events = _run(main())

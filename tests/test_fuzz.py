@@ -38,8 +38,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from server_harness import ServerThread, call, make_config
 
-from server.app import SESSION_FIELDS, decode_image
+from server.avatars import decode_image
 from server.errors import ApiError
+from server.session_api import SESSION_FIELDS
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
 
@@ -94,7 +95,7 @@ def _healthy(server) -> None:
             await ws.send_str('{"type": "ping", "id": "health"}')
             got = await ws_messages(ws, 3.0, until=lambda m: m == {"type": "pong", "id": "health"})
             await ws.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return got
 
     got = _run(main())
@@ -287,9 +288,9 @@ def test_fuzz_offer_and_whep(server, clean_log, real_offer, data):
                 async with c.post(f"{server.url}/offer", data=_dump({"sdp": sdp})) as r:
                     legacy = (r.status, await r.json())
             finally:
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
             if legacy[0] == 200:
-                await delete_session(c, server.url, {"id": legacy[1]["session_id"], "token": legacy[1]["token"]})
+                await delete_session(c, {"id": legacy[1]["session_id"], "token": legacy[1]["token"]}, server.url)
             return offer, whep, legacy
 
     offer, whep, legacy = _run(main())
@@ -329,7 +330,7 @@ def test_fuzz_bot_websocket(server, clean_log, messages):
                 await ws.close()
                 return got
             finally:
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
 
     got = _run(main())
     closed = [m for m in got if not isinstance(m, dict)]
@@ -357,7 +358,7 @@ def test_fuzz_frames_websocket(server, clean_log, messages):
                 await ws.close()
                 return got
             finally:
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
 
     got = _run(main())
     frames = [m for m in got if isinstance(m, bytes)]
@@ -390,7 +391,7 @@ def test_corrupt_and_truncated_audio_files(server, clean_log):
                         assert r.status in (202, 400, 409, 413, 415), (kind, len(case), r.status, await r.text())
                     async with c.post(f"{s['url']}/interrupt", headers=headers):
                         pass
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
 
     _run(main(), timeout=120)
     print(f"\ncorrupt audio files: {dict(statuses)}")

@@ -10,7 +10,7 @@ import io
 import av
 import numpy as np
 import pytest
-from client_kit import mp3_bytes, pcm16, wav_bytes
+from client_kit import mp3_bytes, voiced_pcm16, wav_bytes
 
 from server.errors import ApiError
 from server.speak import decode_audio_bytes
@@ -22,7 +22,8 @@ def _encoded(fmt: str, codec: str, rate: int = 16000) -> bytes:
     with av.open(out, "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.frombuffer(pcm16(1.0, rate), "<i2")[None, :], format="s16", layout="mono")
+        samples = np.frombuffer(voiced_pcm16(1.0, rate), "<i2")[None, :]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = rate
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
@@ -337,7 +338,7 @@ def test_query_tokens_work_on_websockets_and_media_only(tiny_engine):
                 media_status = r.status  # 404: no recording yet, but the token was taken
             ws = await c.ws_connect(ws_url(s))
             await ws.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return get_status, post_status, media_status
 
     try:
@@ -438,7 +439,7 @@ def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(tiny_engine):
             viewers = len(server.state.sessions.get(s["id"]).peers)
             for pc, _ in peers:
                 await pc.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             for status, avatar_id in uploads:
                 if status == 201:
                     async with c.delete(f"{server.url}/v1/avatars/{avatar_id}"):
@@ -496,13 +497,13 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
         async with http() as c:
             s = await create_session(c, server.url)
             ws = await c.ws_connect(ws_url(s))
-            await ws.send_bytes(pcm16(2.0))
+            await ws.send_bytes(voiced_pcm16(2.0))
             for i in range(MAX_MARKS_PER_UTTERANCE + 5):
                 await ws.send_str(f'{{"type": "mark", "name": "m{i}"}}')
             await ws.send_str('{"type": "ping", "id": "after"}')
             got = await ws_messages(ws, 20.0, until=lambda m: m == {"type": "pong", "id": "after"})
             await ws.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return got
 
     try:
@@ -541,7 +542,7 @@ def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
             await again.close()
             for ws in opened[1:]:
                 await ws.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return len(opened), refused
 
     try:

@@ -51,7 +51,7 @@ def test_failed_and_abandoned_offers_leak_nothing(tiny_engine):
             await asyncio.sleep(0.5)  # closing transports finish their tasks
             after = server.call(server_counts(s["id"]))
             pcs_after = _peer_connections()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return before, after, pcs_before, pcs_after
 
     try:

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_model
-from bot_clients import Bot, Frames, create_session, delete_session, http_session
+from client_kit import Bot, Frames, create_session, delete_session
+from client_kit import http as open_http
 from conftest import skip_or_fail
 from pipecat.frames.frames import (
     ErrorFrame,
@@ -276,7 +277,7 @@ def correlation(sent: np.ndarray, got: np.ndarray) -> tuple[float, int]:
 
 async def bare_client_latency(url: str, pcm16k: np.ndarray) -> float:
     """The same measure without Pipecat: first PCM pushed on the bot websocket -> first speech frame received."""
-    async with http_session() as http:
+    async with open_http(60) as http:
         session = await create_session(http, url, {"fps": FPS})
         bot = await Bot.connect(http, session)
         frames = await Frames.connect(http, session)

@@ -19,9 +19,9 @@ from client_kit import (
     delete_session,
     http,
     image_bytes,
-    pcm16,
     png_bomb,
     viewer_offer,
+    voiced_pcm16,
     wait_for,
     wav_bytes,
     ws_messages,
@@ -30,7 +30,7 @@ from client_kit import (
 from PIL import Image
 from server_harness import ServerThread, call, make_config
 
-from server import auth, lifetime
+from server import auth
 from server.config import ConfigError, IceServer, ServerConfig
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
@@ -81,7 +81,7 @@ def test_ids_and_tokens_are_unguessable(server):
         async with http() as c:
             made = [await create_session(c, server.url, headers=KEY) for _ in range(2)]
             for s in made:
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
             return made
 
     a, b = _run(main())
@@ -118,7 +118,7 @@ def test_a_wrong_token_of_the_right_length_is_refused(server, monkeypatch):
             for token in [*_near_misses(s["token"]), s["token"]]:
                 async with c.get(s["url"], headers=bearer(token)) as r:
                     statuses[token] = r.status
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return s, statuses
 
     s, statuses = _run(main())
@@ -141,12 +141,12 @@ def test_the_api_key_is_required_where_configured(server):
             s = await create_session(c, server.url, headers=KEY)
             async with c.post(f"{server.url}/v1/sessions", json={}, headers=bearer(s["token"])) as r:
                 statuses.append(r.status)
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             ok = []
             for headers in ({"X-API-Key": KEYS[1]}, bearer(KEYS[0])):
                 made = await create_session(c, server.url, headers=headers)
                 ok.append(made["id"])
-                await delete_session(c, server.url, made)
+                await delete_session(c, made)
             return statuses, ok
 
     statuses, ok = _run(main())
@@ -195,8 +195,8 @@ def test_one_sessions_token_cannot_reach_another(server):
             # still there, and its own token works
             async with c.get(base, headers=bearer(a["token"])) as r:
                 assert r.status == 200
-            await delete_session(c, server.url, a)
-            await delete_session(c, server.url, b)
+            await delete_session(c, a)
+            await delete_session(c, b)
             return statuses, missing
 
     statuses, missing = _run(main())
@@ -213,10 +213,10 @@ def test_several_api_keys_and_sessions_per_key(server):
             other = await create_session(c, server.url, headers=bearer(KEYS[1]))  # the other key has its own quota
             async with c.post(f"{server.url}/v1/sessions", json={}, headers={"X-API-Key": "nope"}) as r:
                 wrong_key = r.status
-            await delete_session(c, server.url, one[0])
+            await delete_session(c, one[0])
             again = await create_session(c, server.url, headers=KEY)  # a slot of this key is free again
             for s in (one[1], other, again):
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
             return third, wrong_key
 
     (status, body, retry), wrong_key = _run(main())
@@ -281,7 +281,7 @@ def test_browser_origins(server):
             ws = await c.ws_connect(ws_url(session), headers={"Origin": ORIGIN})
             first = await ws.receive_json(timeout=10)
             await ws.close()
-            await delete_session(c, server.url, session)
+            await delete_session(c, session)
             return first
 
     assert _run(sockets())["type"] == "session.ready"
@@ -387,17 +387,17 @@ def test_pushed_audio_buffer_and_websocket_message_limits(server):
             s = await create_session(c, server.url, headers=KEY)
             ws = await c.ws_connect(ws_url(s))
             await ws.receive_json(timeout=10)  # session.ready
-            await ws.send_bytes(pcm16(0.1))  # fine
+            await ws.send_bytes(voiced_pcm16(0.1))  # fine
             await ws.send_bytes(b"\0" * 5000)  # over 4096 bytes
             for _ in range(40):  # 0.1 s each: 4 s, past the 2 s buffer
-                await ws.send_bytes(pcm16(0.1))
+                await ws.send_bytes(voiced_pcm16(0.1))
             await ws.send_str('{"type": "ping", "id": 7}')
             got = await ws_messages(ws, 3.0)
             headers = {**bearer(s["token"]), "Content-Type": "audio/wav"}
             async with c.post(s["speak_url"], data=wav_bytes(3.0), headers=headers) as r:
                 speak = (r.status, await r.json())
             await ws.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return got, speak
 
     got, (speak_status, speak_body) = _run(main())
@@ -419,7 +419,7 @@ def test_viewers_per_session(server):
             await second.close()
             await counter.stop()
             await pc.close()
-            await delete_session(c, server.url, s)
+            await delete_session(c, s)
             return refused
 
     status, body = _run(main())
@@ -443,12 +443,12 @@ def test_session_max_duration_and_idle_timeout(server, limits):
             ws_busy = await c.ws_connect(ws_url(busy))
             t0 = time.monotonic()
             while time.monotonic() - t0 < 3.0:
-                await ws_busy.send_bytes(pcm16(0.02))
+                await ws_busy.send_bytes(voiced_pcm16(0.02))
                 await asyncio.sleep(0.1)
             went_idle = await ws_messages(ws_idle, 5.0)
             alive = server.state.sessions.get(busy["id"]) is not None
             await ws_busy.close()
-            await delete_session(c, server.url, busy)
+            await delete_session(c, busy)
             return timed, expired, idle, went_idle, alive
 
     timed, expired, idle, went_idle, alive = _run(main())
@@ -487,7 +487,7 @@ def test_idle_for_counts_requests_and_audio(server):
     served = server.state.sessions.get(session["id"])
     served.last_activity -= 100
     served.engine_session.last_input -= 100
-    assert lifetime.idle_for(served) > 99
+    assert served.idle_for() > 99
     call("GET", session["url"], headers=bearer(session["token"]))
-    assert lifetime.idle_for(served) < 5
+    assert served.idle_for() < 5
     call("DELETE", session["url"], headers=bearer(session["token"]))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,18 +145,31 @@ def test_auth_key_and_token():
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------
-def test_metrics_text_format():
-    text = metrics.render(
-        [
-            metrics.Metric("sessions", "gauge", "Sessions.").add(2),
-            metrics.Metric("latency_ms", "gauge", "Latency.").add(12.5, quantile="0.95"),
-            metrics.Metric("odd", "gauge", "Label escaping.").add(1, name='a"b\\c'),
-        ]
-    )
-    assert "# HELP vexpress_sessions Sessions.\n# TYPE vexpress_sessions gauge\nvexpress_sessions 2\n" in text
-    assert 'vexpress_latency_ms{quantile="0.95"} 12.5' in text
-    assert 'vexpress_odd{name="a\\"b\\\\c"} 1' in text
-    assert text.endswith("\n")
+def test_metrics_histograms_per_app_registry():
+    """Each app has its own registry (several apps in one process); the histograms take each engine record once."""
+    first, second = metrics.ServerMetrics(), metrics.ServerMetrics()
+    engine_session = SimpleNamespace(id="s1", latencies_ms=collections.deque([100.0, 200.0], maxlen=3), latency_count=2)
+    first.observe_latencies(engine_session)
+    engine_session.latencies_ms.extend([300.0, 400.0])  # the deque keeps 3: 200, 300, 400
+    engine_session.latency_count = 4
+    first.observe_latencies(engine_session)
+    first.observe_latencies(engine_session)  # nothing new
+    first.observe_compute([(0.0, 0.02), (1.0, 1.5)])
+    first.observe_compute([(0.0, 0.02), (1.0, 1.5), (2.0, 2.1)])
+    first.queue_depth.observe(3)
+    first.websockets_refused.labels(kind="bot").inc()
+    text = first.render().decode()
+    assert "vexpress_audio_to_frame_seconds_count 4.0" in text
+    assert "vexpress_audio_to_frame_seconds_sum 1.0" in text
+    assert "vexpress_engine_compute_seconds_count 3.0" in text
+    assert 'vexpress_track_queue_depth_frames_bucket{le="4.0"} 1.0' in text
+    assert 'vexpress_websockets_refused_total{kind="bot"} 1.0' in text
+    assert "vexpress_audio_to_frame_seconds_count 0.0" in second.render().decode()
+
+
+def test_process_figures_from_the_process_collector():
+    figures = metrics.process_figures()
+    assert figures["process_resident_memory_bytes"] > 0 and figures["process_open_fds"] > 0
 
 
 # -- media --------------------------------------------------------------------------------------------------------

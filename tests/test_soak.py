@@ -15,16 +15,16 @@ from client_kit import (
     create_session,
     delete_session,
     http,
-    pcm16,
+    voiced_pcm16,
     wait_for,
     ws_messages,
     ws_url,
 )
 from server_harness import ServerThread, make_config
 
-from server import lifetime, procstats
-from server.soak import _speech, run_soak
+from server import lifetime, metrics
 from server.sockets import OPEN_SOCKETS
+from server.tools.soak import load_speech, run_soak
 from streaming import engine as engine_module
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
@@ -41,13 +41,14 @@ def server(tiny_engine):
 
 def _figures(server) -> dict:
     async def tasks():
-        return procstats.loop_tasks()
+        return metrics.loop_tasks()
 
     gc.collect()
+    process = metrics.process_figures()
     return {
         "tasks": server.call(tasks()),
-        "fds": procstats.open_fds(),
-        "rss_mb": round(procstats.rss_bytes() / 2**20, 1),
+        "fds": process["process_open_fds"],
+        "rss_mb": round(process["process_resident_memory_bytes"] / 2**20, 1),
         "threads": threading.active_count(),
     }
 
@@ -64,7 +65,7 @@ async def _one(c, server, i: int) -> str:
             await pc.close()
         elif kind == "bot":
             ws = await c.ws_connect(ws_url(s))
-            await ws.send_bytes(pcm16(0.2))
+            await ws.send_bytes(voiced_pcm16(0.2))
             await ws.send_str('{"type": "ping"}')
             assert (await ws_messages(ws, 10, until=lambda m: m.get("type") == "pong"))[-1]["type"] == "pong"
             await ws.close()
@@ -76,7 +77,7 @@ async def _one(c, server, i: int) -> str:
             async with c.get(s["url"], headers=bearer(s["token"])) as r:
                 assert r.status == 200
     finally:
-        assert await delete_session(c, server.url, s) in (204, 404)  # 404: it ended with its publisher
+        assert await delete_session(c, s) in (204, 404)  # 404: it ended with its publisher
     return kind
 
 
@@ -101,7 +102,7 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
     served = {k: kinds.count(k) for k in set(kinds)}
     print(f"\n{SESSIONS} sessions {served}: after warm-up {base}, at the end {end}")
     assert len(server.state.sessions) == 0 and not tiny_engine.sessions()
-    assert not server.app[OPEN_SOCKETS] and not lifetime._closing
+    assert not server.app[OPEN_SOCKETS] and not lifetime.closes_pending()
     assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS
     assert end["tasks"] <= base["tasks"] + 5, (base, end)
     assert end["fds"] <= base["fds"] + 5, (base, end)
@@ -112,8 +113,8 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
 def test_soak_command_reports_its_figures(tiny_engine):
     """`vexpress-rt soak` in short: 2 clients (a WebRTC publisher and a bot), 24 s, sessions of 10 s."""
     config = make_config(host="127.0.0.1", port=0, fps=10, steps=2, max_sessions=4, admission=False).validate()
-    report = run_soak(tiny_engine, config, sessions=2, seconds=24, session_s=10, client="mixed", speech=_speech(None),
-                      timeline_every_s=5)
+    report = run_soak(tiny_engine, config, sessions=2, seconds=24, session_s=10, client="mixed",
+                      speech=load_speech(None), timeline_every_s=5)
     timeline = report.pop("timeline")
     print(f"\nsoak: {report}")
     start, end = report["process"]["start"], report["process"]["end"]
@@ -135,7 +136,7 @@ def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
             for i in range(2 * engine_module.MAX_DENOISERS + 4):
                 s = await create_session(c, server.url, {"audio_attention_weight": 1.0 + i / 100})
                 await wait_for(lambda sid=s["id"]: tiny_engine.get_session(sid)._stream is not None, 5)
-                await delete_session(c, server.url, s)
+                await delete_session(c, s)
 
     asyncio.run(asyncio.wait_for(main(), 60))
     assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS

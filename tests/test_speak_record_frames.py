@@ -16,7 +16,7 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from bot_clients import (
+from client_kit import (
     FPS,
     OUT_RATE,
     SPF,
@@ -24,10 +24,10 @@ from bot_clients import (
     Frames,
     create_session,
     delete_session,
-    http_session,
     pcm16,
     run,
 )
+from client_kit import http as open_http
 from PIL import Image
 from server_harness import ServerThread, make_config
 
@@ -106,7 +106,7 @@ def test_speak_files(server, tiny_speech):
     }
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             url = session["speak_url"]
             bot = await Bot.connect(http, session)
@@ -184,7 +184,7 @@ def _loud_blocks(x: np.ndarray, rate: int, threshold: float = 0.02) -> int:
 
 def test_recording_from_creation_lasts_speech_plus_idle(server, tiny_speech):
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url, {"record": True})
             url = session["recording_url"]
             bot = await Bot.connect(http, session)
@@ -257,7 +257,7 @@ def test_recordings_expire_and_are_removed_at_shutdown(tiny_engine):
             return session, await r.read()
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             expired, data = await record(http, 0.3)
             await asyncio.sleep(2.0)  # past the retention
             async with http.get(expired["recording_url"], headers=auth(expired)) as r:
@@ -281,7 +281,7 @@ def test_recordings_expire_and_are_removed_at_shutdown(tiny_engine):
 
 def test_frames_websocket_format(server, tiny_speech):
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             frames = await Frames.connect(http, session, keep_jpeg=True, quality=60)
             bot = await Bot.connect(http, session)
@@ -328,7 +328,7 @@ def test_slow_frames_consumer_loses_frames_and_stalls_nobody(server):
     from websockets.asyncio.client import connect
 
     async def main():
-        async with http_session() as http:
+        async with open_http(60) as http:
             session = await create_session(http, server.url)
             fast = await Frames.connect(http, session)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

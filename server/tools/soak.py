@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import procstats
+from .. import metrics
 
 log = logging.getLogger("server.soak")
 
@@ -65,8 +65,8 @@ def add_soak_command(sub) -> None:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from .config import ServerConfig
-    from .engine_factory import build_engine
+    from ..config import ServerConfig
+    from ..engine_factory import build_engine
 
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     config = ServerConfig(
@@ -78,7 +78,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     engine.start()
     try:
         report = run_soak(engine, config, args.sessions, args.minutes * 60, args.session_s, args.client,
-                          _speech(args.audio))
+                          load_speech(args.audio))
     finally:
         engine.close()
     report["command"] = " ".join(["vexpress-rt", "soak", *sys.argv[2:]]) if len(sys.argv) > 1 else "vexpress-rt soak"
@@ -89,7 +89,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speech(path: str | None) -> np.ndarray:
+def load_speech(path: str | None) -> np.ndarray:
     """Mono float32 at 48 kHz: the given file, else a voiced signal with a syllable rhythm and pauses."""
     if path:
         from vexpress_rt.media import load_audio, resample_pcm
@@ -117,7 +117,8 @@ class _Server:
     def start(self) -> str:
         from aiohttp import web
 
-        from .app import STATE, create_app
+        from ..app import create_app
+        from ..state import STATE
 
         self.thread.start()
 
@@ -135,7 +136,7 @@ class _Server:
 
     def figures(self) -> dict:
         async def snap():
-            return procstats.snapshot()
+            return metrics.snapshot()
 
         figures = self.call(snap())
         figures["sessions_open"] = len(self.state.sessions)

@@ -1,0 +1,184 @@
+"""Sessions: `POST /v1/sessions`, `GET/DELETE /v1/sessions/{id}`, `POST .../interrupt`; `open_session` is shared
+with the aiortc-compatible `POST /offer` (webrtc.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from streaming.engine import CapacityError
+from streaming.session import SessionConfig
+
+from . import lifetime, limits, recording
+from .auth import client_identity, new_token, require_api_key
+from .errors import ApiError
+from .media import MediaPump
+from .sessions import ServerSession, SessionLog
+from .state import ServerState, capacity_error, json_body, server_state, session_for
+
+log = logging.getLogger("server")
+
+SESSION_FIELDS = {
+    "avatar_id",
+    "fps",
+    "steps",
+    "guidance_scale",
+    "reference_attention_weight",
+    "audio_attention_weight",
+    "decoder",
+    "audio",
+}
+
+
+# -- sessions -----------------------------------------------------------------------------------------------------
+def session_config_from_json(state: ServerState, data: dict) -> tuple[str, SessionConfig]:
+    unknown = set(data) - SESSION_FIELDS
+    if unknown:
+        raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+    avatar_id = data.get("avatar_id") or state.default_avatar_id
+    if avatar_id is None:
+        raise capacity_error("the server is starting (the default portrait is being encoded)")
+    if not isinstance(avatar_id, str):
+        raise ApiError(400, "avatar_id must be a string")
+    audio = data.get("audio") or {}
+    if not isinstance(audio, dict) or set(audio) - {"sample_rate", "channels"}:
+        raise ApiError(400, 'audio must be an object {"sample_rate", "channels"}')
+    values = {
+        "fps": data.get("fps"),
+        "steps": data.get("steps"),
+        "guidance_scale": data.get("guidance_scale"),
+        "reference_attention_weight": data.get("reference_attention_weight"),
+        "audio_attention_weight": data.get("audio_attention_weight"),
+        "decoder": data.get("decoder"),
+        "input_sample_rate": audio.get("sample_rate"),
+        "input_channels": audio.get("channels"),
+    }
+    for key in ("fps", "steps", "input_sample_rate", "input_channels"):
+        if values[key] is not None and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+            raise ApiError(400, f"{key} must be an integer")
+    for key in ("guidance_scale", "reference_attention_weight", "audio_attention_weight"):
+        if values[key] is not None and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)):
+            raise ApiError(400, f"{key} must be a number")
+    if values["decoder"] is not None and not isinstance(values["decoder"], str):
+        raise ApiError(400, "decoder must be a string")
+    config = state.session_config(**values)
+    config.validate()  # InputError -> 400
+    return avatar_id, config
+
+
+async def open_session(
+    state: ServerState, avatar_id: str, config: SessionConfig, owner: str | None = None
+) -> ServerSession:
+    """`owner`: who the session counts against (--max_sessions_per_key)."""
+    if state.engine.get_avatar(avatar_id) is None:
+        raise ApiError(404, f"no avatar {avatar_id!r}")
+    limits.check_session_quota(state, owner)
+    if len(state.sessions) >= state.config.max_sessions:
+        state.sessions.refused_total += 1
+        raise capacity_error(f"all {state.config.max_sessions} sessions are taken")
+    try:
+        engine_session = state.engine.open_session(avatar_id, config)  # the engine's own admission control
+    except CapacityError as exc:
+        state.sessions.refused_total += 1
+        raise capacity_error(str(exc), exc.retry_after) from exc
+    except KeyError as exc:
+        raise ApiError(404, f"no avatar {avatar_id!r}") from exc
+    logger = SessionLog(log, {"session_id": engine_session.id})
+    session: ServerSession  # made below, after its pump (whose failure callback closes it)
+    pump = MediaPump(
+        engine_session,
+        config.fps,
+        state.config.subscriber_queue_frames,
+        state.config.mark_frames,
+        logger,
+        on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
+        on_queued=state.metrics.queue_depth.observe,
+    )
+    session = ServerSession(engine_session, new_token(), pump, logger, owner)
+    state.sessions.add(session)
+    lifetime.supervise(state, session)  # ends it on engine errors, after max_session_s, when idle
+    session.start_task(_close_if_never_connected(state, session), "connect-timeout")
+    logger.info("opened on avatar %s (fps %s, steps %s)", avatar_id, config.fps, config.steps)
+    return session
+
+
+async def _close_if_never_connected(state: ServerState, session: ServerSession) -> None:
+    try:
+        await asyncio.wait_for(session.connected_once.wait(), state.config.connect_timeout_s)
+    except asyncio.TimeoutError:
+        # Closed from a task of its own: closing cancels this task, which must not wait for itself.
+        lifetime.close_later(state, session, f"no peer connected within {state.config.connect_timeout_s:g} s")
+
+
+def _session_urls(request: web.Request, session: ServerSession) -> dict:
+    base = f"{request.scheme}://{request.host}"
+    ws_scheme = "wss" if request.scheme == "https" else "ws"
+    path = f"/v1/sessions/{session.id}"
+    return {
+        "url": f"{base}{path}",
+        "offer_url": f"{base}{path}/offer",
+        "ws_url": f"{ws_scheme}://{request.host}{path}/ws",
+        "whep_url": f"{base}{path}/whep",
+        "frames_url": f"{ws_scheme}://{request.host}{path}/frames",
+        "speak_url": f"{base}{path}/speak",
+        "recording_url": f"{base}{path}/recording",
+    }
+
+
+def _session_json(session: ServerSession) -> dict:
+    es = session.engine_session
+    return {
+        "id": session.id,
+        "avatar_id": es.avatar_id,
+        "state": es.state.value,
+        "fps": es.config.fps,
+        "steps": es.config.steps,
+        "decoder": es.config.decoder,
+        "width": es.width,
+        "height": es.height,
+        "created": session.created,
+        "peers": sorted(session.peers),
+        "frames": session.pump.frames,
+        "measured_fps": round(session.pump.measured_fps, 2),
+        "buffered_ms": round(es.buffered_ms, 1),
+    }
+
+
+async def create_session(request: web.Request) -> web.Response:
+    state = server_state(request)
+    require_api_key(request, state.config.api_key)
+    data = await json_body(request, allow_empty=True)
+    record = data.pop("record", False) if isinstance(data, dict) else False
+    if not isinstance(record, bool):
+        raise ApiError(400, "record must be true or false")
+    avatar_id, config = session_config_from_json(state, data)
+    owner = client_identity(request, state.config.api_key)
+    session = await open_session(state, avatar_id, config, owner)
+    body = {
+        **_session_json(session),
+        "token": session.token,
+        **_session_urls(request, session),
+        "ice_servers": [s.to_json() for s in state.config.ice_server],
+    }
+    if record:
+        body["recording"] = await recording.start_for(request.app, session)
+    return web.json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(_session_json(session_for(request)))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    session = session_for(request)
+    await server_state(request).sessions.close(session.id, "deleted by the client")
+    return web.Response(status=204)
+
+
+async def interrupt_session(request: web.Request) -> web.Response:
+    session = session_for(request)
+    session.engine_session.interrupt()
+    session.log.info("interrupted")
+    return web.json_response({"id": session.id, "state": session.engine_session.state.value})
