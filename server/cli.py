@@ -36,7 +36,7 @@ def add_serve_command(sub) -> None:
 
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve_command, add_push_command]
 try:  # the engine's benchmark, when the streaming package provides one
-    from streaming.bench import add_bench_command
+    from streaming.bench.command import add_bench_command
 except ImportError:
     pass
 else:

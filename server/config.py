@@ -25,14 +25,14 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from streaming.decoder import DECODER_CHOICES
+from streaming.portrait import DEFAULT_PORTRAIT
 from vexpress_rt.errors import InputError
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .security import is_loopback_host
 
 ENV_PREFIX = "VEXPRESS_"
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_AVATAR = ASSETS / "default_portrait.png"
+DEFAULT_AVATAR = DEFAULT_PORTRAIT  # package data of streaming (streaming/assets/)
 # The page lives at the repository root, next to this package: run the server from a checkout, an editable
 # install or the Docker image (which copies web_client/), or point --web_root at a copy of it.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[1] / "web_client"

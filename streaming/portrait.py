@@ -38,6 +38,9 @@ from vexpress_rt.kps import FaceDetector, insightface_pack_dir
 
 log = logging.getLogger(__name__)
 
+# The portrait shipped as package data (streaming/assets/): the server's default avatar and the benchmarks' face.
+DEFAULT_PORTRAIT = Path(__file__).resolve().parent / "assets" / "default_portrait.png"
+
 MIN_IMAGE_SIDE = 64  # smaller photos cannot show a face with usable detail
 
 # Framing. V-Express's training crops (talking-head video crops) show the head and a little of the neck, with the
@@ -463,3 +466,12 @@ def _check_face_shape(pts: np.ndarray) -> None:
         raise InputError(f"the key points are degenerate: the nose is far below the eyes for their distance ({shown})")
     if abs(float(eyes[0] * nose[1] - eyes[1] * nose[0])) < MIN_NOSE_ANGLE_SIN * eye_distance * nose_height:
         raise InputError(f"the key points are degenerate: the nose lies on the eye line ({shown})")
+
+
+def load_default_portrait() -> tuple[Image.Image, np.ndarray]:
+    """The shipped portrait (RGB) and its three key points (eyes, nose) in its pixels."""
+    import json
+
+    meta = json.loads(DEFAULT_PORTRAIT.with_suffix(".json").read_text())
+    with Image.open(DEFAULT_PORTRAIT) as image:
+        return image.convert("RGB"), np.asarray(meta["kps"], dtype=np.float32)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from streaming.gpu_bench import engine_figures
+from streaming.bench.gpu_bench import engine_figures
 
 
 def test_bench_quick_json_prints_every_figure(model_dir, capsys):
@@ -41,7 +41,7 @@ def test_bench_quick_json_prints_every_figure(model_dir, capsys):
         "latency_p95_last_minute_ms",
     ):
         assert isinstance(out[key], float) and math.isfinite(out[key]), key
-    # The FLOP figures at 2 steps (staggered, 2 new frames, no CFG), as `python -m streaming.flops` counts them at
+    # The FLOP figures at 2 steps (staggered, 2 new frames, no CFG), as `python -m streaming.bench.flops` counts them at
     # real size: 78.1 TFLOP per frame for the original's defaults, 5.02 for ours (UNet 2.50 + full VAE decoder 2.51),
     # 15.6x fewer; 29.5x with the tiny decoder. Tolerance: the last printed digit.
     assert out["original_flops_per_frame"] / 1e12 == pytest.approx(78.1, abs=0.05)

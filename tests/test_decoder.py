@@ -80,7 +80,7 @@ def test_decoders_stay_on_the_models_device(name):
     """Built on `meta`, every tensor of a decode stays there: on CUDA nothing crosses devices until the uint8 copy."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    from streaming.flops import SD_VAE_CONFIG
+    from streaming.bench.flops import SD_VAE_CONFIG
     from vexpress_rt.pipeline import VAE_SCALE
 
     with torch.device("meta"):
@@ -95,7 +95,7 @@ def test_flop_counter_counts_the_decoder_in_use():
     from diffusers import AutoencoderTiny
     from torch.utils.flop_counter import FlopCounterMode
 
-    from streaming.flops import _decode
+    from streaming.bench.flops import _decode
 
     with torch.device("meta"):
         decoder = FrameDecoder.tiny(AutoencoderTiny())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from streaming.bench import flops_figures
-from streaming.flops import (
+from streaming.bench.command import flops_figures
+from streaming.bench.flops import (
     FlopBreakdown,
     _reference_net,
     engine_flops_per_frame,
@@ -27,10 +27,10 @@ DOCUMENTED_ORIGINAL_TFLOP = 78.1
 @pytest.fixture(scope="module", autouse=True)
 def no_reference_notes(tmp_path_factory):
     """Count as an installed package does, without ../shared/reference beside the checkout."""
-    import streaming.flops
+    import streaming.bench.flops
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(streaming.flops, "DEFAULT_REFERENCE", tmp_path_factory.mktemp("no_reference"))
+        mp.setattr(streaming.bench.flops, "DEFAULT_REFERENCE", tmp_path_factory.mktemp("no_reference"))
         yield
 
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module", params=["fp16", "bf16"])
 def cuda_models(request):
-    from streaming.random_models import random_models
+    from streaming.bench.random_models import random_models
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[request.param]
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -27,11 +27,11 @@ def cuda_models(request):
 @pytest.mark.parametrize("strategy", ["staggered", "chunked"])
 def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
     from streaming.engine import Engine, EngineConfig
-    from streaming.gpu_bench import _default_portrait
+    from streaming.portrait import load_default_portrait
     from streaming.session import SessionConfig
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False))
-    image, kps = _default_portrait()
+    image, kps = load_default_portrait()
     info = engine.add_avatar(image, kps)  # crashed on CUDA before: schedule alphas left on the CPU
     assert engine.avatar(info.id).idle_latents.device.type == "cuda"
     engine.start()

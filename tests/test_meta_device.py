@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from streaming.audio_features import IncrementalAudioFeatures
 from streaming.avatar import PreEncodedAvatar
+from streaming.bench.random_models import random_models
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
-from streaming.random_models import random_models
 from streaming.unet_runner import RerunBackend
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 

@@ -207,7 +207,7 @@ def test_exif_rotated_phone_photo_is_turned_upright(astronaut: Image.Image) -> N
 
 
 def test_default_portrait_ships_with_its_key_points() -> None:
-    assets = files("server") / "assets"
+    assets = files("streaming") / "assets"
     with Image.open(assets / "default_portrait.png") as image:
         image.load()
     assert image.size == (512, 512)

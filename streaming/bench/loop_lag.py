@@ -15,6 +15,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from .speech import speech
+
 TICK_S = 0.010
 
 
@@ -50,12 +52,11 @@ def _figures(late: list[float]) -> dict:
 
 def loop_lag(engine, avatar_id: str, cfg, sessions: int = 2, seconds: float = 5.0) -> dict:
     """Event-loop lateness with the worker idle, then saturated by `sessions` sessions (bounded: `seconds` each)."""
-    from .bench import _speech
 
     idle = _figures(_run_loop(min(seconds, 2.0)))
     opened = [engine.open_session(avatar_id, replace(cfg, seed=cfg.seed + i)) for i in range(sessions)]
     stop = threading.Event()
-    pcm = _speech(4.0)
+    pcm = speech(4.0)
 
     def feed() -> None:  # keep every session's queue full: more audio whenever it has less than 2 s buffered
         while not stop.is_set():

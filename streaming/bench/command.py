@@ -2,7 +2,7 @@
 
 (a) FLOPs per output frame of the engine's settings vs the original inference.py defaults, counted on the meta
     device with the real-size architecture (streaming/flops.py).
-(b) With a model on this machine (the tiny fixture model on CPU by default): real-time factor (as fast as
+(b) With a model on this machine (tiny random weights in memory unless --model_dir): real-time factor (as fast as
     possible), audio-in -> frame-out latency p50/p95 while audio arrives in real time, the engine's overhead
     (latency minus model compute minus waiting for the chunk's audio), and latency p95 of the first and last
     "minute" of a bounded run (quick mode: shorter minutes).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from .flops import engine_flops_per_frame, original_flops_per_frame
-
-DEFAULT_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "vexpress-tiny"
+from .speech import speech
 
 
 def add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="print the engine's figures (FLOPs, real-time factor, latency)")
-    p.add_argument("--model_dir", default=None, help="model folder (default: the tiny fixture model)")
+    p.add_argument("--model_dir", default=None, help="model folder (default: tiny random weights in memory)")
     p.add_argument("--quick", action="store_true", help="short run (CI): 5 s 'minutes'")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--minutes", type=float, default=None, help="length of the latency run in minutes")
@@ -84,13 +82,8 @@ def add_bench_command(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _default_model_dir() -> Path:
-    root = Path(os.environ.get("VEXPRESS_FIXTURES", DEFAULT_FIXTURES))
-    return root / "model_ckpts"
-
-
 def _session_config(args):
-    from .session import SessionConfig
+    from ..session import SessionConfig
 
     cfg = SessionConfig(fps=args.fps)
     for name in ("steps", "strategy", "new_frames", "context_frames"):
@@ -122,47 +115,36 @@ def flops_figures(cfg) -> dict:
     }
 
 
-def _load_engine(model_dir: Path, width: int, height: int, cfg):
+def _load_engine(model_dir: Path | None, width: int, height: int, cfg):
+    """The engine on this machine's device in fp32 with the default portrait registered: the model folder's
+    weights, or without one the tiny architecture with random weights (the same speed as the tiny test model)."""
     import torch
 
-    from vexpress_rt.loader import load_models
-    from vexpress_rt.weights import ModelPaths
-
-    from .engine import Engine, EngineConfig
+    from ..engine import Engine, EngineConfig
+    from ..portrait import load_default_portrait
+    from .random_models import random_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = load_models(ModelPaths.from_model_dir(model_dir), device=device, dtype=torch.float32)
+    if model_dir is None:
+        models = random_models("tiny", device=device, dtype=torch.float32)
+    else:
+        from vexpress_rt.loader import load_models
+        from vexpress_rt.weights import ModelPaths
+
+        models = load_models(ModelPaths.from_model_dir(model_dir), device=device, dtype=torch.float32)
     engine = Engine(
         models, EngineConfig(width=width, height=height, admission=False, default_session=cfg, idle_seconds=0.64)
     )
-    portrait = Path(__file__).resolve().parents[1] / "server" / "assets" / "default_portrait"
-    from PIL import Image
-
-    kps = np.array(json.loads(portrait.with_suffix(".json").read_text())["kps"], dtype=np.float32)
-    info = engine.add_avatar(Image.open(portrait.with_suffix(".png")), kps)
+    image, kps = load_default_portrait()
+    info = engine.add_avatar(image, kps)
     return engine, info
-
-
-def _speech(seconds: float) -> np.ndarray:
-    """Speech-like test audio (16 kHz int16): the fixture's espeak-ng clip repeated, else a voiced tone."""
-    fixture = _default_model_dir().parent / "inputs" / "audio.wav"
-    if fixture.is_file():
-        import wave
-
-        with wave.open(str(fixture)) as w:
-            clip = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    else:
-        t = np.arange(16000) / 16000
-        clip = (8000 * np.sin(2 * np.pi * 140 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.int16)
-    reps = int(np.ceil(seconds * 16000 / len(clip)))
-    return np.tile(clip, reps)[: int(seconds * 16000)]
 
 
 def realtime_factor(engine, avatar_id: str, cfg, seconds: float = 4.0) -> float:
     """Seconds of video made per second of worker time, audio pushed as fast as possible."""
     session = engine.open_session(avatar_id, cfg)
     try:
-        session.push_audio(_speech(seconds))
+        session.push_audio(speech(seconds))
         session.end_utterance()
         session._max_ready = 10**9  # nobody reads here: let every frame queue
         engine.worker.turn()  # warm-up turn (first chunk)
@@ -181,7 +163,7 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
     """Audio arrives in real time in 20 ms pushes while a reader plays frames at fps; bounded in time."""
     engine.start()
     session = engine.open_session(avatar_id, cfg)
-    pcm = _speech(minute_s * minutes)
+    pcm = speech(minute_s * minutes)
     push = 320  # 20 ms at 16 kHz
     start = time.monotonic()
     next_frame = 0
@@ -244,7 +226,7 @@ def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeat
 
     from vexpress_rt.pipeline import VAE_SCALE
 
-    from .decoder import FrameDecoder
+    from ..decoder import FrameDecoder
     from .flops import SD_VAE_CONFIG
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,17 +288,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_engine_bench(args, cfg, out)
     out.update(flops_figures(cfg))
     args.width, args.height = args.width or 128, args.height or 64
-    model_dir = Path(args.model_dir) if args.model_dir else _default_model_dir()
-    if not model_dir.is_dir():
-        if args.model_dir:
-            print(f"error: no model folder at {model_dir}", file=sys.stderr)
-            return 2
-        print(f"note: no model at {model_dir} (give --model_dir): FLOPs only", file=sys.stderr)
-        print(json.dumps(out, default=float) if args.json else json.dumps(out, indent=2, default=float))
-        return 0
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    if model_dir is not None and not model_dir.is_dir():
+        print(f"error: no model folder at {model_dir}", file=sys.stderr)
+        return 2
     engine, info = _load_engine(model_dir, args.width or 128, args.height or 64, cfg)
     try:  # a worker thread left running at exit aborts the interpreter
-        out["model_dir"] = str(model_dir)
+        out["model_dir"] = str(model_dir) if model_dir else "random weights, tiny size"
         out["device"] = str(engine.models.device)
         out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
         minute_s = 60.0 * args.minutes if args.minutes else (5.0 if args.quick else 60.0)

@@ -19,14 +19,13 @@ import torch
 from vexpress_rt.audio_features import audio_tokens
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
-from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
-from .device import synchronize
+from ..denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+from ..device import synchronize
+from .speech import speech
 
 
 def _speech16k(seconds: float) -> np.ndarray:
-    from .bench import _speech
-
-    return _speech(seconds).astype(np.float32) / 32768
+    return speech(seconds).astype(np.float32) / 32768
 
 
 def _boundary_ratio(latents: torch.Tensor, period: int) -> float:

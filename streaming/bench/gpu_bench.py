@@ -13,20 +13,20 @@ A `components` section times the UNet window and the VAE decode alone at 1-8 ste
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .denoiser import DenoiserSettings, Schedule
-from .device import synchronize
+from ..denoiser import DenoiserSettings, Schedule
+from ..device import synchronize
+from ..portrait import load_default_portrait
+from .speech import speech
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PUSH_SAMPLES = 320  # 20 ms at 16 kHz, as the server's clients push
 FAR_PAST_CAPACITY = 0.5  # stop the ramp once sessions get less than this fraction of their fps
-PORTRAIT = Path(__file__).resolve().parents[1] / "server" / "assets" / "default_portrait"
 
 
 def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None):
@@ -43,7 +43,7 @@ def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir
 def _decoders(models, model_dir: str | None):
     """Both live decoders: from the model folder (TAESD when present), else TAESD's architecture with random
     weights beside the full VAE (the same speed as its released weights)."""
-    from .decoder import FrameDecoder, load_decoders
+    from ..decoder import FrameDecoder, load_decoders
 
     if model_dir:
         from vexpress_rt.weights import ModelPaths
@@ -53,13 +53,6 @@ def _decoders(models, model_dir: str | None):
 
     tiny = AutoencoderTiny().to(models.device, models.dtype).eval().requires_grad_(False)
     return {"full": FrameDecoder.full(models), "tiny": FrameDecoder.tiny(tiny)}
-
-
-def _default_portrait():
-    from PIL import Image
-
-    kps = np.array(json.loads(PORTRAIT.with_suffix(".json").read_text())["kps"], dtype=np.float32)
-    return Image.open(PORTRAIT.with_suffix(".png")), kps
 
 
 @torch.no_grad()
@@ -80,7 +73,7 @@ def engine_figures(
     """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
     On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
     session count (`eager` key) from the same run, for the side-by-side."""
-    from .session import SessionConfig
+    from ..session import SessionConfig
 
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,8 +120,8 @@ def engine_figures(
 def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max_batch, graphs) -> dict:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
-    from .engine import Engine, EngineConfig
-    from .stage_timer import StageTimer
+    from ..engine import Engine, EngineConfig
+    from ..stage_timer import StageTimer
 
     device = models.device
     engine = Engine(
@@ -146,7 +139,7 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
     )
     out: dict = {}
     engine.stages = StageTimer(device)
-    image, kps = _default_portrait()
+    image, kps = load_default_portrait()
     t0 = time.perf_counter()
     info = engine.add_avatar(image, kps)
     synchronize(device)
@@ -173,11 +166,9 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
     """n sessions, each pushed `seconds` of speech in real time in 20 ms pushes and read at its fps."""
     from dataclasses import replace
 
-    from .bench import _speech
-
     device = engine.models.device
     opened = [engine.open_session(avatar_id, replace(cfg, seed=cfg.seed + i)) for i in range(n)]
-    pcm = _speech(seconds)
+    pcm = speech(seconds)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     engine.stages.reset()
@@ -271,7 +262,7 @@ def component_timings(models, avatar, new_frames: int = 2, repeats: int = 10) ->
     """One staggered UNet window (eager and replayed from a CUDA graph) and the VAE decode of the frames it
     finishes, alone, at 1-8 steps, batch 1 and 4: call times, UNet TFLOP/s (when the FLOPs can be counted), fps
     and the sessions at 25 fps it implies (graph UNet + VAE decode)."""
-    from .unet_runner import CudaGraphBackend, GraphedUNet
+    from ..unet_runner import CudaGraphBackend, GraphedUNet
 
     unet, vae, device, dtype = models.denoising_unet, models.vae, models.device, models.dtype
     _, _, h, w = avatar.latent.shape

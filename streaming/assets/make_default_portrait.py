@@ -2,7 +2,7 @@
 
 The source is scikit-image's `astronaut` photo (NASA, Eileen Collins, public domain); the face and its key points
 are found and cropped with `streaming.portrait`, as an uploaded portrait would be. Dev-time only (scikit-image
-comes with insightface): `python server/assets/make_default_portrait.py` from the repository root.
+comes with insightface): `python streaming/assets/make_default_portrait.py` from the repository root.
 """
 
 from __future__ import annotations
