@@ -146,6 +146,10 @@ class StreamDenoiser:
             self._levels_out = self._queue_alphas(1).reshape(1, 1, -1, 1, 1)
             self._frame_t = self.schedule.timesteps.flip(0).repeat_interleave(settings.new_frames)
 
+    def forget(self, avatar: PreEncodedAvatar) -> None:
+        """Let a deleted avatar's memory go: the UNet runner's cached batch references drop it."""
+        self.unet.forget(avatar)
+
     # -- state --------------------------------------------------------------------------------------------
     def new_state(self, avatar: PreEncodedAvatar, seed: int, silence: torch.Tensor) -> StreamState:
         """A fresh stream. Its context is the portrait's own latent repeated (the pose to start from), with

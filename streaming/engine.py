@@ -168,7 +168,21 @@ class Engine:
         if avatar is None:
             return False
         self.store.forget(avatar.encoded)
+        self._release_if_unused(avatar.encoded)
         return True
+
+    def _release_if_unused(self, encoded: PreEncodedAvatar) -> None:
+        """A deleted avatar that no session uses any more leaves the denoisers' cached batch references too; a
+        session still using it keeps it until it ends (`_forget` asks again)."""
+        with self._lock:
+            if any(a.encoded is encoded for a in self._avatars.values()):
+                return  # still registered
+            if any(s.avatar.encoded is encoded for s in self._sessions.values()):
+                return
+            denoisers = list(self._denoisers.values())
+        with self.model_lock:  # the worker reads the runners' caches inside its UNet calls
+            for denoiser in denoisers:
+                denoiser.forget(encoded)
 
     @torch.no_grad()
     def render_idle(self, encoded: PreEncodedAvatar) -> tuple[dict[str, np.ndarray], torch.Tensor]:
@@ -292,6 +306,7 @@ class Engine:
     def _forget(self, session: StreamSession) -> None:
         with self._lock:
             self._sessions.pop(session.id, None)
+        self._release_if_unused(session.avatar.encoded)
         log.info("session %s closed", session.id)
 
     def stats(self) -> dict:

@@ -97,6 +97,11 @@ class EagerUNet:
             self._kept.popitem(last=False)
         return kv, kps
 
+    def forget(self, ref: Reference) -> None:
+        """Drop every kept composition that holds `ref` (a deleted avatar): the cache must not keep its memory."""
+        for key in [k for k, (groups, _, _) in self._kept.items() if any(g is ref for g in groups)]:
+            del self._kept[key]
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, refs: Refs) -> torch.Tensor:
         kv, kps = self.reference(refs, x.shape[2])
         return self.unet(x, t, tokens, kv, kps, *self.weights)
@@ -218,6 +223,13 @@ class GraphedUNet:
                 self._kps[i].copy_(ref.kps_feature[0])
             self._slot_refs[i], self._slot_filled[i] = ref, True
             self.slot_copies += 1
+
+    def forget(self, ref: Reference) -> None:
+        """Release `ref` (a deleted avatar): slots keep copies of its K/V, never the avatar itself, once it is gone."""
+        for i, slot_ref in enumerate(self._slot_refs):
+            if slot_ref is ref:
+                self._slot_refs[i], self._slot_filled[i] = None, False  # rewritten by the next row that uses slot i
+        self.eager.forget(ref)
 
     def _graph(self, bucket: int, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> _Graph:
         per_frame = t.ndim > 0
