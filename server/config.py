@@ -168,6 +168,10 @@ class ServerConfig:
     max_frames_sockets: int = 4  # frames websockets per session (each may hold a queue of full frames)
     max_bot_sockets: int = 2  # bot websockets per session
     max_avatars: int = 16  # registered portraits, the default one included
+    # HTTPS (server/tls.py): a certificate and its key (PEM), or a throw-away self-signed certificate
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_self_signed: bool = False
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -206,6 +210,10 @@ class ServerConfig:
                      "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
+        if self.tls_self_signed and (self.tls_cert or self.tls_key):
+            raise ConfigError("--tls-self-signed makes its own certificate: give it or --tls-cert/--tls-key, not both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
@@ -263,7 +271,7 @@ def _convert(name: str, value, from_env: bool = False):
             return int(value)
         if name in _FLOATS:
             return float(value)
-        if name in ("mark_frames", "admission", "insecure_no_auth"):
+        if name in ("mark_frames", "admission", "insecure_no_auth", "tls_self_signed"):
             return _parse_bool(value) if isinstance(value, str) else bool(value)
         return str(value)
     except ValueError as exc:
@@ -374,5 +382,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="admit up to --max_sessions even when the engine measures that it cannot keep up in real time "
         f"(env {ENV_PREFIX}ADMISSION=0)",
+    )
+    opt("tls_cert", "serve HTTPS with this certificate (PEM, the chain after it); needs --tls-key; default: HTTP")
+    opt("tls_key", "the private key (PEM, unencrypted) of --tls-cert")
+    p.add_argument(
+        "--tls_self_signed",
+        "--tls-self-signed",
+        dest="tls_self_signed",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve HTTPS with a throw-away self-signed certificate for the served names and addresses (a LAN "
+        "test; browsers warn until it is accepted; its SHA-256 fingerprint is printed) "
+        f"(env {ENV_PREFIX}TLS_SELF_SIGNED)",
     )
     opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)
