@@ -1,5 +1,5 @@
 """HTTPS for `serve`: an SSL context from `--tls-cert`/`--tls-key`, or a throw-away self-signed certificate
-(`--tls-self-signed`), and TURN REST API credentials (`--turn-secret`).
+(`--tls-self-signed`).
 
 Browsers give `getUserMedia` (the microphone) only to secure contexts: https:// pages, or http://localhost. A page
 opened from another machine over plain http:// cannot use the microphone, hence TLS on the server itself (or a
@@ -10,16 +10,13 @@ Every failure here is a `ConfigError` (one line, exit code 2), raised before the
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
-import hmac
 import ipaddress
 import os
 import socket
 import ssl
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,12 +131,3 @@ def self_signed_context(names: list[str]) -> tuple[ssl.SSLContext, SelfSigned]:
         key.touch(mode=0o600)
         key.write_bytes(made.key_pem)
         return ssl_context(str(cert), str(key)), made
-
-
-def turn_credentials(secret: str, session_id: str, ttl_s: float, now: float | None = None) -> tuple[str, str]:
-    """TURN REST API credentials (coturn's `use-auth-secret`): username `<expiry unix time>:<session id>`, password
-    base64(HMAC-SHA1(secret, username)). The TURN server checks the signature and refuses the user after expiry."""
-    expiry = int((time.time() if now is None else now) + ttl_s)
-    username = f"{expiry}:{session_id}"
-    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
-    return username, base64.b64encode(digest).decode()

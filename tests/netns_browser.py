@@ -89,7 +89,7 @@ def start_turn(work: Path) -> tuple[subprocess.Popen, int, Path]:
         "--no-multicast-peers", "--simple-log", f"--log-file={log}", "--verbose",
         "--max-allocate-lifetime=600", "--pidfile", str(work / "turnserver.pid"),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # listening: a UDP socket bound on the port answers nothing, so wait for the log
         if proc.poll() is not None:
@@ -167,6 +167,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 if report["last_error"]:
                     return
                 session = page.evaluate("window.vexpress.session")
+                report["session_id"] = session.get("id")
                 report["session_ice_servers"] = session.get("ice_servers")
                 report["ice_transport_policy"] = page.evaluate(
                     "window.vexpress.pc.getConfiguration().iceTransportPolicy"
@@ -237,7 +238,14 @@ def main() -> int:
     ap.add_argument("--wav", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--measure-s", type=float, default=3.0)
+    ap.add_argument("--timeout", type=int, default=120, help="the whole run; then the servers are stopped")
     args = ap.parse_args()
+
+    def expired(signum, frame):
+        raise TimeoutError(f"netns_browser: over {args.timeout} s")
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.alarm(args.timeout)  # bounded lifetime: the finally blocks stop serve and turnserver
     report: dict = {"mode": args.mode}
     t0 = time.monotonic()
     try:

@@ -14,16 +14,19 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from server import cli
 from server.config import ConfigError, ServerConfig
-from server.tls import make_self_signed, served_names, ssl_context, turn_credentials
+from server.tls import make_self_signed, served_names, ssl_context
+from server.turn import session_ice_servers, turn_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
@@ -114,6 +117,28 @@ def test_turn_rest_credentials():
     assert password == expected
 
 
+def test_turn_flags_and_session_servers():
+    cfg = ServerConfig.from_env(
+        {
+            "VEXPRESS_TURN_SECRET": "s3cret",
+            "VEXPRESS_TURN_URL": "turn:turn.example.org:3478?transport=udp,turns:turn.example.org:5349",
+            "VEXPRESS_ICE_SERVER": "stun:stun.example.org:3478",
+        }
+    )
+    assert cfg.turn_url == ["turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349"]
+    servers = session_ice_servers(cfg, "se123", now=1000)
+    assert servers[0] == {"urls": ["stun:stun.example.org:3478"]}
+    assert servers[1]["urls"] == cfg.turn_url and servers[1]["username"] == "4600:se123"
+    assert servers[1]["credential"] == turn_credentials("s3cret", "se123", 3600, now=1000)[1]
+    assert session_ice_servers(ServerConfig.from_env({}), "se1") == []
+    with pytest.raises(ConfigError, match="go together"):
+        ServerConfig.from_env({"VEXPRESS_TURN_SECRET": "s3cret"})
+    with pytest.raises(ConfigError, match="go together"):
+        ServerConfig.from_env({}, turn_url=["turn:h:3478"])
+    with pytest.raises(ConfigError, match="no credentials"):
+        ServerConfig.from_env({}, turn_secret="x", turn_url=["turn:u:p@h:3478"])
+
+
 # -- end to end, in a loopback-only namespace -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
@@ -135,11 +160,17 @@ def _netns_run(mode: str, model_dir: Path, wav: Path, workdir: Path, timeout_s: 
     driver = [sys.executable, str(REPO_ROOT / "tests" / "netns_browser.py"), "--mode", mode,
               "--model-dir", str(model_dir), "--wav", str(wav), "--workdir", str(workdir)]  # fmt: skip
     script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in driver)
-    proc = subprocess.run(
-        ["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.Popen(
+        ["unshare", "-n", "bash", "-c", script + f" --timeout {int(timeout_s) - 20}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # the driver's own alarm failed: stop everything it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=10)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     report = json.loads(lines[-1][len("REPORT ") :])
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     dest = os.environ.get("VEXPRESS_ARTIFACTS")
@@ -173,4 +204,29 @@ def test_https_self_signed_browser(model_dir, speech_wav, tmp_path):
     pair = report["pair"]
     assert pair["local"]["address"] == pair["remote"]["address"] == "127.0.0.1", pair
     print(f"https: {report['fps']} fps, peak RMS {report['remote_level_peak_rms']}, ready {report['server_ready_s']} s,"
+          f" run {report['runtime_s']} s")
+
+
+@pytest.mark.browser
+@pytest.mark.fixtures
+@pytest.mark.timeout(180)
+def test_turn_relay_browser(model_dir, speech_wav, tmp_path):
+    """coturn on 127.0.0.1 with a shared secret; the page forced to relay; the media still flows, relayed."""
+    if shutil.which("turnserver") is None:
+        pytest.skip("coturn not found (apt-get install coturn)")
+    report = _netns_run("turn", model_dir, speech_wav, tmp_path)
+    _check_media(report)
+    where = json.dumps({k: v for k, v in report.items() if k != "server_log_tail"}, indent=1)[:6000]
+    assert report["ice_transport_policy"] == "relay", where
+    assert report["offer_candidate_types"] == ["relay"], where  # the browser offered relayed candidates only
+    turn = [s for s in report["session_ice_servers"] if any(u.startswith("turn:") for u in s["urls"])]
+    assert len(turn) == 1 and turn[0]["urls"] == [f"turn:127.0.0.1:{report['turn_port']}?transport=udp"], where
+    expiry, _, session_id = turn[0]["username"].partition(":")
+    assert session_id == report["session_id"] and turn[0]["credential"], where
+    assert 3000 < int(expiry) - time.time() <= 3600, where  # --turn_ttl_s default: an hour from the session's start
+    pair = report["pair"]
+    assert pair["local"]["type"] == "relay" and pair["local"]["address"] == "127.0.0.1", where
+    assert pair["remote"]["address"] == "127.0.0.1", where
+    assert report["turn_allocations"] >= 1, where
+    print(f"turn: {report['fps']} fps relayed, peak RMS {report['remote_level_peak_rms']}, pair {pair},"
           f" run {report['runtime_s']} s")
