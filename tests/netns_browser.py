@@ -42,6 +42,44 @@ TURN_SECRET = "test-turn-secret-not-for-production"
 TURN_REALM = "vexpress.test"
 
 
+WHEP_VIEWER_JS = """async (relay) => {
+  const s = window.vexpress.session;
+  const pc = new RTCPeerConnection({ iceServers: s.ice_servers || [], iceTransportPolicy: relay ? "relay" : "all" });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
+    setTimeout(resolve, 5000);
+  });
+  const resp = await fetch(s.whep_url, { method: "POST", body: pc.localDescription.sdp,
+    headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${s.token}` } });
+  const out = { status: resp.status, url: s.whep_url, framesDecoded: 0, pairLocalType: null };
+  if (resp.status !== 201) { out.body = await resp.text(); pc.close(); return out; }
+  const location = resp.headers.get("Location");
+  await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
+  const deadline = Date.now() + 10000;
+  while (Date.now() < deadline && out.framesDecoded < 10) {
+    await new Promise((r) => setTimeout(r, 200));
+    const stats = await pc.getStats();
+    stats.forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "video") out.framesDecoded = r.framesDecoded || 0;
+      if (r.type === "transport" && r.selectedCandidatePairId) {
+        const pair = stats.get(r.selectedCandidatePairId);
+        const local = pair && stats.get(pair.localCandidateId);
+        out.pairLocalType = local ? local.candidateType : null;
+      }
+    });
+  }
+  const del = await fetch(new URL(location, s.whep_url), { method: "DELETE",
+    headers: { Authorization: `Bearer ${s.token}` } });  // before closing: a closed peer is gone already
+  out.deleteStatus = del.status;
+  pc.close();
+  return out;
+}"""
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -215,6 +253,8 @@ def run(args: argparse.Namespace, report: dict) -> None:
                         ws.onerror = () => { clearTimeout(timer); resolve(-2); };
                     })"""
                 )
+                # A WHEP viewer of the same session, POSTed to the same https:// port (same ICE policy and servers).
+                report["whep"] = page.evaluate(WHEP_VIEWER_JS, args.mode == "turn")
                 page.click("#stop")
                 page.wait_for_function("window.vexpress.state === 'idle'", timeout=10_000)
             finally:

@@ -190,6 +190,9 @@ def _check_media(report: dict) -> None:
     assert report["audio_samples_per_s"] > 0.7 * 48000, where
     assert report["remote_level_peak_rms"] > 1e-3, where
     assert report["wss_frame_bytes"] > 0, where
+    whep = report["whep"]  # a WHEP viewer over the same https:// port
+    assert whep["url"].startswith("https://127.0.0.1:") and whep["status"] == 201, where
+    assert whep["framesDecoded"] >= 10 and whep["deleteStatus"] == 200, where
     assert not [c for c in report["console"] if c.startswith(("error", "pageerror"))], where
 
 
@@ -227,6 +230,7 @@ def test_turn_relay_browser(model_dir, speech_wav, tmp_path):
     pair = report["pair"]
     assert pair["local"]["type"] == "relay" and pair["local"]["address"] == "127.0.0.1", where
     assert pair["remote"]["address"] == "127.0.0.1", where
-    assert report["turn_allocations"] >= 1, where
+    assert report["whep"]["pairLocalType"] == "relay", where  # the WHEP viewer got relayed too
+    assert report["turn_allocations"] >= 2, where  # the publisher's and the viewer's
     print(f"turn: {report['fps']} fps relayed, peak RMS {report['remote_level_peak_rms']}, pair {pair},"
           f" run {report['runtime_s']} s")
