@@ -109,6 +109,57 @@ def test_self_signed_certificate_names_and_key(tmp_path):
     assert ipaddress.ip_address("192.0.2.7") in {ipaddress.ip_address(i) for i in ips}
 
 
+def test_aiohttp_serves_with_the_context_and_clients_verify_it(tmp_path):
+    """The context `serve` gives aiohttp's TCPSite answers HTTPS; a client that trusts the certificate verifies it for
+    https://127.0.0.1 (an IP subjectAltName) and refuses it for a name it was not made for."""
+    import asyncio
+    import socket
+    import urllib.request
+
+    from aiohttp import web
+
+    made = make_self_signed(served_names("127.0.0.1"))
+    crt, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    crt.write_bytes(made.cert_pem)
+    key.write_bytes(made.key_pem)
+
+    async def main() -> tuple[str, str]:
+        app = web.Application()
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context(str(crt), str(key)))
+        await site.start()
+        port = runner.addresses[0][1]
+        trusting = ssl.create_default_context(cadata=made.cert_pem.decode())
+
+        def get(url: str) -> str:
+            with urllib.request.urlopen(url, timeout=5, context=trusting) as resp:
+                return resp.read().decode()
+
+        def wrong_name() -> str:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                    trusting.wrap_socket(raw, server_hostname="other.example").close()
+            except ssl.SSLCertVerificationError as exc:
+                return f"refused: {exc.verify_message}"
+            return "accepted"
+
+        try:
+            ok = await asyncio.to_thread(get, f"https://127.0.0.1:{port}/")
+            wrong = await asyncio.to_thread(wrong_name)
+        finally:
+            await runner.cleanup()
+        return ok, wrong
+
+    ok, wrong = asyncio.run(main())
+    assert ok == "ok"
+    assert wrong.startswith("refused") and "other.example" in wrong, wrong
+
+
 # -- TURN credentials ------------------------------------------------------------------------------------------------
 def test_turn_rest_credentials():
     user, password = turn_credentials("s3cret", "sess1", ttl_s=600, now=1_700_000_000)
