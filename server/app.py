@@ -122,6 +122,8 @@ async def info(request: web.Request) -> web.Response:
             "audio_out": {"sample_rate": 48000, "channels": 1, "packet_ms": 20},
             # TURN credentials only to callers who may open sessions (they get them with the session anyway)
             "ice_servers": [s.to_json(with_credentials=control) for s in cfg.ice_server],
+            # --turn-url: each session's creation reply carries them with that session's own credentials
+            "turn_urls": list(cfg.turn_url),
             "auth": {"api_key": cfg.api_key is not None},
             "default_avatar_id": state.default_avatar_id,
             **({"avatars": portraits} if control else {}),

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 
@@ -50,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
     restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
+    tls = _tls_context(config)  # missing/mismatched certificate files: exit 2 before loading anything
     try:
         engine = build_engine(config)
     except WeightsError as exc:
@@ -60,13 +62,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     engine.start()
     try:
-        return _run(config, engine)
+        return _run(config, engine, tls)
     finally:
         engine.close()
 
 
-def _run(config: ServerConfig, engine) -> int:
-    coro = _serve(config, engine)
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """`--tls-cert/--tls-key`, or a fresh self-signed certificate (its fingerprint printed), or None (HTTP)."""
+    from .rtc import local_addresses
+    from .tls import self_signed_context, served_names, ssl_context
+
+    if config.tls_cert and config.tls_key:
+        return ssl_context(config.tls_cert, config.tls_key)
+    if not config.tls_self_signed:
+        return None
+    ctx, made = self_signed_context(served_names(config.host, local_addresses(), config.allowed_host))
+    print(f"TLS: self-signed certificate for {', '.join(made.names)}", flush=True)
+    print(f"TLS: SHA-256 fingerprint {made.fingerprint}", flush=True)
+    return ctx
+
+
+def _run(config: ServerConfig, engine, tls: ssl.SSLContext | None = None) -> int:
+    coro = _serve(config, engine, tls)
     try:
         import uvloop
     except ImportError:  # Windows
@@ -74,7 +91,7 @@ def _run(config: ServerConfig, engine) -> int:
     return uvloop.run(coro)
 
 
-async def _serve(config: ServerConfig, engine) -> int:
+async def _serve(config: ServerConfig, engine, tls: ssl.SSLContext | None = None) -> int:
     from aiohttp import web
 
     from .app import create_app
@@ -90,10 +107,11 @@ async def _serve(config: ServerConfig, engine) -> int:
         except (NotImplementedError, RuntimeError):
             pass
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
         await site.start()
         shown = "localhost" if config.host in ("0.0.0.0", "::") else config.host
-        print(f"vexpress-rt serving on http://{shown}:{config.port}/ (Ctrl+C to stop)", flush=True)
+        scheme = "https" if tls is not None else "http"
+        print(f"vexpress-rt serving on {scheme}://{shown}:{config.port}/ (Ctrl+C to stop)", flush=True)
         await stop.wait()
         log.info("stopping")
     finally:

@@ -168,6 +168,15 @@ class ServerConfig:
     max_frames_sockets: int = 4  # frames websockets per session (each may hold a queue of full frames)
     max_bot_sockets: int = 2  # bot websockets per session
     max_avatars: int = 16  # registered portraits, the default one included
+    # HTTPS (server/tls.py): a certificate and its key (PEM), or a throw-away self-signed certificate
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_self_signed: bool = False
+    # TURN REST API credentials (server/tls.py, turn_credentials): each session gets its own, expiring, signed with
+    # the secret the TURN server shares (coturn: use-auth-secret + static-auth-secret)
+    turn_secret: str | None = None
+    turn_url: list[str] = field(default_factory=list)  # turn:host:port[?transport=udp|tcp], turns:host:port
+    turn_ttl_s: float = 3600.0  # lifetime of those credentials (a running allocation outlives them)
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -206,6 +215,21 @@ class ServerConfig:
                      "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
+        if self.tls_self_signed and (self.tls_cert or self.tls_key):
+            raise ConfigError("--tls-self-signed makes its own certificate: give it or --tls-cert/--tls-key, not both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both (PEM files) or neither")
+        self.turn_url = [u.strip() for u in self.turn_url if u.strip()]
+        for url in self.turn_url:
+            if not re.fullmatch(r"turns?:[^\s@/?]+(\?transport=(udp|tcp))?", url):
+                raise ConfigError(f"--turn-url {url!r}: expected turn:host:port[?transport=udp|tcp] or turns:host:port "
+                                  "(no credentials: they come from --turn-secret)")
+        if self.turn_secret is not None and not self.turn_secret:
+            self.turn_secret = None
+        if bool(self.turn_secret) != bool(self.turn_url):
+            raise ConfigError("--turn-secret and --turn-url go together: the TURN server's shared secret and its URLs")
+        if not self.turn_ttl_s > 0:
+            raise ConfigError("--turn_ttl_s must be positive")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
@@ -244,6 +268,7 @@ _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s"
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
 _FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
+_FLOATS |= {"turn_ttl_s"}  # TURN REST API credentials
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -254,7 +279,7 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
-        if name in ("allowed_origin", "allowed_host"):
+        if name in ("allowed_origin", "allowed_host", "turn_url"):
             return _split_env_list(value) if from_env else list(value)
         if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
             keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
@@ -263,7 +288,7 @@ def _convert(name: str, value, from_env: bool = False):
             return int(value)
         if name in _FLOATS:
             return float(value)
-        if name in ("mark_frames", "admission", "insecure_no_auth"):
+        if name in ("mark_frames", "admission", "insecure_no_auth", "tls_self_signed"):
             return _parse_bool(value) if isinstance(value, str) else bool(value)
         return str(value)
     except ValueError as exc:
@@ -375,4 +400,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="admit up to --max_sessions even when the engine measures that it cannot keep up in real time "
         f"(env {ENV_PREFIX}ADMISSION=0)",
     )
+    opt("tls_cert", "serve HTTPS with this certificate (PEM, the chain after it); needs --tls-key; default: HTTP")
+    opt("tls_key", "the private key (PEM, unencrypted) of --tls-cert")
+    p.add_argument(
+        "--tls_self_signed",
+        "--tls-self-signed",
+        dest="tls_self_signed",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve HTTPS with a throw-away self-signed certificate for the served names and addresses (a LAN "
+        "test; browsers warn until it is accepted; its SHA-256 fingerprint is printed) "
+        f"(env {ENV_PREFIX}TLS_SELF_SIGNED)",
+    )
+    opt("turn_secret", "hand each session short-lived TURN credentials signed with this secret (TURN REST API; "
+        "coturn: use-auth-secret, static-auth-secret=SECRET); needs --turn-url")
+    opt("turn_url", "the TURN server for --turn-secret, repeatable: turn:host:port[?transport=udp|tcp], "
+        "turns:host:port", action="append")
+    opt("turn_ttl_s", "lifetime of the --turn-secret credentials in seconds; default 3600", type=float)
     opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)

@@ -17,6 +17,7 @@ from .errors import ApiError
 from .media import MediaPump
 from .sessions import ServerSession, SessionLog
 from .state import ServerState, capacity_error, json_body, server_state, session_for
+from .turn import session_ice_servers
 
 log = logging.getLogger("server")
 
@@ -160,7 +161,7 @@ async def create_session(request: web.Request) -> web.Response:
         **_session_json(session),
         "token": session.token,
         **_session_urls(request, session),
-        "ice_servers": [s.to_json() for s in state.config.ice_server],
+        "ice_servers": session_ice_servers(state.config, session.id),
     }
     if record:
         body["recording"] = await recording.start_for(request.app, session)

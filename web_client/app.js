@@ -18,7 +18,8 @@
 //   avatar audio level  RMS of the remote audio through a WebAudio AnalyserNode (headless Chromium reports
 //                  totalAudioEnergy = 0, so we measure what the page actually receives).
 //
-// Test hooks: ?loopback=1 keeps only 127.0.0.1 ICE candidates in the offer and uses no ICE servers;
+// Test hooks: ?loopback=1 keeps only 127.0.0.1 ICE candidates in the offer and uses no ICE servers; ?relay=1 sets
+// iceTransportPolicy "relay" (media only through the session's TURN server: checks a TURN deployment);
 // window.vexpress = {pc, session, state, info, offerSdp (as sent), lastError, stats(), remoteLevel(), micLevel()}.
 "use strict";
 
@@ -26,6 +27,7 @@
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
   const LOOPBACK = params.get("loopback") === "1";
+  const RELAY = params.get("relay") === "1";
   const ICE_GATHER_TIMEOUT_MS = 5000;
   const KEY_STORE = "vexpress-rt.api-key";
 
@@ -208,7 +210,7 @@
       st.localStream = mic;
       st.micAnalyser = makeAnalyser(mic);
 
-      const pc = new RTCPeerConnection({ iceServers: iceServers() });
+      const pc = new RTCPeerConnection({ iceServers: iceServers(), iceTransportPolicy: RELAY ? "relay" : "all" });
       st.pc = pc;
       st.remoteStream = new MediaStream();
       pc.addEventListener("track", onTrack);

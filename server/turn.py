@@ -1,0 +1,34 @@
+"""TURN REST API credentials (`serve --turn-secret SECRET --turn-url turn:host:port`).
+
+Instead of a long-lived TURN user and password handed to every browser, each session gets its own credentials that
+expire: username `<expiry unix time>:<session id>`, password base64(HMAC-SHA1(secret, username)). The TURN server
+shares the secret (coturn: `use-auth-secret` and `static-auth-secret=SECRET`), checks the signature and refuses the
+username after its expiry time; an allocation made before then lives on. The secret itself never leaves the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+from .config import ServerConfig
+
+
+def turn_credentials(secret: str, session_id: str, ttl_s: float, now: float | None = None) -> tuple[str, str]:
+    """(username, password) valid until now + ttl_s."""
+    expiry = int((time.time() if now is None else now) + ttl_s)
+    username = f"{expiry}:{session_id}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def session_ice_servers(config: ServerConfig, session_id: str, now: float | None = None) -> list[dict]:
+    """The RTCIceServer list a session's client gets: the configured `--ice-server`s, then the `--turn-url`s with
+    fresh credentials for this session."""
+    out = [s.to_json() for s in config.ice_server]
+    if config.turn_secret and config.turn_url:
+        username, credential = turn_credentials(config.turn_secret, session_id, config.turn_ttl_s, now)
+        out.append({"urls": list(config.turn_url), "username": username, "credential": credential})
+    return out
