@@ -232,7 +232,7 @@ class StreamDenoiser:
     def _per_row(self, values: list[float]) -> torch.Tensor:
         """One float32 value per row of the batch, on the device (float32: a product with it rounds as the
         product with a Python float did)."""
-        return torch.tensor(values, dtype=torch.float32).to(self.device)
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, jobs: list[ChunkJob]) -> torch.Tensor:
         """One UNet call over the batch of windows x (B, 4, T, h, w), each row with its job's attention weights;
