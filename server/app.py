@@ -114,6 +114,7 @@ async def info(request: web.Request) -> web.Response:
             "height": cfg.height,
             "fps": cfg.fps,
             "steps": cfg.steps,
+            "generation": state.default_params().limits(),  # per field: default, range or choices
             "decoder": state.engine.config.default_session.decoder,
             "decoders": list(state.engine.decoders),
             "max_sessions": cfg.max_sessions,

@@ -27,6 +27,7 @@ from urllib.parse import unquote
 from streaming.decoder import DECODER_CHOICES
 from streaming.portrait import DEFAULT_PORTRAIT
 from vexpress_rt.errors import InputError
+from vexpress_rt.params import DEFAULTS, arg_type, field_error
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .security import is_loopback_host
@@ -130,7 +131,7 @@ class ServerConfig:
     avatar: str = str(DEFAULT_AVATAR)  # the portrait every session uses unless it names another avatar
     avatar_kps: str | None = None  # JSON/.npy key points of `avatar`; default: <avatar without suffix>.json
     fps: int = 25
-    steps: int = 4
+    steps: int = DEFAULTS.steps  # the sessions' default (GenerationParams); a session may ask for others
     max_sessions: int = 4
     ice_server: list[IceServer] = field(default_factory=list)  # none: no STUN/TURN (host candidates only)
     ice_host: list[str] = field(default_factory=list)  # none: every interface aioice finds
@@ -183,8 +184,8 @@ class ServerConfig:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if not 5 <= self.fps <= 60 or 48000 % self.fps:
             raise ConfigError(f"--fps {self.fps} must be an integer from 5 to 60 that divides 48000")
-        if self.steps < 1:
-            raise ConfigError("--steps must be at least 1")
+        if field_error("steps", self.steps):  # VEXPRESS_STEPS; the flag is checked when parsed (arg_type)
+            raise ConfigError(field_error("steps", self.steps))
         if self.max_sessions < 1:
             raise ConfigError("--max_sessions must be at least 1")
         if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
@@ -308,7 +309,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("avatar", "default portrait (PNG/JPEG); default: the packaged portrait")
     opt("avatar_kps", "key points of --avatar (JSON/.npy, 3 or 5 [x, y]); default: <avatar>.json when present")
     opt("fps", "default session frame rate (integer); default 25", type=int)
-    opt("steps", "default denoising steps per frame window; default 4", type=int)
+    opt("steps", f"default denoising steps per frame window; default {DEFAULTS.steps}", type=arg_type("steps"))
     opt("max_sessions", "sessions served at once; default 4 (the engine may admit fewer)", type=int)
     opt(
         "ice_server",

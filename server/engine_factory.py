@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from vexpress_rt.errors import WeightsError
+from vexpress_rt.params import GenerationParams
 from vexpress_rt.weights import ModelPaths
 
 from .config import ServerConfig
@@ -61,7 +62,7 @@ def build_engine(config: ServerConfig):
             avatar_memory_bytes=int(config.avatar_cache_mb * 2**20),
             avatar_disk_bytes=int(config.cache_dir_mb * 2**20),
             admission=config.admission,
-            default_session=SessionConfig(fps=config.fps, steps=config.steps, decoder=decoder),
+            default_session=SessionConfig(fps=config.fps, params=GenerationParams(steps=config.steps), decoder=decoder),
         ),
         decoders,
     )

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import fields
 
 from aiohttp import web
 
 from streaming.engine import CapacityError
 from streaming.session import SessionConfig
+from vexpress_rt.params import GenerationParams
 
 from . import lifetime, limits, recording
 from .auth import client_identity, new_token, require_api_key
@@ -21,20 +23,14 @@ from .turn import session_ice_servers
 
 log = logging.getLogger("server")
 
-SESSION_FIELDS = {
-    "avatar_id",
-    "fps",
-    "steps",
-    "guidance_scale",
-    "reference_attention_weight",
-    "audio_attention_weight",
-    "decoder",
-    "audio",
-}
+PARAM_FIELDS = frozenset(f.name for f in fields(GenerationParams))  # steps, weights, guidance, window, seed...
+SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", *PARAM_FIELDS}
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
 def session_config_from_json(state: ServerState, data: dict) -> tuple[str, SessionConfig]:
+    """The body of `POST /v1/sessions` as a SessionConfig: where its values enter, so where they are validated
+    (each field with its one message; InputError -> 400). Absent or null fields take the server's defaults."""
     unknown = set(data) - SESSION_FIELDS
     if unknown:
         raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
@@ -46,26 +42,18 @@ def session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sessi
     audio = data.get("audio") or {}
     if not isinstance(audio, dict) or set(audio) - {"sample_rate", "channels"}:
         raise ApiError(400, 'audio must be an object {"sample_rate", "channels"}')
-    values = {
+    transport = {
         "fps": data.get("fps"),
-        "steps": data.get("steps"),
-        "guidance_scale": data.get("guidance_scale"),
-        "reference_attention_weight": data.get("reference_attention_weight"),
-        "audio_attention_weight": data.get("audio_attention_weight"),
-        "decoder": data.get("decoder"),
         "input_sample_rate": audio.get("sample_rate"),
         "input_channels": audio.get("channels"),
     }
-    for key in ("fps", "steps", "input_sample_rate", "input_channels"):
-        if values[key] is not None and (not isinstance(values[key], int) or isinstance(values[key], bool)):
+    for key, value in transport.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ApiError(400, f"{key} must be an integer")
-    for key in ("guidance_scale", "reference_attention_weight", "audio_attention_weight"):
-        if values[key] is not None and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)):
-            raise ApiError(400, f"{key} must be a number")
-    if values["decoder"] is not None and not isinstance(values["decoder"], str):
+    if data.get("decoder") is not None and not isinstance(data["decoder"], str):
         raise ApiError(400, "decoder must be a string")
-    config = state.session_config(**values)
-    config.validate()  # InputError -> 400
+    params = GenerationParams.from_dict({k: data[k] for k in PARAM_FIELDS & set(data)}, state.default_params())
+    config = state.session_config(params=params, decoder=data.get("decoder"), **transport)
     return avatar_id, config
 
 
@@ -101,7 +89,7 @@ async def open_session(
     state.sessions.add(session)
     lifetime.supervise(state, session)  # ends it on engine errors, after max_session_s, when idle
     session.start_task(_close_if_never_connected(state, session), "connect-timeout")
-    logger.info("opened on avatar %s (fps %s, steps %s)", avatar_id, config.fps, config.steps)
+    logger.info("opened on avatar %s (fps %s, %s)", avatar_id, config.fps, config.params)
     return session
 
 
@@ -135,7 +123,8 @@ def _session_json(session: ServerSession) -> dict:
         "avatar_id": es.avatar_id,
         "state": es.state.value,
         "fps": es.config.fps,
-        "steps": es.config.steps,
+        "steps": es.config.params.steps,
+        "params": es.config.params.to_dict(),
         "decoder": es.config.decoder,
         "width": es.width,
         "height": es.height,

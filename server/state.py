@@ -17,6 +17,7 @@ from aiohttp import web
 
 from streaming.engine import Engine
 from streaming.session import SessionConfig
+from vexpress_rt.params import GenerationParams
 
 from . import limits
 from .auth import has_api_key, require_session_token
@@ -61,10 +62,19 @@ class ServerState:
     def avatar_count(self) -> int:
         return len(self.engine.avatars())
 
+    def default_params(self) -> GenerationParams:
+        """The generation defaults of this server's sessions: its engine's, with `serve --steps` (an engine
+        shared by several servers, as in the tests, may have been made with other steps)."""
+        params = self.engine.config.default_session.params
+        if params.steps == self.config.steps:
+            return params
+        return GenerationParams.from_dict({"steps": self.config.steps}, params)
+
     def session_config(self, **overrides: object) -> SessionConfig:
+        """The server's session defaults with the given (not None) values: validated here, once."""
         values: dict = {
             "fps": self.config.fps,
-            "steps": self.config.steps,
+            "params": self.default_params(),
             "max_buffer_s": self.config.max_buffer_s,
             "decoder": self.engine.config.default_session.decoder,  # --decoder, resolved when the engine loaded
         }

@@ -3,16 +3,18 @@
 Two ways to slide a window of the 3-D UNet over an endless stream, both here so they can be measured side by side
 (`vexpress-rt bench --strategies`; figures in docs/streaming.md):
 
-* **chunked** (default): a window = C frames already produced (their clean latents, noised afresh to each step's
+* **chunked**: a window = C frames already produced (their clean latents, noised afresh to each step's
   level with fixed noise) + N new frames from pure noise; S DDIM steps update only the new frames, which leave
   clean. A frame costs S * (C + N) / N frame-passes and waits for its chunk's audio.
-* **staggered** (stream batch): a window = S groups of N frames at S different noise levels; each call advances
-  every group one step, the cleanest group leaves and a new noise group enters. A frame costs S frame-passes but
-  waits S - 1 further chunks of audio before it leaves.
+* **staggered** (stream batch, the default): a window = S groups of N frames at S different noise levels; each call
+  advances every group one step, the cleanest group leaves and a new noise group enters. A frame costs S
+  frame-passes but waits S - 1 further chunks of audio before it leaves.
 
-Shapes are static (window size and batch fixed per settings) so CUDA graphs / torch.compile can apply. Sessions
-are batched: one UNet call serves the jobs of several sessions with the same settings; each session keeps its
-own noise generator, so a session's frames do not depend on who it was batched with.
+Shapes are static (window size and batch fixed per `DenoiserSettings`, the shape-relevant part of a session's
+`GenerationParams`) so CUDA graphs / torch.compile can apply. Sessions are batched: one UNet call serves the jobs
+of several sessions with the same shape; the attention weights and the guidance scale are each job's own (one
+value per row of the batch), and each session keeps its own noise generator, so a session's frames do not depend
+on who it was batched with.
 """
 
 from __future__ import annotations
@@ -23,44 +25,33 @@ from typing import Any
 import torch
 
 from vexpress_rt.loader import VExpressModels, make_scheduler
+from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .avatar import PreEncodedAvatar
 from .device import noise_generator
 from .unet_runner import CaptureBackend, EagerUNet, GraphedUNet
 
-STRATEGIES = ("chunked", "staggered")
-MAX_WINDOW = 32  # the motion modules' positional table
-
 
 @dataclass(frozen=True)
 class DenoiserSettings:
-    steps: int = 4
-    new_frames: int = 4
-    context_frames: int = 4
-    strategy: str = "chunked"
-    guidance_scale: float = 1.0
-    reference_attention_weight: float = 0.95
-    audio_attention_weight: float = 3.0
+    """The shape of a denoiser call: what keys the engine's denoisers, the UNet runner's graphs and the cost
+    model. Made from validated `GenerationParams` (`of`); the defaults are theirs."""
 
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not 1 <= self.steps <= 8:
-            raise ValueError(f"steps must be 1..8, got {self.steps}")
-        if self.new_frames < 1 or self.context_frames < 0:
-            raise ValueError("new_frames must be >= 1 and context_frames >= 0")
-        if self.window_frames > MAX_WINDOW:
-            raise ValueError(f"a window of {self.window_frames} frames exceeds the motion modules' {MAX_WINDOW}")
+    steps: int = DEFAULTS.steps
+    new_frames: int = DEFAULTS.new_frames
+    context_frames: int = DEFAULTS.context_frames
+    strategy: str = DEFAULTS.strategy
+    cfg: bool = DEFAULTS.cfg  # guidance on: the batch doubles ([uncond, cond]); its scale is per row
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> DenoiserSettings:
+        return cls(params.steps, params.new_frames, params.context_frames, params.strategy, params.cfg)
 
     @property
     def window_frames(self) -> int:
         if self.strategy == "chunked":
             return self.context_frames + self.new_frames
         return self.steps * self.new_frames
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
 
     @property
     def passes_per_call(self) -> int:
@@ -128,6 +119,7 @@ class ChunkJob:
     avatar: PreEncodedAvatar
     tokens: torch.Tensor  # (N, n, d) audio tokens of the N new frames
     payloads: list[Any]  # one per new frame (None: filler, dropped on the way out)
+    params: GenerationParams = DEFAULTS  # its session's: the attention weights and guidance scale of its row
     meta: dict = field(default_factory=dict)  # timings for the latency figures
 
 
@@ -137,9 +129,8 @@ class StreamDenoiser:
         self.models = models
         self.settings = settings
         self.device = models.device
-        weights = (settings.reference_attention_weight, settings.audio_attention_weight)
         unet = models.denoising_unet
-        self.unet = EagerUNet(unet, weights) if graphs is None else GraphedUNet(unet, weights, graphs)
+        self.unet = EagerUNet(unet) if graphs is None else GraphedUNet(unet, graphs)
         self.schedule = Schedule(settings.steps, self.device)
         if settings.strategy == "staggered":  # per-frame levels and timesteps of a full window, oldest group first
             self._levels_in = self._queue_alphas(0).reshape(1, 1, -1, 1, 1)
@@ -242,18 +233,33 @@ class StreamDenoiser:
             state.queue, state.queue_tokens, state.queue_payloads = x[b, :, n:], tokens[b][n:], payloads[n:]
         return results
 
+    def _per_row(self, values: list[float]) -> torch.Tensor:
+        """One float32 value per row of the batch, on the device (float32: a product with it rounds as the
+        product with a Python float did)."""
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
     def _unet(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, jobs: list[ChunkJob]) -> torch.Tensor:
-        """One UNet call over the batch of windows x (B, 4, T, h, w); guidance doubles the batch."""
+        """One UNet call over the batch of windows x (B, 4, T, h, w), each row with its job's attention weights;
+        guidance doubles the batch and mixes each job's two rows with its own scale."""
         s, device, dtype = self.settings, self.models.device, self.models.dtype
         refs: list = [j.avatar for j in jobs]
+        rows = jobs + jobs if s.cfg else jobs  # the unconditional rows keep their job's weights
         x, tokens, t = x.to(device, dtype), tokens.to(device, dtype), t.to(device)
         if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and kps together
             refs = [None] * len(jobs) + refs
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             x = x.repeat(2, 1, 1, 1, 1)
             t = t.repeat(2) if t.ndim else t
-        v = self.unet(x, t, tokens, refs)
+        v = self.unet(
+            x,
+            t,
+            tokens,
+            refs,
+            reference_attention_weight=self._per_row([j.params.reference_attention_weight for j in rows]),
+            audio_attention_weight=self._per_row([j.params.audio_attention_weight for j in rows]),
+        )
         if s.cfg:
             v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + s.guidance_scale * (v_cond - v_uncond)
+            scale = self._per_row([j.params.guidance_scale for j in jobs]).reshape(-1, 1, 1, 1, 1)
+            v = v_uncond + (scale * (v_cond - v_uncond).float()).to(v.dtype)
         return v

@@ -192,7 +192,7 @@ class Engine:
         settings = cfg.denoiser_settings()
         denoiser = self.denoiser(settings)
         silence = self.silence_tokens_for(cfg.fps)
-        state = denoiser.new_state(encoded, seed=cfg.seed, silence=silence)
+        state = denoiser.new_state(encoded, seed=cfg.params.seed, silence=silence)
         n = settings.new_frames
         total = max(n, int(round(self.config.idle_seconds * cfg.fps / n)) * n)
         latents: list[torch.Tensor] = []
@@ -200,7 +200,7 @@ class Engine:
         while len(latents) < total:
             with self.model_lock:
                 t0 = time.perf_counter()
-                out = denoiser.run([ChunkJob(state, encoded, tokens, list(range(n)))])[0]
+                out = denoiser.run([ChunkJob(state, encoded, tokens, list(range(n)), cfg.params)])[0]
                 synchronize(self.models.device)  # the measured cost must cover the compute, not its launch
                 self.worker.record_chunk(settings, 1, time.perf_counter() - t0)
             latents += [latent for _, latent in out]
@@ -233,7 +233,8 @@ class Engine:
             latents = avatar.encoded.latent.to(self.models.device, self.models.dtype).expand(batch * n, -1, -1, -1)
             for _ in range(2):
                 jobs = [
-                    ChunkJob(state, avatar.encoded, silence[None].expand(n, -1, -1), [None] * n) for state in states
+                    ChunkJob(state, avatar.encoded, silence[None].expand(n, -1, -1), [None] * n, cfg.params)
+                    for state in states
                 ]
                 with self.model_lock:
                     t0 = time.perf_counter()
@@ -245,7 +246,7 @@ class Engine:
         self.warmup = {
             "warmup_s": round(time.perf_counter() - started, 2),
             "graphs": self._graphs is not None,
-            "settings": settings.__dict__,
+            "settings": cfg.params.to_dict(),
             "call_ms_by_batch": call_ms,
         }
         self.warm = True
@@ -278,8 +279,7 @@ class Engine:
         self, avatar_id: str, config: SessionConfig | None = None, now: Callable[[], float] = time.monotonic
     ) -> StreamSession:
         """A new session on a registered avatar; `now` is its clock (tests and simulations pass their own)."""
-        config = config or SessionConfig(**self.config.default_session.__dict__)
-        config.validate()
+        config = config or self.config.default_session  # validated when made; sessions only read it
         if config.decoder not in self.decoders:
             raise InputError(
                 f"decoder {config.decoder!r} is not available on this server (its weights are not installed); "
@@ -348,7 +348,7 @@ class Engine:
         # The seed alone fixes a session's noise: its frames are a function of avatar, audio, settings and seed,
         # the same on any engine and whoever it is batched with or opened after (sessions wanting different
         # noise set different seeds; identical noise in two sessions driven by different audio is invisible).
-        seed = session.config.seed
+        seed = session.config.params.seed
         return self.denoiser_for(session).new_state(session.avatar.encoded, seed, self.silence_tokens(session))
 
     def silence_tokens(self, session: StreamSession) -> torch.Tensor:

@@ -20,18 +20,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
 import torch
 
 from vexpress_rt.errors import InputError
+from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
 from .decoder import DECODERS
-from .denoiser import STRATEGIES, ChunkJob, DenoiserSettings, StreamState
+from .denoiser import ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
@@ -47,18 +48,16 @@ class SessionState(str, enum.Enum):
 
 @dataclass
 class SessionConfig:
+    """A session's transport and audio settings, and its `GenerationParams` (validated when they were made).
+
+    Validated once, when made (`__post_init__`); the engine and the session read it, they do not check it again."""
+
     fps: int = 25
-    steps: int = 4
-    guidance_scale: float = 1.0
-    reference_attention_weight: float = 0.95
-    audio_attention_weight: float = 3.0  # "expression strength"
+    params: GenerationParams = DEFAULTS  # steps, guidance, attention weights, strategy, window, seed
     input_sample_rate: int = 16000
     input_channels: int = 1
     output_sample_rate: int = 48000
     decoder: str = "full"  # "tiny": TAESD, 11x cheaper on an H100 (streaming/decoder.py, docs/streaming.md)
-    strategy: str = "staggered"  # measured against "chunked": docs/streaming.md
-    new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
-    context_frames: int = 4  # chunked: frames already made that each window sees again
     left_context_s: float = 2.0  # wav2vec2 context before the new audio
     lookahead_s: float = 0.2  # wav2vec2 context after it
     jitter_frames: int = 2  # playback of an utterance starts this long after its first frames are ready
@@ -66,45 +65,31 @@ class SessionConfig:
     max_ready_s: float = 1.0  # decoded frames waiting to play
     max_reader_lag_frames: int = 2  # a reader further behind than this skips frames
     blend_frames: int = 4  # cross-fade from the last speech frame into the idle loop
-    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         def bad(msg: str):
             raise InputError(msg)
 
-        if not isinstance(self.fps, int) or not 5 <= self.fps <= 60 or self.output_sample_rate % self.fps:
+        fps = self.fps
+        if not isinstance(fps, int) or isinstance(fps, bool) or not 5 <= fps <= 60 or self.output_sample_rate % fps:
             bad(f"fps must be an integer 5..60 dividing the output rate {self.output_sample_rate}, got {self.fps!r}")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 8:
-            bad(f"steps must be an integer from 1 to 8, got {self.steps!r}")
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 1.0 <= g <= 20.0:  # no float(): 10**400
-            bad(f"guidance_scale must be within 1..20 (1 = off), got {self.guidance_scale!r}")
-        for name in ("reference_attention_weight", "audio_attention_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 10.0:
-                bad(f"{name} must be a number within 0..10, got {value!r}")
+        if not isinstance(self.params, GenerationParams):
+            bad(f"params must be GenerationParams, got {type(self.params).__name__}")
         validate_format(self.input_sample_rate, self.input_channels)
         if self.output_sample_rate not in (16000, 24000, 32000, 44100, 48000):
             bad(f"output_sample_rate must be one of 16000, 24000, 32000, 44100, 48000, got {self.output_sample_rate}")
         if self.decoder not in DECODERS:
             bad(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
-        if self.strategy not in STRATEGIES:
-            bad(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        try:
-            self.denoiser_settings()
-        except ValueError as exc:
-            bad(str(exc))
 
     def denoiser_settings(self) -> DenoiserSettings:
-        return DenoiserSettings(
-            steps=self.steps,
-            new_frames=self.new_frames,
-            context_frames=self.context_frames,
-            strategy=self.strategy,
-            guidance_scale=float(self.guidance_scale),
-            reference_attention_weight=float(self.reference_attention_weight),
-            audio_attention_weight=float(self.audio_attention_weight),
-        )
+        return DenoiserSettings.of(self.params)
+
+    def with_params(self, **changes: object) -> SessionConfig:
+        """This config with some generation parameters changed (validated, as every GenerationParams)."""
+        return replace(self, params=replace(self.params, **changes))
 
     @property
     def samples_per_frame(self) -> int:
@@ -156,7 +141,6 @@ class Utterance:
 
 class StreamSession:
     def __init__(self, engine, avatar, config: SessionConfig, now: Callable[[], float] = time.monotonic):
-        config.validate()
         self.id = "s" + secrets.token_hex(10)  # unguessable: ids appear in URLs (tokens still guard them)
         self.engine = engine
         self.avatar = avatar
@@ -174,7 +158,7 @@ class StreamSession:
         self._utterance_ids = itertools.count(1)
         self._utterances: deque[Utterance] = deque()  # in push order; the head is the one playing or next
         self._ready: deque[SpeechFrame] = deque()
-        self._max_ready = max(int(config.max_ready_s * config.fps), 2 * config.new_frames + config.jitter_frames)
+        self._max_ready = max(int(config.max_ready_s * config.fps), 2 * config.params.new_frames + config.jitter_frames)
         self._next_index = 0
         self._t0: float | None = None
         self._stream: StreamState | None = None  # the worker's denoiser state
@@ -368,7 +352,7 @@ class StreamSession:
             next(self._utterance_ids),
             AudioInput(rate, channels, cfg.output_sample_rate),
             IncrementalAudioFeatures(
-                self.engine.models, cfg.fps, cfg.left_context_s, cfg.lookahead_s, min_frames=cfg.new_frames
+                self.engine.models, cfg.fps, cfg.left_context_s, cfg.lookahead_s, min_frames=cfg.params.new_frames
             ),
         )
         self._utterances.append(utt)
@@ -438,7 +422,8 @@ class StreamSession:
                 chunk_tokens = torch.cat([chunk_tokens, pad])
                 payloads += [None] * (n - count)
             trigger = utt.arrivals[-1][1] if utt.arrivals else self._now()
-            return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, {"trigger": trigger})
+            meta = {"trigger": trigger}
+            return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, self.config.params, meta)
 
     def _flush_job(self) -> ChunkJob | None:
         """Staggered windows hold frames back; with no audio left, push silent fillers until they are out."""
@@ -447,7 +432,7 @@ class StreamSession:
             return None
         n = self.denoiser_settings.new_frames
         silence = self.engine.silence_tokens(self)[None].expand(n, -1, -1)
-        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n)
+        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n, self.config.params)
 
     def _arrival(self, utt: Utterance, sample_end: int) -> float:
         while len(utt.arrivals) > 1 and utt.arrivals[1][0] < sample_end:

@@ -6,9 +6,10 @@ for a 2-frame window, 102 ms for 8); replayed from a graph the same windows take
 and the warm-up must stay under 60 s). A graph capture costs a few warm-up calls per shape, the replay removes the
 launch cost entirely, and the math is the eager module's, unchanged (`../shared/docs/GPU.md`).
 
-Both runners take the batch's per-row references (a pre-encoded avatar, or None for a row of zeros: the
-unconditional branch under guidance) instead of ready-made K/V, so that the batched K/V and kps features are built
-once per batch composition, not once per call.
+Both runners take the attention weights per row (a float32 tensor (B,) each, passed by keyword to the UNet), so
+sessions with different weights share one call and one graph; and they take the batch's per-row references (a
+pre-encoded avatar, or None for a row of zeros: the unconditional branch under guidance) instead of ready-made K/V,
+so that the batched K/V and kps features are built once per batch composition, not once per call.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ class EagerUNet:
     """The UNet called as it is. Batched reference K/V and kps features are built once per batch composition and
     kept (a few compositions): no concatenation, zero-filling or kps expansion per call."""
 
-    def __init__(self, unet: torch.nn.Module, weights: tuple[float, float]):
+    def __init__(self, unet: torch.nn.Module):
         self.unet = unet
-        self.weights = weights
         self._kept: OrderedDict[tuple, tuple[list, dict[str, KeyValue], torch.Tensor]] = OrderedDict()
         self.compositions_built = 0  # how often the K/V were (re)assembled (a test and the bench read it)
 
@@ -102,9 +102,26 @@ class EagerUNet:
         for key in [k for k, (groups, _, _) in self._kept.items() if any(g is ref for g in groups)]:
             del self._kept[key]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, refs: Refs) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        tokens: torch.Tensor,
+        refs: Refs,
+        *,
+        reference_attention_weight: torch.Tensor,
+        audio_attention_weight: torch.Tensor,
+    ) -> torch.Tensor:
         kv, kps = self.reference(refs, x.shape[2])
-        return self.unet(x, t, tokens, kv, kps, *self.weights)
+        return self.unet(
+            x,
+            t,
+            tokens,
+            kv,
+            kps,
+            reference_attention_weight=reference_attention_weight,
+            audio_attention_weight=audio_attention_weight,
+        )
 
 
 class CaptureBackend(Protocol):
@@ -159,8 +176,9 @@ class CudaGraphBackend:
 class _Graph:
     """One captured window shape at one bucket: its static inputs and its replay."""
 
-    def __init__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor):
+    def __init__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor):
         self.x, self.t, self.tokens = x, t, tokens
+        self.weights = weights  # (2, bucket) float32: each row's reference and audio attention weights
         self.replay: Callable[[], torch.Tensor] | None = None
 
 
@@ -177,15 +195,13 @@ class GraphedUNet:
     def __init__(
         self,
         unet: torch.nn.Module,
-        weights: tuple[float, float],
         backend: CaptureBackend,
         buckets: Sequence[int] = BUCKETS,
     ):
         self.unet = unet
-        self.weights = weights
         self.backend = backend
         self.buckets = tuple(sorted(buckets))
-        self.eager = EagerUNet(unet, weights)
+        self.eager = EagerUNet(unet)
         self._graphs: dict[tuple, _Graph] = {}
         self._slot_refs: list = [None] * self.buckets[-1]
         self._slot_filled = [False] * self.buckets[-1]
@@ -243,25 +259,51 @@ class GraphedUNet:
             x.new_zeros((bucket, *x.shape[1:])),
             t.new_zeros((rows,)) if per_frame else t.new_zeros(()),
             tokens.new_zeros((rows, *tokens.shape[1:])),
+            torch.ones((2, bucket), dtype=torch.float32, device=x.device),
         )
         kv = {name: (k[:bucket], v[:bucket]) for name, (k, v) in self._kv.items()}
         kps = self._kps[:bucket]
 
         def forward() -> torch.Tensor:
             kps_window = kps.expand(-1, -1, frames, -1, -1)
-            return self.unet(graph.x, graph.t, graph.tokens, kv, kps_window, *self.weights)
+            return self.unet(
+                graph.x,
+                graph.t,
+                graph.tokens,
+                kv,
+                kps_window,
+                reference_attention_weight=graph.weights[0],
+                audio_attention_weight=graph.weights[1],
+            )
 
         graph.x.copy_(x[:1].expand_as(graph.x))  # capture on sane values (the padding rows keep them)
         graph.replay = self.backend.capture(forward)
         self._graphs[key] = graph
         return graph
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, refs: Refs) -> torch.Tensor:
-        """v for the n windows x (n, 4, T, h, w); t a scalar or per frame (n*T,); tokens (n*T, q, d)."""
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        tokens: torch.Tensor,
+        refs: Refs,
+        *,
+        reference_attention_weight: torch.Tensor,
+        audio_attention_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """v for the n windows x (n, 4, T, h, w); t a scalar or per frame (n*T,); tokens (n*T, q, d); the
+        weights (n,) float32, one per row."""
         n = x.shape[0]
         bucket = bucket_for(n, self.buckets)
         if bucket is None:
-            return self.eager(x, t, tokens, refs)
+            return self.eager(
+                x,
+                t,
+                tokens,
+                refs,
+                reference_attention_weight=reference_attention_weight,
+                audio_attention_weight=audio_attention_weight,
+            )
         self._fill_slots(refs)
         graph = self._graph(bucket, x, t, tokens)
         graph.x[:n].copy_(x)
@@ -270,4 +312,6 @@ class GraphedUNet:
         else:
             graph.t.copy_(t)
         graph.tokens[: tokens.shape[0]].copy_(tokens)
+        graph.weights[0, :n].copy_(reference_attention_weight)
+        graph.weights[1, :n].copy_(audio_attention_weight)
         return graph.replay()[:n].clone()  # the static output is overwritten by the next replay

@@ -22,6 +22,7 @@ import pytest
 
 from vexpress_rt.cli import build_parser
 from vexpress_rt.media import resample_pcm
+from vexpress_rt.params import DEFAULTS, field_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPUS = os.cpu_count() or 1
@@ -249,6 +250,28 @@ def test_generate_defaults_match_the_original():
     assert args.audio_path == "./test_samples/emo/talk_emotion/aud.mp3"
     assert args.kps_path == "./test_samples/emo/talk_emotion/kps.pth"
     assert args.output_path == "./output/emo/talk_emotion.mp4"
+    # the weights' defaults are the streaming sessions' (one GenerationParams); steps, guidance, seed the original's
+    assert args.audio_attention_weight == DEFAULTS.audio_attention_weight
+    assert args.reference_attention_weight == DEFAULTS.reference_attention_weight
+
+
+@pytest.mark.parametrize(
+    "module, args, field, value",
+    [
+        ("server", ["serve", "--steps", "9"], "steps", 9),
+        ("server", ["serve", "--steps", "two"], "steps", "two"),
+        ("vexpress_rt", ["generate", "--audio_attention_weight", "11"], "audio_attention_weight", 11.0),
+    ],
+)
+def test_generation_flags_fail_at_argument_parsing_with_the_apis_message(tmp_path, module, args, field, value):
+    """Before any weights load: exit code 2 and the message `POST /v1/sessions` answers for the same value."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"argument --{field}: {field_error(field, value)}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

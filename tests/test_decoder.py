@@ -25,6 +25,7 @@ from streaming.engine import Engine, EngineConfig
 from streaming.session import SessionConfig
 from vexpress_rt.cli import main
 from vexpress_rt.errors import InputError, WeightsError
+from vexpress_rt.params import GenerationParams
 from vexpress_rt.weights import TAESD_FILES, TAESD_REPO, download_plan, download_weights
 
 # The released TAESD has 64 channels everywhere; 8 keeps the CPU tests quick with the same structure.
@@ -246,7 +247,9 @@ def test_sessions_on_both_decoders_share_unet_calls(engine, avatar, decoders, ti
     monkeypatch.setattr(StreamDenoiser, "run", counting_run)
     clock = [1000.0]
     sessions = {
-        name: engine.open_session(avatar, SessionConfig(steps=2, decoder=name), now=lambda: clock[0])
+        name: engine.open_session(
+            avatar, SessionConfig(params=GenerationParams(steps=2), decoder=name), now=lambda: clock[0]
+        )
         for name in ("tiny", "full")
     }
     delivered = {name: [] for name in sessions}

@@ -26,6 +26,16 @@ from streaming.engine import CapacityError, Engine, EngineConfig
 from streaming.session import SessionConfig
 from vexpress_rt.errors import InputError
 from vexpress_rt.media import resample_pcm
+from vexpress_rt.params import GenerationParams
+
+TWO_STEPS = GenerationParams(steps=2)
+
+
+def session_config(**settings) -> SessionConfig:
+    """A SessionConfig from flat settings: the GenerationParams fields go to its params."""
+    names = GenerationParams.__dataclass_fields__
+    params = GenerationParams(**{k: v for k, v in settings.items() if k in names})
+    return SessionConfig(params=params, **{k: v for k, v in settings.items() if k not in names})
 
 W, H = 128, 64
 OUT_RATE = 48000
@@ -43,7 +53,9 @@ def avatar_cache(tmp_path_factory):
 
 
 def _engine_config(**kwargs) -> EngineConfig:
-    defaults = dict(width=W, height=H, admission=False, idle_seconds=0.64, default_session=SessionConfig(steps=2))
+    defaults = dict(
+        width=W, height=H, admission=False, idle_seconds=0.64, default_session=SessionConfig(params=TWO_STEPS)
+    )
     return EngineConfig(**{**defaults, **kwargs})
 
 
@@ -94,7 +106,7 @@ class Run:
     def __init__(self, engine: Engine, avatar_id: str, **settings):
         self.engine = engine
         self.clock = FakeClock()
-        self.config = SessionConfig(**{"steps": 2, **settings})
+        self.config = session_config(**{"steps": 2, **settings})
         self.session = engine.open_session(avatar_id, self.config, now=self.clock)
         self.fps = self.config.fps
         self.spf = self.config.samples_per_frame
@@ -567,22 +579,22 @@ def test_admission_control(tiny_models, portrait):
     try:
         assert engine.can_admit()  # nothing measured yet: nothing to refuse on
         info = engine.add_avatar(*portrait)  # rendering the idle clip measures the worker's cost
-        assert engine.worker.estimated_load([SessionConfig(steps=2)]) > 0
+        assert engine.worker.estimated_load([SessionConfig(params=TWO_STEPS)]) > 0
         assert not engine.can_admit()
         with pytest.raises(CapacityError) as err:
-            engine.open_session(info.id, SessionConfig(steps=2))
+            engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
         assert err.value.retry_after > 0 and not engine.sessions()
         engine.config.realtime_margin = 1e9  # a device fast enough for anything: the slots still count
-        first = engine.open_session(info.id, SessionConfig(steps=2))
-        engine.open_session(info.id, SessionConfig(steps=2))
+        first = engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
+        engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
         assert not engine.can_admit()
         with pytest.raises(CapacityError, match="slots"):
-            engine.open_session(info.id, SessionConfig(steps=2))
+            engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
         first.close()
         assert engine.can_admit()
-        engine.open_session(info.id, SessionConfig(steps=2))
+        engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
         with pytest.raises(InputError):
-            engine.open_session(info.id, SessionConfig(steps=9))  # settings are checked too
+            engine.open_session(info.id, session_config(steps=9))  # settings are checked (when made)
     finally:
         engine.close()
     assert not engine.sessions()
@@ -600,13 +612,13 @@ def test_warm_up_measures_every_batch_size_and_admission_follows_it(tiny_models,
         assert engine.warm_up() is report  # once
         settings = engine.config.default_session.denoiser_settings()
         assert {b for s, b in engine.worker.costs.measured if s == settings} == {1, 2, 4}
-        config = SessionConfig(steps=2)
+        config = SessionConfig(params=TWO_STEPS)
         loads = [engine.worker.estimated_load([config] * n) for n in (1, 2, 3)]
         engine.config.realtime_margin = (loads[1] + loads[2]) / 2  # room for two sessions, not three
-        engine.open_session(info.id, SessionConfig(steps=2))
-        engine.open_session(info.id, SessionConfig(steps=2))
+        engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
+        engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
         with pytest.raises(CapacityError, match="estimated load"):
-            engine.open_session(info.id, SessionConfig(steps=2))
+            engine.open_session(info.id, SessionConfig(params=TWO_STEPS))
     finally:
         engine.close()
 
@@ -614,7 +626,7 @@ def test_warm_up_measures_every_batch_size_and_admission_follows_it(tiny_models,
 # -- the real worker thread --------------------------------------------------------------------------------------------
 def test_the_worker_thread_serves_a_reader_that_never_waits(engine, avatar, tiny_speech):
     """Everything above drives the worker by hand; here it runs as a thread, on the real clock."""
-    session = engine.open_session(avatar, SessionConfig(steps=2))
+    session = engine.open_session(avatar, SessionConfig(params=TWO_STEPS))
     events = []
     session.add_listener(events.append)
     engine.start()
@@ -649,7 +661,7 @@ def test_latency_from_audio_arrival_stays_flat_on_the_real_clock(engine, avatar,
     seconds, fps = 8.0, 5
     chunk = 16000 // fps
     pcm = np.tile(tiny_speech, math.ceil(seconds * 16000 / len(tiny_speech)))[: int(seconds * 16000)]
-    session = engine.open_session(avatar, SessionConfig(steps=1, fps=fps))
+    session = engine.open_session(avatar, session_config(steps=1, fps=fps))
     engine.start()
     try:
         t0 = time.monotonic()

@@ -29,6 +29,7 @@ def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
     from streaming.engine import Engine, EngineConfig
     from streaming.portrait import load_default_portrait
     from streaming.session import SessionConfig
+    from vexpress_rt.params import GenerationParams
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False))
     image, kps = load_default_portrait()
@@ -36,7 +37,7 @@ def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
     assert engine.avatar(info.id).idle_latents.device.type == "cuda"
     engine.start()
     try:
-        session = engine.open_session(info.id, SessionConfig(strategy=strategy))
+        session = engine.open_session(info.id, SessionConfig(params=GenerationParams(strategy=strategy)))
         t = np.arange(16000) / 16000
         session.push_audio((8000 * np.sin(2 * np.pi * 150 * t)).astype(np.int16))
         session.end_utterance()

@@ -14,6 +14,7 @@ from streaming.avatar import PreEncodedAvatar
 from streaming.bench.random_models import random_models
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from streaming.unet_runner import RerunBackend
+from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
 META = torch.device("meta")
@@ -64,7 +65,8 @@ def test_audio_features_stay_on_the_model_device(meta_models):
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_stream_denoiser_batch_of_two_avatars_stays_on_the_model_device(meta_models, strategy, guidance, graphs):
     """`graphs`: the graph runner's static buffers and reference slots (a rerun stands in for the replay)."""
-    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance)
+    params = GenerationParams(steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance)
+    settings = DenoiserSettings.of(params)
     denoiser = StreamDenoiser(meta_models, settings, RerunBackend() if graphs else None)
     silence = torch.empty(5, 768, device=META, dtype=meta_models.dtype)  # (queries, width) audio tokens
     avatars = [_avatar(meta_models, "a"), _avatar(meta_models, "b")]
@@ -72,7 +74,7 @@ def test_stream_denoiser_batch_of_two_avatars_stays_on_the_model_device(meta_mod
     tokens = silence[None].expand(2, -1, -1)
     with CpuTensorsMade() as made:
         for turn in range(2):  # the second call runs on the state the first one left
-            jobs = [ChunkJob(s, a, tokens, [(turn, k) for k in range(2)]) for s, a in zip(states, avatars)]
+            jobs = [ChunkJob(s, a, tokens, [(turn, k) for k in range(2)], params) for s, a in zip(states, avatars)]
             outputs = denoiser.run(jobs)
     assert made.ops == [], f"CPU tensors made during a denoiser call: {sorted(set(made.ops))}"
     frames = [latent for out in outputs for _, latent in out]

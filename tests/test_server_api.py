@@ -9,6 +9,9 @@ import aiohttp
 import pytest
 from server_harness import ServerThread, call, make_config
 
+from vexpress_rt.errors import InputError
+from vexpress_rt.params import GenerationParams, field_error
+
 pytestmark = pytest.mark.fixtures
 
 
@@ -151,6 +154,77 @@ def test_session_bad_input(server, body, status):
     reply = _create(server, body)
     assert reply.status == status, reply.text
     assert reply.json["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("steps", True),  # a boolean is not an integer
+        ("steps", 9),
+        ("steps", 2.0),
+        ("guidance_scale", 0.5),
+        ("guidance_scale", "2"),
+        ("guidance_scale", float("inf")),  # JSON's Infinity
+        ("reference_attention_weight", True),
+        ("audio_attention_weight", 10.5),
+        ("audio_attention_weight", float("nan")),
+        ("strategy", "zigzag"),
+        ("new_frames", 0),
+        ("context_frames", -1),
+        ("seed", -1),
+    ],
+)
+def test_generation_params_are_refused_with_their_fields_message(server, field, value):
+    """Each generation field has one message, the same from the API, `serve`'s flags and GenerationParams."""
+    reply = _create(server, {field: value})
+    assert reply.status == 400, reply.text
+    assert reply.json["error"]["message"] == field_error(field, value)
+    with pytest.raises(InputError) as refused:
+        GenerationParams(**{field: value})
+    assert str(refused.value) == reply.json["error"]["message"]
+
+
+def test_info_serves_the_generation_limits(server):
+    """The page takes its ranges and defaults from here (web_client/app.js), as the API checks them."""
+    generation = call("GET", f"{server.url}/v1/info").json["generation"]
+    assert generation == GenerationParams().limits()
+    assert generation["steps"] == {"default": 4, "type": "integer", "min": 1, "max": 8}
+    assert generation["strategy"]["choices"] == ["chunked", "staggered"]
+    page = call("GET", f"{server.url}/app.js").text + call("GET", f"{server.url}/").text
+    assert "generation" in page and 'max="50"' not in page
+
+
+def test_expression_strength_travels_from_the_request_to_the_attention(server, tiny_engine, monkeypatch):
+    """`audio_attention_weight` from `POST /v1/sessions` to the UNet's attention: the session holds the very
+    GenerationParams the engine would be called with, and the worker's batched UNet call scales the audio
+    attention of that session's rows by it (one value per row, whoever else is in the batch)."""
+    import numpy as np
+    import torch
+
+    from vexpress_rt.models import unet as unet_module
+
+    seen: list[list[float]] = []
+    weighted = unet_module._weighted
+
+    def spy(weight, out):
+        if isinstance(weight, torch.Tensor):
+            seen.append(sorted(set(weight.flatten().tolist())))
+        return weighted(weight, out)
+
+    monkeypatch.setattr(unet_module, "_weighted", spy)
+    reply = _create(server, {"audio_attention_weight": 1.25, "reference_attention_weight": 0.5, "steps": 2})
+    assert reply.status == 201, reply.text
+    session = tiny_engine.get_session(reply.json["id"])
+    expected = GenerationParams(steps=2, audio_attention_weight=1.25, reference_attention_weight=0.5)
+    assert session.config.params == expected
+    assert reply.json["params"] == session.config.params.to_dict()
+    session.push_audio(np.zeros(3200, np.int16))
+    session.end_utterance()
+    deadline = time.monotonic() + 60
+    while not any(1.25 in row for row in seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(1.25 in row for row in seen) and any(0.5 in row for row in seen), seen[:4]
+    call("DELETE", reply.json["url"], headers=_bearer(reply.json["token"]))
 
 
 def test_malformed_json_and_sdp_are_400(server):

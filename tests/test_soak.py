@@ -128,13 +128,15 @@ def test_soak_command_reports_its_figures(tiny_engine):
 
 
 def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
-    """Every distinct (steps, weights, guidance) a client asks for makes a denoiser; the engine keeps at most
-    MAX_DENOISERS of them (those of open sessions first), however many clients ask."""
+    """Every distinct window shape (steps, strategy, new/context frames) a client asks for makes a denoiser (the
+    attention weights and guidance scale do not: they are per row); the engine keeps at most MAX_DENOISERS of
+    them (those of open sessions first), however many clients ask."""
 
     async def main():
         async with http() as c:
             for i in range(2 * engine_module.MAX_DENOISERS + 4):
-                s = await create_session(c, server.url, {"audio_attention_weight": 1.0 + i / 100})
+                shape = {"strategy": "chunked", "context_frames": i % 16, "new_frames": 1 + i // 16}
+                s = await create_session(c, server.url, {**shape, "audio_attention_weight": 1.0 + i / 100})
                 await wait_for(lambda sid=s["id"]: tiny_engine.get_session(sid)._stream is not None, 5)
                 await delete_session(c, s)
 

@@ -11,9 +11,17 @@ import torch
 from streaming.avatar import PreEncodedAvatar
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from streaming.unet_runner import EagerUNet, GraphedUNet, RerunBackend, bucket_for
+from vexpress_rt.params import GenerationParams
 
 H, W, T = 8, 16, 4  # latent size of a 128x64 frame, window frames
-WEIGHTS = (0.95, 3.0)
+
+
+def _weights(n: int) -> dict[str, torch.Tensor]:
+    """A different pair of attention weights per row (sessions of different strengths batched together)."""
+    return {
+        "reference_attention_weight": torch.linspace(0.95, 0.5, n),
+        "audio_attention_weight": torch.linspace(3.0, 1.0, n),
+    }
 
 
 def _avatar(models, seed: int) -> PreEncodedAvatar:
@@ -52,11 +60,12 @@ def _eager_rows(models, x, t, tokens, refs):
         torch.zeros_like(like.kps_feature),
     )
     rows = []
+    weights = _weights(len(refs))
     for i, ref in enumerate(refs):
         ti = t[i * T : (i + 1) * T] if t.ndim else t
-        rows.append(
-            EagerUNet(models.denoising_unet, WEIGHTS)(x[i : i + 1], ti, tokens[i * T : (i + 1) * T], [ref or zero])
-        )
+        row = {name: w[i].item() for name, w in weights.items()}  # a plain float, as the offline pipeline passes
+        row_tokens = tokens[i * T : (i + 1) * T]
+        rows.append(EagerUNet(models.denoising_unet)(x[i : i + 1], ti, row_tokens, [ref or zero], **row))
     return torch.cat(rows)
 
 
@@ -67,11 +76,12 @@ def test_bucket_for():
 @torch.no_grad()
 def test_a_padded_bucket_replay_equals_the_unpadded_eager_rows(tiny_models, avatars):
     a, b, _ = avatars
-    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend())
+    graphed = GraphedUNet(tiny_models.denoising_unet, RerunBackend())
     for per_frame in (True, False):  # staggered windows (a timestep per frame) and chunked ones (one per call)
         x, t, tokens = _inputs(tiny_models, 3, seed=1, per_frame=per_frame)
         refs = [a, b, a]  # 3 rows padded to the bucket of 4
-        torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+        expected = _eager_rows(tiny_models, x, t, tokens, refs)
+        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
     assert graphed.graphs == 2 and graphed.backend.captures == 2
 
 
@@ -80,11 +90,12 @@ def test_replays_follow_the_references_when_sessions_change(tiny_models, avatars
     """Rows change avatars between calls (sessions come, go, reorder): each replay must read the new ones,
     while unchanged rows are not copied again."""
     a, b, c = avatars
-    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend())
+    graphed = GraphedUNet(tiny_models.denoising_unet, RerunBackend())
     copies = []
     for step, refs in enumerate([[a, b], [a, b], [b, a], [c], [None, c]]):  # [None, c]: guidance's zero row
         x, t, tokens = _inputs(tiny_models, len(refs), seed=10 + step)
-        torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+        expected = _eager_rows(tiny_models, x, t, tokens, refs)
+        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
         copies.append(graphed.slot_copies)
     assert copies == [2, 2, 4, 5, 7]  # a repeated batch copies nothing; only rows whose avatar changed are copied
     assert graphed.graphs == 2  # bucket 2 and bucket 1, each captured once and replayed since
@@ -92,17 +103,18 @@ def test_replays_follow_the_references_when_sessions_change(tiny_models, avatars
 
 @torch.no_grad()
 def test_a_batch_beyond_the_largest_bucket_runs_eagerly(tiny_models, avatars):
-    graphed = GraphedUNet(tiny_models.denoising_unet, WEIGHTS, RerunBackend(), buckets=(1, 2))
+    graphed = GraphedUNet(tiny_models.denoising_unet, RerunBackend(), buckets=(1, 2))
     refs = [avatars[0], avatars[1], avatars[2]]
     x, t, tokens = _inputs(tiny_models, 3, seed=3)
-    torch.testing.assert_close(graphed(x, t, tokens, refs), _eager_rows(tiny_models, x, t, tokens, refs))
+    expected = _eager_rows(tiny_models, x, t, tokens, refs)
+    torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
     assert graphed.graphs == 0
 
 
 @torch.no_grad()
 def test_the_eager_runner_assembles_a_batch_composition_once(tiny_models, avatars):
     a, b, _ = avatars
-    eager = EagerUNet(tiny_models.denoising_unet, WEIGHTS)
+    eager = EagerUNet(tiny_models.denoising_unet)
     kv, _ = eager.reference([a, a, a], T)
     assert kv is a.reference_kv  # one avatar for the whole batch: its K/V serve every row, no copy
     for _ in range(3):
@@ -117,7 +129,8 @@ def test_the_eager_runner_assembles_a_batch_composition_once(tiny_models, avatar
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_the_graphed_denoiser_makes_the_eager_denoisers_frames(tiny_models, avatars, strategy, guidance):
     """Three sessions (two share an avatar) for two calls: the same frames through graphs as eagerly."""
-    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance)
+    params = [_params(strategy, guidance)] * 3
+    settings = DenoiserSettings.of(params[0])
     silence = torch.zeros(5, tiny_models.unet_config.cross_attention_dim)
     refs = [avatars[0], avatars[1], avatars[0]]
     frames = []
@@ -127,8 +140,51 @@ def test_the_graphed_denoiser_makes_the_eager_denoisers_frames(tiny_models, avat
         out = []
         for turn in range(2):  # the second call runs on the state the first left
             tokens = torch.randn(2, 5, silence.shape[1], generator=torch.Generator().manual_seed(turn))
-            jobs = [ChunkJob(s, a, tokens, [(turn, k) for k in range(2)]) for s, a in zip(states, refs)]
+            jobs = [ChunkJob(s, a, tokens, [(turn, k) for k in range(2)], p) for s, a, p in zip(states, refs, params)]
             out += [latent for job_out in denoiser.run(jobs) for _, latent in job_out]
         frames.append(torch.stack(out))
     assert len(frames[0]) > 0
     torch.testing.assert_close(frames[1], frames[0])
+
+
+def _params(strategy: str, guidance: float, **weights: float) -> GenerationParams:
+    return GenerationParams(
+        steps=2, new_frames=2, context_frames=2, strategy=strategy, guidance_scale=guidance, **weights
+    )
+
+
+@pytest.mark.parametrize("strategy", ["staggered", "chunked"])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+@torch.no_grad()
+def test_sessions_of_different_strengths_share_one_unet_call(tiny_models, avatars, strategy, guidance):
+    """Weights and guidance scale are per row: three sessions of different expression strength, reference weight
+    and guidance run in one UNet call per step and make the frames each makes alone (and strength matters)."""
+    other_guidance = 1.5 * guidance if guidance > 1 else 1.0  # guidance on or off is the batch's shape
+    params = [
+        _params(strategy, guidance, audio_attention_weight=3.0),
+        _params(strategy, other_guidance, audio_attention_weight=0.5, reference_attention_weight=0.6),
+        _params(strategy, guidance, audio_attention_weight=7.0),
+    ]
+    assert len({DenoiserSettings.of(p) for p in params}) == 1  # one denoiser, one batching key
+    silence = torch.zeros(5, tiny_models.unet_config.cross_attention_dim)
+    tokens = torch.randn(2, 5, silence.shape[1], generator=torch.Generator().manual_seed(7))
+    denoiser = StreamDenoiser(tiny_models, DenoiserSettings.of(params[0]))
+    calls = []
+    unet = denoiser.unet
+    denoiser.unet = lambda *a, **kw: calls.append(a[0].shape[0]) or unet(*a, **kw)
+
+    def run(rows: list[int]) -> list[torch.Tensor]:
+        states = [denoiser.new_state(avatars[0], seed=i, silence=silence) for i in rows]
+        made: list[list[torch.Tensor]] = [[] for _ in rows]
+        for turn in range(2):  # staggered: the first frames leave on the second call
+            jobs = [ChunkJob(states[k], avatars[0], tokens, [turn, turn], params[i]) for k, i in enumerate(rows)]
+            for k, out in enumerate(denoiser.run(jobs)):
+                made[k] += [latent for _, latent in out]
+        return [torch.stack(m) for m in made]
+
+    batched = run([0, 1, 2])
+    assert calls == [3 * (2 if guidance > 1 else 1)] * (4 if strategy == "chunked" else 2)  # one call per step
+    alone = [run([i])[0] for i in range(3)]
+    for b, a in zip(batched, alone):  # a batch of 3 (or 6) rows runs other CPU kernel blockings than 1 (or 2):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)  # float noise only (test_engine allows 2 levels)
+    assert not torch.allclose(alone[0], alone[2])  # the strength reaches the attention

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import InputError, VExpressError
 from .kps import RETARGET_STRATEGIES
+from .params import DEFAULTS, MAX_WINDOW, arg_type
 from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
 
 log = logging.getLogger("vexpress_rt")
@@ -67,8 +68,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance_scale", type=float, default=3.5)
     p.add_argument("--context_frames", type=int, default=24)
     p.add_argument("--context_overlap", type=int, default=4)
-    p.add_argument("--reference_attention_weight", type=float, default=0.95)
-    p.add_argument("--audio_attention_weight", type=float, default=3.0)
+    # The weights' defaults are the streaming sessions' too (GenerationParams); steps, guidance and seed keep the
+    # original's (25, 3.5, 42) where the few-step streaming defaults differ.
+    for name in ("reference_attention_weight", "audio_attention_weight"):
+        p.add_argument(f"--{name}", type=arg_type(name), default=getattr(DEFAULTS, name))
     p.add_argument(
         "--reference_kps_path",
         default=None,
@@ -94,8 +97,8 @@ def _validate_generate(args: argparse.Namespace) -> None:
         raise InputError("--standard_audio_sampling_rate must be 16000: wav2vec2-base-960h reads 16 kHz audio")
     if args.image_width % 8 or args.image_height % 8:
         raise InputError("--image_width and --image_height must be multiples of 8")
-    if not 1 <= args.context_frames <= 32:
-        raise InputError("--context_frames must be between 1 and 32 (the motion modules' position table)")
+    if not 1 <= args.context_frames <= MAX_WINDOW:
+        raise InputError(f"--context_frames must be between 1 and {MAX_WINDOW} (the motion modules' position table)")
     if args.num_inference_steps < 1:
         raise InputError("--num_inference_steps must be at least 1")
     for flag in ("reference_image_path", "audio_path"):

@@ -18,6 +18,7 @@ from PIL import Image
 from .audio_features import SAMPLE_RATE, audio_tokens
 from .errors import InputError
 from .loader import VExpressModels, make_scheduler
+from .params import DEFAULTS
 
 VAE_SCALE = 0.18215  # hard-coded in the original (the VAE config's scaling_factor is ignored)
 GUIDER_CHUNK = 16  # the original runs the guider 16 frames at a time (no numeric effect; bounds memory)
@@ -33,8 +34,8 @@ class GenerationSettings:
     guidance_scale: float = 3.5
     context_frames: int = 24
     context_overlap: int = 4
-    reference_attention_weight: float = 0.95
-    audio_attention_weight: float = 3.0
+    reference_attention_weight: float = DEFAULTS.reference_attention_weight  # shared with the streaming sessions
+    audio_attention_weight: float = DEFAULTS.audio_attention_weight
     num_pad_audio_frames: int = 2
 
 
@@ -150,8 +151,15 @@ def denoise(
             if cfg:
                 kps = torch.cat([torch.zeros_like(kps), kps])
                 audio = torch.cat([torch.zeros_like(audio), audio])
-            weights = (settings.reference_attention_weight, settings.audio_attention_weight)
-            v = unet(x, t, audio, reference_kv, kps, *weights)
+            v = unet(
+                x,
+                t,
+                audio,
+                reference_kv,
+                kps,
+                reference_attention_weight=settings.reference_attention_weight,
+                audio_attention_weight=settings.audio_attention_weight,
+            )
             if cfg:
                 v_uncond, v_cond = v.chunk(2)
                 v = v_uncond + settings.guidance_scale * (v_cond - v_uncond)

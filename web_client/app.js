@@ -33,7 +33,7 @@
 
   const ui = {
     video: $("avatar"), status: $("status"), select: $("avatar-select"), file: $("avatar-file"), kps: $("avatar-kps"),
-    fps: $("fps"), steps: $("steps"), apiKey: $("api-key"),
+    fps: $("fps"), steps: $("steps"), strength: $("strength"), apiKey: $("api-key"),
     start: $("start"), interrupt: $("interrupt"), stop: $("stop"), mic: $("mic-level"),
     sFps: $("s-fps"), sRes: $("s-res"), sLat: $("s-lat"), sAv: $("s-av"), sRtt: $("s-rtt"),
     sLevel: $("s-level"), sLost: $("s-lost"), sRoute: $("s-route"),
@@ -117,9 +117,23 @@
     if (select) ui.select.value = id;
   }
 
+  // The generation controls take their ranges and defaults from the server (/v1/info "generation"), which
+  // validates the same ranges: no limit is written here.
+  function applyLimits(generation) {
+    const controls = { steps: ui.steps, audio_attention_weight: ui.strength };
+    for (const [name, input] of Object.entries(controls)) {
+      const lim = generation && generation[name];
+      if (!input || !lim) continue;
+      input.min = String(lim.min);
+      input.max = String(lim.max);
+      input.placeholder = `server default (${lim.default})`;
+    }
+  }
+
   async function loadInfo() {
     try {
       st.info = await api("GET", "/v1/info");
+      applyLimits(st.info && st.info.generation);
       const avatars = st.info && st.info.avatars;
       if (Array.isArray(avatars)) {
         for (const a of avatars) {
@@ -199,6 +213,7 @@
       if (ui.select.value) req.avatar_id = ui.select.value;
       if (ui.fps.value) req.fps = Number(ui.fps.value);
       if (ui.steps.value) req.steps = Number(ui.steps.value);
+      if (ui.strength && ui.strength.value) req.audio_attention_weight = Number(ui.strength.value);
       st.session = await api("POST", "/v1/sessions", { json: req });
       if (st.state !== "starting") return; // stopped meanwhile
 

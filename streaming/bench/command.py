@@ -83,15 +83,12 @@ def add_bench_command(sub) -> None:
 
 
 def _session_config(args):
+    from vexpress_rt.params import GenerationParams
+
     from ..session import SessionConfig
 
-    cfg = SessionConfig(fps=args.fps)
-    for name in ("steps", "strategy", "new_frames", "context_frames"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    cfg.validate()
-    return cfg
+    names = ("steps", "strategy", "new_frames", "context_frames")
+    return SessionConfig(fps=args.fps, params=GenerationParams.from_dict({k: getattr(args, k) for k in names}))
 
 
 def flops_figures(cfg) -> dict:
@@ -100,7 +97,8 @@ def flops_figures(cfg) -> dict:
     # step, i.e. steps passes per frame, which `new_frames = window` expresses.
     new = s.new_frames if s.strategy == "chunked" else s.window_frames
     common = dict(
-        fps=cfg.fps, steps=s.steps, guidance_scale=s.guidance_scale, window_frames=s.window_frames, new_frames=new
+        fps=cfg.fps, steps=s.steps, guidance_scale=cfg.params.guidance_scale, window_frames=s.window_frames,
+        new_frames=new,
     )
     engine = engine_flops_per_frame(**common)
     tiny = engine_flops_per_frame(**common, decoder="tiny")
@@ -280,7 +278,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _session_config(args)
     out: dict = {
         "settings": {
-            k: getattr(cfg, k) for k in ("fps", "steps", "strategy", "new_frames", "context_frames", "guidance_scale")
+            "fps": cfg.fps,
+            **{k: getattr(cfg.params, k) for k in ("steps", "strategy", "new_frames", "context_frames")},
+            "guidance_scale": cfg.params.guidance_scale,
         }
     }
     if args.gpu:

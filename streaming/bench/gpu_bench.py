@@ -112,7 +112,7 @@ def engine_figures(
         else:
             out[name] = figures
     if components and device.type == "cuda":
-        out["components"] = component_timings(models, out.pop("_avatar"), cfg.new_frames)
+        out["components"] = component_timings(models, out.pop("_avatar"), cfg.params.new_frames)
     out.pop("_avatar", None)
     return out
 
@@ -164,10 +164,9 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
 
 def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
     """n sessions, each pushed `seconds` of speech in real time in 20 ms pushes and read at its fps."""
-    from dataclasses import replace
 
     device = engine.models.device
-    opened = [engine.open_session(avatar_id, replace(cfg, seed=cfg.seed + i)) for i in range(n)]
+    opened = [engine.open_session(avatar_id, cfg.with_params(seed=cfg.params.seed + i)) for i in range(n)]
     pcm = speech(seconds)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

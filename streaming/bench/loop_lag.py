@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -54,7 +53,7 @@ def loop_lag(engine, avatar_id: str, cfg, sessions: int = 2, seconds: float = 5.
     """Event-loop lateness with the worker idle, then saturated by `sessions` sessions (bounded: `seconds` each)."""
 
     idle = _figures(_run_loop(min(seconds, 2.0)))
-    opened = [engine.open_session(avatar_id, replace(cfg, seed=cfg.seed + i)) for i in range(sessions)]
+    opened = [engine.open_session(avatar_id, cfg.with_params(seed=cfg.params.seed + i)) for i in range(sessions)]
     stop = threading.Event()
     pcm = speech(4.0)
 

@@ -53,8 +53,8 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
     waveform = _speech16k(seconds)
     frames = int(seconds * 25)
     tokens = audio_tokens(models, waveform, frames, 2)
-    offline_a = _offline(models, avatar, tokens, cfg.steps, 1, frames)
-    offline_b = _offline(models, avatar, tokens, cfg.steps, 2, frames)
+    offline_a = _offline(models, avatar, tokens, cfg.params.steps, 1, frames)
+    offline_b = _offline(models, avatar, tokens, cfg.params.steps, 2, frames)
     n = offline_a.shape[1]
     norm = offline_a.norm()
     out = {
@@ -64,7 +64,7 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
     }
     silence = engine.silence_tokens_for(25)
     for strategy in ("chunked", "staggered"):
-        settings = DenoiserSettings(steps=cfg.steps, new_frames=4, context_frames=4, strategy=strategy)
+        settings = DenoiserSettings(steps=cfg.params.steps, new_frames=4, context_frames=4, strategy=strategy)
         denoiser = StreamDenoiser(models, settings)
         state = denoiser.new_state(avatar, 1, silence)
         made, call_s = [], []

@@ -83,8 +83,9 @@ class Conditioning:
     num_frames: int = 1
     encoder_states: torch.Tensor | None = None  # (B*F, tokens, cross_attention_dim): audio tokens or zero text
     reference_kv: dict[str, KeyValue] | None = None  # per transformer block: attn1_5 keys/values of its bank
-    reference_attention_weight: float = 1.0
-    audio_attention_weight: float = 1.0
+    # a float, or float32 (B*F, 1, 1): one weight per row of the batch (streaming sessions batched together)
+    reference_attention_weight: float | torch.Tensor = 1.0
+    audio_attention_weight: float | torch.Tensor = 1.0
     banks: dict[str, torch.Tensor] | None = None  # filled by the reference net's blocks
 
 
@@ -128,9 +129,17 @@ class DenoisingTransformerBlock(_TransformerBlock):
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         kv = cond.reference_kv[self.name]
-        x = x + cond.reference_attention_weight * self.attn1_5(self.norm1_5(x), kv=kv)
-        x = x + cond.audio_attention_weight * self.attn2(self.norm2(x), context=cond.encoder_states)
+        x = x + _weighted(cond.reference_attention_weight, self.attn1_5(self.norm1_5(x), kv=kv))
+        x = x + _weighted(cond.audio_attention_weight, self.attn2(self.norm2(x), context=cond.encoder_states))
         return x + self.ff(self.norm3(x))
+
+
+def _weighted(weight: float | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """weight * out. A per-row float32 weight multiplies in float32 and rounds once to out's dtype: the same
+    numbers as a Python float weight (which a half-precision product also applies in float32)."""
+    if isinstance(weight, torch.Tensor):
+        return (out.float() * weight).to(out.dtype)
+    return weight * out
 
 
 class SpatialTransformer(nn.Module):
@@ -353,12 +362,13 @@ class DenoisingUNet(_UNet):
         audio_tokens: torch.Tensor,
         reference_kv: dict[str, KeyValue],
         kps_features: torch.Tensor | None = None,
-        reference_attention_weight: float = 1.0,
-        audio_attention_weight: float = 1.0,
+        reference_attention_weight: float | torch.Tensor = 1.0,
+        audio_attention_weight: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """sample (B, 4, F, h, w); timestep a scalar, (B,) or per frame (B*F,) in (batch, frame) order;
         audio_tokens (B*F, n, 768) in (batch, frame) order; kps_features
-        (B, C0, F, h, w) or None; reference_kv from `reference_kv()` with batch B (or 1, shared). Returns v."""
+        (B, C0, F, h, w) or None; reference_kv from `reference_kv()` with batch B (or 1, shared); the attention
+        weights a float, or float32 (B,): one per row. Returns v."""
         b, c, f, h, w = sample.shape
         x = sample.transpose(1, 2).reshape(b * f, c, h, w)
         t = torch.as_tensor(timestep).reshape(-1)
@@ -370,8 +380,8 @@ class DenoisingUNet(_UNet):
             num_frames=f,
             encoder_states=audio_tokens,
             reference_kv=reference_kv,
-            reference_attention_weight=reference_attention_weight,
-            audio_attention_weight=audio_attention_weight,
+            reference_attention_weight=_per_frame(reference_attention_weight, b, f),
+            audio_attention_weight=_per_frame(audio_attention_weight, b, f),
         )
         x = self.conv_in(x)
         if kps_features is not None:
@@ -379,3 +389,10 @@ class DenoisingUNet(_UNet):
         x = self._run(x, temb, cond)
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         return x.reshape(b, f, -1, h, w).transpose(1, 2)
+
+
+def _per_frame(weight: float | torch.Tensor, b: int, f: int) -> float | torch.Tensor:
+    """A per-row weight (B,) as (B*F, 1, 1), broadcasting over the (batch, frame)-ordered attention rows."""
+    if isinstance(weight, torch.Tensor):
+        return weight.reshape(b, 1).expand(b, f).reshape(b * f, 1, 1)
+    return weight

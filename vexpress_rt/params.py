@@ -1,0 +1,158 @@
+"""`GenerationParams`: every knob of how frames are generated, with its one default, range and error message.
+
+One frozen dataclass, validated when it is made (so a value is checked once, where it enters: the HTTP API, the
+`serve` flags, a library call) and read, never re-checked, downstream. The streaming engine keys its denoisers
+and the UNet runner's graphs by the shape-relevant part only (`steps`, `strategy`, `new_frames`,
+`context_frames`, and whether guidance is on); the attention weights and the guidance scale are per-session
+values in a batched call.
+
+`decoder` is not here: it chooses what turns latents into pictures after generation, and which decoders exist
+depends on the weights a server loaded (`streaming.decoder`), so the session's config holds it.
+
+The offline `generate` (the original inference.py) shares the weights' defaults; its step count, guidance and
+seed stay the original's (25 steps, guidance 3.5, seed 42).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+from .errors import InputError
+
+STRATEGIES = ("chunked", "staggered")  # how the streaming window slides (streaming/denoiser.py)
+MAX_WINDOW = 32  # frames in one UNet window: the motion modules' positional table
+
+# field -> (kind, low, high); kind: "int", "number" or a tuple of choices. One table: validate() and /v1/info.
+LIMITS: dict[str, tuple] = {
+    "steps": ("int", 1, 8),
+    "guidance_scale": ("number", 1.0, 20.0),
+    "reference_attention_weight": ("number", 0.0, 10.0),
+    "audio_attention_weight": ("number", 0.0, 10.0),
+    "strategy": (STRATEGIES, None, None),
+    "new_frames": ("int", 1, MAX_WINDOW),
+    "context_frames": ("int", 0, MAX_WINDOW - 1),
+    "seed": ("int", 0, 2**63 - 1),
+}
+NOTES = {
+    "guidance_scale": " (1 = off)",
+    "audio_attention_weight": ' ("expression strength")',
+}
+
+
+def field_error(name: str, value: object) -> str | None:
+    """The one message for a bad `name` (None when `value` is fine): integers are not booleans, numbers are
+    finite, each field has its range."""
+    kind, low, high = LIMITS[name]
+    note = NOTES.get(name, "")
+    if isinstance(kind, tuple):
+        if value not in kind or not isinstance(value, str):
+            return f"{name} must be one of {', '.join(kind)}, got {_shown(value)}"
+        return None
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"{name}{note} must be an integer from {low} to {high}, got {_shown(value)}"
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and low <= value <= high  # before isfinite: no float() of 10**400 (it overflows); NaN fails here
+        and math.isfinite(value)
+    )
+    return None if ok else f"{name}{note} must be a finite number from {low:g} to {high:g}, got {_shown(value)}"
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    steps: int = 4  # DDIM steps per frame window (few-step: 1..8)
+    guidance_scale: float = 1.0  # classifier-free guidance; 1 = off (guidance doubles the UNet batch)
+    reference_attention_weight: float = 0.95  # the released weights' default (inference.py)
+    audio_attention_weight: float = 3.0  # "expression strength"; the released weights' default (inference.py)
+    strategy: str = "staggered"  # measured against "chunked": docs/streaming.md
+    new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
+    context_frames: int = 4  # chunked: frames already made that each window sees again
+    seed: int = 0  # a session's noise: its frames are a function of avatar, audio, params and seed
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError with the first bad field's message."""
+        for f in fields(self):
+            message = field_error(f.name, getattr(self, f.name))
+            if message:
+                raise InputError(message)
+        if self.window_frames > MAX_WINDOW:
+            raise InputError(
+                f"a window of {self.window_frames} frames ({self.strategy}: "
+                + ("context_frames + new_frames" if self.strategy == "chunked" else "steps x new_frames")
+                + f") exceeds the motion modules' {MAX_WINDOW}"
+            )
+
+    @property
+    def window_frames(self) -> int:
+        if self.strategy == "chunked":
+            return self.context_frames + self.new_frames
+        return self.steps * self.new_frames
+
+    @property
+    def cfg(self) -> bool:
+        """Guidance on: the UNet batch doubles ([uncond, cond])."""
+        return self.guidance_scale > 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, base: GenerationParams | None = None) -> GenerationParams:
+        """`base` (default: the defaults) with the fields of `data` that are not None; unknown keys are the
+        caller's to refuse."""
+        values = (base or cls()).to_dict()
+        values.update({k: v for k, v in data.items() if k in values and v is not None})
+        return cls(**values)
+
+    def limits(self) -> dict:
+        """Ranges of every field and its default (this instance's value), as `/v1/info` serves them with the
+        server's defaults (the page's controls read them)."""
+        default = self
+        out = {}
+        for name, (kind, low, high) in LIMITS.items():
+            entry: dict = {"default": getattr(default, name)}
+            if isinstance(kind, tuple):
+                entry["choices"] = list(kind)
+            else:
+                entry.update(type="integer" if kind == "int" else "number", min=low, max=high)
+            out[name] = entry
+        return out
+
+
+DEFAULTS = GenerationParams()
+
+
+def arg_type(name: str) -> Callable[[str], object]:
+    """An argparse `type=` for the flag of field `name`: a bad value fails at argument parsing (exit code 2)
+    with the field's one message, the one the HTTP API answers."""
+    kind = LIMITS[name][0]
+
+    def parse(text: str) -> object:
+        value: object = text
+        try:
+            if kind == "int":
+                value = int(text)
+            elif kind == "number":
+                value = float(text)
+        except ValueError:
+            pass  # the message below says what is expected
+        message = field_error(name, value)
+        if message:
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
