@@ -491,7 +491,8 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
 
     from streaming.session import MAX_MARKS_PER_UTTERANCE
 
-    server = ServerThread(make_config(), tiny_engine).start()
+    # 1000+ marks at once are over the message rate's burst (--max_ws_messages_per_s): raise it, this is about marks
+    server = ServerThread(make_config(max_ws_messages_per_s=5000), tiny_engine).start()
 
     async def main():
         async with http() as c:
@@ -553,3 +554,57 @@ def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
     assert opened == 3 and refused == [("frames", 429), ("frames", 429), ("ws", 429), ("ws", 429)], refused
     assert 'vexpress_websockets_refused_total{kind="frames"} 2' in metrics
     assert 'vexpress_websockets_refused_total{kind="bot"} 2' in metrics
+
+
+@pytest.mark.fixtures
+def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_engine):
+    """Tiny messages cost the loop ~100 us each: beyond --max_ws_messages_per_s (bursts of 2 s' worth) a connection's
+    messages are dropped with an `error` event `rate_limited`, and one that keeps flooding is closed with 1008, on
+    both websockets; the session goes on (a well-behaved bot connects and is answered)."""
+    import asyncio
+
+    import aiohttp
+    from client_kit import create_session, delete_session, http, ws_messages, ws_url
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(max_ws_messages_per_s=50), tiny_engine).start()  # bursts of 100
+
+    async def flood(ws) -> tuple[list, int | None]:
+        for i in range(600):
+            try:
+                await ws.send_str(f'{{"type": "ping", "id": {i}}}')
+            except (ConnectionError, RuntimeError):  # closed under us: the point
+                break
+        got = [m for m in await ws_messages(ws, 20.0) if not isinstance(m, bytes)]  # frames: only the JSON
+        return got, ws.close_code
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            bot = await flood(await c.ws_connect(ws_url(s)))
+            frames = await flood(await c.ws_connect(ws_url(s, "frames")))
+            calm = await c.ws_connect(ws_url(s))
+            await calm.send_str('{"type": "ping", "id": "calm"}')
+            calm_got = await ws_messages(calm, 10.0, until=lambda m: m == {"type": "pong", "id": "calm"})
+            await calm.close()
+            await delete_session(c, s)
+            return bot, frames, calm_got
+
+    try:
+        (bot_got, bot_code), (frames_got, frames_code), calm_got = asyncio.run(asyncio.wait_for(main(), 90))
+        metrics = call("GET", f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    for got in (bot_got, frames_got):
+        errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
+        assert errors and all(e["code"] == "rate_limited" for e in errors), got[-3:]
+        assert "--max_ws_messages_per_s" in errors[0]["message"] and "closing" in errors[-1]["message"]
+        assert got[-1] == aiohttp.WSMsgType.CLOSE, got[-3:]
+    pongs = [m for m in bot_got if isinstance(m, dict) and m.get("type") == "pong"]
+    assert 100 <= len(pongs) < 150, len(pongs)  # the burst, plus what the rate refilled meanwhile
+    assert bot_code == frames_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert {"type": "pong", "id": "calm"} in calm_got
+    for kind in ("bot", "frames"):
+        assert f'vexpress_websockets_rate_closed_total{{kind="{kind}"}} 1.0' in metrics
+        dropped = float(metrics.split(f'vexpress_websocket_messages_limited_total{{kind="{kind}"}} ')[1].split()[0])
+        assert dropped >= 101, (kind, dropped)
