@@ -379,34 +379,54 @@ def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine,
 
 
 # -- 7. hostile uploads do not stall the frames of other sessions -------------------------------------------------
+HOSTILE_UPLOADS = 4
+
+
 @pytest.mark.fixtures
 def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_engine):
     """40 MP flat PNGs (132 KB each) with key points that are no face: each is decoded, then refused. Decoding ran on
-    the event loop and stalled every session's frames for most of a second per upload."""
+    the event loop and stalled every session's frames for as long as one decode takes, once per upload.
+
+    Judged against yardsticks measured in this run, on this machine under its present load, rather than a fixed
+    bound (a single longest gap of 0.53 s was seen on a loaded CPU with the fix, 0.78 s on an idle one without it):
+    a stall is a frame gap longer than both half of what one such decode takes here and the longest gap of the calm
+    period before the attack. The old code stalls once per upload (each stall lasts a whole decode); with decoding
+    off the loop, scheduling noise may make one odd long gap, not one per upload."""
     import time
 
-    from client_kit import Bystander, avatar_form, image_bytes, longest_gap
+    from client_kit import Bystander, avatar_form, frame_gaps, image_bytes
     from PIL import Image
     from server_harness import ServerThread, call, make_config
 
+    from server.avatars import decode_image
+
     server = ServerThread(make_config(max_image_pixels=40_000_000, max_upload_mb=5), tiny_engine).start()
     big = image_bytes(Image.new("RGB", (6324, 6324), "grey"), "PNG")
+    decode_s = float("inf")
+    for _ in range(2):  # what the old code held the loop for, per upload
+        t0 = time.perf_counter()
+        decode_image(big)
+        decode_s = min(decode_s, time.perf_counter() - t0)
     bystander = Bystander(server.url).start()
     try:
         time.sleep(2.0)  # the bystander's frames before the attack
         calm = len(bystander.arrivals)
         statuses = []
-        for _ in range(3):
+        for _ in range(HOSTILE_UPLOADS):
             form = avatar_form(big, kps="[[0, 0], [1, 0], [0.5, 6323]]")
             statuses.append(call("POST", f"{server.url}/v1/avatars", data=form).status)
         time.sleep(0.5)
     finally:
         arrivals = bystander.stop()
         server.stop()
-    calm_gap, attack_gap = longest_gap(arrivals[:calm]), longest_gap(arrivals[calm - 1 :])
-    print(f"\nbystander longest frame gap: {calm_gap:.3f} s calm, {attack_gap:.3f} s during 3 hostile uploads")
-    assert statuses == [400, 400, 400]
-    assert attack_gap < max(0.4, 2 * calm_gap), (calm_gap, attack_gap)
+    calm_gaps, attack_gaps = frame_gaps(arrivals[:calm]), frame_gaps(arrivals[calm - 1 :])
+    bound = max(0.5 * decode_s, max(calm_gaps))
+    stalls = sorted((g for g in attack_gaps if g > bound), reverse=True)
+    print(f"\nbystander frame gaps: calm max {max(calm_gaps):.3f} s; one decode {decode_s:.3f} s; during "
+          f"{HOSTILE_UPLOADS} hostile uploads max {max(attack_gaps):.3f} s, over {bound:.3f} s: {stalls}")
+    assert statuses == [400] * HOSTILE_UPLOADS
+    assert len(calm_gaps) > 10 and len(attack_gaps) > 10, "the bystander received too few frames to judge"
+    assert len(stalls) <= HOSTILE_UPLOADS // 2, (stalls, bound, decode_s)
 
 
 # -- 9. limits hold under concurrent requests; a session whose frames stop is closed -------------------------------
