@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .errors import ApiError
 
@@ -61,6 +61,15 @@ async def read_body(request: web.Request, limit: int, what: str = "the request b
         if len(data) > limit:
             raise _too_large(what, limit, code)
     return bytes(data)
+
+
+async def form_parts(request: web.Request) -> AsyncIterator[BodyPartReader]:
+    """The parts of a multipart/form-data body; a part that is itself multipart (nested) is a 400."""
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "malformed multipart body: nested multipart parts are not accepted")
+        yield part
 
 
 def utf8(data: bytes, what: str, code: str = "bad_request") -> str:

@@ -5,6 +5,7 @@ and the limits that keep one client from taking the server hold.
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import av
@@ -628,3 +629,38 @@ def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_eng
         assert f'vexpress_websockets_rate_closed_total{{kind="{kind}"}} 1.0' in metrics
         dropped = float(metrics.split(f'vexpress_websocket_messages_limited_total{{kind="{kind}"}} ')[1].split()[0])
         assert dropped >= 101, (kind, dropped)
+
+
+@pytest.mark.fixtures
+def test_a_nested_multipart_part_is_a_400_not_a_500(tiny_engine):
+    """A form part that is itself multipart/mixed reached `read_chunk` of a reader that has none (500, an
+    unhandled AttributeError): portraits and speak refuse it as a malformed body."""
+    import aiohttp
+    from client_kit import bearer, create_session, delete_session, http
+    from server_harness import ServerThread, make_config
+
+    server = ServerThread(make_config(), tiny_engine).start()
+
+    def nested(field: str) -> aiohttp.MultipartWriter:
+        inner = aiohttp.MultipartWriter("mixed")
+        inner.append(b"RIFF....", {"Content-Type": "audio/wav"})
+        outer = aiohttp.MultipartWriter("form-data")
+        outer.append(inner).set_content_disposition("form-data", name=field)
+        return outer
+
+    async def main():
+        async with http() as c:
+            async with c.post(f"{server.url}/v1/avatars", data=nested("image")) as r:
+                avatar = (r.status, await r.json())
+            s = await create_session(c, server.url)
+            async with c.post(s["speak_url"], data=nested("audio"), headers=bearer(s["token"])) as r:
+                speak = (r.status, await r.json())
+            await delete_session(c, s)
+            return avatar, speak
+
+    try:
+        avatar, speak = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+    for status, body in (avatar, speak):
+        assert status == 400 and "nested multipart" in body["error"]["message"], (status, body)
