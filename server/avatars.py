@@ -91,15 +91,14 @@ async def _register_avatar(request: web.Request, state: ServerState) -> web.Resp
     fields: dict[str, bytes] = {}
     total = 0
     try:
-        reader = await request.multipart()
-        async for part in reader:
+        async for part in limits.form_parts(request):
             data = bytearray()
             while chunk := await part.read_chunk():
                 total += len(chunk)
                 if total > max_upload:
                     raise ApiError(413, f"the upload is larger than {state.config.max_upload_mb:g} MiB")
                 data += chunk
-            if part.name in ("image", "kps", "name"):
+            if part.name is not None and part.name in ("image", "kps", "name"):
                 fields[part.name] = bytes(data)
     except (ValueError, AssertionError, TypeError, UnicodeError) as exc:
         raise ApiError(400, f"malformed multipart body: {str(exc)[:200]}") from exc

@@ -161,6 +161,7 @@ class ServerConfig:
     max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
     max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
     max_ws_message_bytes: int = 1 << 20  # one websocket message
+    max_ws_messages_per_s: float = 500.0  # per websocket connection, bursts of 2 s' worth (server/limits.py)
     max_buffer_s: float = 120.0  # pushed audio not yet played, per session
     max_session_s: float = 14400.0  # a session's whole life
     idle_timeout_s: float = 300.0  # a session with no audio and no call on it for this long ends
@@ -212,7 +213,7 @@ class ServerConfig:
                 "--insecure-no-auth to serve the whole API to anyone who can reach it"
             )
         for name in ("avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb", "max_upload_mb", "max_image_pixels",
-                     "max_sdp_bytes", "max_ws_message_bytes", "max_buffer_s",
+                     "max_sdp_bytes", "max_ws_message_bytes", "max_ws_messages_per_s", "max_buffer_s",
                      "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
@@ -266,6 +267,7 @@ _INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_
          "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars",
          "max_frames_sockets", "max_bot_sockets"}
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
+_FLOATS |= {"max_ws_messages_per_s"}  # server/limits.py MessageRate
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
 _FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
@@ -353,6 +355,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=int)
     opt("max_sdp_bytes", "largest SDP offer in bytes; default 65536", type=int)
     opt("max_ws_message_bytes", "largest websocket message in bytes; default 1048576", type=int)
+    opt("max_ws_messages_per_s", "messages a second one websocket connection may send, in bursts of 2 s' worth "
+        "(beyond: dropped with an error event; flooding on: closed with 1008); default 500", type=float)
     opt("max_buffer_s", "seconds of pushed audio a session holds ahead of playback; default 120", type=float)
     opt("max_session_s", "a session ends after this many seconds; 0: never; default 14400 (4 h)", type=float)
     opt("idle_timeout_s", "a session with no audio and no call for this many seconds ends; 0: never; default 300",

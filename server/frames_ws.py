@@ -6,7 +6,9 @@ The socket is one more subscriber of the session's pacing task: a bounded queue 
 that drops its oldest frame when the consumer falls behind (counted in `vexpress_dropped_frames_total{stage=
 "track_queue"}`), so a slow consumer loses frames and never stalls the session or other viewers. The socket's own
 buffers are kept small (64 KiB in the writer, 128 KiB asked of the kernel) so that what a slow consumer gets next is
-recent, not seconds old. JPEG encoding runs in a small thread pool, off the event loop.
+recent, not seconds old. JPEG encoding runs in a small thread pool, off the event loop. Nothing is expected from
+the client; what it sends anyway is ignored, within the per-connection message rate (`--max_ws_messages_per_s`):
+beyond, an `error` event `rate_limited`, and a client that keeps flooding is disconnected (1008).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from PIL import Image
 from streaming.frames import AVFrame
 
 from .errors import ApiError
-from .sockets import ENCODER_POOL, SessionSockets, Tracked
+from .limits import Verdict
+from .sockets import ENCODER_POOL, MessageLimit, SessionSockets, Tracked
 from .state import server_state, session_for
 
 MAGIC = b"VXRT"
@@ -134,10 +137,20 @@ async def frames_socket(request: web.Request) -> web.WebSocketResponse:
         loop = asyncio.get_running_loop()
         session.connected_once.set()
         queue = session.pump.subscribe(queue_frames)
+        rate = MessageLimit(request, "frames", config.max_ws_messages_per_s)
 
         async def read_client() -> None:  # nothing is expected from the client; this notices it leaving
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:
+                    break
+                if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    continue
+                verdict, error = rate.check()
+                if error is not None:
+                    await ws.send_json(error)
+                if verdict is Verdict.CLOSE:
+                    session.log.warning("frames websocket closed: message rate limit (%d dropped)", rate.dropped)
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"message rate limit")
                     break
 
         reader = loop.create_task(read_client(), name=f"frames-read-{session.id}")

@@ -7,6 +7,7 @@
 | SDP offer | `--max_sdp_bytes` 64 KiB | 413 `sdp_too_large` |
 | JSON body | SDP limit + 16 KiB | 413 `payload_too_large` |
 | websocket message | `--max_ws_message_bytes` 1 MiB | the socket closes with 1009 (message too big) |
+| messages per websocket connection | `--max_ws_messages_per_s` 500/s | `error` event `rate_limited`; then 1008 |
 | pushed audio ahead of playback | `--max_buffer_s` 120 | 400 / `error` event `buffer_full` |
 | audio format | 8-192 kHz, 1-8 channels (engine) | 400 |
 | sessions per API key (else per client address) | `--max_sessions_per_key` = max_sessions | 429 `session_quota` |
@@ -20,15 +21,19 @@ Session duration and idle time are enforced by `server/lifetime.py`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import enum
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .errors import ApiError
 
 JSON_OVERHEAD_BYTES = 16 * 1024
 MAX_PENDING_AVATARS = 4
 _READ_CHUNK = 64 * 1024
+MESSAGE_BURST_S = 2.0  # a websocket may send this many seconds' worth of its message rate at once
+MESSAGE_PATIENCE_S = 5.0  # ... and have a burst's worth dropped per this long before it is disconnected
 
 
 def upload_bytes(config) -> int:
@@ -56,6 +61,15 @@ async def read_body(request: web.Request, limit: int, what: str = "the request b
         if len(data) > limit:
             raise _too_large(what, limit, code)
     return bytes(data)
+
+
+async def form_parts(request: web.Request) -> AsyncIterator[BodyPartReader]:
+    """The parts of a multipart/form-data body; a part that is itself multipart (nested) is a 400."""
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise ApiError(400, "malformed multipart body: nested multipart parts are not accepted")
+        yield part
 
 
 def utf8(data: bytes, what: str, code: str = "bad_request") -> str:
@@ -140,3 +154,48 @@ class PendingLimit:
 
     def __exit__(self, *exc) -> None:
         self.count -= 1
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"  # over the rate: ignore the message (and tell the client)
+    CLOSE = "close"  # it keeps flooding: hang up (1008)
+
+
+class MessageRate:
+    """The message rate limit of one websocket connection (`--max_ws_messages_per_s`): every message costs the
+    event loop ~100 us before a handler even looks at it, so a connection gets a token bucket of `per_s` messages
+    a second with bursts of `MESSAGE_BURST_S` seconds' worth. A message that finds the bucket empty is dropped
+    (it spends nothing). Dropped messages draw on a second allowance of one burst, refilled over
+    `MESSAGE_PATIENCE_S`: a client that sends a little too fast loses the excess, one that keeps flooding (about
+    1.4x the rate or more, sustained) runs it dry within seconds and is disconnected, which is the only thing that
+    stops the cost of reading its messages.
+
+    `check()` runs on the event loop for each message; `clock` is injectable for tests."""
+
+    def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic):
+        if not per_s > 0:
+            raise ValueError(f"the message rate must be positive, got {per_s}")
+        self.per_s = float(per_s)
+        self.burst = max(1.0, self.per_s * MESSAGE_BURST_S)
+        self.tokens = self.burst
+        self.strikes = self.burst  # drops still allowed before the connection is closed
+        self.dropped = 0
+        self.clock = clock
+        self._last = clock()
+
+    def check(self) -> Verdict:
+        now = self.clock()
+        elapsed, self._last = max(0.0, now - self._last), now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.per_s)
+        self.strikes = min(self.burst, self.strikes + elapsed * self.burst / MESSAGE_PATIENCE_S)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return Verdict.ACCEPT
+        self.dropped += 1
+        self.strikes -= 1.0
+        return Verdict.CLOSE if self.strikes < 0 else Verdict.DROP
+
+    def describe(self) -> str:
+        return (f"at most {self.per_s:g} websocket messages a second (bursts of {self.burst:g}, "
+                "--max_ws_messages_per_s)")

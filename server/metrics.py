@@ -39,6 +39,15 @@ class ServerMetrics:
             "vexpress_websockets_refused", "Websockets refused at a per-session limit (429).", ["kind"],
             registry=self.registry,
         )
+        self.websocket_messages_limited = Counter(
+            "vexpress_websocket_messages_limited",
+            "Websocket messages dropped over the per-connection rate (--max_ws_messages_per_s).", ["kind"],
+            registry=self.registry,
+        )
+        self.websockets_rate_closed = Counter(
+            "vexpress_websockets_rate_closed", "Websockets closed (1008) for flooding past the message rate.",
+            ["kind"], registry=self.registry,
+        )
         self.audio_to_frame = Histogram(
             "vexpress_audio_to_frame_seconds", "Audio pushed to frame ready, per frame.",
             buckets=LATENCY_BUCKETS_S, registry=self.registry,

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,6 +36,9 @@ import av
 import numpy as np
 from aiohttp import web
 from aiortc.mediastreams import MediaStreamError
+from av.audio.stream import AudioStream
+from av.container import OutputContainer
+from av.video.stream import VideoStream
 
 from streaming.frames import AVFrame
 
@@ -51,6 +55,16 @@ DEFAULT_RETENTION_S = 3600.0
 DEFAULT_QUOTA_BYTES = 4 << 30  # all recordings kept on disk; new ones refused (507), running ones stop beyond
 
 
+@dataclass
+class _Output:
+    """The open MP4: its container and streams, and the engine index of the first frame (pts 0)."""
+
+    container: OutputContainer
+    video: VideoStream
+    audio: AudioStream
+    first: int
+
+
 class Mp4Writer:
     """Frames in (any thread, one at a time), an MP4 out. Frame `i` is written at pts `i - first index`; its audio
     at sample `(i - first) * samples_per_frame`, silence filling any gap, so audio and video stay on one clock."""
@@ -58,7 +72,7 @@ class Mp4Writer:
     def __init__(self, path: Path, fps: int):
         self.path = path
         self.fps = fps
-        self.container = None
+        self._out: _Output | None = None  # opened by the first frame
         self.first: int | None = None
         self.last = -1
         self.frames = 0
@@ -66,33 +80,32 @@ class Mp4Writer:
         self.audio_samples = 0  # samples handed to the encoder, silence included
         self._pending = np.zeros(0, np.float32)
         self._pending_start = 0  # sample position of _pending[0]
-        self._vstream = self._astream = None
 
-    def _open(self, frame: AVFrame) -> None:
+    def _open(self, frame: AVFrame) -> _Output:
         height, width = frame.image.shape[:2]
-        self.container = av.open(str(self.path), mode="w")
-        v = self.container.add_stream("libx264", rate=self.fps, options=dict(X264_OPTIONS))
+        container = av.open(str(self.path), mode="w")
+        v = container.add_stream("libx264", rate=self.fps, options=dict(X264_OPTIONS))
         v.width, v.height, v.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
         v.codec_context.time_base = Fraction(1, self.fps)
-        a = self.container.add_stream("aac", rate=frame.sample_rate)
+        a = container.add_stream("aac", rate=frame.sample_rate)
         a.layout = "mono"
-        self._vstream, self._astream = v, a
         self.first = frame.index
+        self._out = _Output(container, v, a, frame.index)
+        return self._out
 
     def write(self, frames: list[AVFrame]) -> None:
         for frame in frames:
-            if self.container is None:
-                self._open(frame)
+            out = self._out or self._open(frame)
             if frame.index <= self.last:
                 continue
             self.last = frame.index
-            pts = frame.index - self.first
+            pts = frame.index - out.first
             image = frame.image
             if image.shape[0] % 2 or image.shape[1] % 2:
                 image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
             video = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             video.pts, video.time_base = pts, Fraction(1, self.fps)
-            self.container.mux(self._vstream.encode(video))
+            out.container.mux(out.video.encode(video))
             self.frames += 1
             self.speech_frames += bool(frame.speaking)
             position = pts * len(frame.audio)
@@ -101,27 +114,28 @@ class Mp4Writer:
             if position > end:
                 audio = np.concatenate([np.zeros(position - end, np.float32), audio])
             self._pending = np.concatenate([self._pending, audio])
-            self._encode_audio(final=False)
+            self._encode_audio(out, final=False)
 
-    def _encode_audio(self, final: bool) -> None:
-        rate = self._astream.rate
+    def _encode_audio(self, out: _Output, final: bool) -> None:
+        rate = out.audio.rate
         while len(self._pending) >= AAC_BLOCK or (final and len(self._pending)):
             block, self._pending = self._pending[:AAC_BLOCK], self._pending[AAC_BLOCK:]
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block[None]), format="fltp", layout="mono")
             frame.sample_rate, frame.pts, frame.time_base = rate, self._pending_start, Fraction(1, rate)
-            self.container.mux(self._astream.encode(frame))
+            out.container.mux(out.audio.encode(frame))
             self._pending_start += len(block)
             self.audio_samples += len(block)
 
     def close(self) -> None:
-        if self.container is None:
+        out = self._out
+        if out is None:
             return
         try:
-            self._encode_audio(final=True)
-            self.container.mux(self._vstream.encode(None))
-            self.container.mux(self._astream.encode(None))
+            self._encode_audio(out, final=True)
+            out.container.mux(out.video.encode(None))
+            out.container.mux(out.audio.encode(None))
         finally:
-            self.container.close()
+            out.container.close()
 
     @property
     def duration_s(self) -> float:

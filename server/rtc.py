@@ -17,6 +17,7 @@ import ifaddr
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
 
 from vexpress_rt.errors import InputError
 
@@ -96,12 +97,14 @@ async def read_microphone(track: MediaStreamTrack, session, logger: logging.Logg
     try:
         while True:
             frame = await track.recv()
+            if not isinstance(frame, AudioFrame):  # an audio track yields audio frames; anything else is skipped
+                continue
             pcm = frame.to_ndarray()
             channels = len(frame.layout.channels)
             if frame.format.is_planar:
                 pcm = pcm.T  # (channels, n) -> (n, channels)
-            pcm = np.ascontiguousarray(pcm).reshape(-1, channels)
-            session.push_audio(pcm, frame.sample_rate, channels)
+            samples = np.ascontiguousarray(pcm).reshape(-1, channels)
+            session.push_audio(samples, frame.sample_rate, channels)
             frames += 1
     except MediaStreamError:
         logger.info("microphone track ended after %d frames", frames)

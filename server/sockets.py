@@ -1,6 +1,6 @@
-"""What the server's websockets share: the per-session socket limits, the set of open
-sockets closed at shutdown (aiohttp waits for every handler to return), a thread pool for frame encoding, and the
-JSON envelope of engine events."""
+"""What the server's websockets share: the per-session socket limits, the per-connection message rate limit, the
+set of open sockets closed at shutdown (aiohttp waits for every handler to return), a thread pool for frame
+encoding, and the JSON envelope of engine events."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from aiohttp import WSCloseCode, web
 from streaming.frames import Event
 
 from .errors import ApiError
+from .limits import MessageRate, Verdict
 from .sessions import ServerSession
 from .state import server_state
 
@@ -47,6 +48,46 @@ class SessionSockets:
 
     def __exit__(self, *exc) -> None:
         self._counts[self._kind] -= 1
+
+
+class MessageLimit:
+    """The message rate limit of one websocket connection (`limits.MessageRate`), counted in `/metrics`
+    (`vexpress_websocket_messages_limited_total{kind}`, `vexpress_websockets_rate_closed_total{kind}`), with the
+    `error` event to send: at the first dropped message, then at most once a second, and when closing."""
+
+    TELL_EVERY_S = 1.0
+
+    def __init__(self, request: web.Request, kind: str, per_s: float):
+        self.rate = MessageRate(per_s)
+        metrics = server_state(request).metrics
+        self._dropped = metrics.websocket_messages_limited.labels(kind=kind)
+        self._closed = metrics.websockets_rate_closed.labels(kind=kind)
+        self._told_at: float | None = None
+
+    @property
+    def dropped(self) -> int:
+        return self.rate.dropped
+
+    def check(self) -> tuple[Verdict, dict | None]:
+        """Whether to handle this message, and the `error` event to send the client first (or None)."""
+        verdict = self.rate.check()
+        if verdict is Verdict.ACCEPT:
+            return verdict, None
+        self._dropped.inc()
+        if verdict is Verdict.CLOSE:
+            self._closed.inc()
+            return verdict, self._error(f"{self.rate.dropped} messages over the limit: closing the connection")
+        now = self.rate.clock()
+        if self._told_at is not None and now - self._told_at < self.TELL_EVERY_S:
+            return verdict, None
+        self._told_at = now
+        return verdict, self._error(
+            f"message dropped ({self.rate.dropped} so far); send fewer, larger messages (audio: 20 ms or more each) "
+            "or the connection will be closed"
+        )
+
+    def _error(self, detail: str) -> dict:
+        return {"type": "error", "code": "rate_limited", "message": f"{self.rate.describe()}: {detail}"}
 
 
 class Tracked:

@@ -25,6 +25,7 @@ from streaming.audio_input import MAX_CHANNELS, MAX_RATE
 from vexpress_rt.errors import InputError
 
 from .errors import ApiError
+from .limits import form_parts
 from .sniff import audio_demuxer
 from .state import server_state, session_for
 
@@ -101,8 +102,7 @@ async def read_audio_body(request: web.Request, limit: int = MAX_SPEAK_BYTES) ->
     ctype = request.content_type
     if ctype.startswith("multipart/"):
         try:
-            reader = await request.multipart()
-            async for part in reader:
+            async for part in form_parts(request):
                 if part.name == "audio":
                     return await _read_limited(part.read_chunk, limit)
         except (ValueError, AssertionError) as exc:

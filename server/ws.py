@@ -4,6 +4,8 @@ Client -> server: binary messages are PCM16 little-endian at the session's decla
 text messages are JSON objects with a `type`: `audio.end`, `interrupt`, `mark` {name}, `ping`, `session.close`.
 Server -> client, JSON: `session.ready`, `playback.started`, `playback.finished`, `mark`, `state`, `buffer`,
 `pong`, `error`. A malformed message gets an `error` event and is ignored: the connection and the session go on.
+Messages beyond the connection's rate (`--max_ws_messages_per_s`, server/limits.py) are dropped with an `error`
+event `rate_limited`; a client that keeps flooding is disconnected (1008).
 
 Engine events reach the connection through the session's listener, which fires in whatever thread emitted them
 (the pacing task on the event loop, the model worker for errors): they are queued on the loop in order and one
@@ -17,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from dataclasses import dataclass
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
 
-from .sockets import SessionSockets, Tracked, event_message
+from .limits import Verdict
+from .sockets import MessageLimit, SessionSockets, Tracked, event_message
 from .state import server_state, session_for
 
 BUFFER_TICK_S = 0.1  # `buffer` is sent at most this often while audio is buffered, and once when it reaches 0
@@ -32,13 +36,27 @@ MAX_FRAME = 4 << 20  # at least: beyond 4x the message limit, the websocket laye
 MAX_MARK_NAME = 256
 MAX_PENDING_EVENTS = 2000  # a client that stops reading its events is disconnected (1008)
 HEARTBEAT_S = 20.0
-_CLOSE = object()
+FLUSH_BEFORE_CLOSE_S = 1.0  # closing for a policy reason: how long the queued events (the error) may take to go out
+
+
+@dataclass(frozen=True)
+class _Close:
+    """Queued after the last event: the sender closes the websocket with this code."""
+
+    code: WSCloseCode
+    reason: bytes
+
+
+_CLOSE = _Close(WSCloseCode.OK, b"session closed")
+_RATE_CLOSE = _Close(WSCloseCode.POLICY_VIOLATION, b"message rate limit")
 
 
 class BotConnection:
-    def __init__(self, request: web.Request, session, ws: web.WebSocketResponse, max_audio: int = MAX_AUDIO_MESSAGE):
+    def __init__(self, request: web.Request, session, ws: web.WebSocketResponse, max_audio: int = MAX_AUDIO_MESSAGE,
+                 rate: MessageLimit | None = None):
         self.request = request
         self.max_audio = max_audio
+        self.rate = rate
         self.session = session
         self.engine_session = session.engine_session
         self.ws = ws
@@ -94,8 +112,8 @@ class BotConnection:
     async def _sender(self) -> None:
         while True:
             message = await self._queue.get()
-            if message is _CLOSE:
-                await self.ws.close(code=WSCloseCode.OK, message=b"session closed")
+            if isinstance(message, _Close):
+                await self.ws.close(code=message.code, message=message.reason)
                 return
             await self.ws.send_str(json.dumps(message, separators=(",", ":")))
 
@@ -192,9 +210,20 @@ class BotConnection:
         self.session.pump.start()
         if es.closed or self.session.closed:
             self._queue.put_nowait(_CLOSE)
+        flooded = False
         try:
             async for msg in self.ws:
                 if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    if self.rate is not None:
+                        verdict, error = self.rate.check()
+                        if error is not None:
+                            self.errors += 1
+                            self.send(error)
+                        if verdict is Verdict.CLOSE:
+                            flooded = True
+                            break
+                        if verdict is Verdict.DROP:
+                            continue
                     self.session.touch()  # input: the session is in use
                 if msg.type == WSMsgType.BINARY:
                     self.on_audio(msg.data)
@@ -207,19 +236,27 @@ class BotConnection:
         finally:
             es.remove_listener(self._on_event)
             ticker.cancel()
+            if flooded:  # the error event out first (if the client reads), then 1008
+                self.session.log.warning("bot websocket closed: message rate limit (%d dropped)",
+                                         self.rate.dropped if self.rate else 0)
+                self._queue.put_nowait(_RATE_CLOSE)
+                await asyncio.wait({sender}, timeout=FLUSH_BEFORE_CLOSE_S)
             if not sender.done():
                 sender.cancel()
             await asyncio.gather(sender, ticker, *[t for t in (self._dropping,) if t], return_exceptions=True)
-            await self.ws.close()
+            last = _RATE_CLOSE if flooded else _CLOSE
+            await self.ws.close(code=last.code, message=last.reason if flooded else b"")
 
 
 async def bot_socket(request: web.Request) -> web.WebSocketResponse:
     session = session_for(request)  # 404 / 401 before the upgrade
-    max_audio = server_state(request).config.max_ws_message_bytes
-    with SessionSockets(request, session, "bot", server_state(request).config.max_bot_sockets):  # 429 beyond
+    config = server_state(request).config
+    max_audio = config.max_ws_message_bytes
+    with SessionSockets(request, session, "bot", config.max_bot_sockets):  # 429 beyond
         ws = web.WebSocketResponse(max_msg_size=max(MAX_FRAME, 4 * max_audio), heartbeat=HEARTBEAT_S)
         await ws.prepare(request)
-        connection = BotConnection(request, session, ws, max_audio)
+        rate = MessageLimit(request, "bot", config.max_ws_messages_per_s)
+        connection = BotConnection(request, session, ws, max_audio, rate)
         session.log.info("bot websocket connected")
         async with Tracked(request.app, ws):
             await connection.run()

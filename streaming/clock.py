@@ -16,15 +16,15 @@ class FrameClock:
         if self.t0 is None:
             self.t0 = self._now()
 
-    def due(self, index: int) -> float:
+    def due(self, index: float) -> float:
         self.start()
         return self.t0 + index / self.fps
 
-    def late_by(self, index: int) -> float:
+    def late_by(self, index: float) -> float:
         """Seconds behind schedule for frame `index` (negative: early)."""
         return self._now() - self.due(index)
 
-    async def wait(self, index: int) -> None:
+    async def wait(self, index: float) -> None:
         """Sleep until frame `index` is due; returns at once when already late (the caller decides to skip)."""
         delay = -self.late_by(index)
         if delay > 0:

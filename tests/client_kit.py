@@ -278,8 +278,12 @@ class Bystander:
         return self.arrivals
 
 
+def frame_gaps(arrivals: list[float]) -> list[float]:
+    return [b - a for a, b in zip(arrivals, arrivals[1:])]
+
+
 def longest_gap(arrivals: list[float]) -> float:
-    return max((b - a for a, b in zip(arrivals, arrivals[1:])), default=float("inf"))
+    return max(frame_gaps(arrivals), default=float("inf"))
 
 
 # -- bot and frames websocket clients ----------------------------------------------------------------------------

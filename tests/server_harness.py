@@ -63,9 +63,10 @@ class ServerThread:
         return self
 
     async def _ready(self) -> None:
-        """The default portrait registers in the background: wait for it (or its failure)."""
+        """The default portrait registers and the engine warms up in the background: wait for what `/readyz` calls
+        ready (or a failure), as a client should before it opens sessions."""
         state = self.state
-        while state.default_avatar_id is None and state.startup_error is None:
+        while (state.default_avatar_id is None or not state.engine.warm) and state.startup_error is None:
             await asyncio.sleep(0.02)
 
     def stop(self) -> None:

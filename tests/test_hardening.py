@@ -5,6 +5,7 @@ and the limits that keep one client from taking the server hold.
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import av
@@ -379,34 +380,54 @@ def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine,
 
 
 # -- 7. hostile uploads do not stall the frames of other sessions -------------------------------------------------
+HOSTILE_UPLOADS = 4
+
+
 @pytest.mark.fixtures
 def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_engine):
     """40 MP flat PNGs (132 KB each) with key points that are no face: each is decoded, then refused. Decoding ran on
-    the event loop and stalled every session's frames for most of a second per upload."""
+    the event loop and stalled every session's frames for as long as one decode takes, once per upload.
+
+    Judged against yardsticks measured in this run, on this machine under its present load, rather than a fixed
+    bound (a single longest gap of 0.53 s was seen on a loaded CPU with the fix, 0.78 s on an idle one without it):
+    a stall is a frame gap longer than both half of what one such decode takes here and the longest gap of the calm
+    period before the attack. The old code stalls once per upload (each stall lasts a whole decode); with decoding
+    off the loop, scheduling noise may make one odd long gap, not one per upload."""
     import time
 
-    from client_kit import Bystander, avatar_form, image_bytes, longest_gap
+    from client_kit import Bystander, avatar_form, frame_gaps, image_bytes
     from PIL import Image
     from server_harness import ServerThread, call, make_config
 
+    from server.avatars import decode_image
+
     server = ServerThread(make_config(max_image_pixels=40_000_000, max_upload_mb=5), tiny_engine).start()
     big = image_bytes(Image.new("RGB", (6324, 6324), "grey"), "PNG")
+    decode_s = float("inf")
+    for _ in range(2):  # what the old code held the loop for, per upload
+        t0 = time.perf_counter()
+        decode_image(big)
+        decode_s = min(decode_s, time.perf_counter() - t0)
     bystander = Bystander(server.url).start()
     try:
         time.sleep(2.0)  # the bystander's frames before the attack
         calm = len(bystander.arrivals)
         statuses = []
-        for _ in range(3):
+        for _ in range(HOSTILE_UPLOADS):
             form = avatar_form(big, kps="[[0, 0], [1, 0], [0.5, 6323]]")
             statuses.append(call("POST", f"{server.url}/v1/avatars", data=form).status)
         time.sleep(0.5)
     finally:
         arrivals = bystander.stop()
         server.stop()
-    calm_gap, attack_gap = longest_gap(arrivals[:calm]), longest_gap(arrivals[calm - 1 :])
-    print(f"\nbystander longest frame gap: {calm_gap:.3f} s calm, {attack_gap:.3f} s during 3 hostile uploads")
-    assert statuses == [400, 400, 400]
-    assert attack_gap < max(0.4, 2 * calm_gap), (calm_gap, attack_gap)
+    calm_gaps, attack_gaps = frame_gaps(arrivals[:calm]), frame_gaps(arrivals[calm - 1 :])
+    bound = max(0.5 * decode_s, max(calm_gaps))
+    stalls = sorted((g for g in attack_gaps if g > bound), reverse=True)
+    print(f"\nbystander frame gaps: calm max {max(calm_gaps):.3f} s; one decode {decode_s:.3f} s; during "
+          f"{HOSTILE_UPLOADS} hostile uploads max {max(attack_gaps):.3f} s, over {bound:.3f} s: {stalls}")
+    assert statuses == [400] * HOSTILE_UPLOADS
+    assert len(calm_gaps) > 10 and len(attack_gaps) > 10, "the bystander received too few frames to judge"
+    assert len(stalls) <= HOSTILE_UPLOADS // 2, (stalls, bound, decode_s)
 
 
 # -- 9. limits hold under concurrent requests; a session whose frames stop is closed -------------------------------
@@ -491,7 +512,8 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
 
     from streaming.session import MAX_MARKS_PER_UTTERANCE
 
-    server = ServerThread(make_config(), tiny_engine).start()
+    # 1000+ marks at once are over the message rate's burst (--max_ws_messages_per_s): raise it, this is about marks
+    server = ServerThread(make_config(max_ws_messages_per_s=5000), tiny_engine).start()
 
     async def main():
         async with http() as c:
@@ -553,3 +575,92 @@ def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
     assert opened == 3 and refused == [("frames", 429), ("frames", 429), ("ws", 429), ("ws", 429)], refused
     assert 'vexpress_websockets_refused_total{kind="frames"} 2' in metrics
     assert 'vexpress_websockets_refused_total{kind="bot"} 2' in metrics
+
+
+@pytest.mark.fixtures
+def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_engine):
+    """Tiny messages cost the loop ~100 us each: beyond --max_ws_messages_per_s (bursts of 2 s' worth) a connection's
+    messages are dropped with an `error` event `rate_limited`, and one that keeps flooding is closed with 1008, on
+    both websockets; the session goes on (a well-behaved bot connects and is answered)."""
+    import asyncio
+
+    import aiohttp
+    from client_kit import create_session, delete_session, http, ws_messages, ws_url
+    from server_harness import ServerThread, call, make_config
+
+    server = ServerThread(make_config(max_ws_messages_per_s=50), tiny_engine).start()  # bursts of 100
+
+    async def flood(ws) -> tuple[list, int | None]:
+        for i in range(600):
+            try:
+                await ws.send_str(f'{{"type": "ping", "id": {i}}}')
+            except (ConnectionError, RuntimeError):  # closed under us: the point
+                break
+        got = [m for m in await ws_messages(ws, 20.0) if not isinstance(m, bytes)]  # frames: only the JSON
+        return got, ws.close_code
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            bot = await flood(await c.ws_connect(ws_url(s)))
+            frames = await flood(await c.ws_connect(ws_url(s, "frames")))
+            calm = await c.ws_connect(ws_url(s))
+            await calm.send_str('{"type": "ping", "id": "calm"}')
+            calm_got = await ws_messages(calm, 10.0, until=lambda m: m == {"type": "pong", "id": "calm"})
+            await calm.close()
+            await delete_session(c, s)
+            return bot, frames, calm_got
+
+    try:
+        (bot_got, bot_code), (frames_got, frames_code), calm_got = asyncio.run(asyncio.wait_for(main(), 90))
+        metrics = call("GET", f"{server.url}/metrics").text
+    finally:
+        server.stop()
+    for got in (bot_got, frames_got):
+        errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
+        assert errors and all(e["code"] == "rate_limited" for e in errors), got[-3:]
+        assert "--max_ws_messages_per_s" in errors[0]["message"] and "closing" in errors[-1]["message"]
+        assert got[-1] == aiohttp.WSMsgType.CLOSE, got[-3:]
+    pongs = [m for m in bot_got if isinstance(m, dict) and m.get("type") == "pong"]
+    assert 100 <= len(pongs) < 150, len(pongs)  # the burst, plus what the rate refilled meanwhile
+    assert bot_code == frames_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert {"type": "pong", "id": "calm"} in calm_got
+    for kind in ("bot", "frames"):
+        assert f'vexpress_websockets_rate_closed_total{{kind="{kind}"}} 1.0' in metrics
+        dropped = float(metrics.split(f'vexpress_websocket_messages_limited_total{{kind="{kind}"}} ')[1].split()[0])
+        assert dropped >= 101, (kind, dropped)
+
+
+@pytest.mark.fixtures
+def test_a_nested_multipart_part_is_a_400_not_a_500(tiny_engine):
+    """A form part that is itself multipart/mixed reached `read_chunk` of a reader that has none (500, an
+    unhandled AttributeError): portraits and speak refuse it as a malformed body."""
+    import aiohttp
+    from client_kit import bearer, create_session, delete_session, http
+    from server_harness import ServerThread, make_config
+
+    server = ServerThread(make_config(), tiny_engine).start()
+
+    def nested(field: str) -> aiohttp.MultipartWriter:
+        inner = aiohttp.MultipartWriter("mixed")
+        inner.append(b"RIFF....", {"Content-Type": "audio/wav"})
+        outer = aiohttp.MultipartWriter("form-data")
+        outer.append(inner).set_content_disposition("form-data", name=field)
+        return outer
+
+    async def main():
+        async with http() as c:
+            async with c.post(f"{server.url}/v1/avatars", data=nested("image")) as r:
+                avatar = (r.status, await r.json())
+            s = await create_session(c, server.url)
+            async with c.post(s["speak_url"], data=nested("audio"), headers=bearer(s["token"])) as r:
+                speak = (r.status, await r.json())
+            await delete_session(c, s)
+            return avatar, speak
+
+    try:
+        avatar, speak = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+    for status, body in (avatar, speak):
+        assert status == 400 and "nested multipart" in body["error"]["message"], (status, body)

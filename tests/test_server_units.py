@@ -17,6 +17,7 @@ from server import marks, metrics, rtc
 from server.auth import require_api_key, require_session_token, same_secret
 from server.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
 from server.errors import ApiError
+from server.limits import MessageRate, Verdict
 from server.media import AudioRechunker, FrameQueue
 from streaming.frames import AVFrame
 
@@ -142,6 +143,56 @@ def test_auth_key_and_token():
     for bad in (_Req(), _Req(query={"token": "other"}), _Req({"Authorization": "Basic t"})):
         with pytest.raises(ApiError):
             require_session_token(bad, "t", "k")
+
+
+# -- websocket message rate ---------------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _send(rate: MessageRate, clock: _Clock, per_s: float, seconds: float) -> collections.Counter:
+    """Messages evenly spaced at `per_s` for `seconds`: the verdicts, stopping at the first CLOSE."""
+    verdicts: collections.Counter = collections.Counter()
+    for _ in range(round(per_s * seconds)):
+        clock.now += 1.0 / per_s
+        verdicts[verdict := rate.check()] += 1
+        if verdict is Verdict.CLOSE:
+            break
+    return verdicts
+
+
+def test_the_default_message_rate_lets_a_fast_bot_through():
+    """A bot pushing 20 ms chunks at 5x real time (250 a second) with a mark and a ping every 100 ms, after pushing
+    its first 2 s of audio at once, never loses a message under the default --max_ws_messages_per_s."""
+    clock = _Clock()
+    rate = MessageRate(ServerConfig().max_ws_messages_per_s, clock)
+    assert all(rate.check() is Verdict.ACCEPT for _ in range(100))  # 2 s of audio in one go
+    assert _send(rate, clock, 250 + 20, 120.0) == {Verdict.ACCEPT: 270 * 120}
+
+
+def test_the_message_rate_drops_the_excess_and_closes_a_flood():
+    clock = _Clock()
+    rate = MessageRate(50, clock)  # bursts of 100
+    flood = _send(rate, clock, 10_000, 1.0)  # a flood: the burst passes, a burst's worth is dropped, then it ends
+    assert 100 <= flood[Verdict.ACCEPT] <= 102 and 100 <= flood[Verdict.DROP] <= 102 and flood[Verdict.CLOSE] == 1
+    assert rate.dropped == flood[Verdict.DROP] + 1
+
+    clock = _Clock()
+    rate = MessageRate(50, clock)
+    slightly_fast = _send(rate, clock, 60, 120.0)  # 1.2x the rate for two minutes: loses the excess only
+    assert Verdict.CLOSE not in slightly_fast and 0 < slightly_fast[Verdict.DROP] <= 10 * 120
+    assert slightly_fast[Verdict.ACCEPT] >= 50 * 120
+
+    clock = _Clock()
+    rate = MessageRate(50, clock)
+    twice = _send(rate, clock, 100, 30.0)  # 2x the rate, sustained: closed within seconds
+    assert twice[Verdict.CLOSE] == 1 and sum(twice.values()) < 100 * 10
+    with pytest.raises(ValueError):
+        MessageRate(0)
 
 
 # -- metrics ------------------------------------------------------------------------------------------------------

@@ -118,13 +118,25 @@ def test_soak_command_reports_its_figures(tiny_engine):
     timeline = report.pop("timeline")
     print(f"\nsoak: {report}")
     start, end = report["process"]["start"], report["process"]["end"]
+    # No 503 at the start: the clients wait for /readyz (the default portrait registers in the background)
     assert report["sessions_served"] >= 4 and not report["client_events"], report
+    assert report["ready_s"] >= 0
     assert report["frames_received"] > 100 and report["engine"]["worker_errors"] == 0  # during the run
     latency = report["latency_ms"]
     assert latency["first_p95"] and latency["last_p95"] and latency["p95_by_window"]
     assert end["sessions_open"] == 0 and end["engine_sessions"] == 0
     assert end["tasks"] <= start["tasks"] + 2 and end["open_fds"] <= start["open_fds"] + 5, (start, end)
     assert len(timeline) >= 4 and max(p["sessions_open"] for p in timeline) >= 1
+
+
+def test_soak_stops_when_the_server_cannot_become_ready(tiny_engine, tmp_path):
+    """/readyz says `failed` (a default portrait that is no picture): the soak says why instead of counting 503s."""
+    bad = tmp_path / "portrait.png"
+    bad.write_bytes(b"not a picture")
+    config = make_config(avatar=str(bad), admission=False).validate()
+    with pytest.raises(RuntimeError, match="could not start: the default portrait portrait.png"):
+        run_soak(tiny_engine, config, sessions=1, seconds=5, session_s=0, client="ws", speech=load_speech(None),
+                 ready_timeout_s=60)
 
 
 def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):

@@ -73,13 +73,14 @@ class _Resampler:
     def convert(self, pcm: bytes, rate: int, channels: int) -> bytes:
         if (rate, channels) == (self.rate, self.channels):
             return pcm
-        if self._source != (rate, channels):
+        resampler = self._resampler
+        if self._source != (rate, channels) or resampler is None:
             self._source = (rate, channels)
-            self._resampler = AudioResampler("s16", _layout(self.channels), self.rate)
+            resampler = self._resampler = AudioResampler("s16", _layout(self.channels), self.rate)
         samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
         frame = AudioFrame.from_ndarray(samples, format="s16", layout=_layout(channels))
         frame.sample_rate = rate
-        return b"".join(bytes(out.to_ndarray().tobytes()) for out in self._resampler.resample(frame))
+        return b"".join(bytes(out.to_ndarray().tobytes()) for out in resampler.resample(frame))
 
     def flush(self) -> bytes:
         """What the resampler still holds (at the end of an utterance)."""
@@ -145,7 +146,8 @@ class VExpressVideoService(FrameProcessor):
         return self._session
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    async def setup(self, setup: FrameProcessorSetup):
+    # FrameProcessor.setup narrows BaseObject.setup(task_manager) the same way: pipecat's own signature
+    async def setup(self, setup: FrameProcessorSetup):  # type: ignore[override]
         await super().setup(setup)
         try:
             await self._session.open()

@@ -70,8 +70,8 @@ class AvatarSession:
         self.ready: dict = {}  # `session.ready`: fps, sample_rate, channels, width, height, output_sample_rate
         self.stream: dict = {}  # the frames websocket's `stream.start`
         self._http: aiohttp.ClientSession | None = None
-        self._bot: aiohttp.ClientWebSocketResponse | None = None
-        self._frames: aiohttp.ClientWebSocketResponse | None = None
+        self._bot: aiohttp.ClientWebSocketResponse[bool] | None = None
+        self._frames: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._closed = False
 
     @property
@@ -97,11 +97,11 @@ class AvatarSession:
                     raise SessionLost(f"POST /v1/sessions: {r.status} {(await r.text())[:500]}")
                 self.info = await r.json()
             auth = {"Authorization": f"Bearer {self.info['token']}"}
-            self._bot = await self._http.ws_connect(self.info["ws_url"], headers=auth, heartbeat=10.0)
-            self.ready = await self._first_json(self._bot, "session.ready")
+            self._bot = bot = await self._http.ws_connect(self.info["ws_url"], headers=auth, heartbeat=10.0)
+            self.ready = await self._first_json(bot, "session.ready")
             params = {"quality": str(self.options.jpeg_quality)} if self.options.jpeg_quality else {}
-            self._frames = await self._http.ws_connect(self.info["frames_url"], headers=auth, params=params)
-            self.stream = await self._first_json(self._frames, "stream.start")
+            self._frames = frames = await self._http.ws_connect(self.info["frames_url"], headers=auth, params=params)
+            self.stream = await self._first_json(frames, "stream.start")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError, ValueError) as exc:
             await self.close()
             raise SessionLost(f"could not open a session on {self.url}: {exc!r}") from exc
@@ -109,7 +109,7 @@ class AvatarSession:
             await self.close()
             raise
 
-    async def _first_json(self, ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict:
+    async def _first_json(self, ws: aiohttp.ClientWebSocketResponse[bool], kind: str) -> dict:
         msg = await ws.receive(timeout=self.connect_timeout_s)
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise SessionLost(f"expected {kind}, got {msg.type.name}")

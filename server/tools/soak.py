@@ -13,6 +13,8 @@ are created and released all along (where leaks live).
         --fps 10 --steps 2 --sessions 2 --minutes 2
 
 Latency is the engine's: from the moment the audio of a frame was pushed to the moment the frame was ready.
+The clients start once `/readyz` says `ready` (the default portrait registered and the engine warm; bounded by
+`--ready_timeout_s`), so that the run measures a server in service, not its start-up.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import logging
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +41,8 @@ log = logging.getLogger("server.soak")
 
 MIC_RATE = 48000
 BOT_RATE = 16000
+READY_TIMEOUT_S = 900.0  # the default portrait is encoded at start-up: minutes on a small CPU at 512x512
+READY_POLL_S = 0.25
 
 
 def add_soak_command(sub) -> None:
@@ -60,6 +66,9 @@ def add_soak_command(sub) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--admission", action="store_true", help="keep admission control on (refusals are counted)")
+    p.add_argument("--ready_timeout_s", type=float, default=READY_TIMEOUT_S,
+                   help=f"wait this long at most for /readyz to say ready before the clients start "
+                   f"(default {READY_TIMEOUT_S:g})")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
     p.set_defaults(func=cmd_soak)
 
@@ -78,7 +87,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     engine.start()
     try:
         report = run_soak(engine, config, args.sessions, args.minutes * 60, args.session_s, args.client,
-                          load_speech(args.audio))
+                          load_speech(args.audio), ready_timeout_s=args.ready_timeout_s)
     finally:
         engine.close()
     report["command"] = " ".join(["vexpress-rt", "soak", *sys.argv[2:]]) if len(sys.argv) > 1 else "vexpress-rt soak"
@@ -133,6 +142,29 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.call(up())}"
         self.state = self.app[STATE]
         return self.url
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Poll `/readyz` until it says `ready`; the seconds it took. RuntimeError when it says `failed` or does
+        not say `ready` within `timeout_s`."""
+        start = time.monotonic()
+        status = "no answer"
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as r:
+                    status = json.loads(r.read()).get("status", "?")
+            except urllib.error.HTTPError as exc:  # 503 while starting, warming (or failed)
+                body = json.loads(exc.read() or b"{}")
+                status = body.get("status", f"HTTP {exc.code}")
+                if status == "failed":
+                    raise RuntimeError(f"the server could not start: {body.get('error')}") from exc
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                status = f"no answer ({exc})"
+            waited = time.monotonic() - start
+            if status == "ready":
+                return waited
+            if waited > timeout_s:
+                raise RuntimeError(f"/readyz did not say ready within {timeout_s:g} s (last: {status})")
+            time.sleep(READY_POLL_S)
 
     def figures(self) -> dict:
         async def snap():
@@ -318,11 +350,13 @@ class _LatencySampler:
 
 
 def run_soak(engine, config, sessions: int, seconds: float, session_s: float, client: str, speech: np.ndarray,
-             timeline_every_s: float = 10.0) -> dict:
-    """The soak against `engine` (started; stays the caller's). Returns the report."""
+             timeline_every_s: float = 10.0, ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
+    """The soak against `engine` (started; stays the caller's), from the moment the server is ready. Returns the
+    report."""
     server = _Server(config, engine)
     url = server.start()
     try:
+        ready_s = server.wait_ready(ready_timeout_s)
         gc.collect()
         start_figures = server.figures()
         errors0, frames0 = engine.worker.errors, engine.worker.frames_generated
@@ -369,6 +403,7 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
             "fps": config.fps,
             "steps": config.steps,
             "device": str(engine.models.device),
+            "ready_s": round(ready_s, 2),
             "sessions_served": clients.counts["sessions"],
             "client_events": {k: v for k, v in clients.counts.items() if k != "sessions"},
             "frames_received": clients.frames,

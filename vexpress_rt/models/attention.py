@@ -56,8 +56,8 @@ class Attention(nn.Module):
             out = out.reshape(groups, self.heads, b // groups, n, -1).transpose(1, 2).reshape(b, self.heads, n, -1)
         else:
             out = _attend(q, k, v)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        return self.to_out[0](out)
+        projected: torch.Tensor = self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+        return projected
 
 
 SHORT_SEQUENCES = 1024  # query x key length below which plain matmuls beat the fused CPU kernel
@@ -67,6 +67,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention. On the CPU, very short sequences (the motion modules: thousands of 8-frame sequences)
     run faster as two batched matmuls than through the fused kernel's per-sequence overhead; same math."""
     if q.is_cuda or q.shape[-2] * k.shape[-2] > SHORT_SEQUENCES:
-        return F.scaled_dot_product_attention(q, k, v)
-    weights = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        out: torch.Tensor = F.scaled_dot_product_attention(q, k, v)
+        return out
+    scale: float = q.shape[-1] ** -0.5
+    weights = (q @ k.transpose(-1, -2)) * scale
     return weights.softmax(dim=-1) @ v

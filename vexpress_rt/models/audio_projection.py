@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -30,8 +32,8 @@ class PerceiverAttention(nn.Module):
         scale = self.dim_head**-0.25
         weight = (q * scale) @ (k * scale).transpose(-2, -1)
         weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-        out = (weight @ v).transpose(1, 2).reshape(b, n_lat, -1)
-        return self.to_out(out)
+        out: torch.Tensor = self.to_out((weight @ v).transpose(1, 2).reshape(b, n_lat, -1))
+        return out
 
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -89,7 +91,9 @@ class AudioProjection(nn.Module):
         x = windows + self.pos_emb.weight[: windows.shape[1]]
         latents = self.latents.repeat(x.shape[0], 1, 1)
         x = self.proj_in(x)
-        for attention, ff in self.layers:
+        for layer in self.layers:
+            attention, ff = cast(nn.ModuleList, layer)
             latents = attention(x, latents) + latents
             latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
+        out: torch.Tensor = self.norm_out(self.proj_out(latents))
+        return out

@@ -29,6 +29,8 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
+    pe: torch.Tensor  # the buffer
+
     def __init__(self, dim: int, max_len: int = PE_MAX_LEN):
         super().__init__()
         # A persistent buffer: the checkpoint stores it (rounded to fp16) and the original uses those values.
@@ -66,8 +68,10 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         for attention, norm in zip(self.attention_blocks, self.norms):
-            x = x + attention(norm(x), num_frames)
-        return x + self.ff(self.ff_norm(x))
+            attended: torch.Tensor = attention(norm(x), num_frames)
+            x = x + attended
+        fed: torch.Tensor = self.ff(self.ff_norm(x))
+        return x + fed
 
 
 class TemporalTransformer(nn.Module):
@@ -85,8 +89,8 @@ class TemporalTransformer(nn.Module):
         hidden = self.proj_in(hidden)
         for block in self.transformer_blocks:
             hidden = block(hidden, num_frames)
-        hidden = self.proj_out(hidden)
-        return hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous() + x  # NCHW, see SpatialTransformer
+        out: torch.Tensor = self.proj_out(hidden)
+        return out.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous() + x  # NCHW, see SpatialTransformer
 
 
 class MotionModule(nn.Module):
@@ -95,4 +99,5 @@ class MotionModule(nn.Module):
         self.temporal_transformer = TemporalTransformer(channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames)
+        out: torch.Tensor = self.temporal_transformer(x, num_frames)
+        return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.models.attention import FeedForward
@@ -44,7 +45,7 @@ class UNetConfig:
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> UNetConfig:
+    def from_dict(cls, cfg: dict[str, Any]) -> UNetConfig:
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         if isinstance(heads, (list, tuple)):
             if len(set(heads)) != 1:
@@ -108,11 +109,12 @@ class ReferenceTransformerBlock(_TransformerBlock):
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        normed = self.norm2(x)
+        normed: torch.Tensor = self.norm2(x)
         if cond.banks is not None:
             cond.banks[self.name] = normed
         x = x + self.attn2(normed, context=cond.encoder_states)
-        return x + self.ff(self.norm3(x))
+        fed: torch.Tensor = self.ff(self.norm3(x))
+        return x + fed
 
 
 class DenoisingTransformerBlock(_TransformerBlock):
@@ -127,11 +129,13 @@ class DenoisingTransformerBlock(_TransformerBlock):
         self.attn1_5 = Attention(dim, heads, dim // heads)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        assert cond.reference_kv is not None, "the denoising UNet reads the reference banks' keys/values"
         x = x + self.attn1(self.norm1(x))
         kv = cond.reference_kv[self.name]
         x = x + _weighted(cond.reference_attention_weight, self.attn1_5(self.norm1_5(x), kv=kv))
         x = x + _weighted(cond.audio_attention_weight, self.attn2(self.norm2(x), context=cond.encoder_states))
-        return x + self.ff(self.norm3(x))
+        fed: torch.Tensor = self.ff(self.norm3(x))
+        return x + fed
 
 
 def _weighted(weight: float | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -159,7 +163,8 @@ class SpatialTransformer(nn.Module):
             hidden = block(hidden, cond)
         # contiguous (NCHW) as in the original: a channels-last result would switch later GroupNorms to a
         # kernel with different (less accurate) fp32 reductions
-        return self.proj_out(hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous()) + x
+        out: torch.Tensor = self.proj_out(hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous())
+        return out + x
 
 
 def _resnet(in_ch: int, out_ch: int, cfg: UNetConfig) -> ResnetBlock2D:
@@ -175,7 +180,9 @@ def _resnet(in_ch: int, out_ch: int, cfg: UNetConfig) -> ResnetBlock2D:
 class _Stage(nn.Module):
     """One resolution level: per layer resnet -> [transformer] -> [motion module]."""
 
-    def _init_layers(self, in_chs: list[int], out_ch: int, attention: bool, motion: bool, block_cls, cfg):
+    def _init_layers(
+        self, in_chs: list[int], out_ch: int, attention: bool, motion: bool, block_cls: type[nn.Module], cfg: UNetConfig
+    ) -> None:
         self.resnets = nn.ModuleList([_resnet(c, out_ch, cfg) for c in in_chs])
         if attention:
             self.attentions = nn.ModuleList([SpatialTransformer(block_cls, out_ch, cfg) for _ in in_chs])
@@ -183,22 +190,33 @@ class _Stage(nn.Module):
             self.motion_modules = nn.ModuleList([MotionModule(out_ch) for _ in in_chs])
 
     def _layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        x = self.resnets[i](x, temb)
+        out: torch.Tensor = self.resnets[i](x, temb)
         if hasattr(self, "attentions"):
-            x = self.attentions[i](x, cond)
+            out = self.attentions[i](out, cond)
         if hasattr(self, "motion_modules"):
-            x = self.motion_modules[i](x, cond.num_frames)
-        return x
+            out = self.motion_modules[i](out, cond.num_frames)
+        return out
 
 
 class DownStage(_Stage):
-    def __init__(self, in_ch, out_ch, attention, downsample, motion, block_cls, cfg: UNetConfig):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        attention: bool,
+        downsample: bool,
+        motion: bool,
+        block_cls: type[nn.Module],
+        cfg: UNetConfig,
+    ):
         super().__init__()
         self._init_layers([in_ch] + [out_ch] * (cfg.layers_per_block - 1), out_ch, attention, motion, block_cls, cfg)
         if downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(out_ch, use_conv=True, out_channels=out_ch, name="op")])
 
-    def forward(self, x, temb, cond):
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i in range(len(self.resnets)):
             x = self._layer(i, x, temb, cond)
@@ -210,14 +228,26 @@ class DownStage(_Stage):
 
 
 class UpStage(_Stage):
-    def __init__(self, prev_ch, out_ch, skip_chs, attention, upsample, motion, block_cls, cfg: UNetConfig):
+    def __init__(
+        self,
+        prev_ch: int,
+        out_ch: int,
+        skip_chs: list[int],
+        attention: bool,
+        upsample: bool,
+        motion: bool,
+        block_cls: type[nn.Module],
+        cfg: UNetConfig,
+    ):
         super().__init__()
         in_chs = [(prev_ch if i == 0 else out_ch) + skip for i, skip in enumerate(skip_chs)]
         self._init_layers(in_chs, out_ch, attention, motion, block_cls, cfg)
         if upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(out_ch, use_conv=True, out_channels=out_ch)])
 
-    def forward(self, x, temb, cond, skips: list[torch.Tensor]):
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, cond: Conditioning, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
         for i in range(len(self.resnets)):
             x = torch.cat([x, skips.pop()], dim=1)
             x = self._layer(i, x, temb, cond)
@@ -227,19 +257,20 @@ class UpStage(_Stage):
 
 
 class MidStage(nn.Module):
-    def __init__(self, ch, motion, block_cls, cfg: UNetConfig):
+    def __init__(self, ch: int, motion: bool, block_cls: type[nn.Module], cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList([_resnet(ch, ch, cfg), _resnet(ch, ch, cfg)])
         self.attentions = nn.ModuleList([SpatialTransformer(block_cls, ch, cfg)])
         if motion:
             self.motion_modules = nn.ModuleList([MotionModule(ch)])
 
-    def forward(self, x, temb, cond):
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, cond)
         if hasattr(self, "motion_modules"):
             x = self.motion_modules[0](x, cond.num_frames)
-        return self.resnets[1](x, temb)
+        out: torch.Tensor = self.resnets[1](x, temb)
+        return out
 
 
 class _UNet(nn.Module):
@@ -298,7 +329,8 @@ class _UNet(nn.Module):
     def time_embedding_for(self, timestep: torch.Tensor | int, batch: int, dtype: torch.dtype) -> torch.Tensor:
         t = torch.as_tensor(timestep, device=self.conv_in.weight.device).reshape(-1).expand(batch)
         # The sinusoid is computed in fp32 and cast before the MLP, as the original does.
-        return self.time_embedding(self.time_proj(t).to(dtype))
+        temb: torch.Tensor = self.time_embedding(self.time_proj(t).to(dtype))
+        return temb
 
     def _run(self, x: torch.Tensor, temb: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         skips = [x]
@@ -324,17 +356,20 @@ class ReferenceNet(_UNet):
     motion = False
 
     @torch.no_grad()
-    def forward(self, latent: torch.Tensor, timestep: int = 0, encoder_states: torch.Tensor | None = None):
+    def forward(
+        self, latent: torch.Tensor, timestep: int = 0, encoder_states: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Returns the banks {block path: (B, H*W, C)}. The network's own output is never used (no conv_out)."""
         b = latent.shape[0]
         dtype = self.conv_in.weight.dtype
         if encoder_states is None:
             # The original feeds an all-zero 1x768 "text" context.
             encoder_states = torch.zeros(b, 1, self.config.cross_attention_dim, dtype=dtype, device=latent.device)
-        cond = Conditioning(num_frames=1, encoder_states=encoder_states, banks={})
+        banks: dict[str, torch.Tensor] = {}
+        cond = Conditioning(num_frames=1, encoder_states=encoder_states, banks=banks)
         temb = self.time_embedding_for(timestep, b, dtype)
         self._run(self.conv_in(latent), temb, cond)
-        return cond.banks
+        return banks
 
 
 class DenoisingUNet(_UNet):
@@ -387,8 +422,8 @@ class DenoisingUNet(_UNet):
         if kps_features is not None:
             x = x + kps_features.transpose(1, 2).reshape(b * f, -1, h, w)
         x = self._run(x, temb, cond)
-        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
-        return x.reshape(b, f, -1, h, w).transpose(1, 2)
+        v: torch.Tensor = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return v.reshape(b, f, -1, h, w).transpose(1, 2)
 
 
 def _per_frame(weight: float | torch.Tensor, b: int, f: int) -> float | torch.Tensor:

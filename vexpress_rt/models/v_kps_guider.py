@@ -40,9 +40,8 @@ class VKpsGuider(nn.Module):
     def forward(self, kps_images: torch.Tensor) -> torch.Tensor:
         """kps_images (B, 3, F, H, W) in [0, 1] -> (B, C, F, H/8, W/8); each frame independently."""
         b, c, f, h, w = kps_images.shape
-        x = kps_images.transpose(1, 2).reshape(b * f, c, h, w)
-        x = F.silu(self.conv_in(x))
+        x = F.silu(self.conv_in(kps_images.transpose(1, 2).reshape(b * f, c, h, w)))
         for block in self.blocks:
             x = F.silu(block(x))
-        x = self.conv_out(x)
-        return x.reshape(b, f, *x.shape[1:]).transpose(1, 2)
+        out: torch.Tensor = self.conv_out(x)
+        return out.reshape(b, f, *out.shape[1:]).transpose(1, 2)
