@@ -133,8 +133,6 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-
-
 # -- lifecycle ---------------------------------------------------------------------------------------------------
 async def _close_sessions(app: web.Application) -> None:
     state = app[STATE]
@@ -167,7 +165,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
         log.warning(
             "\n%s\nINSECURE: serving on %s with NO API KEY (--insecure-no-auth): anyone who reaches this port can\n"
             "register portraits, open sessions and read server information. Give --api-key.\n%s",
-            "!" * 100, config.host, "!" * 100,
+            "!" * 100,
+            config.host,
+            "!" * 100,
         )
     # Host and CORS checks: outermost, so errors carry them too
     origins = security.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)

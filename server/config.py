@@ -212,9 +212,21 @@ class ServerConfig:
                 f"--host {self.host} serves other machines: give --api-key (or VEXPRESS_API_KEY), or "
                 "--insecure-no-auth to serve the whole API to anyone who can reach it"
             )
-        for name in ("avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb", "max_upload_mb", "max_image_pixels",
-                     "max_sdp_bytes", "max_ws_message_bytes", "max_ws_messages_per_s", "max_buffer_s",
-                     "max_viewers", "max_avatars", "max_frames_sockets", "max_bot_sockets"):
+        for name in (
+            "avatar_cache_mb",
+            "cache_dir_mb",
+            "recordings_quota_mb",
+            "max_upload_mb",
+            "max_image_pixels",
+            "max_sdp_bytes",
+            "max_ws_message_bytes",
+            "max_ws_messages_per_s",
+            "max_buffer_s",
+            "max_viewers",
+            "max_avatars",
+            "max_frames_sockets",
+            "max_bot_sockets",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
         if self.tls_self_signed and (self.tls_cert or self.tls_key):
@@ -224,8 +236,10 @@ class ServerConfig:
         self.turn_url = [u.strip() for u in self.turn_url if u.strip()]
         for url in self.turn_url:
             if not re.fullmatch(r"turns?:[^\s@/?]+(\?transport=(udp|tcp))?", url):
-                raise ConfigError(f"--turn-url {url!r}: expected turn:host:port[?transport=udp|tcp] or turns:host:port "
-                                  "(no credentials: they come from --turn-secret)")
+                raise ConfigError(
+                    f"--turn-url {url!r}: expected turn:host:port[?transport=udp|tcp] or turns:host:port "
+                    "(no credentials: they come from --turn-secret)"
+                )
         if self.turn_secret is not None and not self.turn_secret:
             self.turn_secret = None
         if bool(self.turn_secret) != bool(self.turn_url):
@@ -263,9 +277,23 @@ class ServerConfig:
         return cls.from_args(argparse.Namespace(**overrides), environ)
 
 
-_INTS = {"port", "fps", "steps", "max_sessions", "width", "height", "subscriber_queue_frames", "max_image_pixels",
-         "max_sdp_bytes", "max_ws_message_bytes", "max_sessions_per_key", "max_viewers", "max_avatars",
-         "max_frames_sockets", "max_bot_sockets"}
+_INTS = {
+    "port",
+    "fps",
+    "steps",
+    "max_sessions",
+    "width",
+    "height",
+    "subscriber_queue_frames",
+    "max_image_pixels",
+    "max_sdp_bytes",
+    "max_ws_message_bytes",
+    "max_sessions_per_key",
+    "max_viewers",
+    "max_avatars",
+    "max_frames_sockets",
+    "max_bot_sockets",
+}
 _FLOATS = {"connect_timeout_s", "max_upload_mb", "max_buffer_s", "max_session_s", "idle_timeout_s"}
 _FLOATS |= {"max_ws_messages_per_s"}  # server/limits.py MessageRate
 _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
@@ -351,18 +379,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         f"(env {ENV_PREFIX}INSECURE_NO_AUTH)",
     )
     opt("max_upload_mb", "largest upload (portrait, audio file) in MiB; default 20", type=float)
-    opt("max_image_pixels", "largest portrait in pixels (width x height), checked before decoding; default 40000000",
-        type=int)
+    opt(
+        "max_image_pixels",
+        "largest portrait in pixels (width x height), checked before decoding; default 40000000",
+        type=int,
+    )
     opt("max_sdp_bytes", "largest SDP offer in bytes; default 65536", type=int)
     opt("max_ws_message_bytes", "largest websocket message in bytes; default 1048576", type=int)
-    opt("max_ws_messages_per_s", "messages a second one websocket connection may send, in bursts of 2 s' worth "
-        "(beyond: dropped with an error event; flooding on: closed with 1008); default 500", type=float)
+    opt(
+        "max_ws_messages_per_s",
+        "messages a second one websocket connection may send, in bursts of 2 s' worth "
+        "(beyond: dropped with an error event; flooding on: closed with 1008); default 500",
+        type=float,
+    )
     opt("max_buffer_s", "seconds of pushed audio a session holds ahead of playback; default 120", type=float)
     opt("max_session_s", "a session ends after this many seconds; 0: never; default 14400 (4 h)", type=float)
-    opt("idle_timeout_s", "a session with no audio and no call for this many seconds ends; 0: never; default 300",
-        type=float)
-    opt("max_sessions_per_key", "sessions one API key (without keys: one client address) may hold; 0: max_sessions",
-        type=int)
+    opt(
+        "idle_timeout_s",
+        "a session with no audio and no call for this many seconds ends; 0: never; default 300",
+        type=float,
+    )
+    opt(
+        "max_sessions_per_key",
+        "sessions one API key (without keys: one client address) may hold; 0: max_sessions",
+        type=int,
+    )
     opt("max_viewers", "WHEP viewers per session; default 4", type=int)
     opt("max_frames_sockets", "frames websockets per session; default 4", type=int)
     opt("max_bot_sockets", "bot websockets per session; default 2", type=int)
@@ -370,20 +411,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)
     opt("cache_dir", "keep pre-encoded avatars here across restarts")
-    opt("cache_dir_mb", "most MiB of pre-encoded avatars kept in --cache_dir (least recently used go); default 8192",
-        type=float)
-    opt("avatar_cache_mb", "most MiB of pre-encoded avatars cached in memory for re-registration; default 2048",
-        type=float)
+    opt(
+        "cache_dir_mb",
+        "most MiB of pre-encoded avatars kept in --cache_dir (least recently used go); default 8192",
+        type=float,
+    )
+    opt(
+        "avatar_cache_mb",
+        "most MiB of pre-encoded avatars cached in memory for re-registration; default 2048",
+        type=float,
+    )
     opt("recording_dir", "folder for MP4 recordings of sessions; default: a temporary folder, deleted at shutdown")
-    opt("recording_retention_s", "delete a finished recording this many seconds after it stopped; default 3600",
-        type=float)
-    opt("recordings_quota_mb", "MiB of disk all recordings may take (running ones stop, new ones get 507); "
-        "default 4096", type=float)
+    opt(
+        "recording_retention_s",
+        "delete a finished recording this many seconds after it stopped; default 3600",
+        type=float,
+    )
+    opt(
+        "recordings_quota_mb",
+        "MiB of disk all recordings may take (running ones stop, new ones get 507); default 4096",
+        type=float,
+    )
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")
-    opt("decoder", "latents -> frames: tiny (TAESD), full (sd-vae-ft-mse) or auto (tiny when <model_dir>/taesd "
-        "is there); sessions may choose another; default auto")
+    opt(
+        "decoder",
+        "latents -> frames: tiny (TAESD), full (sd-vae-ft-mse) or auto (tiny when <model_dir>/taesd "
+        "is there); sessions may choose another; default auto",
+    )
     opt("web_root", "folder of the browser page; default: web_client/ next to the server package")
     p.add_argument(
         "--mark_frames",
@@ -418,9 +474,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "test; browsers warn until it is accepted; its SHA-256 fingerprint is printed) "
         f"(env {ENV_PREFIX}TLS_SELF_SIGNED)",
     )
-    opt("turn_secret", "hand each session short-lived TURN credentials signed with this secret (TURN REST API; "
-        "coturn: use-auth-secret, static-auth-secret=SECRET); needs --turn-url")
-    opt("turn_url", "the TURN server for --turn-secret, repeatable: turn:host:port[?transport=udp|tcp], "
-        "turns:host:port", action="append")
+    opt(
+        "turn_secret",
+        "hand each session short-lived TURN credentials signed with this secret (TURN REST API; "
+        "coturn: use-auth-secret, static-auth-secret=SECRET); needs --turn-url",
+    )
+    opt(
+        "turn_url",
+        "the TURN server for --turn-secret, repeatable: turn:host:port[?transport=udp|tcp], turns:host:port",
+        action="append",
+    )
     opt("turn_ttl_s", "lifetime of the --turn-secret credentials in seconds; default 3600", type=float)
     opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)

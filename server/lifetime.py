@@ -76,17 +76,25 @@ async def _watch(state, session: ServerSession) -> None:
         await asyncio.sleep(CHECK_PERIOD_S)
         now = time.monotonic()
         if cfg.max_session_s and now - session.started_monotonic > cfg.max_session_s:
-            end_session(state, session, "max_duration",
-                        f"the session reached its maximum duration of {cfg.max_session_s:g} s (--max_session_s)")
+            end_session(
+                state,
+                session,
+                "max_duration",
+                f"the session reached its maximum duration of {cfg.max_session_s:g} s (--max_session_s)",
+            )
             return
         if cfg.idle_timeout_s and session.idle_for(now) > cfg.idle_timeout_s:
-            end_session(state, session, "idle_timeout",
-                        f"no audio or request for {cfg.idle_timeout_s:g} s (--idle_timeout_s)")
+            end_session(
+                state, session, "idle_timeout", f"no audio or request for {cfg.idle_timeout_s:g} s (--idle_timeout_s)"
+            )
             return
         for name, pc in list(session.peers.items()):
             since = first_seen.setdefault(name, now)
-            if (name != "publisher" and pc.connectionState in ("new", "connecting")
-                    and now - since > cfg.connect_timeout_s):
+            if (
+                name != "publisher"
+                and pc.connectionState in ("new", "connecting")
+                and now - since > cfg.connect_timeout_s
+            ):
                 session.log.info("viewer %s did not connect within %g s: removed", name, cfg.connect_timeout_s)
                 await session.close_peer(name)
         for name in set(first_seen) - set(session.peers):

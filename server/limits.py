@@ -49,8 +49,9 @@ def _too_large(what: str, limit: int, code: str = "payload_too_large") -> ApiErr
     return ApiError(413, f"{what} is larger than {size}", code=code)
 
 
-async def read_body(request: web.Request, limit: int, what: str = "the request body", code: str = "payload_too_large"
-                    ) -> bytes:
+async def read_body(
+    request: web.Request, limit: int, what: str = "the request body", code: str = "payload_too_large"
+) -> bytes:
     """The whole body, refused (413) as soon as it passes `limit` bytes: by its Content-Length when it has one,
     else while it streams in."""
     if request.content_length is not None and request.content_length > limit:
@@ -87,7 +88,8 @@ def check_sdp(sdp, limit: int) -> None:
 def check_image_pixels(width: int, height: int, limit: int) -> None:
     if width * height > limit:
         raise ApiError(
-            413, f"image: {width}x{height} is too large (at most {limit} pixels, --max_image_pixels)",
+            413,
+            f"image: {width}x{height} is too large (at most {limit} pixels, --max_image_pixels)",
             code="image_too_large",
         )
 
@@ -101,8 +103,10 @@ def check_session_quota(state, owner: str | None) -> None:
     if held >= limit:
         state.sessions.refused_total += 1
         raise ApiError(
-            429, f"this key already holds {held} sessions (at most {limit}, --max_sessions_per_key); end one first",
-            code="session_quota", headers={"Retry-After": "5"},
+            429,
+            f"this key already holds {held} sessions (at most {limit}, --max_sessions_per_key); end one first",
+            code="session_quota",
+            headers={"Retry-After": "5"},
         )
 
 
@@ -147,8 +151,12 @@ class PendingLimit:
 
     def __enter__(self):
         if self.count >= self.limit:
-            raise ApiError(503, f"{self.count} {self.what} are in progress; try again later", code="busy",
-                           headers={"Retry-After": "5"})
+            raise ApiError(
+                503,
+                f"{self.count} {self.what} are in progress; try again later",
+                code="busy",
+                headers={"Retry-After": "5"},
+            )
         self.count += 1
         return self
 
@@ -197,5 +205,4 @@ class MessageRate:
         return Verdict.CLOSE if self.strikes < 0 else Verdict.DROP
 
     def describe(self) -> str:
-        return (f"at most {self.per_s:g} websocket messages a second (bursts of {self.burst:g}, "
-                "--max_ws_messages_per_s)")
+        return f"at most {self.per_s:g} websocket messages a second (bursts of {self.burst:g}, --max_ws_messages_per_s)"

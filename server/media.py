@@ -109,7 +109,13 @@ class MediaPump:
     """The one task per session that calls `session.read_frame()` once per frame period and fans the frame out."""
 
     def __init__(
-        self, session, fps: float, queue_frames: int = 6, mark_frames: bool = False, logger=None, on_failure=None,
+        self,
+        session,
+        fps: float,
+        queue_frames: int = 6,
+        mark_frames: bool = False,
+        logger=None,
+        on_failure=None,
         on_queued: Callable[[int], None] | None = None,
     ):
         self.session = session

@@ -36,30 +36,40 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.websockets_refused = Counter(
-            "vexpress_websockets_refused", "Websockets refused at a per-session limit (429).", ["kind"],
+            "vexpress_websockets_refused",
+            "Websockets refused at a per-session limit (429).",
+            ["kind"],
             registry=self.registry,
         )
         self.websocket_messages_limited = Counter(
             "vexpress_websocket_messages_limited",
-            "Websocket messages dropped over the per-connection rate (--max_ws_messages_per_s).", ["kind"],
+            "Websocket messages dropped over the per-connection rate (--max_ws_messages_per_s).",
+            ["kind"],
             registry=self.registry,
         )
         self.websockets_rate_closed = Counter(
-            "vexpress_websockets_rate_closed", "Websockets closed (1008) for flooding past the message rate.",
-            ["kind"], registry=self.registry,
+            "vexpress_websockets_rate_closed",
+            "Websockets closed (1008) for flooding past the message rate.",
+            ["kind"],
+            registry=self.registry,
         )
         self.audio_to_frame = Histogram(
-            "vexpress_audio_to_frame_seconds", "Audio pushed to frame ready, per frame.",
-            buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            "vexpress_audio_to_frame_seconds",
+            "Audio pushed to frame ready, per frame.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
         )
         self.engine_compute = Histogram(
             "vexpress_engine_compute_seconds",
             "Model compute spans of the engine's worker: one session's audio features, or one batch's denoise+decode.",
-            buckets=TURN_BUCKETS_S, registry=self.registry,
+            buckets=TURN_BUCKETS_S,
+            registry=self.registry,
         )
         self.queue_depth = Histogram(
-            "vexpress_track_queue_depth_frames", "Frames waiting in a track's queue when a frame is put in it.",
-            buckets=DEPTH_BUCKETS, registry=self.registry,
+            "vexpress_track_queue_depth_frames",
+            "Frames waiting in a track's queue when a frame is put in it.",
+            buckets=DEPTH_BUCKETS,
+            registry=self.registry,
         )
         self._latency_seen: dict[str, int] = {}  # engine session id -> latencies observed
         self._compute_seen = 0.0  # end of the last model compute span observed
@@ -78,7 +88,7 @@ class ServerMetrics:
         seen = self._latency_seen.get(engine_session.id, 0)
         recent = list(engine_session.latencies_ms)
         new = min(engine_session.latency_count - seen, len(recent))
-        for ms in recent[len(recent) - new:] if new > 0 else ():
+        for ms in recent[len(recent) - new :] if new > 0 else ():
             self.audio_to_frame.observe(ms / 1000.0)
         self._latency_seen[engine_session.id] = engine_session.latency_count
 

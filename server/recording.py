@@ -359,4 +359,3 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "nothing was recorded (no frame was played while recording)")
     headers = {"Content-Disposition": f'attachment; filename="{recording.session_id}.mp4"'}
     return web.FileResponse(recording.path, headers={**headers, "Content-Type": "video/mp4"})
-

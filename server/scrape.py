@@ -53,17 +53,28 @@ class StateCollector(Collector):
         yield _gauge("sessions", "Sessions being served.", len(sessions))
         yield _gauge("sessions_max", "Sessions the server admits at once (--max_sessions).", state.config.max_sessions)
         yield _counter("sessions_created_total", "Sessions created.", state.sessions.created_total)
-        yield _counter("sessions_refused_total", "Session requests refused at capacity (503).",
-                       state.sessions.refused_total)
-        yield _gauge("peer_connections", "WebRTC peer connections (publishers and WHEP viewers).",
-                     sum(len(s.peers) for s in sessions))
+        yield _counter(
+            "sessions_refused_total", "Session requests refused at capacity (503).", state.sessions.refused_total
+        )
+        yield _gauge(
+            "peer_connections",
+            "WebRTC peer connections (publishers and WHEP viewers).",
+            sum(len(s.peers) for s in sessions),
+        )
         yield _gauge("avatars", "Registered avatars.", state.avatar_count())
-        yield _counter("frames_sent_total", "Frames read from the engine and sent to the tracks.",
-                       sum(p.frames for p in pumps))
-        yield _gauge("fps", "Measured output frame rate of each session, averaged over sessions.",
-                     sum(p.measured_fps for p in pumps) / len(pumps) if pumps else 0.0)
-        yield _counter("pacing_late_frames_total", "Frames read more than one period after they were due.",
-                       sum(p.late_frames for p in pumps))
+        yield _counter(
+            "frames_sent_total", "Frames read from the engine and sent to the tracks.", sum(p.frames for p in pumps)
+        )
+        yield _gauge(
+            "fps",
+            "Measured output frame rate of each session, averaged over sessions.",
+            sum(p.measured_fps for p in pumps) / len(pumps) if pumps else 0.0,
+        )
+        yield _counter(
+            "pacing_late_frames_total",
+            "Frames read more than one period after they were due.",
+            sum(p.late_frames for p in pumps),
+        )
         depth = GaugeMetricFamily(PREFIX + "queue_depth", "Frames waiting in the per-track queues.", labels=["stat"])
         depth.add_metric(["sum"], sum(depths))
         depth.add_metric(["max"], max(depths, default=0))
@@ -73,7 +84,8 @@ class StateCollector(Collector):
         dropped.add_metric(["engine"], engine_stats.get("dropped_frames", 0))
         yield dropped
         latency = GaugeMetricFamily(
-            PREFIX + "latency_ms", "Audio pushed to frame ready, engine-wide percentiles of recent frames (ms).",
+            PREFIX + "latency_ms",
+            "Audio pushed to frame ready, engine-wide percentiles of recent frames (ms).",
             labels=["quantile"],
         )
         for q, key in (("0.5", "latency_p50_ms"), ("0.95", "latency_p95_ms")):

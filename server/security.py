@@ -105,8 +105,12 @@ class OriginPolicy:
         @web.middleware
         async def origin_middleware(request: web.Request, handler):
             if not policy.trusted_host(request):
-                log.warning("refused %s %s for Host %r (not an --allowed-host)", request.method, request.path,
-                            request.host[:200])
+                log.warning(
+                    "refused %s %s for Host %r (not an --allowed-host)",
+                    request.method,
+                    request.path,
+                    request.host[:200],
+                )
                 return error_response(
                     403, "host_not_allowed", f"this server does not answer as {request.host[:200]!r} (--allowed-host)"
                 )
@@ -114,8 +118,12 @@ class OriginPolicy:
             if origin is None:
                 return await handler(request)
             if not policy.allows(origin, request):
-                log.warning("refused %s %s from origin %r (not allowed: see --allowed-origin)", request.method,
-                            request.path, origin[:200])
+                log.warning(
+                    "refused %s %s from origin %r (not allowed: see --allowed-origin)",
+                    request.method,
+                    request.path,
+                    origin[:200],
+                )
                 return error_response(
                     403, "origin_not_allowed", f"origin {origin[:200]!r} may not call this server (--allowed-origin)"
                 )

@@ -37,7 +37,8 @@ class SessionSockets:
         if counts[kind] >= limit:
             server_state(request).metrics.websockets_refused.labels(kind=kind).inc()
             raise ApiError(
-                429, f"this session has {counts[kind]} {kind} websockets open already (at most {limit})",
+                429,
+                f"this session has {counts[kind]} {kind} websockets open already (at most {limit})",
                 code="socket_limit",
             )
         counts[kind] += 1

@@ -52,8 +52,14 @@ _RATE_CLOSE = _Close(WSCloseCode.POLICY_VIOLATION, b"message rate limit")
 
 
 class BotConnection:
-    def __init__(self, request: web.Request, session, ws: web.WebSocketResponse, max_audio: int = MAX_AUDIO_MESSAGE,
-                 rate: MessageLimit | None = None):
+    def __init__(
+        self,
+        request: web.Request,
+        session,
+        ws: web.WebSocketResponse,
+        max_audio: int = MAX_AUDIO_MESSAGE,
+        rate: MessageLimit | None = None,
+    ):
         self.request = request
         self.max_audio = max_audio
         self.rate = rate
@@ -146,8 +152,11 @@ class BotConnection:
     # -- in --------------------------------------------------------------------------------------------------
     def on_audio(self, data: bytes) -> None:
         if len(data) > self.max_audio:
-            self.error("message_too_large", f"an audio message may hold at most {self.max_audio} bytes, "
-                       f"got {len(data)}; send smaller chunks (e.g. 20 ms)")
+            self.error(
+                "message_too_large",
+                f"an audio message may hold at most {self.max_audio} bytes, "
+                f"got {len(data)}; send smaller chunks (e.g. 20 ms)",
+            )
             return
         if not data:
             return
@@ -237,8 +246,9 @@ class BotConnection:
             es.remove_listener(self._on_event)
             ticker.cancel()
             if flooded:  # the error event out first (if the client reads), then 1008
-                self.session.log.warning("bot websocket closed: message rate limit (%d dropped)",
-                                         self.rate.dropped if self.rate else 0)
+                self.session.log.warning(
+                    "bot websocket closed: message rate limit (%d dropped)", self.rate.dropped if self.rate else 0
+                )
                 self._queue.put_nowait(_RATE_CLOSE)
                 await asyncio.wait({sender}, timeout=FLUSH_BEFORE_CLOSE_S)
             if not sender.done():

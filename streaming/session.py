@@ -385,8 +385,10 @@ class StreamSession:
             # Feed the features about two chunks of audio at a time: wav2vec2's span stays bounded however far
             # ahead a bot has pushed.
             cfg = self.config
-            feed = 0 if len(utt.tokens) >= self.denoiser_settings.new_frames else int(
-                (2 * self.denoiser_settings.new_frames / cfg.fps + cfg.lookahead_s) * MODEL_RATE
+            feed = (
+                0
+                if len(utt.tokens) >= self.denoiser_settings.new_frames
+                else int((2 * self.denoiser_settings.new_frames / cfg.fps + cfg.lookahead_s) * MODEL_RATE)
             )
             pcm = utt.pcm16k.take(feed)
             end_features = utt.ended and not utt.features_ended and utt.pcm16k.size == 0
@@ -451,8 +453,9 @@ class StreamSession:
         if c == 0:
             return
         order = [self._idle_index(self._idle_pos - self._idle_dir * (c - 1 - i)) for i in range(c)]
-        self.engine.denoiser_for(self).set_context(stream, idle[:, order], self.engine.silence_tokens(self)[None]
-                                                   .expand(c, -1, -1))
+        self.engine.denoiser_for(self).set_context(
+            stream, idle[:, order], self.engine.silence_tokens(self)[None].expand(c, -1, -1)
+        )
 
     def deliver(self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]]) -> None:
         """The worker hands back a chunk's frames: (payload, uint8 image, clean latent) each, in order. Frames of an
@@ -498,8 +501,9 @@ class StreamSession:
             self.underruns += 1
             if self._last_image is None:
                 return None
-            return AVFrame(index, self.time_base, self._last_image, self._silence, self.config.output_sample_rate,
-                           True, utt.id)
+            return AVFrame(
+                index, self.time_base, self._last_image, self._silence, self.config.output_sample_rate, True, utt.id
+            )
         sf = self._ready.popleft()
         self._last_image, self._last_latent, self._last_idle_pos = sf.image, sf.latent, sf.idle_pos
         utt.frames_played += 1

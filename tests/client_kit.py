@@ -412,8 +412,9 @@ class Frames:
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 f = parse_frame(msg.data)
                 jpeg = f.jpeg if self.keep_jpeg else b""
-                self.frames.append(FrameInfo(time.monotonic(), f.index, f.pts_us, f.speaking, f.utterance,
-                                             f.audio.copy(), jpeg))
+                self.frames.append(
+                    FrameInfo(time.monotonic(), f.index, f.pts_us, f.speaking, f.utterance, f.audio.copy(), jpeg)
+                )
 
     def speech(self, utterance: int | None = None) -> list[FrameInfo]:
         return [f for f in self.frames if f.speaking and (utterance is None or f.utterance == utterance)]

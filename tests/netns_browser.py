@@ -169,8 +169,13 @@ def run(args: argparse.Namespace, report: dict) -> None:
             turn, turn_port, turn_log = start_turn(work)
             report["turn_port"] = turn_port
             cmd += ["--turn-secret", TURN_SECRET, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp"]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        )
         server_log = work / "serve.log"
         with open(server_log, "wb") as log:
             server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)

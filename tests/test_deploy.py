@@ -125,6 +125,7 @@ def test_aiohttp_serves_with_the_context_and_clients_verify_it(tmp_path):
 
     async def main() -> tuple[str, str]:
         app = web.Application()
+
         async def hello(request: web.Request) -> web.Response:
             return web.Response(text="ok")
 
@@ -257,8 +258,10 @@ def test_https_self_signed_browser(model_dir, speech_wav, tmp_path):
     assert any(ln.startswith("vexpress-rt serving on https://") for ln in report["server_banner"])
     pair = report["pair"]
     assert pair["local"]["address"] == pair["remote"]["address"] == "127.0.0.1", pair
-    print(f"https: {report['fps']} fps, peak RMS {report['remote_level_peak_rms']}, ready {report['server_ready_s']} s,"
-          f" run {report['runtime_s']} s")
+    print(
+        f"https: {report['fps']} fps, peak RMS {report['remote_level_peak_rms']}, ready {report['server_ready_s']} s,"
+        f" run {report['runtime_s']} s"
+    )
 
 
 @pytest.mark.browser
@@ -283,5 +286,7 @@ def test_turn_relay_browser(model_dir, speech_wav, tmp_path):
     assert pair["remote"]["address"] == "127.0.0.1", where
     assert report["whep"]["pairLocalType"] == "relay", where  # the WHEP viewer got relayed too
     assert report["turn_allocations"] >= 2, where  # the publisher's and the viewer's
-    print(f"turn: {report['fps']} fps relayed, peak RMS {report['remote_level_peak_rms']}, pair {pair},"
-          f" run {report['runtime_s']} s")
+    print(
+        f"turn: {report['fps']} fps relayed, peak RMS {report['remote_level_peak_rms']}, pair {pair},"
+        f" run {report['runtime_s']} s"
+    )

@@ -37,6 +37,7 @@ def session_config(**settings) -> SessionConfig:
     params = GenerationParams(**{k: v for k, v in settings.items() if k in names})
     return SessionConfig(params=params, **{k: v for k, v in settings.items() if k not in names})
 
+
 W, H = 128, 64
 OUT_RATE = 48000
 

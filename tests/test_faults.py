@@ -95,8 +95,11 @@ def test_publisher_vanishing_ends_its_session_and_others_continue(server, fast_c
             pc.addTransceiver("audio", direction="recvonly")
             pc.addTransceiver("video", direction="recvonly")
             await pc.setLocalDescription(await pc.createOffer())
-            async with c.post(doomed["offer_url"], json={"sdp": pc.localDescription.sdp, "type": "offer"},
-                              headers=bearer(doomed["token"])) as r:
+            async with c.post(
+                doomed["offer_url"],
+                json={"sdp": pc.localDescription.sdp, "type": "offer"},
+                headers=bearer(doomed["token"]),
+            ) as r:
                 answer = await r.json()
             await pc.setRemoteDescription(RTCSessionDescription(**answer))
             assert await wait_for(lambda: counter.video >= 10 and seen.video >= 10, 20)
@@ -187,8 +190,11 @@ def test_websockets_dropped_without_close(server):
             for ws in (bot, frames):
                 ws._response.connection.transport.abort()  # the TCP connection is gone
             released = await wait_for(
-                lambda: len(es._listeners) == listeners and not served.pump._subscribers
-                and not server.app[OPEN_SOCKETS], 10)
+                lambda: (
+                    len(es._listeners) == listeners and not served.pump._subscribers and not server.app[OPEN_SOCKETS]
+                ),
+                10,
+            )
             again = await _bot(c, s)
             await again.send_str('{"type": "ping", "id": 1}')
             pong = await ws_messages(again, 5.0, until=lambda m: m.get("type") == "pong")
@@ -241,8 +247,10 @@ async def _stalled_websocket(url: str, path: str) -> socket.socket:
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, (host, int(port)))
-    request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
     await loop.sock_sendall(sock, request.encode())
     head = b""
     while b"\r\n\r\n" not in head:

@@ -45,7 +45,9 @@ from server.session_api import SESSION_FIELDS
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
 
 FUZZ = settings(
-    max_examples=100, deadline=None, database=None,
+    max_examples=100,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TRIED: Counter = Counter()
@@ -105,11 +107,18 @@ def _healthy(server) -> None:
 
 # -- strategies --------------------------------------------------------------------------------------------------------
 scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
     | st.sampled_from([10**400, -(10**400), 1e308, 25, 4, 16000, "25", "", "\u0000", "\ud800"])
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                             max_size=4), max_leaves=10)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
 known_fields = st.fixed_dictionaries(
     {},
     optional={
@@ -119,7 +128,8 @@ known_fields = st.fixed_dictionaries(
         "guidance_scale": st.floats() | st.integers(-3, 30),
         "audio": st.fixed_dictionaries(
             {}, optional={"sample_rate": st.integers(-1, 500_000) | values, "channels": st.integers(-1, 12) | values}
-        ) | values,
+        )
+        | values,
         "record": values,
     },
 )
@@ -182,8 +192,11 @@ def test_fuzz_decode_image_mutations(pictures, data):
 
 
 @FUZZ
-@given(image=st.binary(max_size=3000), kps=st.none() | st.binary(max_size=100) | values.map(_dump),
-       name=st.none() | st.text(st.characters(blacklist_categories=("Cs",)), max_size=300))
+@given(
+    image=st.binary(max_size=3000),
+    kps=st.none() | st.binary(max_size=100) | values.map(_dump),
+    name=st.none() | st.text(st.characters(blacklist_categories=("Cs",)), max_size=300),
+)
 def test_fuzz_avatar_upload(server, clean_log, image, kps, name):
     TRIED["POST /v1/avatars"] += 1
     reply = call("POST", f"{server.url}/v1/avatars", data=avatar_form(image, kps, name))
@@ -226,20 +239,64 @@ def real_offer() -> str:
 
 
 _sdp_lines = st.one_of(
-    st.builds("m={} {} {} {}".format, st.sampled_from(["video", "audio", "application", "text", ""]),
-              st.integers(-1, 70000), st.sampled_from(["UDP/TLS/RTP/SAVPF", "RTP/AVP", "x"]),
-              st.lists(st.integers(-1, 300), max_size=4).map(lambda x: " ".join(map(str, x)))),
-    st.builds("a=rtpmap:{} {}/{}".format, st.integers(-1, 300), st.sampled_from(["VP8", "H264", "opus", "?"]),
-              st.integers(-1, 200000)),
+    st.builds(
+        "m={} {} {} {}".format,
+        st.sampled_from(["video", "audio", "application", "text", ""]),
+        st.integers(-1, 70000),
+        st.sampled_from(["UDP/TLS/RTP/SAVPF", "RTP/AVP", "x"]),
+        st.lists(st.integers(-1, 300), max_size=4).map(lambda x: " ".join(map(str, x))),
+    ),
+    st.builds(
+        "a=rtpmap:{} {}/{}".format,
+        st.integers(-1, 300),
+        st.sampled_from(["VP8", "H264", "opus", "?"]),
+        st.integers(-1, 200000),
+    ),
     st.builds("a=fmtp:{} {}".format, st.integers(-1, 300), st.text(max_size=30)),
-    st.builds("a=candidate:{} {} {} {} {} {} typ {}".format, st.text(max_size=5), st.integers(-1, 3),
-              st.sampled_from(["udp", "tcp", "x"]), st.integers(), st.sampled_from(["127.0.0.1", "::1", "x", ""]),
-              st.integers(-1, 70000), st.sampled_from(["host", "srflx", "relay", "x"])),
-    st.builds("a={}:{}".format, st.sampled_from(["mid", "setup", "ice-ufrag", "ice-pwd", "fingerprint", "group",
-                                                 "ssrc", "msid", "rtcp-fb", "extmap", "sctp-port", "direction"]),
-              st.text(max_size=40)),
-    st.sampled_from(["a=sendrecv", "a=recvonly", "a=inactive", "a=rtcp-mux", "c=IN IP4 0.0.0.0", "t=0 0", "s=-",
-                     "o=- 0 0 IN IP4 127.0.0.1", "a=group:BUNDLE 0 1", "a=fingerprint:sha-256 00:11"]),
+    st.builds(
+        "a=candidate:{} {} {} {} {} {} typ {}".format,
+        st.text(max_size=5),
+        st.integers(-1, 3),
+        st.sampled_from(["udp", "tcp", "x"]),
+        st.integers(),
+        st.sampled_from(["127.0.0.1", "::1", "x", ""]),
+        st.integers(-1, 70000),
+        st.sampled_from(["host", "srflx", "relay", "x"]),
+    ),
+    st.builds(
+        "a={}:{}".format,
+        st.sampled_from(
+            [
+                "mid",
+                "setup",
+                "ice-ufrag",
+                "ice-pwd",
+                "fingerprint",
+                "group",
+                "ssrc",
+                "msid",
+                "rtcp-fb",
+                "extmap",
+                "sctp-port",
+                "direction",
+            ]
+        ),
+        st.text(max_size=40),
+    ),
+    st.sampled_from(
+        [
+            "a=sendrecv",
+            "a=recvonly",
+            "a=inactive",
+            "a=rtcp-mux",
+            "c=IN IP4 0.0.0.0",
+            "t=0 0",
+            "s=-",
+            "o=- 0 0 IN IP4 127.0.0.1",
+            "a=group:BUNDLE 0 1",
+            "a=fingerprint:sha-256 00:11",
+        ]
+    ),
     st.text(max_size=60),
 )
 
@@ -422,9 +479,17 @@ PLAYLISTS = [
     "<?xml version='1.0'?><smil><body><audio src='{path}'/></body></smil>",
     "{path}",
 ]
-TARGETS = ["sub/secret.wav", "./sub/secret.wav", "sub/../sub/secret.wav", "file:sub/secret.wav",
-           "subfile:,start,0,end,0,,:sub/secret.wav", "concat:sub/secret.wav|sub/secret.wav",
-           "http://127.0.0.1:9/x.wav", "/dev/zero", "/proc/self/environ"]
+TARGETS = [
+    "sub/secret.wav",
+    "./sub/secret.wav",
+    "sub/../sub/secret.wav",
+    "file:sub/secret.wav",
+    "subfile:,start,0,end,0,,:sub/secret.wav",
+    "concat:sub/secret.wav|sub/secret.wav",
+    "http://127.0.0.1:9/x.wav",
+    "/dev/zero",
+    "/proc/self/environ",
+]
 
 
 def _patched_wav(rate: int, channels: int, bits: int, data_size: int) -> bytes:
@@ -447,8 +512,9 @@ class TestHostileAudioOnOneLongLivedSession:
         prefix=st.sampled_from(["", "\ufeff", " ", "\n"]),
         ctype=st.sampled_from(["audio/wav", "audio/x-mpegurl", "application/octet-stream", "audio/ogg"]),
     )
-    def test_fuzz_speak_playlists_never_read_server_files(self, server, clean_log, long_session, tmp_path, monkeypatch,
-                                                           template, target, prefix, ctype):
+    def test_fuzz_speak_playlists_never_read_server_files(
+        self, server, clean_log, long_session, tmp_path, monkeypatch, template, target, prefix, ctype
+    ):
         """ffconcat, HLS, PLS, SMIL and protocol URLs naming a WAV beside the server's working directory: FFmpeg would
         open the file (or the URL) and play it. Every one must be refused (415) and nothing must reach the session."""
         TRIED["POST speak (playlist)"] += 1
@@ -462,11 +528,13 @@ class TestHostileAudioOnOneLongLivedSession:
         assert reply.status == 415, (body, reply.status, reply.text[:300])
         assert served.engine_session.buffered_ms == 0 and not served.closed
 
-
     @settings(FUZZ, max_examples=40)
-    @given(rate=st.sampled_from([0, 1, 7999, 16000, 192001, 2**31 - 1, 2**32 - 1]),
-           channels=st.sampled_from([0, 1, 2, 9, 255, 65535]), bits=st.sampled_from([0, 8, 16, 24, 33, 65535]),
-           data_size=st.sampled_from([0, 6400, 2**31, 2**32 - 1]))
+    @given(
+        rate=st.sampled_from([0, 1, 7999, 16000, 192001, 2**31 - 1, 2**32 - 1]),
+        channels=st.sampled_from([0, 1, 2, 9, 255, 65535]),
+        bits=st.sampled_from([0, 8, 16, 24, 33, 65535]),
+        data_size=st.sampled_from([0, 6400, 2**31, 2**32 - 1]),
+    )
     def test_fuzz_speak_wav_headers_that_lie(self, server, clean_log, long_session, rate, channels, bits, data_size):
         """A real WAV container whose header claims absurd rates, channel counts, sample sizes and lengths."""
         TRIED["POST speak (lying WAV header)"] += 1

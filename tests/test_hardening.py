@@ -423,8 +423,10 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
     calm_gaps, attack_gaps = frame_gaps(arrivals[:calm]), frame_gaps(arrivals[calm - 1 :])
     bound = max(0.5 * decode_s, max(calm_gaps))
     stalls = sorted((g for g in attack_gaps if g > bound), reverse=True)
-    print(f"\nbystander frame gaps: calm max {max(calm_gaps):.3f} s; one decode {decode_s:.3f} s; during "
-          f"{HOSTILE_UPLOADS} hostile uploads max {max(attack_gaps):.3f} s, over {bound:.3f} s: {stalls}")
+    print(
+        f"\nbystander frame gaps: calm max {max(calm_gaps):.3f} s; one decode {decode_s:.3f} s; during "
+        f"{HOSTILE_UPLOADS} hostile uploads max {max(attack_gaps):.3f} s, over {bound:.3f} s: {stalls}"
+    )
     assert statuses == [400] * HOSTILE_UPLOADS
     assert len(calm_gaps) > 10 and len(attack_gaps) > 10, "the bystander received too few frames to judge"
     assert len(stalls) <= HOSTILE_UPLOADS // 2, (stalls, bound, decode_s)
@@ -491,8 +493,15 @@ def test_a_session_whose_frames_stop_is_closed(tiny_engine):
             raise RuntimeError("the device went away")
 
         engine_session.read_frame = broken_read_frame  # the fault: reading the engine fails
-        assert call("POST", f"{s['url']}/speak", data=wav_bytes(0.5), headers={**bearer(s["token"]),
-                    "Content-Type": "audio/wav"}).status == 202  # starts the frame pump
+        assert (
+            call(
+                "POST",
+                f"{s['url']}/speak",
+                data=wav_bytes(0.5),
+                headers={**bearer(s["token"]), "Content-Type": "audio/wav"},
+            ).status
+            == 202
+        )  # starts the frame pump
         deadline = time.monotonic() + 10
         while server.state.sessions.get(s["id"]) is not None and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -113,8 +113,16 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
 def test_soak_command_reports_its_figures(tiny_engine):
     """`vexpress-rt soak` in short: 2 clients (a WebRTC publisher and a bot), 24 s, sessions of 10 s."""
     config = make_config(host="127.0.0.1", port=0, fps=10, steps=2, max_sessions=4, admission=False).validate()
-    report = run_soak(tiny_engine, config, sessions=2, seconds=24, session_s=10, client="mixed",
-                      speech=load_speech(None), timeline_every_s=5)
+    report = run_soak(
+        tiny_engine,
+        config,
+        sessions=2,
+        seconds=24,
+        session_s=10,
+        client="mixed",
+        speech=load_speech(None),
+        timeline_every_s=5,
+    )
     timeline = report.pop("timeline")
     print(f"\nsoak: {report}")
     start, end = report["process"]["start"], report["process"]["end"]
@@ -135,8 +143,16 @@ def test_soak_stops_when_the_server_cannot_become_ready(tiny_engine, tmp_path):
     bad.write_bytes(b"not a picture")
     config = make_config(avatar=str(bad), admission=False).validate()
     with pytest.raises(RuntimeError, match="could not start: the default portrait portrait.png"):
-        run_soak(tiny_engine, config, sessions=1, seconds=5, session_s=0, client="ws", speech=load_speech(None),
-                 ready_timeout_s=60)
+        run_soak(
+            tiny_engine,
+            config,
+            sessions=1,
+            seconds=5,
+            session_s=0,
+            client="ws",
+            speech=load_speech(None),
+            ready_timeout_s=60,
+        )
 
 
 def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):

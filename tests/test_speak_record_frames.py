@@ -70,8 +70,9 @@ def encoded_bytes(samples: np.ndarray, rate: int, fmt: str, codec: str) -> bytes
         stream.layout = "mono"
         size = 1152
         for start in range(0, len(samples), size):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start : start + size]),
-                                               format="flt", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples[None, start : start + size]), format="flt", layout="mono"
+            )
             frame.sample_rate = rate
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -99,10 +100,11 @@ def test_speak_files(server, tiny_speech):
     speech44 = resample_pcm(np.stack([tiny_speech, tiny_speech]), 16000, 44100).T  # stereo 44.1 kHz
     files = {
         "wav": (wav_bytes(speech44, 44100), "audio/wav"),
-        "mp3": (encoded_bytes(resample_pcm(tiny_speech[None], 16000, 22050)[0], 22050, "mp3", "libmp3lame"),
-                "audio/mpeg"),
-        "ogg": (encoded_bytes(resample_pcm(tiny_speech[None], 16000, 48000)[0], 48000, "ogg", "libopus"),
-                "audio/ogg"),
+        "mp3": (
+            encoded_bytes(resample_pcm(tiny_speech[None], 16000, 22050)[0], 22050, "mp3", "libmp3lame"),
+            "audio/mpeg",
+        ),
+        "ogg": (encoded_bytes(resample_pcm(tiny_speech[None], 16000, 48000)[0], 48000, "ogg", "libopus"), "audio/ogg"),
     }
 
     async def main():
@@ -152,8 +154,15 @@ def test_speak_files(server, tiny_speech):
     assert (replies["wav"][1]["sample_rate"], replies["wav"][1]["channels"]) == (44100, 2)
     assert (replies["mp3"][1]["sample_rate"], replies["ogg"][1]["sample_rate"]) == (22050, 48000)
     assert finished["interrupted"] is False and abs(finished["position_ms"] - 1300) <= 1000 / FPS
-    expected = {"garbage": 400, "empty": 400, "json": 415, "text": 415, "no_audio_stream": 415, "too_big": 413,
-                "no_token": 401}
+    expected = {
+        "garbage": 400,
+        "empty": 400,
+        "json": 415,
+        "text": 415,
+        "no_audio_stream": 415,
+        "too_big": 413,
+        "no_token": 401,
+    }
     assert {k: s for k, (s, _) in bad.items()} == expected
     assert all(e["message"] for k, (_, e) in bad.items() if e)
 
@@ -161,8 +170,12 @@ def test_speak_files(server, tiny_speech):
 def _mp4_facts(data: bytes) -> dict:
     with av.open(io.BytesIO(data)) as container:
         v, a = container.streams.video[0], container.streams.audio[0]
-        facts = {"video_codec": v.codec_context.name, "audio_codec": a.codec_context.name, "size": (v.width, v.height),
-                 "container_s": container.duration / 1e6}
+        facts = {
+            "video_codec": v.codec_context.name,
+            "audio_codec": a.codec_context.name,
+            "size": (v.width, v.height),
+            "container_s": container.duration / 1e6,
+        }
         frames, audio, rate = [], [], a.rate
         for frame in container.decode(v, a):
             if isinstance(frame, av.VideoFrame):
@@ -170,8 +183,13 @@ def _mp4_facts(data: bytes) -> dict:
             else:
                 audio.append(frame.to_ndarray().reshape(-1))
     pcm = np.concatenate(audio)
-    facts.update(video_frames=len(frames), video_s=frames[-1] + 1 / FPS - frames[0], audio=pcm, audio_rate=rate,
-                 audio_s=len(pcm) / rate)
+    facts.update(
+        video_frames=len(frames),
+        video_s=frames[-1] + 1 / FPS - frames[0],
+        audio=pcm,
+        audio_rate=rate,
+        audio_s=len(pcm) / rate,
+    )
     return facts
 
 
@@ -216,8 +234,18 @@ def test_recording_from_creation_lasts_speech_plus_idle(server, tiny_speech):
                 second = await r.read()
             async with http.get(url, headers={"Authorization": "Bearer nope"}) as r:
                 wrong_token = r.status
-            return session, summary, while_recording, content_type, data, underruns, restarted, twice, second, \
-                wrong_token
+            return (
+                session,
+                summary,
+                while_recording,
+                content_type,
+                data,
+                underruns,
+                restarted,
+                twice,
+                second,
+                wrong_token,
+            )
 
     session, summary, while_recording, content_type, data, underruns, restarted, twice, second, wrong = run(main())
     facts = _mp4_facts(data)
@@ -226,10 +254,12 @@ def test_recording_from_creation_lasts_speech_plus_idle(server, tiny_speech):
     loud_rec, loud_src = _loud_blocks(facts["audio"], facts["audio_rate"]), _loud_blocks(speech_48k, OUT_RATE)
     speech_frames = -(-len(tiny_speech) * 3 // SPF)
     idle_frames = summary["frames"] - speech_frames - underruns
-    print(f"\nrecording: {summary}\nMP4: {facts['video_codec']}+{facts['audio_codec']} {facts['size']}, "
-          f"{facts['video_frames']} frames, video {facts['video_s']:.3f} s, audio {facts['audio_s']:.3f} s, "
-          f"container {facts['container_s']:.3f} s; = {speech_frames} speech + {underruns} hold + {idle_frames} idle "
-          f"frames; loud 20 ms blocks {loud_rec} (source {loud_src}); second recording {later['video_s']:.2f} s")
+    print(
+        f"\nrecording: {summary}\nMP4: {facts['video_codec']}+{facts['audio_codec']} {facts['size']}, "
+        f"{facts['video_frames']} frames, video {facts['video_s']:.3f} s, audio {facts['audio_s']:.3f} s, "
+        f"container {facts['container_s']:.3f} s; = {speech_frames} speech + {underruns} hold + {idle_frames} idle "
+        f"frames; loud 20 ms blocks {loud_rec} (source {loud_src}); second recording {later['video_s']:.2f} s"
+    )
     assert while_recording == 409 and restarted == 201 and twice == 409 and wrong == 401
     assert content_type == "video/mp4"
     assert (facts["video_codec"], facts["audio_codec"], facts["size"]) == ("h264", "aac", (128, 64))
@@ -290,8 +320,9 @@ def test_frames_websocket_format(server, tiny_speech):
             await bot.send({"type": "audio.end"})
             finished = await bot.wait_type("playback.finished", timeout=60)
             await asyncio.sleep(0.3)
-            async with http.get(session["frames_url"].replace("ws://", "http://"), params={"quality": "0",
-                                                                                       "token": session["token"]}) as r:
+            async with http.get(
+                session["frames_url"].replace("ws://", "http://"), params={"quality": "0", "token": session["token"]}
+            ) as r:
                 bad_quality = r.status
             got = list(frames.frames)
             served = server.state.sessions.get(session["id"])
@@ -302,9 +333,18 @@ def test_frames_websocket_format(server, tiny_speech):
             return frames.start, got, finished, bad_quality, drops
 
     start, got, finished, bad_quality, (queue_drops, engine_skips) = run(main())
-    assert start == {"type": "stream.start", "session_id": start["session_id"], "fps": 25, "width": 128, "height": 64,
-                     "sample_rate": 48000, "channels": 1, "jpeg_quality": 60, "header_bytes": HEADER.size,
-                     "version": 1}
+    assert start == {
+        "type": "stream.start",
+        "session_id": start["session_id"],
+        "fps": 25,
+        "width": 128,
+        "height": 64,
+        "sample_rate": 48000,
+        "channels": 1,
+        "jpeg_quality": 60,
+        "header_bytes": HEADER.size,
+        "version": 1,
+    }
     indices = [f.index for f in got]
     # every frame, in order; the only gaps are frame periods the engine skipped because the pacing task was late
     # (CPU contention; counted), none from this consumer's queue
@@ -318,8 +358,10 @@ def test_frames_websocket_format(server, tiny_speech):
     assert not any(f.audio.any() for f in got if not f.speaking)  # idle frames are silent
     assert finished["frame"] == speech[-1].index  # the event names the frame that ended the utterance
     assert bad_quality == 400
-    print(f"\nframes websocket: {len(got)} frames, {len(speech)} speaking, JPEG {len(got[0].jpeg)} bytes at q60; "
-          f"frame periods skipped by the engine: {engine_skips}")
+    print(
+        f"\nframes websocket: {len(got)} frames, {len(speech)} speaking, JPEG {len(got[0].jpeg)} bytes at q60; "
+        f"frame periods skipped by the engine: {engine_skips}"
+    )
 
 
 def test_slow_frames_consumer_loses_frames_and_stalls_nobody(server):
@@ -354,8 +396,10 @@ def test_slow_frames_consumer_loses_frames_and_stalls_nobody(server):
 
     elapsed, pumped, dropped, received, fast_frames = run(main())
     gaps = sum(1 for a, b in zip(received, received[1:]) if b != a + 1)
-    print(f"\nslow consumer: pump read {pumped} frames in {elapsed:.2f} s; {dropped} dropped for the slow consumer; "
-          f"it then received {len(received)} frames with {gaps} gaps; the other consumer {len(fast_frames)} frames")
+    print(
+        f"\nslow consumer: pump read {pumped} frames in {elapsed:.2f} s; {dropped} dropped for the slow consumer; "
+        f"it then received {len(received)} frames with {gaps} gaps; the other consumer {len(fast_frames)} frames"
+    )
     assert pumped >= 0.9 * elapsed * FPS  # the session's clock never stalled
     assert fast_frames == list(range(fast_frames[0], fast_frames[0] + len(fast_frames)))  # nothing lost there
     assert dropped > 0 and gaps > 0 and received == sorted(received)

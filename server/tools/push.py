@@ -32,14 +32,28 @@ def add_push_command(sub) -> None:
     p.add_argument("url", help="the session's ws_url, e.g. ws://host:8080/v1/sessions/<id>/ws?token=<token>")
     p.add_argument("--audio", required=True, help="audio file (WAV, MP3, OGG...; any rate and channel count)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--realtime", dest="mode", action="store_const", const="realtime",
-                      help="push at the pace of real time, like a live TTS stream (default)")
-    mode.add_argument("--as-fast-as-allowed", dest="mode", action="store_const", const="fast",
-                      help="push ahead of playback, as far as --max-lead-ms allows (the server's buffer events)")
+    mode.add_argument(
+        "--realtime",
+        dest="mode",
+        action="store_const",
+        const="realtime",
+        help="push at the pace of real time, like a live TTS stream (default)",
+    )
+    mode.add_argument(
+        "--as-fast-as-allowed",
+        dest="mode",
+        action="store_const",
+        const="fast",
+        help="push ahead of playback, as far as --max-lead-ms allows (the server's buffer events)",
+    )
     p.add_argument("--token", help="the session token, sent as Authorization: Bearer (else put ?token= in the URL)")
     p.add_argument("--chunk-ms", type=int, default=20, help="audio per message; default 20")
-    p.add_argument("--max-lead-ms", type=float, default=2000.0,
-                   help="--as-fast-as-allowed: stay at most this far ahead of playback; default 2000")
+    p.add_argument(
+        "--max-lead-ms",
+        type=float,
+        default=2000.0,
+        help="--as-fast-as-allowed: stay at most this far ahead of playback; default 2000",
+    )
     p.add_argument("--close", action="store_true", help="end the session (session.close) after playback")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds; default 600")
     p.set_defaults(mode="realtime", func=cmd_push)

@@ -54,10 +54,19 @@ def add_soak_command(sub) -> None:
     p.add_argument("--model_dir", default="./model_ckpts", help="model folder in the released layout")
     p.add_argument("--sessions", type=int, default=2, help="clients at once (default 2)")
     p.add_argument("--minutes", type=float, default=2.0, help="length of the run (default 2)")
-    p.add_argument("--session_s", type=float, default=60.0, help="each client ends its session and opens a new one "
-                   "after this many seconds (default 60; 0: one session for the whole run)")
-    p.add_argument("--client", choices=["webrtc", "ws", "mixed"], default="mixed",
-                   help="WebRTC publishers, websocket bots, or both alternately (default)")
+    p.add_argument(
+        "--session_s",
+        type=float,
+        default=60.0,
+        help="each client ends its session and opens a new one "
+        "after this many seconds (default 60; 0: one session for the whole run)",
+    )
+    p.add_argument(
+        "--client",
+        choices=["webrtc", "ws", "mixed"],
+        default="mixed",
+        help="WebRTC publishers, websocket bots, or both alternately (default)",
+    )
     p.add_argument("--audio", default=None, help="speech to loop (any audio file); default: a synthetic voice")
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--steps", type=int, default=4)
@@ -66,9 +75,12 @@ def add_soak_command(sub) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--admission", action="store_true", help="keep admission control on (refusals are counted)")
-    p.add_argument("--ready_timeout_s", type=float, default=READY_TIMEOUT_S,
-                   help=f"wait this long at most for /readyz to say ready before the clients start "
-                   f"(default {READY_TIMEOUT_S:g})")
+    p.add_argument(
+        "--ready_timeout_s",
+        type=float,
+        default=READY_TIMEOUT_S,
+        help=f"wait this long at most for /readyz to say ready before the clients start (default {READY_TIMEOUT_S:g})",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write the report to this file")
     p.set_defaults(func=cmd_soak)
 
@@ -79,15 +91,32 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     config = ServerConfig(
-        model_dir=args.model_dir, host="127.0.0.1", port=0, width=args.width, height=args.height, fps=args.fps,
-        steps=args.steps, max_sessions=max(4, args.sessions), ice_host=["127.0.0.1"], device=args.device,
-        dtype=args.dtype, admission=args.admission,
+        model_dir=args.model_dir,
+        host="127.0.0.1",
+        port=0,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        steps=args.steps,
+        max_sessions=max(4, args.sessions),
+        ice_host=["127.0.0.1"],
+        device=args.device,
+        dtype=args.dtype,
+        admission=args.admission,
     ).validate()
     engine = build_engine(config)
     engine.start()
     try:
-        report = run_soak(engine, config, args.sessions, args.minutes * 60, args.session_s, args.client,
-                          load_speech(args.audio), ready_timeout_s=args.ready_timeout_s)
+        report = run_soak(
+            engine,
+            config,
+            args.sessions,
+            args.minutes * 60,
+            args.session_s,
+            args.client,
+            load_speech(args.audio),
+            ready_timeout_s=args.ready_timeout_s,
+        )
     finally:
         engine.close()
     report["command"] = " ".join(["vexpress-rt", "soak", *sys.argv[2:]]) if len(sys.argv) > 1 else "vexpress-rt soak"
@@ -264,8 +293,9 @@ class _Clients:
         try:
             await pc.setLocalDescription(await pc.createOffer())
             headers = {"Authorization": f"Bearer {session['token']}"}
-            async with http.post(session["offer_url"], json={"sdp": pc.localDescription.sdp, "type": "offer"},
-                                 headers=headers) as r:
+            async with http.post(
+                session["offer_url"], json={"sdp": pc.localDescription.sdp, "type": "offer"}, headers=headers
+            ) as r:
                 answer = await r.json()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
             await asyncio.sleep(seconds)
@@ -349,8 +379,17 @@ class _LatencySampler:
         return (round(float(np.percentile(values, 95)), 1) if values else None), len(values)
 
 
-def run_soak(engine, config, sessions: int, seconds: float, session_s: float, client: str, speech: np.ndarray,
-             timeline_every_s: float = 10.0, ready_timeout_s: float = READY_TIMEOUT_S) -> dict:
+def run_soak(
+    engine,
+    config,
+    sessions: int,
+    seconds: float,
+    session_s: float,
+    client: str,
+    speech: np.ndarray,
+    timeline_every_s: float = 10.0,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> dict:
     """The soak against `engine` (started; stays the caller's), from the moment the server is ready. Returns the
     report."""
     server = _Server(config, engine)
@@ -370,8 +409,10 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
             t0 = time.monotonic()
             deadline = t0 + seconds
             kinds = ["webrtc", "ws"] if client == "mixed" else [client]
-            workers = [asyncio.ensure_future(clients.run(i, kinds[i % len(kinds)], deadline, session_s))
-                       for i in range(sessions)]
+            workers = [
+                asyncio.ensure_future(clients.run(i, kinds[i % len(kinds)], deadline, session_s))
+                for i in range(sessions)
+            ]
             next_mark = 0.0
             while not all(w.done() for w in workers):
                 await asyncio.sleep(0.5)
@@ -419,11 +460,14 @@ def run_soak(engine, config, sessions: int, seconds: float, session_s: float, cl
             },
             "process": {"start": start_figures, "after_first_window": warm, "end": end_figures},
             "growth_after_first_window": {
-                key: round(end_figures[key] - warm[key], 1) for key in ("rss_mb", "open_fds", "threads", "tasks")
+                key: round(end_figures[key] - warm[key], 1)
+                for key in ("rss_mb", "open_fds", "threads", "tasks")
                 if warm.get(key) is not None and end_figures.get(key) is not None
             },
-            "engine": {"worker_errors": engine.worker.errors - errors0,
-                       "frames_generated": engine.worker.frames_generated - frames0},
+            "engine": {
+                "worker_errors": engine.worker.errors - errors0,
+                "frames_generated": engine.worker.frames_generated - frames0,
+            },
             "timeline": timeline,
         }
     finally:

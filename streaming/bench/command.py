@@ -97,7 +97,10 @@ def flops_figures(cfg) -> dict:
     # step, i.e. steps passes per frame, which `new_frames = window` expresses.
     new = s.new_frames if s.strategy == "chunked" else s.window_frames
     common = dict(
-        fps=cfg.fps, steps=s.steps, guidance_scale=cfg.params.guidance_scale, window_frames=s.window_frames,
+        fps=cfg.fps,
+        steps=s.steps,
+        guidance_scale=cfg.params.guidance_scale,
+        window_frames=s.window_frames,
         new_frames=new,
     )
     engine = engine_flops_per_frame(**common)
