@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vexpress_rt.loader import VExpressModels, make_scheduler
-from vexpress_rt.params import DEFAULTS, GenerationParams
+from vexpress_rt.params import DEFAULTS, GenerationParams, window_frames
 
 from .avatar import PreEncodedAvatar
 from .device import noise_generator
@@ -49,9 +49,7 @@ class DenoiserSettings:
 
     @property
     def window_frames(self) -> int:
-        if self.strategy == "chunked":
-            return self.context_frames + self.new_frames
-        return self.steps * self.new_frames
+        return window_frames(self.strategy, self.steps, self.new_frames, self.context_frames)
 
     @property
     def passes_per_call(self) -> int:

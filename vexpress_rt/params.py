@@ -68,6 +68,13 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def window_frames(strategy: str, steps: int, new_frames: int, context_frames: int) -> int:
+    """Frames in one UNet window: chunked = context + new; staggered = one group of new frames per step."""
+    if strategy == "chunked":
+        return context_frames + new_frames
+    return steps * new_frames
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     steps: int = 4  # DDIM steps per frame window (few-step: 1..8)
@@ -97,9 +104,7 @@ class GenerationParams:
 
     @property
     def window_frames(self) -> int:
-        if self.strategy == "chunked":
-            return self.context_frames + self.new_frames
-        return self.steps * self.new_frames
+        return window_frames(self.strategy, self.steps, self.new_frames, self.context_frames)
 
     @property
     def cfg(self) -> bool:
