@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -55,6 +55,19 @@ DEFAULT_RETENTION_S = 3600.0
 DEFAULT_QUOTA_BYTES = 4 << 30  # all recordings kept on disk; new ones refused (507), running ones stop beyond
 
 
+@dataclass(frozen=True)
+class EncodeSpec:
+    """How `Mp4Writer` encodes: an MP4 file by default; a live ingest (server/outputs/) names its muxer, bitrates,
+    keyframe interval and a network timeout."""
+
+    format: str | None = None  # None: from the file name
+    video_options: dict = field(default_factory=lambda: dict(X264_OPTIONS))
+    video_bit_rate: int | None = None  # bits/s; None: the options' quality (crf)
+    gop_frames: int | None = None  # keyframe interval; None: the encoder's default
+    audio_bit_rate: int | None = None
+    timeout_s: float | None = None  # opening and each write (a network target)
+
+
 @dataclass
 class _Output:
     """The open MP4: its container and streams, and the engine index of the first frame (pts 0)."""
@@ -69,9 +82,11 @@ class Mp4Writer:
     """Frames in (any thread, one at a time), an MP4 out. Frame `i` is written at pts `i - first index`; its audio
     at sample `(i - first) * samples_per_frame`, silence filling any gap, so audio and video stay on one clock."""
 
-    def __init__(self, path: Path, fps: int):
+    def __init__(self, path: Path | str, fps: int, spec: EncodeSpec | None = None):
         self.path = path
         self.fps = fps
+        self.spec = spec or EncodeSpec()
+        self.bytes_out = 0  # encoded bytes handed to the muxer
         self._out: _Output | None = None  # opened by the first frame
         self.first: int | None = None
         self.last = -1
@@ -83,12 +98,19 @@ class Mp4Writer:
 
     def _open(self, frame: AVFrame) -> _Output:
         height, width = frame.image.shape[:2]
-        container = av.open(str(self.path), mode="w")
-        v = container.add_stream("libx264", rate=self.fps, options=dict(X264_OPTIONS))
+        spec = self.spec
+        container = av.open(str(self.path), mode="w", format=spec.format, timeout=spec.timeout_s)
+        v = container.add_stream("libx264", rate=self.fps, options=dict(spec.video_options))
         v.width, v.height, v.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
         v.codec_context.time_base = Fraction(1, self.fps)
+        if spec.video_bit_rate:
+            v.bit_rate = spec.video_bit_rate
+        if spec.gop_frames:
+            v.codec_context.gop_size = spec.gop_frames
         a = container.add_stream("aac", rate=frame.sample_rate)
         a.layout = "mono"
+        if spec.audio_bit_rate:
+            a.bit_rate = spec.audio_bit_rate
         self.first = frame.index
         self._out = _Output(container, v, a, frame.index)
         return self._out
@@ -105,7 +127,7 @@ class Mp4Writer:
                 image = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
             video = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             video.pts, video.time_base = pts, Fraction(1, self.fps)
-            out.container.mux(out.video.encode(video))
+            self._mux(out, out.video.encode(video))
             self.frames += 1
             self.speech_frames += bool(frame.speaking)
             position = pts * len(frame.audio)
@@ -122,9 +144,13 @@ class Mp4Writer:
             block, self._pending = self._pending[:AAC_BLOCK], self._pending[AAC_BLOCK:]
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block[None]), format="fltp", layout="mono")
             frame.sample_rate, frame.pts, frame.time_base = rate, self._pending_start, Fraction(1, rate)
-            out.container.mux(out.audio.encode(frame))
+            self._mux(out, out.audio.encode(frame))
             self._pending_start += len(block)
             self.audio_samples += len(block)
+
+    def _mux(self, out: _Output, packets: list[av.Packet]) -> None:
+        self.bytes_out += sum(p.size for p in packets)
+        out.container.mux(packets)
 
     def close(self) -> None:
         out = self._out

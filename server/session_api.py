@@ -17,6 +17,7 @@ from . import lifetime, limits, recording
 from .auth import client_identity, new_token, require_api_key
 from .errors import ApiError
 from .media import MediaPump
+from .outputs import api as outputs
 from .sessions import ServerSession, SessionLog
 from .state import ServerState, capacity_error, json_body, server_state, session_for
 from .turn import session_ice_servers
@@ -158,7 +159,8 @@ async def create_session(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(_session_json(session_for(request)))
+    session = session_for(request)
+    return web.json_response({**_session_json(session), **outputs.session_fields(request.app, session)})
 
 
 async def delete_session(request: web.Request) -> web.Response:

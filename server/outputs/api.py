@@ -1,0 +1,163 @@
+"""A session's outputs over HTTP, and their `/metrics`.
+
+| method, path | what |
+|---|---|
+| `POST /v1/sessions/{id}/outputs` | push the session to an output (body below): 201 + Location |
+| `GET /v1/sessions/{id}/outputs` | every output's state, bitrate, counters (also in `GET /v1/sessions/{id}`) |
+| `DELETE /v1/sessions/{id}/outputs/{output}` | stop it: 200 with its last report |
+
+Body: `{"url", "video_bitrate_kbps" (2500), "audio_bitrate_kbps" (128), "keyframe_interval_s" (2), "token"
+(WHIP bearer)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt; else 400) and
+`whip+http(s)://` (WHIP).
+Reports never show a URL's stream key (the last path segment), query or credentials.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+from aiohttp import web
+from aiortc import RTCConfiguration
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import rtc
+from ..errors import ApiError
+from ..metrics import PREFIX
+from ..sessions import ServerSession
+from ..state import STATE, json_body, session_for
+from .ingest import IngestPublisher
+from .publisher import Publisher
+from .target import OutputSettings
+from .whip import WhipPublisher
+
+MAX_OUTPUTS = 4  # per session
+
+
+class OutputStore:
+    """Every session's outputs, by session id; a session's go when it closes."""
+
+    def __init__(self, rtc_config: RTCConfiguration | None = None) -> None:
+        self.rtc_config = rtc_config  # WHIP peer connections: the server's ICE servers
+        self.outputs: dict[str, dict[str, Publisher]] = {}
+        self.stopped_total = 0
+
+    def of(self, session_id: str) -> list[Publisher]:
+        return list(self.outputs.get(session_id, {}).values())
+
+    def add(self, session: ServerSession, settings: OutputSettings) -> Publisher:
+        mine = self.outputs.setdefault(session.id, {})
+        if len(mine) >= MAX_OUTPUTS:
+            raise ApiError(
+                409, f"this session has {len(mine)} outputs already (at most {MAX_OUTPUTS})", code="conflict"
+            )
+        output_id = uuid.uuid4().hex[:10]
+        publisher: Publisher = (
+            WhipPublisher(output_id, session, settings, self.rtc_config)
+            if settings.whip
+            else IngestPublisher(output_id, session, settings)
+        )
+        mine[output_id] = publisher
+        publisher.start()
+        session.connected_once.set()  # an output is a viewer: the session is in use
+        session.log.info("output %s: %s", output_id, settings.shown_url())
+        return publisher
+
+    async def remove(self, session_id: str, output_id: str) -> Publisher | None:
+        publisher = self.outputs.get(session_id, {}).pop(output_id, None)
+        if publisher is not None:
+            await publisher.stop()
+            self.stopped_total += 1
+        return publisher
+
+    def forget(self, session: ServerSession) -> None:
+        """The session closed (its tasks, the publishers', are cancelled by its close)."""
+        self.stopped_total += len(self.outputs.pop(session.id, {}))
+
+
+OUTPUTS = web.AppKey("outputs", OutputStore)
+
+
+def setup(app: web.Application) -> None:
+    state = app[STATE]
+    store = app[OUTPUTS] = OutputStore(rtc.rtc_configuration(state.config.ice_server))
+    state.sessions.add_close_listener(store.forget)
+    state.metrics.registry.register(OutputCollector(store))
+
+
+def session_fields(app: web.Application, session: ServerSession) -> dict:
+    """What `GET /v1/sessions/{id}` shows of the session's outputs."""
+    return {"outputs": [p.report() for p in app[OUTPUTS].of(session.id)]}
+
+
+async def add_output(request: web.Request) -> web.Response:
+    session = session_for(request)
+    settings = OutputSettings.from_json(await json_body(request))
+    publisher = request.app[OUTPUTS].add(session, settings)
+    location = f"/v1/sessions/{session.id}/outputs/{publisher.id}"
+    return web.json_response(publisher.report(), status=201, headers={"Location": location})
+
+
+async def list_outputs(request: web.Request) -> web.Response:
+    session = session_for(request)
+    return web.json_response(session_fields(request.app, session))
+
+
+async def delete_output(request: web.Request) -> web.Response:
+    session = session_for(request)
+    publisher = await request.app[OUTPUTS].remove(session.id, request.match_info["output_id"])
+    if publisher is None:
+        raise ApiError(404, f"no output {request.match_info['output_id']!r} on this session")
+    return web.json_response(publisher.report())
+
+
+class OutputCollector(Collector):
+    """`vexpress_outputs{kind,state}`, `vexpress_output_bitrate_bps{session,output,kind}` and the counters."""
+
+    def __init__(self, store: OutputStore):
+        self.store = store
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        publishers = [p for outputs in self.store.outputs.values() for p in outputs.values()]
+        states = GaugeMetricFamily(
+            PREFIX + "outputs", "Session outputs (RTMP/SRT/WHIP pushes), by state.", labels=["kind", "state"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for p in publishers:
+            counts[(p.kind, p.state)] = counts.get((p.kind, p.state), 0) + 1
+        for (kind, state), n in sorted(counts.items()):
+            states.add_metric([kind, state], n)
+        yield states
+        bitrate = GaugeMetricFamily(
+            PREFIX + "output_bitrate_bps",
+            "Bits a second an output sent over the last 5 s.",
+            labels=["session_id", "output_id", "kind"],
+        )
+        for p in publishers:
+            bitrate.add_metric([p.session.id, p.id, p.kind], p.bitrate_bps)
+        yield bitrate
+        for name, doc, value in (
+            ("output_frames_sent_total", "Frames the outputs sent.", lambda p: p.figures.frames_sent),
+            (
+                "output_frames_dropped_total",
+                "Frames outputs dropped: the ingest was slower than real time.",
+                lambda p: p.dropped_frames,
+            ),
+            (
+                "output_frames_skipped_total",
+                "Frames that passed while an output was disconnected.",
+                lambda p: p.figures.frames_skipped,
+            ),
+            (
+                "output_reconnects_total",
+                "Times an output's ingest dropped and it reconnected.",
+                lambda p: p.figures.reconnects,
+            ),
+        ):
+            family = CounterMetricFamily(PREFIX + name, doc)
+            family.add_metric([], sum(value(p) for p in publishers))
+            yield family

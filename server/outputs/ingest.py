@@ -1,0 +1,96 @@
+"""Push to an RTMP, RTMPS or SRT ingest (YouTube Live, Twitch, OBS, nginx-rtmp, MediaMTX...): H.264 + AAC, muxed
+by PyAV (FLV for RTMP, MPEG-TS for SRT) with the recorder's writer (`recording.Mp4Writer`), so frame `i` and its
+audio leave with the same timestamp, as in a recording.
+
+Encoding and network writes run in a thread of the output's own (never the event loop, never the model worker);
+each connection starts its timestamps at 0 (an ingest takes a reconnect as a new stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from aiortc.mediastreams import MediaStreamError
+
+from streaming.frames import AVFrame
+
+from ..recording import EncodeSpec, Mp4Writer
+from ..sessions import ServerSession
+from .publisher import Publisher
+from .target import OutputSettings
+
+QUEUE_FRAMES = 50  # 2 s at 25 fps between the pump and the encoder
+LIVE_X264 = {"preset": "veryfast", "tune": "zerolatency"}  # no B-frames, no look-ahead: frames leave as they come
+NETWORK_TIMEOUT_S = 10.0
+
+
+def encode_spec(settings: OutputSettings, fps: int) -> EncodeSpec:
+    return EncodeSpec(
+        format=settings.muxer,
+        video_options=dict(LIVE_X264),
+        video_bit_rate=settings.video_bitrate_kbps * 1000,
+        gop_frames=max(1, round(settings.keyframe_interval_s * fps)),
+        audio_bit_rate=settings.audio_bitrate_kbps * 1000,
+        timeout_s=NETWORK_TIMEOUT_S,
+    )
+
+
+def _close_quietly(writer: Mp4Writer) -> None:
+    try:
+        writer.close()
+    except Exception:  # the connection is gone: nothing to flush to
+        pass
+
+
+class IngestPublisher(Publisher):
+    def __init__(self, output_id: str, session: ServerSession, settings: OutputSettings):
+        super().__init__(output_id, session, settings)
+        self.kind = settings.kind
+        self.fps = session.engine_session.config.fps
+        self.spec = encode_spec(settings, self.fps)
+        self._queue = session.pump.subscribe(QUEUE_FRAMES)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"output-{output_id}")
+        self._bytes_before = 0  # sent by earlier connections
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._queue.dropped
+
+    async def _batch(self) -> list[AVFrame]:
+        batch = [await self._queue.get()]
+        while len(self._queue):
+            batch.append(await self._queue.get())
+        return batch
+
+    async def _connect_and_run(self) -> bool:
+        loop = asyncio.get_running_loop()
+        writer = Mp4Writer(self.settings.url, self.fps, self.spec)  # connects with its first frame
+        try:
+            while True:
+                try:
+                    batch = await self._batch()
+                except MediaStreamError:
+                    return True
+                await loop.run_in_executor(self._executor, writer.write, batch)
+                self.went_live()
+                self.figures.frames_sent += len(batch)
+                self.count_bytes(self._bytes_before + writer.bytes_out)
+        finally:
+            self._bytes_before += writer.bytes_out
+            await asyncio.shield(loop.run_in_executor(self._executor, _close_quietly, writer))
+
+    async def _backoff(self, delay: float) -> None:
+        """Wait, skipping the frames that pass meanwhile (the queue stays fresh for the next connection)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + delay
+        while (left := end - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._queue.get(), left)
+            except (asyncio.TimeoutError, MediaStreamError):  # waited enough, or the session ended
+                return
+            self.figures.frames_skipped += 1
+
+    async def _cleanup(self) -> None:
+        self.session.pump.unsubscribe(self._queue)
+        self._executor.shutdown(wait=False)

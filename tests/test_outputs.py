@@ -1,0 +1,161 @@
+"""Live outputs (server/outputs/): a session pushed to a real RTMP ingest on loopback (FFmpeg's RTMP server through
+PyAV, in a process of its own, recording what it receives), and to an aiortc WHIP endpoint run by the test.
+
+A/V offset, measured from what the ingest recorded: the server runs with `--mark_frames`, so every video frame
+carries its engine index as a barcode and the audio of every 25th frame starts with a chirp. For each chirp found
+in the recorded audio (matched filter), offset = its time - the pts of the video frame whose barcode names that
+frame; a player shows exactly this offset. Figures are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from client_kit import (
+    FPS,
+    RtmpIngest,
+    bearer,
+    create_session,
+    delete_session,
+    free_port,
+    loud_seconds,
+    pcm16,
+    read_received,
+    run,
+)
+from client_kit import http as open_http
+from server_harness import ServerThread, make_config
+
+pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
+
+AV_OFFSET_MS = 80  # the issue's bound (the project's target is one frame, 40 ms)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    srv = ServerThread(make_config(mark_frames=True), tiny_engine).start()
+    yield srv
+    srv.stop()
+
+
+def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm16(samples))
+    return out.getvalue()
+
+
+async def output_report(http, session: dict, output_id: str) -> dict:
+    async with http.get(session["url"], headers=bearer(session["token"])) as r:
+        assert r.status == 200
+        return next(o for o in (await r.json())["outputs"] if o["id"] == output_id)
+
+
+async def wait_output(http, session: dict, output_id: str, state: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = await output_report(http, session, output_id)
+        if report["state"] == state or time.monotonic() > deadline:
+            return report
+        await asyncio.sleep(0.1)
+
+
+async def speak(http, session: dict, samples: np.ndarray) -> None:
+    headers = {**bearer(session["token"]), "Content-Type": "audio/wav"}
+    async with http.post(session["speak_url"], data=wav_of(samples), headers=headers) as r:
+        assert r.status == 202, await r.text()
+
+
+async def wait_quiet(server, session: dict, timeout: float = 60) -> None:
+    """Until the session played all it was given."""
+    es = server.state.sessions.get(session["id"]).engine_session
+    deadline = time.monotonic() + timeout
+    await asyncio.sleep(0.3)
+    while (es.buffered_ms > 0 or es.state.value == "speaking") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
+def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, tiny_speech, tmp_path):
+    port = free_port()
+    first = RtmpIngest(port, tmp_path / "first.flv")
+    second: RtmpIngest | None = None
+
+    async def main():
+        nonlocal second
+        async with open_http(60) as http:
+            session = await create_session(http, server.url)
+            body = {"url": first.url, "video_bitrate_kbps": 800, "keyframe_interval_s": 1}
+            async with http.post(f"{session['url']}/outputs", json=body, headers=bearer(session["token"])) as r:
+                assert r.status == 201, await r.text()
+                created = await r.json()
+                location = r.headers["Location"]
+            live = await wait_output(http, session, created["id"], "live", 30)
+            await asyncio.sleep(0.5)
+            await speak(http, session, tiny_speech)
+            await wait_quiet(server, session)
+            await asyncio.sleep(0.6)
+            before = await output_report(http, session, created["id"])
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics_text = await r.text()
+            # the ingest dies mid-stream; the session goes on; the output reconnects to the new one
+            pump = server.state.sessions.get(session["id"]).pump
+            frames_at_kill = pump.frames
+            first.kill()
+            dropped = await wait_output(http, session, created["id"], "reconnecting", 15)
+            second = RtmpIngest(port, tmp_path / "second.flv")
+            back = await wait_output(http, session, created["id"], "live", 40)
+            await asyncio.sleep(0.5)
+            await speak(http, session, tiny_speech)
+            await wait_quiet(server, session)
+            await asyncio.sleep(0.6)
+            frames_after = pump.frames
+            state_after = server.state.sessions.get(session["id"]).engine_session.state.value
+            async with http.delete(f"{server.url}{location}", headers=bearer(session["token"])) as r:
+                assert r.status == 200
+                final = await r.json()
+            await delete_session(http, session)
+            return created, live, before, metrics_text, dropped, back, final, frames_at_kill, frames_after, state_after
+
+    created, live, before, metrics_text, dropped, back, final, frames_at_kill, frames_after, state_after = run(
+        main(), 200
+    )
+    assert second is not None
+    second.finish()
+    got1, got2 = read_received(first.path), read_received(second.path)
+    offsets1, offsets2 = got1.av_offsets_ms(), got2.av_offsets_ms()
+    speech_s = len(tiny_speech) / 16000
+    loud_src = loud_seconds(tiny_speech, 16000)
+    loud1, loud2 = loud_seconds(got1.audio, got1.audio_rate), loud_seconds(got2.audio, got2.audio_rate)
+    print(
+        f"\nRTMP first ingest: {got1.codecs} {got1.size}, {len(got1.video_times)} frames ({got1.fps:.2f} fps, "
+        f"{got1.missing()} missing, {got1.missing(0.5)} after 0.5 s, "
+        f"video {got1.video_s:.2f} s, audio {got1.audio_s:.2f} s), A/V offsets {np.round(offsets1, 1).tolist()} ms, "
+        f"loud {loud1:.2f} s (source {loud_src:.2f} s of {speech_s:.2f} s)\n"
+        f"second ingest (after the kill): {len(got2.video_times)} frames ({got2.fps:.2f} fps), A/V offsets "
+        f"{np.round(offsets2, 1).tolist()} ms, loud {loud2:.2f} s\n"
+        f"reports: live {live['state']} -> before kill {before} -> {dropped['state']} -> {back['state']}; "
+        f"final {final}"
+    )
+    assert created["url"].endswith("/…") and "stream-key" not in str(final)  # the stream key is never shown
+    assert live["state"] == "live" and before["bitrate_kbps"] > 0 and before["frames_sent"] > 0
+    assert 'vexpress_outputs{kind="rtmp",state="live"} 1.0' in metrics_text
+    assert "vexpress_output_bitrate_bps{" in metrics_text
+    for got, offsets, loud in ((got1, offsets1, loud1), (got2, offsets2, loud2)):
+        assert got.codecs == ("h264", "aac") and got.size == (128, 64)
+        assert abs(got.fps - FPS) < 0.5 and got.missing(skip_s=0.5) == 0
+        assert abs(got.audio_s - got.video_s) < 0.1
+        assert len(offsets) >= 2 and max(abs(o) for o in offsets) < AV_OFFSET_MS
+        assert loud >= 0.8 * loud_src  # the speech arrived
+    # the kill: noticed, reconnected, the session unharmed (its frames went on meanwhile, it is still served)
+    assert dropped["state"] == "reconnecting" and back["state"] == "live"
+    assert final["reconnects"] >= 1 and final["connects"] == 2
+    assert frames_after - frames_at_kill >= 2 * FPS and state_after in ("idle", "speaking")
