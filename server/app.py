@@ -14,6 +14,7 @@
 | POST /v1/sessions/{id}/speak | token | an audio file said as one utterance (`speak.py`) |
 | POST/DELETE/GET /v1/sessions/{id}/recording | token | MP4 recording of the session (`recording.py`) |
 | POST/GET /v1/sessions/{id}/outputs, DELETE .../outputs/{output} | token | push to RTMP/SRT/WHIP (`outputs/`) |
+| POST/GET/DELETE /v1/sessions/{id}/script, POST .../script/{action} | token | play a script (`script/`) |
 
 "key": the API key when the server has one (else open); "token": the session's token or the API key.
 Each group of routes has its handlers in its own module (`avatars`, `session_api`, `webrtc`, `ws`, `frames_ws`,
@@ -50,6 +51,7 @@ from .config import ServerConfig
 from .engine_factory import build_engine
 from .errors import ApiError, error_middleware
 from .outputs import api as outputs
+from .script import api as script
 from .state import RETRY_AFTER_S, STATE, ServerState, may_control, server_state
 
 log = logging.getLogger("server")
@@ -207,6 +209,11 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     r.add_get("/v1/sessions/{session_id}/outputs", outputs.list_outputs)
     r.add_delete("/v1/sessions/{session_id}/outputs/{output_id}", outputs.delete_output)
     outputs.setup(app)
+    r.add_post("/v1/sessions/{session_id}/script", script.start_script)  # scripts (server/script/)
+    r.add_get("/v1/sessions/{session_id}/script", script.get_script)
+    r.add_delete("/v1/sessions/{session_id}/script", script.stop_script)
+    r.add_post("/v1/sessions/{session_id}/script/{action}", script.control_script)
+    script.setup(app)
     sockets.setup(app)  # open websockets closed at shutdown, the frame-encoding pool
     recording.setup(app, config.recording_dir, config.recording_retention_s, int(config.recordings_quota_mb * 2**20))
     r.add_get("/{path:.+}", page_file)  # last: every API route above wins

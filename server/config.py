@@ -31,6 +31,7 @@ from vexpress_rt.params import DEFAULTS, arg_type, field_error
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .security import is_loopback_host
+from .tts import parse_template
 
 ENV_PREFIX = "VEXPRESS_"
 DEFAULT_AVATAR = DEFAULT_PORTRAIT  # package data of streaming (streaming/assets/)
@@ -179,6 +180,9 @@ class ServerConfig:
     turn_secret: str | None = None
     turn_url: list[str] = field(default_factory=list)  # turn:host:port[?transport=udp|tcp], turns:host:port
     turn_ttl_s: float = 3600.0  # lifetime of those credentials (a running allocation outlives them)
+    # scripts (server/script/): text items are spoken by this command ({text}, {out} placeholders; server/tts.py)
+    tts_command: str | None = None
+    tts_timeout_s: float = 30.0
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -246,6 +250,13 @@ class ServerConfig:
             raise ConfigError("--turn-secret and --turn-url go together: the TURN server's shared secret and its URLs")
         if not self.turn_ttl_s > 0:
             raise ConfigError("--turn_ttl_s must be positive")
+        if self.tts_command:
+            try:
+                parse_template(self.tts_command)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if not self.tts_timeout_s > 0:
+            raise ConfigError("--tts_timeout_s must be positive")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
@@ -300,6 +311,7 @@ _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
 _FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
 _FLOATS |= {"turn_ttl_s"}  # TURN REST API credentials
+_FLOATS |= {"tts_timeout_s"}  # script text items (server/tts.py)
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -486,3 +498,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt("turn_ttl_s", "lifetime of the --turn-secret credentials in seconds; default 3600", type=float)
     opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)
+    opt(
+        "tts_command",
+        "speak script text items with this command, run without a shell: {text} is the text, {out} the WAV file "
+        'it writes, e.g. "espeak-ng -w {out} {text}"; default: none (text items refused)',
+    )
+    opt("tts_timeout_s", "a --tts-command run is killed after this many seconds; default 30", type=float)

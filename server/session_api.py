@@ -18,6 +18,7 @@ from .auth import client_identity, new_token, require_api_key
 from .errors import ApiError
 from .media import MediaPump
 from .outputs import api as outputs
+from .script import api as script
 from .sessions import ServerSession, SessionLog
 from .state import ServerState, capacity_error, json_body, server_state, session_for
 from .turn import session_ice_servers
@@ -160,7 +161,8 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def get_session(request: web.Request) -> web.Response:
     session = session_for(request)
-    return web.json_response({**_session_json(session), **outputs.session_fields(request.app, session)})
+    extra = {**outputs.session_fields(request.app, session), **script.session_fields(request.app, session)}
+    return web.json_response({**_session_json(session), **extra})
 
 
 async def delete_session(request: web.Request) -> web.Response:

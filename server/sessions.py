@@ -56,6 +56,20 @@ class ServerSession:
         self.closed = False
         self.close_reason: str | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._message_listeners: list[Callable[[dict], None]] = []  # the bot websockets
+
+    def add_message_listener(self, listener: Callable[[dict], None]) -> None:
+        """`listener(message)` for each server-side event of this session (a script's progress...); loop thread."""
+        self._message_listeners.append(listener)
+
+    def remove_message_listener(self, listener: Callable[[dict], None]) -> None:
+        if listener in self._message_listeners:
+            self._message_listeners.remove(listener)
+
+    def notify(self, message: dict) -> None:
+        """Tell the session's clients (its bot websockets) `message`, a JSON object with a "type"."""
+        for listener in list(self._message_listeners):
+            listener(message)
 
     def touch(self) -> None:
         """Something came in for this session (a request with its token, a websocket message)."""

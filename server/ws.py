@@ -213,6 +213,7 @@ class BotConnection:
         ready = self.ready_message()
         self.send(ready)
         es.add_listener(self._on_event)
+        self.session.add_message_listener(self.send)  # server-side events (a script's progress)
         sender = self._sender_task = self.loop.create_task(self._sender(), name=f"ws-send-{self.session.id}")
         ticker = self.loop.create_task(self._buffer_ticker(ready["buffered_ms"]), name=f"ws-buffer-{self.session.id}")
         self.session.connected_once.set()
@@ -244,6 +245,7 @@ class BotConnection:
                     break
         finally:
             es.remove_listener(self._on_event)
+            self.session.remove_message_listener(self.send)
             ticker.cancel()
             if flooded:  # the error event out first (if the client reads), then 1008
                 self.session.log.warning(

@@ -1,0 +1,198 @@
+"""Scripts (server/script/) and `vexpress-rt present`: items validated, text spoken by a real TTS command
+(espeak-ng), a two-item presentation received by a real RTMP ingest on loopback, pause/resume/skip/stop with their
+events on the bot websocket.
+
+Durations are measured on the engine's frame clock: each item's first and last frame come from the script's
+progress (`started_frame`, `done_frame`), and the ingest's recording must hold those frames (their barcodes,
+`--mark_frames`) without a gap. A/V offset: as in tests/test_outputs.py (chirp time minus the time of the frame
+whose barcode names it). Figures are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+from client_kit import (
+    FPS,
+    RtmpIngest,
+    free_port,
+    loud_seconds,
+    pcm16,
+    read_received,
+    run,
+)
+from conftest import IN_CI
+from server_harness import ServerThread, make_config
+
+from server.errors import ApiError
+from server.script.items import parse_script
+from server.tts import TtsCommand
+
+pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
+
+TTS = "espeak-ng -w {out} {text}"
+TTS_TEXT = "Thank you for watching the demo."
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng)") if IN_CI else pytest.skip("no espeak-ng")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, espeak):
+    srv = ServerThread(make_config(mark_frames=True, tts_command=TTS), tiny_engine).start()
+    yield srv
+    srv.stop()
+
+
+def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm16(samples))
+    return out.getvalue()
+
+
+def test_script_items_are_validated():
+    ok = parse_script(
+        {"items": [{"audio": "a"}, {"mark": "m"}, {"pause_s": 0.5}, {"text": "hi", "style": "warm", "controls": {}}]},
+        {"a"},
+        tts=True,
+    )
+    assert [i.kind for i in ok.items] == ["audio", "mark", "pause", "text"] and ok.items[3].style == "warm"
+    bad = [
+        ({"items": []}, "items"),
+        ({"items": [{"audio": "missing"}]}, "file field"),
+        ({"items": [{"audio": "a", "text": "x"}]}, "exactly one"),
+        ({"items": [{"text": "x"}]}, "TTS"),  # tts=False below
+        ({"items": [{"pause_s": -1}]}, "pause_s"),
+        ({"items": [{"pause_s": 1, "style": "x"}]}, "style"),
+        ({"items": [{"audio": "a", "controls": [1]}]}, "controls"),
+        ({"items": [{"mark": ""}]}, "mark"),
+        ({"items": [{"audio": "a"}], "start_at": time.time() + 10 * 86400}, "start_at"),
+        ({"items": [{"audio": "a"}], "url": "http://x"}, "unknown"),
+    ]
+    for data, words in bad:
+        with pytest.raises(ApiError) as caught:
+            parse_script(data, {"a"}, tts=False)
+        assert caught.value.status == 400 and words in caught.value.message, (data, caught.value.message)
+
+
+def test_tts_command_runs_without_a_shell_with_limits(espeak, tmp_path):
+    async def main():
+        speech = await TtsCommand.from_config(TTS, 30, 1 << 20).synthesize("-w /tmp/x; rm -rf / " + TTS_TEXT)
+        slow = TtsCommand.from_config(f"{sys.executable} -c 'import time; time.sleep(9)' {{text}} {{out}}", 0.5, 1000)
+        failing = TtsCommand.from_config("sh -c 'echo broken >&2; exit 3' {text} {out}", 30, 1 << 20)
+        tiny = TtsCommand.from_config(TTS, 30, 1000)
+        errors = []
+        for cmd in (slow, failing, tiny):
+            with pytest.raises(ApiError) as caught:
+                await cmd.synthesize("hello")
+            errors.append((caught.value.status, caught.value.message))
+        return speech, errors
+
+    speech, errors = run(main())
+    assert speech[:4] == b"RIFF" and len(speech) > 10000  # the text was spoken, the "options" in it too
+    assert [s for s, _ in errors] == [422, 422, 422]
+    assert "longer than 0.5 s" in errors[0][1] and "exit" in errors[1][1] and "MiB" in errors[2][1]
+    with pytest.raises(ValueError):
+        TtsCommand.from_config("espeak-ng {text}", 30, 1000)  # no {out}
+
+
+def espeak_seconds(text: str, tmp_path) -> float:
+    out = tmp_path / "ref.wav"
+    subprocess.run(["espeak-ng", "-w", str(out), text], check=True, timeout=30)
+    with wave.open(str(out)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+class HoldCounter:
+    """The engine's hold frames (it plays the last face and silence while generation catches up) of every session
+    on the server, polled from the test: a presentation on a CPU that is slower than real time lasts that much
+    longer, and the duration check accounts for it."""
+
+    def __init__(self, server):
+        self.server, self.holds, self._stop = server, {}, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            for s in list(self.server.state.sessions):
+                self.holds[s.id] = s.engine_session.underruns
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return sum(self.holds.values())
+
+
+def test_present_a_two_item_script_to_an_rtmp_ingest(server, tiny_speech, tmp_path):
+    """The issue's "done when": a presentation from a two-item script (an audio file, a TTS item spoken by
+    espeak-ng) received by an RTMP ingest on loopback, in sync, each item lasting its length within a frame."""
+    (tmp_path / "intro.wav").write_bytes(wav_of(tiny_speech))
+    script = tmp_path / "script.yaml"
+    script.write_text(f"items:\n  - audio: intro.wav\n  - mark: half-way\n  - text: {TTS_TEXT}\n")
+    ingest = RtmpIngest(free_port(), tmp_path / "received.flv")
+    report_path = tmp_path / "report.json"
+    holds = HoldCounter(server)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "present", str(script), "--to", ingest.url, "--server", server.url,
+         "--keyframe-interval-s", "1", "--video-bitrate-kbps", "800", "--report", str(report_path)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    wall = time.monotonic() - started
+    hold_frames = holds.stop()
+    ingest.finish()
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    done = json.loads(report_path.read_text())
+    items = done["script"]["items"]
+    got = read_received(ingest.path)
+    offsets = got.av_offsets_ms()
+    speaking = [items[0], items[2]]
+    measured = [i["done_frame"] - i["started_frame"] + 1 for i in speaking]
+    expected = [i["frames"] for i in speaking]
+    tts_s = espeak_seconds(TTS_TEXT, tmp_path)
+    first, last = speaking[0]["started_frame"], speaking[1]["done_frame"]
+    received = [k for k in got.video_indexes if first <= k <= last]
+    script_audio = got.audio[int((got.video_times[got.video_indexes.index(first)]) * got.audio_rate) :][
+        : int((last - first + 1) / FPS * got.audio_rate)
+    ]
+    loud = loud_seconds(script_audio, got.audio_rate)
+    loud_src = loud_seconds(tiny_speech, 16000) + 0.5 * tts_s  # espeak's speech: at least half its file is loud
+    shown = [(i["kind"], i.get("duration_s"), i.get("frames"), i.get("started_frame"), i["done_frame"]) for i in items]
+    print(
+        f"\npresent: exit {result.returncode} in {wall:.1f} s; events {[m['type'] for m in lines]}\n"
+        f"items (kind, s, frames, first, last frame): {shown}"
+        f"\nframes per item measured {measured}, expected {expected} (+{hold_frames} hold frames in all), TTS "
+        f"{tts_s:.3f} s; gap between items {speaking[1]['started_frame'] - speaking[0]['done_frame'] - 1} frames\n"
+        f"ingest: {got.codecs} {got.size}, {len(got.video_times)} frames at {got.fps:.2f} fps, video {got.video_s:.2f}"
+        f" s, audio {got.audio_s:.2f} s; script frames {first}..{last}: {len(received)} received; A/V offsets "
+        f"{np.round(offsets, 1).tolist()} ms; loud {loud:.2f} s (source >= {loud_src:.2f} s)\noutputs {done['outputs']}"
+    )
+    assert done["script"]["state"] == "finished" and [i["state"] for i in items] == ["done"] * 3
+    assert abs(items[2]["duration_s"] - tts_s) < 0.01  # the TTS item is espeak-ng's speech of the text
+    # each item lasts its length within a frame; where the engine is slower than real time (a small shared CPU) it
+    # inserts hold frames, which are counted and taken out
+    assert all(m >= e for m, e in zip(measured, expected))
+    assert sum(expected) <= sum(measured) - hold_frames <= sum(expected) + len(speaking)
+    assert got.codecs == ("h264", "aac") and abs(got.fps - FPS) < 0.5
+    assert received == list(range(first, last + 1))  # the whole presentation reached the ingest, no gap
+    assert len(offsets) >= 3 and max(abs(o) for o in offsets) < 80
+    assert loud >= 0.8 * loud_src  # the speech arrived
+    assert done["outputs"][0]["reconnects"] == 0 and done["outputs"][0]["frames_dropped"] == 0
