@@ -17,6 +17,7 @@ import pytest
 from client_kit import (
     FPS,
     RtmpIngest,
+    WhipReceiver,
     bearer,
     create_session,
     delete_session,
@@ -159,3 +160,46 @@ def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, t
     assert dropped["state"] == "reconnecting" and back["state"] == "live"
     assert final["reconnects"] >= 1 and final["connects"] == 2
     assert frames_after - frames_at_kill >= 2 * FPS and state_after in ("idle", "speaking")
+
+
+def test_whip_publish_reaches_an_aiortc_whip_endpoint(server, tiny_speech):
+    async def main():
+        receiver = await WhipReceiver(token="whip-secret").start()
+        try:
+            async with open_http(60) as http:
+                session = await create_session(http, server.url)
+                body = {"url": "whip+" + receiver.url, "token": "whip-secret"}
+                async with http.post(f"{session['url']}/outputs", json=body, headers=bearer(session["token"])) as r:
+                    assert r.status == 201, await r.text()
+                    created = await r.json()
+                    location = r.headers["Location"]
+                live = await wait_output(http, session, created["id"], "live", 30)
+                await asyncio.sleep(0.5)
+                await speak(http, session, tiny_speech)
+                await wait_quiet(server, session)
+                await asyncio.sleep(1.0)
+                report = await output_report(http, session, created["id"])
+                async with http.delete(f"{server.url}{location}", headers=bearer(session["token"])) as r:
+                    assert r.status == 200
+                    final = await r.json()
+                await asyncio.sleep(0.3)
+                await delete_session(http, session)
+            return live, report, final, receiver
+        finally:
+            await receiver.close()
+
+    live, report, final, receiver = run(main(), 150)
+    times = np.asarray(receiver.video_times)
+    video_s = times[-1] - times[0] + 1 / FPS if len(times) > 1 else 0.0
+    fps = 1 / np.median(np.diff(times)) if len(times) > 2 else 0.0
+    audio_s = len(receiver.audio) / receiver.audio_rate
+    loud, loud_src = loud_seconds(receiver.audio, receiver.audio_rate), loud_seconds(tiny_speech, 16000)
+    print(
+        f"\nWHIP: {receiver.posts} POST, {receiver.deletes} DELETE; {len(times)} frames ({fps:.2f} fps, video "
+        f"{video_s:.2f} s), audio {audio_s:.2f} s, loud {loud:.2f} s (source {loud_src:.2f} s)\nreport {report}"
+    )
+    assert live["state"] == "live" and report["bitrate_kbps"] > 0 and report["frames_sent"] > 0
+    assert receiver.posts == 1 and receiver.deletes == 1 and final["state"] == "stopped"
+    assert abs(fps - FPS) < 1 and video_s > 2.0
+    assert abs(audio_s - video_s) < 0.5  # both tracks ran the whole time
+    assert loud >= 0.8 * loud_src  # the speech arrived
