@@ -10,6 +10,7 @@ whose barcode names it). Figures are printed (`pytest -s`).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -19,17 +20,23 @@ import threading
 import time
 import wave
 
+import aiohttp
 import numpy as np
 import pytest
 from client_kit import (
     FPS,
+    Bot,
     RtmpIngest,
+    bearer,
+    create_session,
+    delete_session,
     free_port,
     loud_seconds,
     pcm16,
     read_received,
     run,
 )
+from client_kit import http as open_http
 from conftest import IN_CI
 from server_harness import ServerThread, make_config
 
@@ -196,3 +203,88 @@ def test_present_a_two_item_script_to_an_rtmp_ingest(server, tiny_speech, tmp_pa
     assert len(offsets) >= 3 and max(abs(o) for o in offsets) < 80
     assert loud >= 0.8 * loud_src  # the speech arrived
     assert done["outputs"][0]["reconnects"] == 0 and done["outputs"][0]["frames_dropped"] == 0
+
+
+def test_script_controls_and_progress_events(server, tiny_speech):
+    tone_s = 3.0
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(int(tone_s * 16000)) / 16000)).astype(np.float32)
+    script = {"items": [{"audio": "a"}, {"pause_s": 0.4}, {"audio": "b"}, {"mark": "the-end"}]}
+
+    def form(script: dict) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("script", json.dumps(script), content_type="application/json")
+        data.add_field("a", wav_of(tone), filename="a.wav", content_type="audio/wav")
+        data.add_field("b", wav_of(tiny_speech), filename="b.wav", content_type="audio/wav")
+        return data
+
+    async def main():
+        async with open_http(60) as http:
+            session = await create_session(http, server.url)
+            url, auth = f"{session['url']}/script", bearer(session["token"])
+            es = server.state.sessions.get(session["id"]).engine_session
+            bot = await Bot.connect(http, session)
+            await bot.wait_type("session.ready")
+
+            async def control(action: str, expect: int = 200) -> dict:
+                async with http.post(f"{url}/{action}", headers=auth) as r:
+                    assert r.status == expect, (action, r.status, await r.text())
+                    return await r.json()
+
+            async with http.post(url, data=form(script), headers=auth) as r:
+                assert r.status == 201, await r.text()
+            async with http.post(url, data=form(script), headers=auth) as r:
+                busy = r.status  # one script at a time
+            await bot.wait_type("script.item", index=0, state="playing", timeout=60)
+            await asyncio.sleep(0.6)
+            paused = await control("pause")
+            buffered_after_pause, state_after_pause = es.buffered_ms, es.state.value
+            await asyncio.sleep(0.5)
+            mark = len(bot.messages)
+            await control("resume")
+            await bot.wait_type("script.item", index=0, state="playing", timeout=60, after=mark)
+            await bot.wait_type("script.item", index=0, state="done", timeout=90)
+            await bot.wait_type("script.item", index=1, state="playing", timeout=60)
+            skipped = await control("skip")
+            await bot.wait_type("script.state", state="finished", timeout=90)
+            user_mark = await bot.wait_type("mark", name="the-end", timeout=5)
+            async with http.get(session["url"], headers=auth) as r:
+                in_session = (await r.json())["script"]
+            late = await control("pause", 409)
+            # a second script, stopped by DELETE
+            async with http.post(url, data=form(script), headers=auth) as r:
+                assert r.status == 201, await r.text()
+            await bot.wait_type("script.item", index=0, state="playing", timeout=60, after=len(bot.messages))
+            async with http.delete(url, headers=auth) as r:
+                stopped = await r.json()
+            await asyncio.sleep(0.3)
+            quiet_after_stop = es.buffered_ms
+            events = [m.message for m in bot.messages if m.message["type"].startswith("script.")]
+            await bot.close()
+            await delete_session(http, session)
+            return (
+                busy,
+                paused,
+                buffered_after_pause,
+                state_after_pause,
+                skipped,
+                in_session,
+                late,
+                stopped,
+                (quiet_after_stop, user_mark, events),
+            )
+
+    busy, paused, buffered, state, skipped, final, late, stopped, (quiet, user_mark, events) = run(main(), 280)
+    print(
+        f"\npaused: resume from {paused['resume_from_s']} s of item 0 (buffered {buffered} ms, session {state}); "
+        f"final {[(i['kind'], i['state'], i.get('started_frame'), i.get('done_frame')) for i in final['items']]}\n"
+        f"events {[(e['type'], e.get('index'), e.get('state')) for e in events]}"
+    )
+    assert busy == 409 and late["error"]["code"] == "conflict"  # 409: one script at a time; no pause once ended
+    assert paused["state"] == "paused" and 0 < paused["resume_from_s"] < tone_s
+    assert buffered == 0 and state == "idle"  # pausing flushed what was pushed ahead; the avatar idles
+    assert [i["state"] for i in skipped["items"]][:2] == ["done", "skipped"]
+    assert final["state"] == "finished" and [i["state"] for i in final["items"]] == ["done", "skipped", "done", "done"]
+    assert user_mark["name"] == "the-end"
+    assert stopped["state"] == "stopped" and quiet == 0
+    states = [e["state"] for e in events if e["type"] == "script.state"]
+    assert states[:4] == ["playing", "paused", "playing", "finished"] and states[-1] == "stopped"

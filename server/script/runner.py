@@ -106,8 +106,14 @@ class ScriptRunner:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "current": self.current if self.running else None,
+            "resume_from_s": self._resume_from_s() if self.state == "paused" else None,
             "items": [p.to_json(i, fps) for i, p in enumerate(self.items)],
         }
+
+    def _resume_from_s(self) -> float:
+        """Where in the paused item playback resumes."""
+        audio = self.items[self._cursor].audio if self._cursor < len(self.items) else None
+        return round(self._offset / audio.sample_rate, 3) if audio is not None else 0.0
 
     def _tell(self, kind: str, **data) -> None:
         self.session.notify({"type": f"script.{kind}", "script_id": self.id, **data})
