@@ -162,7 +162,9 @@ class Presenter:
         while True:
             shown = {"state": report["state"], **{i["index"]: i["state"] for i in report["items"]}}
             if shown != seen:
-                _print({"type": "present.script", "state": report["state"], "current": report["current"]})
+                items = [i["state"] for i in report["items"]]
+                state, current = report["state"], report["current"]
+                _print({"type": "present.script", "state": state, "current": current, "items": items})
                 seen = shown
             if report["state"] in ENDED:
                 return report

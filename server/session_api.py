@@ -18,6 +18,7 @@ from .auth import client_identity, new_token, require_api_key
 from .errors import ApiError
 from .media import MediaPump
 from .outputs import api as outputs
+from .outputs.target import OutputSettings
 from .script import api as script
 from .sessions import ServerSession, SessionLog
 from .state import ServerState, capacity_error, json_body, server_state, session_for
@@ -145,6 +146,10 @@ async def create_session(request: web.Request) -> web.Response:
     record = data.pop("record", False) if isinstance(data, dict) else False
     if not isinstance(record, bool):
         raise ApiError(400, "record must be true or false")
+    pushes = data.pop("outputs", None)  # pushed from the start (server/outputs/), checked before the session opens
+    if pushes is not None and (not isinstance(pushes, list) or len(pushes) > outputs.MAX_OUTPUTS):
+        raise ApiError(400, f"outputs must be a list of at most {outputs.MAX_OUTPUTS} outputs")
+    push_settings = [OutputSettings.from_json(o) for o in pushes or []]
     avatar_id, config = session_config_from_json(state, data)
     owner = client_identity(request, state.config.api_key)
     session = await open_session(state, avatar_id, config, owner)
@@ -156,6 +161,8 @@ async def create_session(request: web.Request) -> web.Response:
     }
     if record:
         body["recording"] = await recording.start_for(request.app, session)
+    if push_settings:
+        body["outputs"] = [outputs.add_for(request.app, session, settings).report() for settings in push_settings]
     return web.json_response(body, status=201, headers={"Location": f"/v1/sessions/{session.id}"})
 
 

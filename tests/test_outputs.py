@@ -30,6 +30,8 @@ from client_kit import (
 from client_kit import http as open_http
 from server_harness import ServerThread, make_config
 
+from server.outputs.target import protocol_available
+
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 
 AV_OFFSET_MS = 80  # the bound (the project's target is one frame, 40 ms)
@@ -203,3 +205,44 @@ def test_whip_publish_reaches_an_aiortc_whip_endpoint(server, tiny_speech):
     assert abs(fps - FPS) < 1 and video_s > 2.0
     assert abs(audio_s - video_s) < 0.5  # both tracks ran the whole time
     assert loud >= 0.8 * loud_src  # the speech arrived
+
+
+def test_outputs_are_validated_and_an_unreachable_ingest_harms_nobody(server):
+    dead = f"rtmp://127.0.0.1:{free_port()}/live/secret-key"  # nobody listens there
+
+    async def main():
+        async with open_http(60) as http:
+            refused = {}
+            for name, body in {
+                "srt": {"url": "srt://127.0.0.1:9000"},
+                "scheme": {"url": "ftp://127.0.0.1/x"},
+                "no host": {"url": "rtmp:///live/x"},
+                "field": {"url": dead, "crf": 3},
+                "bitrate": {"url": dead, "video_bitrate_kbps": 10**7},
+            }.items():
+                async with http.post(f"{server.url}/v1/sessions", json={"outputs": [body]}) as r:
+                    refused[name] = (r.status, (await r.json())["error"])
+            sessions_after_refusals = len(server.state.sessions)
+            session = await create_session(http, server.url, {"outputs": [{"url": dead}]})
+            pump = server.state.sessions.get(session["id"]).pump
+            await asyncio.sleep(3.5)
+            report = await output_report(http, session, session["outputs"][0]["id"])
+            frames = pump.frames
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics_text = await r.text()
+            await delete_session(http, session)
+            return refused, sessions_after_refusals, session, report, frames, metrics_text
+
+    refused, open_after, session, report, frames, metrics_text = run(main())
+    print(f"\nrefused: {refused}\nunreachable: {report} after {frames} frames")
+    srt_missing = not protocol_available("srt")
+    assert refused["srt"][0] == (400 if srt_missing else 201)
+    if srt_missing:
+        assert refused["srt"][1]["code"] == "unsupported_protocol" and "libsrt" in refused["srt"][1]["message"]
+    assert all(status == 400 for name, (status, _) in refused.items() if name != "srt")
+    assert open_after == 0  # a refused output opens no session
+    assert session["outputs"][0]["state"] in ("connecting", "reconnecting")
+    assert report["state"] == "reconnecting" and report["reconnects"] >= 2 and report["connects"] == 0
+    assert "secret-key" not in str(report) and "secret-key" not in metrics_text
+    assert frames >= 2.5 * FPS  # the session's clock went on: the dead ingest stalled nothing
+    assert "vexpress_output_reconnects_total" in metrics_text

@@ -5,6 +5,7 @@
 | `POST /v1/sessions/{id}/outputs` | push the session to an output (body below): 201 + Location |
 | `GET /v1/sessions/{id}/outputs` | every output's state, bitrate, counters (also in `GET /v1/sessions/{id}`) |
 | `DELETE /v1/sessions/{id}/outputs/{output}` | stop it: 200 with its last report |
+| `POST /v1/sessions` with `"outputs": [...]` | the session is pushed from its creation |
 
 Body: `{"url", "video_bitrate_kbps" (2500), "audio_bitrate_kbps" (128), "keyframe_interval_s" (2), "token"
 (WHIP bearer)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt; else 400) and
@@ -84,6 +85,11 @@ def setup(app: web.Application) -> None:
     store = app[OUTPUTS] = OutputStore(rtc.rtc_configuration(state.config.ice_server))
     state.sessions.add_close_listener(store.forget)
     state.metrics.registry.register(OutputCollector(store))
+
+
+def add_for(app: web.Application, session: ServerSession, settings: OutputSettings) -> Publisher:
+    """Push `session` to one more output (`POST /v1/sessions` with `"outputs"`)."""
+    return app[OUTPUTS].add(session, settings)
 
 
 def session_fields(app: web.Application, session: ServerSession) -> dict:
