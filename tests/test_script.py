@@ -242,6 +242,11 @@ def test_script_controls_and_progress_events(server, tiny_speech):
             mark = len(bot.messages)
             await control("resume")
             await bot.wait_type("script.item", index=0, state="playing", timeout=60, after=mark)
+            await asyncio.sleep(0.6)
+            paused_again = await control("pause")  # resumes further on: where the resumed part was cut
+            mark = len(bot.messages)
+            await control("resume")
+            await bot.wait_type("script.item", index=0, state="playing", timeout=60, after=mark)
             await bot.wait_type("script.item", index=0, state="done", timeout=90)
             await bot.wait_type("script.item", index=1, state="playing", timeout=60)
             skipped = await control("skip")
@@ -270,21 +275,22 @@ def test_script_controls_and_progress_events(server, tiny_speech):
                 in_session,
                 late,
                 stopped,
-                (quiet_after_stop, user_mark, events),
+                (quiet_after_stop, user_mark, events, paused_again),
             )
 
-    busy, paused, buffered, state, skipped, final, late, stopped, (quiet, user_mark, events) = run(main(), 280)
+    busy, paused, buffered, state, skipped, final, late, stopped, (quiet, user_mark, events, again) = run(main(), 280)
     print(
-        f"\npaused: resume from {paused['resume_from_s']} s of item 0 (buffered {buffered} ms, session {state}); "
+        f"\npaused: resume from {paused['resume_from_s']} s, then {again['resume_from_s']} s of item 0 "
+        f"(buffered {buffered} ms, session {state}); "
         f"final {[(i['kind'], i['state'], i.get('started_frame'), i.get('done_frame')) for i in final['items']]}\n"
         f"events {[(e['type'], e.get('index'), e.get('state')) for e in events]}"
     )
     assert busy == 409 and late["error"]["code"] == "conflict"  # 409: one script at a time; no pause once ended
-    assert paused["state"] == "paused" and 0 < paused["resume_from_s"] < tone_s
+    assert paused["state"] == "paused" and 0 < paused["resume_from_s"] < again["resume_from_s"] < tone_s
     assert buffered == 0 and state == "idle"  # pausing flushed what was pushed ahead; the avatar idles
     assert [i["state"] for i in skipped["items"]][:2] == ["done", "skipped"]
     assert final["state"] == "finished" and [i["state"] for i in final["items"]] == ["done", "skipped", "done", "done"]
     assert user_mark["name"] == "the-end"
     assert stopped["state"] == "stopped" and quiet == 0
     states = [e["state"] for e in events if e["type"] == "script.state"]
-    assert states[:4] == ["playing", "paused", "playing", "finished"] and states[-1] == "stopped"
+    assert states[:6] == ["playing", "paused", "playing", "paused", "playing", "finished"] and states[-1] == "stopped"

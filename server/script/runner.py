@@ -80,6 +80,8 @@ class ScriptRunner:
         self._cursor = 0  # next item to push
         self._offset = 0  # samples of it pushed already
         self._playing_utterance: int | None = None
+        self._open_item: int | None = None  # the item whose utterance is being pushed
+        self._bases: dict[int, int] = {}  # item -> sample its latest utterance started at (a resumed item: > 0)
         self._resume = asyncio.Event()
         self._resume.set()
         self._push_lock = asyncio.Lock()
@@ -196,8 +198,10 @@ class ScriptRunner:
             return
         audio = progress.audio
         assert audio is not None
-        if self._offset == 0:
-            apply_style(self.session, item)
+        if self._open_item != index:  # a new utterance: the item, or what is left of it after a pause
+            self._open_item, self._bases[index] = index, self._offset
+            if self._offset == 0:
+                apply_style(self.session, item)
         piece = max(1, int(PIECE_S * audio.sample_rate))
         chunk = audio.samples[self._offset : self._offset + piece]
         if len(chunk):
@@ -206,7 +210,7 @@ class ScriptRunner:
         if self._offset >= len(audio.samples):
             self.es.end_utterance()
             self.es.mark(name)
-            self._cursor, self._offset = self._cursor + 1, 0
+            self._cursor, self._offset, self._open_item = self._cursor + 1, 0, None
 
     # -- events from the session (marks, playback) ---------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
@@ -247,13 +251,14 @@ class ScriptRunner:
             self.es.interrupt()
             position = self._interrupting if current is not None and self.items[current].state == "playing" else 0.0
             self._interrupting = None
-            self._playing_utterance = None
+            self._playing_utterance = self._open_item = None
             return current, position
 
     def _rewind(self, index: int, position_ms: float) -> None:
         self._cursor = index
         audio = self.items[index].audio if index < len(self.items) else None
-        self._offset = int(position_ms * audio.sample_rate / 1000) if audio is not None else 0
+        played = int(position_ms * audio.sample_rate / 1000) if audio is not None else 0
+        self._offset = self._bases.get(index, 0) + played
         if index < len(self.items) and self.items[index].state == "playing":
             self.items[index].state = "pending"
 
