@@ -294,3 +294,50 @@ def test_script_controls_and_progress_events(server, tiny_speech):
     assert stopped["state"] == "stopped" and quiet == 0
     states = [e["state"] for e in events if e["type"] == "script.state"]
     assert states[:6] == ["playing", "paused", "playing", "paused", "playing", "finished"] and states[-1] == "stopped"
+
+
+def test_a_presentation_survives_its_ingest_restarting(server, tiny_speech, tmp_path):
+    """The RTMP ingest is killed while the first item plays and started again: the output reconnects, the script
+    finishes, and the new ingest receives the rest of the presentation (the TTS item whole, in sync)."""
+    (tmp_path / "intro.wav").write_bytes(wav_of(tiny_speech))
+    script = tmp_path / "script.yaml"
+    script.write_text(f"items:\n  - audio: intro.wav\n  - pause_s: 1.0\n  - text: {TTS_TEXT}\n")
+    port = free_port()
+    first = RtmpIngest(port, tmp_path / "first.flv")
+    report_path = tmp_path / "report.json"
+    present = subprocess.Popen(
+        [sys.executable, "-m", "server", "present", str(script), "--to", first.url, "--server", server.url,
+         "--report", str(report_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert present.stdout is not None
+        for line in present.stdout:  # until the first item plays
+            message = json.loads(line) if line.startswith("{") else {}
+            if message.get("type") == "present.script" and message["items"][0] == "playing":
+                break
+        first.kill()
+        second = RtmpIngest(port, tmp_path / "second.flv")
+        rest, err = present.communicate(timeout=240)
+    finally:
+        if present.poll() is None:
+            present.kill()
+    second.finish()
+    assert present.returncode == 0, err[-2000:]
+    done = json.loads(report_path.read_text())
+    output, items = done["outputs"][0], done["script"]["items"]
+    got = read_received(second.path)
+    tts = items[2]
+    wanted = list(range(tts["started_frame"], tts["done_frame"] + 1))
+    received = [k for k in got.video_indexes if tts["started_frame"] <= k <= tts["done_frame"]]
+    offsets = got.av_offsets_ms()
+    print(
+        f"\nrestart: output {output}\nsecond ingest {len(got.video_times)} frames at {got.fps:.2f} fps, TTS item "
+        "frames "
+        f"{tts['started_frame']}..{tts['done_frame']}: {len(received)} of {len(wanted)} received; A/V offsets "
+        f"{np.round(offsets, 1).tolist()} ms"
+    )
+    assert done["script"]["state"] == "finished" and [i["state"] for i in items] == ["done"] * 3
+    assert output["reconnects"] >= 1 and output["connects"] == 2 and output["frames_skipped"] > 0
+    assert received == wanted  # after the restart, the rest of the presentation arrived whole
+    assert len(offsets) >= 2 and max(abs(o) for o in offsets) < 80
