@@ -26,9 +26,13 @@ from vexpress_rt.loader import VExpressModels
 from vexpress_rt.models import UNetConfig
 
 from ..avatar import PreEncodedAvatar
+from ..decoder import FrameDecoder, load_decoders
 from ..denoiser import DenoiserSettings, Schedule
 from ..device import synchronize
+from ..engine import Engine, EngineConfig
 from ..portrait import load_default_portrait
+from ..session import SessionConfig
+from ..stage_timer import StageTimer
 from ..unet_runner import CaptureBackend, CudaGraphBackend, EagerUNet, GraphedUNet, RerunBackend
 from .speech import speech
 
@@ -37,35 +41,35 @@ PUSH_SAMPLES = 320  # 20 ms at 16 kHz, as the server's clients push
 FAR_PAST_CAPACITY = 0.5  # stop the ramp once sessions get less than this fraction of their fps
 
 
-def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None):
+def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None) -> VExpressModels:
     if model_dir:
         from vexpress_rt.loader import load_models
         from vexpress_rt.weights import ModelPaths
 
-        return load_models(ModelPaths.from_model_dir(Path(model_dir)), device=device, dtype=dtype)
+        loaded: VExpressModels = load_models(ModelPaths.from_model_dir(Path(model_dir)), device=device, dtype=dtype)
+        return loaded
     from .random_models import random_models
 
     return random_models(model_size, device=device, dtype=dtype)
 
 
-def _decoders(models, model_dir: str | None):
+def _decoders(models: VExpressModels, model_dir: str | None) -> dict[str, FrameDecoder]:
     """Both live decoders: from the model folder (TAESD when present), else TAESD's architecture with random
     weights beside the full VAE (the same speed as its released weights)."""
-    from ..decoder import FrameDecoder, load_decoders
-
     if model_dir:
         from vexpress_rt.weights import ModelPaths
 
         return load_decoders(models, "auto", ModelPaths.from_model_dir(Path(model_dir)).taesd_path)[1]
     from diffusers import AutoencoderTiny
 
-    tiny = AutoencoderTiny().to(models.device, models.dtype).eval().requires_grad_(False)
+    tiny: Any = AutoencoderTiny()
+    tiny = tiny.to(models.device, models.dtype).eval().requires_grad_(False)
     return {"full": FrameDecoder.full(models), "tiny": FrameDecoder.tiny(tiny)}
 
 
 @torch.no_grad()
 def engine_figures(
-    device: str = "cuda",
+    device: str | torch.device = "cuda",
     dtype: str = "fp16",
     model_size: str | None = None,
     model_dir: str | None = None,
@@ -73,16 +77,14 @@ def engine_figures(
     height: int = 512,
     sessions: tuple[int, ...] = (1, 2, 4, 8),
     seconds: float = 10.0,
-    session_config=None,
+    session_config: SessionConfig | None = None,
     max_batch: int = 4,
     components: bool = True,
     eager: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
     On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
     session count (`eager` key) from the same run, for the side-by-side."""
-    from ..session import SessionConfig
-
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -91,7 +93,7 @@ def engine_figures(
     model_size = model_size or ("real" if device.type == "cuda" else "tiny")
     cfg = session_config or SessionConfig()
     cfg.validate()
-    out: dict = {
+    out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "dtype": dtype,
         "model": model_dir or f"random weights, {model_size} size",
@@ -107,7 +109,7 @@ def engine_figures(
     if cfg.decoder not in decoders:
         raise ValueError(f"decoder {cfg.decoder!r} is not in the model folder (have {sorted(decoders)})")
     out["decoder"] = cfg.decoder
-    modes = [("graphs" if device.type == "cuda" else "eager", None)]
+    modes: list[tuple[str, bool | None]] = [("graphs" if device.type == "cuda" else "eager", None)]
     if eager and device.type == "cuda":
         modes.append(("eager", False))
     for name, graphs in modes:
@@ -129,12 +131,19 @@ def engine_figures(
     return out
 
 
-def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max_batch, graphs) -> dict:
+def _engine_figures(
+    models: VExpressModels,
+    decoders: dict[str, FrameDecoder],
+    cfg: SessionConfig,
+    width: int,
+    height: int,
+    sessions: Sequence[int],
+    seconds: float,
+    max_batch: int,
+    graphs: bool | None,
+) -> dict[str, Any]:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
-    from ..engine import Engine, EngineConfig
-    from ..stage_timer import StageTimer
-
     device = models.device
     engine = Engine(
         models,
@@ -149,7 +158,7 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
         ),
         decoders,
     )
-    out: dict = {}
+    out: dict[str, Any] = {}
     engine.stages = StageTimer(device)
     image, kps = load_default_portrait()
     t0 = time.perf_counter()
@@ -174,7 +183,7 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
     return out
 
 
-def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
+def sessions_run(engine: Engine, avatar_id: str, cfg: SessionConfig, n: int, seconds: float) -> dict[str, Any]:
     """n sessions, each pushed `seconds` of speech in real time in 20 ms pushes and read at its fps."""
 
     device = engine.models.device
@@ -226,7 +235,9 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
         for s in opened:
             s.close()
     ids = {s.id for s in opened}
-    latencies, first, second = [], [], []
+    latencies: list[float] = []
+    first: list[float] = []
+    second: list[float] = []
     for chunk in list(engine.worker.chunk_log):
         if chunk["session"] not in ids:
             continue
@@ -235,9 +246,7 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
             latencies.append(ms)
             (first if audio_time - start < seconds / 2 else second).append(ms)
 
-    def p(values, q):
-        return float(np.percentile(values, q)) if values else float("nan")
-
+    p = percentile
     per_frame = {k: v / frames if frames else float("nan") for k, v in stage_ms.items()}
     return {
         "sessions": n,
@@ -255,6 +264,11 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
         "device_ms_per_frame_total": float(sum(per_frame.values())),
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, NaN when nothing was measured."""
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -332,7 +346,7 @@ def _unet_flops(frames: int, batch: int, height: int, width: int) -> float | Non
         return None
 
 
-def _print_runs(runs: list[dict]) -> None:
+def _print_runs(runs: list[dict[str, Any]]) -> None:
     head = (
         "N",
         "fps/sess",
@@ -372,7 +386,7 @@ def _print_runs(runs: list[dict]) -> None:
         print("  " + " ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c:>9}" for c in cells))
 
 
-def print_engine_table(out: dict) -> None:
+def print_engine_table(out: dict[str, Any]) -> None:
     if "skipped" in out:
         print(f"engine on the device: skipped ({out['skipped']})")
         return
