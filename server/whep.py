@@ -19,6 +19,7 @@ session closes, so that their `DELETE` answers as the resource's end.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 
@@ -85,6 +86,15 @@ def ice_credentials(sdp: str) -> tuple[str | None, str | None]:
     """The first `a=ice-ufrag` and `a=ice-pwd` of an SDP (a BUNDLE offer has one pair)."""
     frag = parse_sdpfrag(sdp.replace("a=candidate:", "a=x-candidate:"))  # only the credentials are wanted here
     return frag.ufrag, frag.pwd
+
+
+def _usable_address(host: str) -> bool:
+    """An IP address, or an mDNS name (`<uuid>.local`, which aioice resolves); never a DNS name to look up."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host.endswith(".local")
+    return True
 
 
 def link_header(server: dict) -> str:
@@ -217,6 +227,10 @@ async def whep_patch(request: web.Request) -> web.Response:
             candidate = candidate_from_sdp(line)
         except (ValueError, AssertionError) as exc:
             raise ApiError(400, f"malformed candidate: {line[:200]!r}", code="invalid_sdpfrag") from exc
+        if not _usable_address(candidate.ip):
+            raise ApiError(
+                400, f"candidate address {candidate.ip[:100]!r} is not an IP address", code="invalid_sdpfrag"
+            )
         candidate.sdpMid, candidate.sdpMLineIndex = mid, index
         await rtc.add_remote_candidate(pc, candidate)
         resource.trickled += 1

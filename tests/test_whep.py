@@ -23,9 +23,27 @@ from client_kit import (
     viewer_offer,
     wait_for,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from server_harness import ServerThread, make_config
 
+from server.errors import ApiError
+from server.whep import parse_sdpfrag
+
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
+
+LINE = st.text(alphabet=st.sampled_from("am=:-.0123456789 abcdefxyzudptypho\r\n"), max_size=80)
+SDPFRAG_LINES = st.sampled_from(
+    [
+        "a=ice-ufrag:u",
+        "a=ice-pwd:p",
+        "m=audio 9 UDP/TLS/RTP/SAVPF 0",
+        "a=mid:0",
+        "a=candidate:1 1 udp 2 127.0.0.1 9 typ host",
+        "a=end-of-candidates",
+        "a=candidate:",
+    ]
+)
 
 ORIGIN = "https://studio.example"
 TURN_URL = "turn:127.0.0.1:3478?transport=udp"
@@ -38,6 +56,18 @@ def server(tiny_engine):
     srv = ServerThread(config, tiny_engine).start()
     yield srv
     srv.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(SDPFRAG_LINES, LINE), max_size=12))
+def test_sdpfrag_parser_takes_anything(lines):
+    """Any body: parsed, or a 400 (ApiError); never another exception (a 500)."""
+    try:
+        frag = parse_sdpfrag("\r\n".join(lines))
+    except ApiError as exc:
+        assert exc.status == 400
+    else:
+        assert all(len(c.split()) >= 8 for _, _, c in frag.candidates)
 
 
 def _server_remote_candidates(server: ServerThread, session_id: str, viewer: str) -> list:
@@ -112,6 +142,12 @@ def test_patch_checks_etag_type_token_and_candidates(server):
                 "stale etag": await v.patch(frag, if_match='"not-the-etag"'),
                 "wrong type": await v.patch(frag, content_type="application/sdp"),
                 "bad candidate": await v.patch(sdpfrag(v.ufrag, v.pwd, [("0", "a=candidate:1 1 udp")])),
+                "bad numbers": await v.patch(
+                    sdpfrag(v.ufrag, v.pwd, [("0", "a=candidate:1 x udp y 1.2.3.4 z typ host")])
+                ),
+                "a host name": await v.patch(
+                    sdpfrag(v.ufrag, v.pwd, [("0", "a=candidate:1 1 udp 1 example.com 9 typ host")])
+                ),
                 "no if-match": await v.patch(sdpfrag(v.ufrag, v.pwd, v.held[:1], end=False), if_match=None),
                 "etag": await v.patch(frag),
             }
@@ -130,6 +166,8 @@ def test_patch_checks_etag_type_token_and_candidates(server):
         "stale etag": 412,
         "wrong type": 415,
         "bad candidate": 400,
+        "bad numbers": 400,
+        "a host name": 400,
         "no if-match": 204,
         "etag": 204,
         "no token": 401,
