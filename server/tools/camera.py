@@ -272,6 +272,12 @@ async def _open_session(server: str, api_key: str | None, avatar: str | None) ->
             return data
 
 
+async def _close_session(server: str, session_id: str, token: str) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.delete(f"{server}/v1/sessions/{session_id}", headers={"Authorization": f"Bearer {token}"}):
+            pass
+
+
 def _frames_url(server: str, session_id: str) -> str:
     return server.replace("http", "ws", 1).rstrip("/") + f"/v1/sessions/{session_id}/frames"
 
@@ -292,13 +298,17 @@ def cmd_camera(args: argparse.Namespace) -> int:
         if session_id is None:
             session = await _open_session(server, args.api_key, args.avatar)
             session_id, token = session["id"], session["token"]
-            keys = ("id", "token", "ws_url", "speak_url", "whep_url", "url")
+            keys = ("id", "token", "ws_url", "speak_url", "whep_url", "view_url", "url")
             print(json.dumps({k: session.get(k) for k in keys}), flush=True)
         if not token:
             raise DeviceError("give --token (the session's) or --api-key")
-        return await run_camera(
-            _frames_url(server, session_id), token, open_video, None if args.no_mic else open_audio, args.queue
-        )
+        try:
+            return await run_camera(
+                _frames_url(server, session_id), token, open_video, None if args.no_mic else open_audio, args.queue
+            )
+        finally:
+            if args.session is None:  # the session this command opened ends with it
+                await _close_session(server, session_id, token)
 
     try:
         stats = asyncio.run(main())
