@@ -152,6 +152,19 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 report["key_portrait_rgba"] = pixel(shot, 160, 120)
                 keyed.close()
 
+                # The server ends this viewer (its resource DELETEd by someone else): the page notices the stream
+                # stopped and connects again, as an OBS source should.
+                first = page.evaluate("window.vexview.resource")
+                api("DELETE", first, token)
+                t_cut = time.monotonic()
+                page.wait_for_function(
+                    f"window.vexview.resource && window.vexview.resource !== {json.dumps(first)}"
+                    " && window.vexview.state === 'playing'",
+                    timeout=30_000,
+                )
+                wait_playing(page, 15)
+                report["reconnected_s"] = round(time.monotonic() - t_cut, 2)
+
                 page.goto("about:blank")  # pagehide: the page DELETEs its resource (keepalive fetch)
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:

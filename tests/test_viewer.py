@@ -1,7 +1,8 @@
 """The chromeless viewer page for OBS (issue 15 item 3), in headless Chromium inside a loopback-only network
 namespace (tests/netns_viewer.py): /view/{id}?token=... plays the session over WHEP with trickle ICE, without
 controls, with sound (the avatar's speech after `POST .../speak` reaches the page), transparent or key-coloured
-outside the portrait, and leaves (DELETE) when the page goes away.
+outside the portrait, comes back by itself when the server ends its viewer, and leaves (DELETE) when the page
+goes away.
 """
 
 from __future__ import annotations
@@ -100,9 +101,12 @@ def test_obs_viewer_page_plays_with_sound_in_chromium(model_dir, speech_wav, tmp
     assert report["transparent_portrait_rgba"][3] == 255, where
     assert all(px[:3] == [0, 255, 0] for px in report["key_outside_rgba"]), where
     assert report["key_portrait_rgba"][:3] != [0, 255, 0], where
+    # A viewer the server ended comes back by itself (a new WHEP resource)
+    assert report["reconnected_s"] < 25, where
     # Leaving the page ends the viewer's resource
     assert len(report["peers_while_playing"]) >= 1 and report["peers_after_leaving"] == [], where
     print(
         f"viewer: {report['fps']} fps, speech peak RMS {report['speech_level_peak_rms']} "
-        f"(idle {report['idle_level_peak_rms']}), {report['patches']} PATCH, {report['runtime_s']} s"
+        f"(idle {report['idle_level_peak_rms']}), {report['patches']} PATCH, "
+        f"reconnected in {report['reconnected_s']} s, {report['runtime_s']} s"
     )

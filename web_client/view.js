@@ -11,7 +11,8 @@
 // session's TURN credentials) become the configuration -> setLocalDescription (gathering starts now, with them) ->
 // each candidate is PATCHed to the resource as an application/trickle-ice-sdpfrag (If-Match: its ETag) ->
 // setRemoteDescription(answer). If the connection fails, the resource is DELETEd and a new one POSTed after a
-// back-off (ICE restarts are not offered by the server); a session that ended (404) or a wrong token (401) stops.
+// back-off (ICE restarts are not offered by the server), as when no frame arrives for 4 s; a session that ended
+// (404) or a wrong token (401) stops it.
 //
 // Test hook: window.vexview = {state, pc, resource, patches, candidates, lastError, stats(), level()}.
 "use strict";
@@ -22,6 +23,7 @@
   const TOKEN = params.get("token") || "";
   const ENDPOINT = `${location.origin}/v1/sessions/${encodeURIComponent(SESSION_ID)}/whep`;
   const TRICKLE = "application/trickle-ice-sdpfrag";
+  const STALL_MS = 4000; // no new frame for this long while "connected": reconnect
   const MAX_ATTEMPTS = 360; // with back-off up to 10 s: about an hour of trying, then the page gives up
   const video = document.getElementById("avatar");
 
@@ -142,6 +144,7 @@
       if (pc.connectionState === "connected") { setState("playing"); st.attempts = 0; }
       if (pc.connectionState === "failed" || pc.connectionState === "closed") retry("connection " + pc.connectionState);
     });
+    watch(pc);
     const offer = await pc.createOffer();
     trickler(pc, offer.sdp);
     const resp = await fetch(ENDPOINT, {
@@ -168,6 +171,22 @@
     if (resource) {
       try { await fetch(resource, { method: "DELETE", headers: auth() }); } catch (err) { fail("DELETE", err); }
     }
+  }
+
+  function watch(pc) {
+    // A stream that stops (the server ended this viewer, a network that went quiet) while the connection still
+    // reads "connected": no new frame for STALL_MS means a new connection, rather than a frozen source in OBS.
+    let last = -1, since = performance.now();
+    const timer = setInterval(async () => {
+      if (pc !== st.pc) { clearInterval(timer); return; }
+      const s = await stats();
+      const frames = s.video ? s.video.framesDecoded : 0;
+      if (frames !== last) { last = frames; since = performance.now(); return; }
+      if (st.state === "playing" && performance.now() - since > STALL_MS) {
+        clearInterval(timer);
+        retry(`no video for ${STALL_MS} ms`);
+      }
+    }, 1000);
   }
 
   let retrying = false;
