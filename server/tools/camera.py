@@ -23,6 +23,7 @@ import collections
 import io
 import json
 import math
+import signal
 import sys
 import threading
 import time
@@ -293,7 +294,13 @@ def cmd_camera(args: argparse.Namespace) -> int:
     def open_audio(info: StreamInfo) -> AudioSink:
         return PulseAudioSink(args.mic, info.sample_rate)
 
+    stop = threading.Event()
+
     async def main() -> PacerStats:
+        try:  # Ctrl+C stops the stream and prints the counts (no signal handlers on Windows: there it just exits)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
         session_id, token = args.session, args.token or args.api_key
         if session_id is None:
             session = await _open_session(server, args.api_key, args.avatar)
@@ -304,7 +311,12 @@ def cmd_camera(args: argparse.Namespace) -> int:
             raise DeviceError("give --token (the session's) or --api-key")
         try:
             return await run_camera(
-                _frames_url(server, session_id), token, open_video, None if args.no_mic else open_audio, args.queue
+                _frames_url(server, session_id),
+                token,
+                open_video,
+                None if args.no_mic else open_audio,
+                args.queue,
+                stop,
             )
         finally:
             if args.session is None:  # the session this command opened ends with it
