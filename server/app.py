@@ -7,7 +7,8 @@
 | POST /v1/avatars, GET /v1/avatars, GET/DELETE /v1/avatars/{id} | key | portraits (pre-encoded on upload) |
 | POST /v1/sessions | key | a session: id, token and its URLs |
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
-| POST /v1/sessions/{id}/whep, DELETE .../whep/{viewer} | token | WHEP viewers of the same session |
+| POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token | WHEP viewers (`whep.py`) |
+| GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`) |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
 | GET /v1/sessions/{id}/ws | token | the bot websocket (`ws.py`: PCM16 in, JSON control and playback events) |
 | GET /v1/sessions/{id}/frames | token | every frame as JPEG + PCM16 with timestamps (`frames_ws.py`) |
@@ -44,7 +45,9 @@ from . import (
     session_api,
     sockets,
     speak,
+    viewer,
     webrtc,
+    whep,
     ws,
 )
 from .config import ServerConfig
@@ -182,6 +185,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     state.metrics.attach(scrape.StateCollector(state))
     r = app.router
     r.add_get("/", index)
+    r.add_get("/view/{session_id}", viewer.viewer_page)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_endpoint)
@@ -195,8 +199,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     r.add_delete("/v1/sessions/{session_id}", session_api.delete_session)
     r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
     r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
-    r.add_post("/v1/sessions/{session_id}/whep", webrtc.whep_offer)
-    r.add_delete("/v1/sessions/{session_id}/whep/{viewer_id}", webrtc.whep_delete)
+    whep_path, viewer_path = "/v1/sessions/{session_id}/whep", "/v1/sessions/{session_id}/whep/{viewer_id}"
+    r.add_post(whep_path, whep.whep_offer)
+    r.add_options(whep_path, whep.endpoint_options)
+    r.add_patch(viewer_path, whep.whep_patch)
+    r.add_delete(viewer_path, whep.whep_delete)
+    r.add_options(viewer_path, whep.resource_options)
+    whep.setup(app)
     r.add_post("/offer", webrtc.legacy_offer)
     r.add_get("/v1/sessions/{session_id}/ws", ws.bot_socket)
     r.add_get("/v1/sessions/{session_id}/frames", frames_ws.frames_socket)

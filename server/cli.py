@@ -20,6 +20,7 @@ from vexpress_rt.errors import WeightsError
 
 from .config import ServerConfig, add_serve_arguments
 from .present import add_present_command
+from .tools.camera import add_camera_command
 from .tools.push import add_push_command
 from .tools.soak import add_soak_command
 
@@ -45,6 +46,7 @@ else:
     EXTRA_COMMANDS.append(add_bench_command)
 EXTRA_COMMANDS.append(add_soak_command)  # N sessions for M minutes against a served app: latency, memory, fds, tasks
 EXTRA_COMMANDS.append(add_present_command)  # a script on a session pushed to RTMP/SRT/WHIP, from the command line
+EXTRA_COMMANDS.append(add_camera_command)  # a session as a virtual camera + microphone for video calls
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

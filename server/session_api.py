@@ -116,6 +116,7 @@ def _session_urls(request: web.Request, session: ServerSession) -> dict:
         "frames_url": f"{ws_scheme}://{request.host}{path}/frames",
         "speak_url": f"{base}{path}/speak",
         "recording_url": f"{base}{path}/recording",
+        "view_url": f"{base}/view/{session.id}",  # the OBS viewer page; add ?token=<token>
     }
 
 

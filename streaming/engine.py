@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .device import synchronize
 from .portrait import prepare_portrait
 from .session import SessionConfig, StreamSession
-from .stage_timer import NoStageTimer
-from .unet_runner import CudaGraphBackend, RerunBackend, bucket_for
+from .stage_timer import NoStageTimer, StageTimer
+from .unet_runner import CaptureBackend, CudaGraphBackend, RerunBackend, bucket_for
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 MAX_DENOISERS = 16  # cached denoisers (one per distinct settings); beyond, those no session uses are dropped
 
 
-def _capture_backend(device: torch.device, graphs: bool | None):
+def _capture_backend(device: torch.device, graphs: bool | None) -> CaptureBackend | None:
     """CUDA graphs on a CUDA device unless switched off; `graphs=True` elsewhere reruns the captured function
     (the graph path's bookkeeping, for tests); otherwise eager."""
     device = torch.device(device)
@@ -78,7 +79,7 @@ class AvatarInfo:
     created: float
     kps: list[list[float]]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -113,10 +114,11 @@ class Engine:
         self._sessions: dict[str, StreamSession] = {}
         self._denoisers: dict[DenoiserSettings, StreamDenoiser] = {}
         self._silence: dict[int, torch.Tensor] = {}
-        self.stages = NoStageTimer()  # device time per stage; the benchmark installs a StageTimer
+        # device time per stage: nothing measured unless the benchmark installs a StageTimer
+        self.stages: NoStageTimer | StageTimer = NoStageTimer()
         self._graphs = _capture_backend(models.device, self.config.graphs)
         self.warm = False  # set by warm_up(): graphs captured, cost per batch size measured
-        self.warmup: dict | None = None
+        self.warmup: dict[str, Any] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -212,7 +214,7 @@ class Engine:
         return frames, stacked
 
     @torch.no_grad()
-    def warm_up(self, avatar_id: str | None = None) -> dict:
+    def warm_up(self, avatar_id: str | None = None) -> dict[str, Any]:
         """Before serving: run the default settings' call (UNet + decode) at every batch size the worker will use
         (its buckets up to `max_batch`) on a registered avatar, twice each: the first captures the graphs (or
         warms up the eager path), the second is measured and calibrates the admission cost model. Idempotent;
@@ -309,7 +311,7 @@ class Engine:
         self._release_if_unused(session.avatar.encoded)
         log.info("session %s closed", session.id)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         sessions = self.sessions()
         latencies = [x for s in sessions for x in list(s.latencies_ms)[-200:]]
         lat = np.array(latencies) if latencies else np.zeros(1)
