@@ -344,3 +344,35 @@ def test_a_presentation_survives_its_ingest_restarting(server, tiny_speech, tmp_
     assert output["reconnects"] >= 1 and output["connects"] == 2 and output["frames_skipped"] > 0
     assert received == wanted  # after the restart, the rest of the presentation arrived whole
     assert len(offsets) >= 2 and max(abs(o) for o in offsets) < 80
+
+
+def test_a_json_script_waits_for_its_start_time(server):
+    """Without audio items the script is a JSON body; `start_at` holds it back until then."""
+
+    async def main():
+        async with open_http(60) as http:
+            session = await create_session(http, server.url)
+            url, auth = f"{session['url']}/script", bearer(session["token"])
+            bot = await Bot.connect(http, session)
+            await bot.wait_type("session.ready")
+            start_at = time.time() + 1.5
+            body = {"items": [{"mark": "first"}, {"pause_s": 0.3}, {"mark": "second"}], "start_at": start_at}
+            async with http.post(url, json=body, headers=auth) as r:
+                assert r.status == 201, await r.text()
+            await asyncio.sleep(0.5)
+            async with http.get(url, headers=auth) as r:
+                waiting = (await r.json())["state"]
+            playing = await bot.wait_type("script.state", state="playing", timeout=30)
+            playing_at = time.time()
+            await bot.wait_type("script.state", state="finished", timeout=60)
+            marks = [m["name"] for m in bot.of("mark") if not m["name"].startswith("script:")]  # the runner's own
+            async with http.post(url, json={"items": [{"audio": "nope"}]}, headers=auth) as r:
+                no_file = r.status
+            await bot.close()
+            await delete_session(http, session)
+            return waiting, playing, playing_at - start_at, marks, no_file
+
+    waiting, playing, late_s, marks, no_file = run(main())
+    print(f"\nstart_at: {waiting} before, playing {late_s * 1000:.0f} ms after start_at; marks {marks}")
+    assert waiting == "waiting" and 0 <= late_s < 1.0
+    assert marks == ["first", "second"] and no_file == 400
