@@ -503,6 +503,7 @@ class ReceivedMedia:
     audio_start: float  # s, pts of the first audio sample
     codecs: tuple[str, str]
     size: tuple[int, int]
+    keyframe_times: list[float] = field(default_factory=list)  # s, the video's keyframes
 
     @property
     def video_s(self) -> float:
@@ -547,7 +548,7 @@ class ReceivedMedia:
 def read_received(path: Path) -> ReceivedMedia:
     import av
 
-    times, indexes, chunks = [], [], []
+    times, indexes, chunks, keyframes = [], [], [], []
     audio_start = None
     rate = OUT_RATE
     with av.open(str(path)) as container:
@@ -556,6 +557,8 @@ def read_received(path: Path) -> ReceivedMedia:
         for frame in container.decode(v, a):
             if isinstance(frame, av.VideoFrame):
                 times.append(float(frame.pts * frame.time_base))
+                if frame.key_frame:
+                    keyframes.append(times[-1])
                 indexes.append(marks.read_index(frame.to_ndarray(format="rgb24")))
             else:
                 if audio_start is None:
@@ -571,6 +574,7 @@ def read_received(path: Path) -> ReceivedMedia:
         audio_start or 0.0,
         codecs,
         size,
+        sorted(keyframes),
     )
 
 

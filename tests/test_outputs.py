@@ -142,14 +142,16 @@ def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, t
         f"\nRTMP first ingest: {got1.codecs} {got1.size}, {len(got1.video_times)} frames ({got1.fps:.2f} fps, "
         f"{got1.missing()} missing, {got1.missing(0.5)} after 0.5 s, "
         f"video {got1.video_s:.2f} s, audio {got1.audio_s:.2f} s), A/V offsets {np.round(offsets1, 1).tolist()} ms, "
-        f"loud {loud1:.2f} s (source {loud_src:.2f} s of {speech_s:.2f} s)\n"
+        f"loud {loud1:.2f} s (source {loud_src:.2f} s of {speech_s:.2f} s), keyframes at "
+        f"{np.round(got1.keyframe_times, 2).tolist()} s\n"
         f"second ingest (after the kill): {len(got2.video_times)} frames ({got2.fps:.2f} fps), A/V offsets "
         f"{np.round(offsets2, 1).tolist()} ms, loud {loud2:.2f} s\n"
         f"reports: live {live['state']} -> before kill {before} -> {dropped['state']} -> {back['state']}; "
         f"final {final}"
     )
     assert created["url"].endswith("/…") and "stream-key" not in str(final)  # the stream key is never shown
-    assert live["state"] == "live" and before["bitrate_kbps"] > 0 and before["frames_sent"] > 0
+    assert live["state"] == "live" and 0 < before["bitrate_kbps"] < 2 * 800 and before["frames_sent"] > 0
+    assert np.allclose(np.diff(got1.keyframe_times[1:]), 1.0, atol=0.05)  # keyframe_interval_s (after the start)
     assert 'vexpress_outputs{kind="rtmp",state="live"} 1.0' in metrics_text
     assert "vexpress_output_bitrate_bps{" in metrics_text
     for got, offsets, loud in ((got1, offsets1, loud1), (got2, offsets2, loud2)):

@@ -21,7 +21,9 @@ from .publisher import Publisher
 from .target import OutputSettings
 
 QUEUE_FRAMES = 50  # 2 s at 25 fps between the pump and the encoder
-LIVE_X264 = {"preset": "veryfast", "tune": "zerolatency"}  # no B-frames, no look-ahead: frames leave as they come
+# no B-frames, no look-ahead (frames leave as they come); keyframes exactly every keyframe interval, as ingests
+# (YouTube, Twitch) ask, not also at scene cuts
+LIVE_X264 = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "scenecut=0"}
 NETWORK_TIMEOUT_S = 10.0
 
 
