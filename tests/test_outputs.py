@@ -156,8 +156,8 @@ def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, t
     assert "vexpress_output_bitrate_bps{" in metrics_text
     for got, offsets, loud in ((got1, offsets1, loud1), (got2, offsets2, loud2)):
         assert got.codecs == ("h264", "aac") and got.size == (128, 64)
-        # no gap after the start but for frames the output counted as dropped (its encoder 2 s behind on a loaded CPU)
-        assert abs(got.fps - FPS) < 0.5 and got.missing(skip_s=0.5) <= final["frames_dropped"]
+        # no gap but for frames the output counted as dropped (its encoder 2 s behind on a loaded CPU)
+        assert abs(got.fps - FPS) < 0.5 and got.missing() <= final["frames_dropped"]
         assert abs(got.audio_s - got.video_s) < 0.1
         assert len(offsets) >= 2 and max(abs(o) for o in offsets) < AV_OFFSET_MS
         assert loud >= 0.8 * loud_src  # the speech arrived

@@ -1,8 +1,9 @@
 """Push to an RTMP, RTMPS or SRT ingest (YouTube Live, Twitch, OBS, nginx-rtmp, MediaMTX...): H.264 + AAC, muxed
-by PyAV (FLV for RTMP, MPEG-TS for SRT) with the recorder's writer (`recording.Mp4Writer`), so frame `i` and its
+by PyAV (FLV for RTMP, MPEG-TS for SRT) with the recorder's writer (`mp4_writer.Mp4Writer`), so frame `i` and its
 audio leave with the same timestamp, as in a recording.
 
-Encoding and network writes run in a thread of the output's own (never the event loop, never the model worker);
+Encoding and network writes run in a child process per connection (encoder_process.py: PyAV holds the GIL while it
+connects), fed from a thread of the output's own (never the event loop, never the model worker);
 each connection starts its timestamps at 0 (an ingest takes a reconnect as a new stream).
 """
 
@@ -15,8 +16,9 @@ from aiortc.mediastreams import MediaStreamError
 
 from streaming.frames import AVFrame
 
-from ..recording import EncodeSpec, Mp4Writer
+from ..mp4_writer import EncodeSpec
 from ..sessions import ServerSession
+from .encoder_process import EncoderProcess
 from .publisher import Publisher
 from .target import OutputSettings
 
@@ -38,7 +40,7 @@ def encode_spec(settings: OutputSettings, fps: int) -> EncodeSpec:
     )
 
 
-def _close_quietly(writer: Mp4Writer) -> None:
+def _close_quietly(writer: EncoderProcess) -> None:
     try:
         writer.close()
     except Exception:  # the connection is gone: nothing to flush to
@@ -67,7 +69,8 @@ class IngestPublisher(Publisher):
 
     async def _connect_and_run(self) -> bool:
         loop = asyncio.get_running_loop()
-        writer = Mp4Writer(self.settings.url, self.fps, self.spec)  # connects with its first frame
+        # started off the loop (a fork of a big process); it connects with its first frame
+        writer = await loop.run_in_executor(self._executor, EncoderProcess, self.settings.url, self.fps, self.spec)
         try:
             while True:
                 try:
