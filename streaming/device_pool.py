@@ -6,9 +6,10 @@ holds a pool in every case: one engine is a pool of one. The workers are threads
 CUDA work releases the GIL (kernel launches, graph replays, synchronisation), so N device workers overlap their
 device time; only their host-side Python takes turns.
 
-* **Avatars** are pre-encoded on every device when registered (in parallel, one thread per device): a session can
-  then open on whichever device has room at once, with no encode (seconds at 512x512) on the open path, and a
-  device failing later loses nothing. The cost is a copy of each avatar's reference features per device.
+* **Avatars** are pre-encoded on every device when registered (in parallel, one thread per device; with a disk
+  cache the first device encodes and the others load its entry): a session can then open on whichever device has
+  room at once, with no encode (seconds at 512x512) on the open path, and a device failing later loses nothing.
+  The cost is a copy of each avatar's reference features (and idle clip) per device.
 * **Placement**: among the healthy devices that admit the session (`Engine.can_admit`: slots and the measured cost
   model), the one whose headroom after adding it (`Engine.headroom`) is largest; ties go to the device with fewer
   sessions. Devices with a recent failure come after those without.
@@ -141,12 +142,16 @@ class DevicePool:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _on_every_device(self, call: Callable[[Engine], object]) -> list:
-        """`call(engine)` for each engine, at the same time; the first failure of a healthy device is raised
-        (a failed device's own errors are logged: it serves nobody)."""
+    def _on_every_device(self, call: Callable[[Engine], object], first_alone: bool = False) -> list:
+        """`call(engine)` for each engine, at the same time (`first_alone`: the first one before the others); the
+        first failure of a healthy device is raised (a failed device's own errors are logged: it serves nobody)."""
         if self._executor is None:
             return [call(self.engines[0])]
-        futures: list[Future] = [self._executor.submit(call, engine) for engine in self.engines]
+        futures: list[Future] = []
+        if first_alone:
+            futures.append(self._executor.submit(call, self.engines[0]))
+            futures[0].exception()  # waits; its error, if any, is raised below
+        futures += [self._executor.submit(call, engine) for engine in self.engines[len(futures) :]]
         results = []
         for name, engine, future in zip(self.names, self.engines, futures):
             try:
@@ -165,7 +170,10 @@ class DevicePool:
 
     # -- avatars: registered on every device ----------------------------------------------------------------------
     def add_avatar(self, image: Image.Image, kps: np.ndarray | None = None, name: str | None = None) -> AvatarInfo:
-        infos = [i for i in self._on_every_device(lambda engine: engine.add_avatar(image, kps, name)) if i]
+        # With a disk cache (--cache_dir, shared by the devices) the first device encodes and writes the entry, the
+        # others then load it: one writer per file, and a load is cheaper than an encode.
+        register = lambda engine: engine.add_avatar(image, kps, name)  # noqa: E731
+        infos = [i for i in self._on_every_device(register, first_alone=self.config.cache_dir is not None) if i]
         if len({info.id for info in infos}) != 1:  # ids hash the portrait and the model: the same everywhere
             raise VExpressError(f"the devices registered the portrait under different ids: {[i.id for i in infos]}")
         return infos[0]

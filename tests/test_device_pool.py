@@ -15,6 +15,7 @@ from server_harness import ServerThread, call, make_config
 
 from server.config import ConfigError, ServerConfig
 from server.engine_factory import build_pool
+from streaming import avatar as avatar_module
 from streaming.denoiser import StreamDenoiser
 from streaming.device_pool import DevicePool, device_names, parse_devices
 from streaming.engine import CapacityError, Engine, EngineConfig
@@ -24,10 +25,11 @@ from vexpress_rt.weights import ModelPaths
 SIZE = {"width": 128, "height": 64}
 
 
-def _engine(model_dir, admission: bool, max_sessions: int = 4) -> Engine:
+def _engine(model_dir, admission: bool, max_sessions: int = 4, cache_dir: str | None = None) -> Engine:
     """An engine with its own copy of the tiny model: what one device holds."""
     models = load_models(ModelPaths.from_model_dir(model_dir))
-    return Engine(models, EngineConfig(**SIZE, max_sessions=max_sessions, admission=admission))
+    config = EngineConfig(**SIZE, max_sessions=max_sessions, admission=admission, cache_dir=cache_dir)
+    return Engine(models, config)
 
 
 def _set_cost(engine: Engine, per_session_load: float) -> None:
@@ -81,6 +83,22 @@ def test_avatars_are_encoded_on_every_device(pool_of_two):
     assert [a.id for a in pool.avatars()] == [avatar_id]
     assert pool.remove_avatar(avatar_id)
     assert pool.get_avatar(avatar_id) is None and all(not e.avatars() for e in pool.engines)
+
+
+def test_with_a_disk_cache_one_device_encodes_and_the_others_load(model_dir, tiny_portrait, tmp_path, monkeypatch):
+    cache = str(tmp_path / "avatars")
+    pool = DevicePool([_engine(model_dir, False, cache_dir=cache), _engine(model_dir, False, cache_dir=cache)])
+    encodes = []
+    real_encode = avatar_module.encode_avatar
+    monkeypatch.setattr(avatar_module, "encode_avatar", lambda *a, **k: encodes.append(1) or real_encode(*a, **k))
+    try:
+        avatar_id = pool.add_avatar(*tiny_portrait).id
+        assert all(e.get_avatar(avatar_id) for e in pool.engines)
+        assert len(encodes) == 1 and [e.store.stats()["disk_files"] for e in pool.engines] == [1, 1]
+        first, second = (e.avatar(avatar_id).encoded for e in pool.engines)
+        assert first is not second and bool((first.latent == second.latent).all())
+    finally:
+        pool.close()
 
 
 def test_sessions_go_where_the_headroom_is_and_a_full_device_refuses(pool_of_two):
