@@ -2,9 +2,9 @@
 placement of each new session on the device with the most real-time headroom.
 
 The pool offers what a transport uses of one engine (avatars, sessions, admission, warm-up, stats), so a server
-holds a pool in every case: one engine is a pool of one. The workers are threads of one process, not processes:
-CUDA work releases the GIL (kernel launches, graph replays, synchronisation), so N device workers overlap their
-device time; only their host-side Python takes turns.
+holds a pool in every case: one engine is a pool of one. The workers are threads of one process, not processes: a
+thread waiting on its GPU (graph replays, synchronisation) does not hold the GIL, so N device workers overlap their
+device time and only their host-side Python (eager launches, bookkeeping) takes turns.
 
 * **Avatars** are pre-encoded on every device when registered (in parallel, one thread per device; with a disk
   cache the first device encodes and the others load its entry): a session can then open on whichever device has
@@ -150,18 +150,18 @@ class DevicePool:
         futures: list[Future] = []
         if first_alone:
             futures.append(self._executor.submit(call, self.engines[0]))
-            futures[0].exception()  # waits; its error, if any, is raised below
+            self._result(0, futures[0])  # a bad portrait fails here, before the other devices try it
         futures += [self._executor.submit(call, engine) for engine in self.engines[len(futures) :]]
-        results = []
-        for name, engine, future in zip(self.names, self.engines, futures):
-            try:
-                results.append(future.result())
-            except Exception:
-                if self.healthy(engine):
-                    raise
-                log.warning("device %s (failed) could not take part", name, exc_info=True)
-                results.append(None)
-        return results
+        return [self._result(i, future) for i, future in enumerate(futures)]
+
+    def _result(self, index: int, future: Future) -> object:
+        try:
+            return future.result()
+        except Exception:
+            if self.healthy(self.engines[index]):
+                raise
+            log.warning("device %s (failed) could not take part", self.names[index], exc_info=True)
+            return None
 
     def warm_up(self, avatar_id: str | None = None) -> dict:
         """Every device's warm-up (graphs captured, cost model calibrated), at the same time."""
@@ -172,7 +172,9 @@ class DevicePool:
     def add_avatar(self, image: Image.Image, kps: np.ndarray | None = None, name: str | None = None) -> AvatarInfo:
         # With a disk cache (--cache_dir, shared by the devices) the first device encodes and writes the entry, the
         # others then load it: one writer per file, and a load is cheaper than an encode.
-        register = lambda engine: engine.add_avatar(image, kps, name)  # noqa: E731
+        def register(engine: Engine) -> AvatarInfo:
+            return engine.add_avatar(image, kps, name)
+
         infos = [i for i in self._on_every_device(register, first_alone=self.config.cache_dir is not None) if i]
         if len({info.id for info in infos}) != 1:  # ids hash the portrait and the model: the same everywhere
             raise VExpressError(f"the devices registered the portrait under different ids: {[i.id for i in infos]}")

@@ -212,7 +212,8 @@ def test_server_reports_per_device_and_stays_ready_while_one_is_healthy(
                 return [await create_session(c, server.url) for _ in range(2)]
 
         first, second = run(open_two())
-        assert {pool.device_of(first["id"]), pool.device_of(second["id"])} == {"cpu#0", "cpu#1"}
+        assert {first["device"], second["device"]} == {"cpu#0", "cpu#1"}
+        assert [pool.device_of(first["id"]), pool.device_of(second["id"])] == [first["device"], second["device"]]
         metrics = call("GET", f"{server.url}/metrics").text
         assert _metric(metrics, "device_sessions", "cpu#0") == 1 and _metric(metrics, "device_sessions", "cpu#1") == 1
         assert _metric(metrics, "device_healthy", "cpu#1") == 1
