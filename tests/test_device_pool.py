@@ -6,6 +6,7 @@ reports per device (/readyz, /metrics, /v1/info)."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import numpy as np
@@ -14,7 +15,6 @@ from client_kit import bearer, create_session, http, run, wait_for
 from server_harness import ServerThread, call, make_config
 
 from server.config import ConfigError, ServerConfig
-from server.engine_factory import build_pool
 from streaming import avatar as avatar_module
 from streaming.denoiser import StreamDenoiser
 from streaming.device_pool import DevicePool, device_names, parse_devices
@@ -61,17 +61,31 @@ def test_devices_flag():
             ServerConfig(devices=bad).validate()
 
 
-def test_serve_devices_cpu_cpu_builds_one_engine_per_device(model_dir):
-    config = ServerConfig(model_dir=str(model_dir), devices="cpu,cpu", **SIZE).validate()
-    pool = build_pool(config)
+def _worker_threads() -> int:
+    return sum(t.name == "vexpress-model-worker" for t in threading.enumerate())
+
+
+def test_serve_devices_cpu_cpu_runs_one_engine_per_device(model_dir):
+    """`serve --devices cpu,cpu`: the app builds one engine per device, each with its own weights and worker, and
+    /readyz and /v1/info list both, ready once both are warm."""
+    config = make_config(model_dir=str(model_dir), devices="cpu,cpu", dtype="fp32", admission=False)
+    workers_before = _worker_threads()
+    server = ServerThread(config, None).start()  # no engine: create_app builds (and owns) the pool
+    # (admission off: the tiny model on a shared CPU is slower than real time, /readyz would say "full")
     try:
+        pool = server.state.engine
         assert pool.names == ["cpu#0", "cpu#1"]
         first, second = pool.engines
-        assert first.models is not second.models  # each device holds its own weights
-        assert first.worker is not second.worker
-        assert all(p.device.type == "cpu" for e in pool.engines for p in e.models.denoising_unet.parameters())
+        assert first.models is not second.models and first.worker is not second.worker
+        ready = call("GET", f"{server.url}/readyz")
+        assert ready.status == 200, ready.text
+        assert [(d["name"], d["state"]) for d in ready.json["devices"]] == [("cpu#0", "ready"), ("cpu#1", "ready")]
+        assert all(d["headroom"] is not None for d in ready.json["devices"]), "warm-up measured every device"
+        info = call("GET", f"{server.url}/v1/info").json
+        assert len(info["devices"]) == 2
     finally:
-        pool.close()
+        server.stop()
+    assert _worker_threads() == workers_before, "the server closed the pool it built (its workers stopped)"
 
 
 def test_avatars_are_encoded_on_every_device(pool_of_two):
