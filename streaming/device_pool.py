@@ -42,9 +42,18 @@ log = logging.getLogger(__name__)
 
 FAILED_IN_ROW = 2  # one failed session is that session's problem; two in a row with no success is the device's
 HEADROOM_TIE = 1e-3  # headrooms closer than this are a tie (measured costs are noisy)
+# engine.stats() figures that add up over devices; the others (latency, load, cache sizes) take the worst device's
 SUMMED_STATS = frozenset(
-    {"sessions", "frames_generated", "worker_errors", "worker_batch_retries", "dropped_frames", "underruns"}
-) | {"ready_frames"}
+    (
+        "sessions",
+        "frames_generated",
+        "worker_errors",
+        "worker_batch_retries",
+        "dropped_frames",
+        "underruns",
+        "ready_frames",
+    )
+)
 
 
 def parse_devices(spec: str) -> list[str]:

@@ -194,6 +194,9 @@ def test_a_failed_device_ends_its_sessions_and_the_other_serves(model_dir, tiny_
         assert pool.device_of(pool.open_session(avatar_id).id) == "cpu#0"
         status = {d.name: d.state for d in pool.status()}
         assert status["cpu#1"] == "failed" and pool.can_admit()
+        stats = pool.stats()  # the engine figures of /metrics: summed counts over the devices
+        assert stats["devices"] == 2 and stats["healthy_devices"] == 1 and stats["sessions"] == 3
+        assert stats["worker_errors"] == sum(e.worker.errors for e in pool.engines) >= 2
     finally:
         pool.close()
 
