@@ -50,14 +50,14 @@ EXTRA_COMMANDS.append(add_camera_command)  # a session as a virtual camera + mic
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine_factory import build_engine, weights_report
+    from .engine_factory import build_pool, weights_report
     from .rtc import restrict_host_addresses
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
     restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
     tls = _tls_context(config)  # missing/mismatched certificate files: exit 2 before loading anything
     try:
-        engine = build_engine(config)
+        engine = build_pool(config)  # one engine per device (--devices)
     except WeightsError as exc:
         print(f"error: cannot load the model from {config.model_dir}: {str(exc).splitlines()[0]}", file=sys.stderr)
         print("Model folder check:", file=sys.stderr)

@@ -159,6 +159,7 @@ async def create_session(request: web.Request) -> web.Response:
         "token": session.token,
         **_session_urls(request, session),
         "ice_servers": session_ice_servers(state.config, session.id),
+        "device": state.engine.device_of(session.id),  # the device (--devices) it was placed on
     }
     if record:
         body["recording"] = await recording.start_for(request.app, session)

@@ -264,6 +264,13 @@ class Engine:
     def can_admit(self, config: SessionConfig | None = None) -> bool:
         return self._admission_problem(config or self.config.default_session) is None
 
+    def headroom(self, config: SessionConfig | None = None) -> float | None:
+        """The real-time margin left once a session of `config` joins those running (negative: over it), from
+        the measured cost model; None before any measurement. What a device pool places sessions by."""
+        configs = [s.config for s in self.sessions()] + [config or self.config.default_session]
+        load = self.worker.estimated_load(configs)
+        return None if load is None else self.config.realtime_margin - load
+
     def _admission_problem(self, config: SessionConfig) -> str | None:
         if len(self._sessions) >= self.config.max_sessions:
             return f"all {self.config.max_sessions} session slots are taken"
