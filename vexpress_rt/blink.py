@@ -196,3 +196,13 @@ def close_eyes(image: np.ndarray, kps: np.ndarray, closure: float) -> np.ndarray
         result *= 1 - np.float32(LASH_DARKNESS * min(1.0, 4 * closure)) * line[..., None]
         out[box.y0 : box.y1, box.x0 : box.x1] = np.clip(result + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+def blink_video(
+    frames: np.ndarray, kps_sequence: np.ndarray, blinks_per_minute: float, fps: float, seed: int = 0
+) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames with blinks drawn in, each frame's eyes at its own key points (T, >=2, 2)."""
+    schedule = BlinkSchedule(blinks_per_minute, fps, seed)
+    if schedule.rate == 0:
+        return frames
+    return np.stack([close_eyes(f, k, schedule.closure(i)) for i, (f, k) in enumerate(zip(frames, kps_sequence))])
