@@ -30,10 +30,13 @@ MIN_GAP_S = 0.45  # between the closed moments of two blinks
 
 # The eyelid, in eye distances d (centre to centre) around an eye centre, along / across the eye line.
 EYE_HALF_WIDTH = 0.25  # a measured eye is about 0.40-0.44 d wide: the box reaches past the corners
-UPPER_LID = 0.10  # open upper lid margin above the centre (measured 0.07 d): above it, so the iris is covered
-LOWER_LID = 0.08  # lower lid margin below the centre: where the closed lid ends
-LID_SKIN = 0.24  # top of the skin that slides down with the lid (below the brow)
+UPPER_LID = 0.08  # the open upper lid margin above the centre
+LOWER_LID = 0.05  # the lower lid margin below the centre: where the closed lid ends
+BROW_RANGE = (0.36, 0.14)  # the brow is looked for this far above the centre (its darkest band)
+BROW_TO_LID = 0.5  # the skin that slides down starts this far from the brow towards the lid
 LASH_WIDTH, LASH_DARKNESS = 0.012, 0.45  # the moving lid margin's lash line
+# (Chosen on real photographs by the eye aspect ratio of dlib's landmarks: docs/blink.md, `bench --blink`.)
+BOX_TOP = BROW_RANGE[0] - BROW_TO_LID * (BROW_RANGE[0] - UPPER_LID)  # the highest the skin can start
 
 
 def validate_rate(blinks_per_minute: float) -> float:
@@ -148,7 +151,7 @@ def _eyes(kps: np.ndarray, width: int, height: int) -> list[tuple[EyeBox, tuple[
     axis = (right - left) / d  # along the eye line; "down" is axis rotated by +90 degrees in image coordinates
     down = np.array([-axis[1], axis[0]])
     corners_local = np.array(
-        [[sx * EYE_HALF_WIDTH * d, sy] for sx in (-1, 1) for sy in (-LID_SKIN * d, LOWER_LID * d + 1)]
+        [[sx * EYE_HALF_WIDTH * d, sy] for sx in (-1, 1) for sy in (-BOX_TOP * d - 1, LOWER_LID * d + 1)]
     )
     out = []
     for centre in (left, right):
@@ -159,6 +162,18 @@ def _eyes(kps: np.ndarray, width: int, height: int) -> list[tuple[EyeBox, tuple[
         if box.x1 > box.x0 and box.y1 > box.y0:
             out.append((box, (centre, axis, d)))
     return out
+
+
+def _skin_top(image: np.ndarray, centre: np.ndarray, axis: np.ndarray, d: float) -> float:
+    """Where the skin that slides down starts (v, pixels above the eye centre: negative): between the brow and the
+    lid. Brows sit at different heights; a fixed height would drag the brow down over the eye on some faces."""
+    down = np.array([-axis[1], axis[0]])
+    vs = np.arange(-BROW_RANGE[0] * d, -BROW_RANGE[1] * d, 1.0)
+    us = np.linspace(-0.6 * EYE_HALF_WIDTH * d, 0.6 * EYE_HALF_WIDTH * d, 9)
+    pts = (centre + us[None, :, None] * axis + vs[:, None, None] * down).astype(np.float32)  # (V, U, 2)
+    rows = cv2.remap(image, pts[..., 0], pts[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    brow = float(vs[int(np.argmin(rows.astype(np.float32).mean(axis=(1, 2))))])  # the darkest band
+    return brow + BROW_TO_LID * (-UPPER_LID * d - brow)
 
 
 def close_eyes(image: np.ndarray, kps: np.ndarray, closure: float) -> np.ndarray:
@@ -178,12 +193,12 @@ def close_eyes(image: np.ndarray, kps: np.ndarray, closure: float) -> np.ndarray
         u = px * np.float32(axis[0]) + py * np.float32(axis[1])
         v = -px * np.float32(axis[1]) + py * np.float32(axis[0])
         shape = np.clip(1 - (u / np.float32(EYE_HALF_WIDTH * d)) ** 2, 0, 1)  # the lids' height profile
-        top = np.float32(-LID_SKIN * d)
+        top = np.float32(_skin_top(image, centre, axis, d))
         lid = np.float32(-UPPER_LID * d) * shape  # the open upper lid margin
         lower = np.float32(LOWER_LID * d) * shape
         moved = lid + closure * (lower - lid)  # where the upper lid margin is now
         # Between the skin's top and the moved margin, show the skin between its top and the open margin,
-        # stretched down (the lid slides over the eye); below the moved margin, the eye as it was.
+        # stretched down (the lid slides over the eye, its lashes at the moved margin); below, the eye as it was.
         covered = (v >= top) & (v < moved) & (shape > 0)
         scale = (lid - top) / np.maximum(moved - top, np.float32(1e-3))
         dv = np.where(covered, (top + (v - top) * scale) - v, np.float32(0))

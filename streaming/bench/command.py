@@ -61,6 +61,7 @@ def add_bench_command(sub) -> None:
         "over 60 s at 25 fps, counted blinks, eye aspect ratios, change outside the eyes, ms per frame",
     )
     p.add_argument("--blink_sheet", default=None, help="with --blink: also write the open/half/closed picture here")
+    p.add_argument("--blink_photos", default=None, help="with --blink: a folder of more face photos to measure")
     g = p.add_argument_group("--gpu: the whole engine on a device, N concurrent real-time sessions")
     g.add_argument("--gpu", action="store_true", help="measure the engine end to end on --device (default CUDA)")
     g.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny size: a quick check of the path)")
@@ -280,9 +281,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.blink:
         from .blink import blink_figures, contact_sheet, print_blink_figures
 
-        rows = blink_figures(seconds=10.0 if args.quick else 60.0)
+        rows = blink_figures(seconds=10.0 if args.quick else 60.0, extra=args.blink_photos)
         if args.blink_sheet:
-            contact_sheet(args.blink_sheet)
+            contact_sheet(args.blink_sheet, extra=args.blink_photos)
         if args.json:
             print(json.dumps({"blink": rows}, default=float))
         else:
