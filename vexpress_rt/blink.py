@@ -105,12 +105,6 @@ class BlinkSchedule:
             self._blinks.pop(0)
         return max((b.closure(t) for b in self._blinks if b.start < t), default=0.0)
 
-    def blinks_between(self, start_index: int, end_index: int) -> list[Blink]:
-        """The blinks whose closed moment falls in frames [start_index, end_index) (planning ahead as needed)."""
-        t0, t1 = start_index / self.fps, end_index / self.fps
-        self._plan_until(t1)
-        return [b for b in self._blinks if t0 <= b.start + b.closing < t1]
-
     def _plan_until(self, t: float) -> None:
         if self.rate <= 0:
             return
