@@ -31,6 +31,7 @@ from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
+from .blink import SessionBlinker
 from .decoder import DECODERS
 from .denoiser import ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
@@ -171,6 +172,7 @@ class StreamSession:
         self._blend: tuple[np.ndarray, int] | None = None
         self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
         self._silence = np.zeros(self.samples_per_frame, np.int16)
+        self.blink = SessionBlinker(config.fps, config.params.seed)  # eyelids over every frame; blink.set_rate(bpm)
         # figures
         self.frames_out = 0
         self.speech_frames_out = 0
@@ -298,6 +300,7 @@ class StreamSession:
             index = self._next_index
             self._next_index += 1
             frame = self._speech_frame(index, now, events) or self._idle_frame(index, events)
+            frame.image = self.blink.apply(index, frame.image, self.avatar.encoded.reference_kps)
             if self._pending_marks:
                 events += [Event("mark", {"name": n}, index) for n in self._pending_marks]
                 self._pending_marks.clear()

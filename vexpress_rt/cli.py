@@ -77,8 +77,24 @@ def _add_generate(sub) -> None:
         default=None,
         help="JSON or .npy of 5x2 or 3x2 (x, y) points in the resized W x H frame; skips face detection",
     )
+    p.add_argument(
+        "--blinks_per_minute",
+        type=_blink_rate,
+        default=0.0,
+        help="draw eye blinks over the frames at this rate (0..60; 0: none, as the original; 15 is natural); "
+        "V-Express has no eyelid control, see docs/blink.md",
+    )
     p.add_argument("--frames_out", default=None, help="also save the final uint8 frames (T,H,W,3) as .npy")
     p.set_defaults(func=cmd_generate)
+
+
+def _blink_rate(text: str) -> float:
+    from .blink import validate_rate
+
+    try:
+        return validate_rate(float(text))
+    except (ValueError, InputError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _resolve_device(name: str, gpu_id: int):
@@ -196,14 +212,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             on_step=lambda step, latents: progress.update(1),
             save_gpu_memory=args.save_gpu_memory,
         )
-    write_mp4(args.output_path, result.frames, result.fps, audio)
+    frames = result.frames
+    if args.blinks_per_minute:
+        from .blink import blink_video
+
+        frames = blink_video(frames, result.kps_sequence, args.blinks_per_minute, float(result.fps), args.seed)
+    write_mp4(args.output_path, frames, result.fps, audio)
     if args.frames_out:
         Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.frames_out, result.frames)
+        np.save(args.frames_out, frames)
     elapsed = time.time() - started
     print(
-        f"Saved {args.output_path}: {len(result.frames)} frames at {float(result.fps):.3f} fps "
-        f"in {elapsed:.1f} s ({len(result.frames) / elapsed:.2f} frames/s)"
+        f"Saved {args.output_path}: {len(frames)} frames at {float(result.fps):.3f} fps "
+        f"in {elapsed:.1f} s ({len(frames) / elapsed:.2f} frames/s)"
     )
     if device.type == "cuda":
         print(f"Peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")

@@ -56,6 +56,14 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
         help="only time the full (sd-vae-ft-mse) and tiny (TAESD) decoders at real size, random weights, "
         "on CUDA when there is one (--width/--height default to 512 here)",
     )
+    p.add_argument(
+        "--blink",
+        action="store_true",
+        help="only measure blinking on real photographs (dlib's landmarks, `.[test]`): rates 0/10/20/30 per minute "
+        "over 60 s at 25 fps, counted blinks, eye aspect ratios, change outside the eyes, ms per frame",
+    )
+    p.add_argument("--blink_sheet", default=None, help="with --blink: also write the open/half/closed picture here")
+    p.add_argument("--blink_photos", default=None, help="with --blink: a folder of more face photos to measure")
     g = p.add_argument_group("--gpu: the whole engine on a device, N concurrent real-time sessions")
     g.add_argument("--gpu", action="store_true", help="measure the engine end to end on --device (default CUDA)")
     g.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny size: a quick check of the path)")
@@ -273,6 +281,17 @@ def _print_decoders(out: dict[str, Any]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.blink:
+        from .blink import blink_figures, contact_sheet, print_blink_figures
+
+        rows = blink_figures(seconds=10.0 if args.quick else 60.0, extra=args.blink_photos)
+        if args.blink_sheet:
+            contact_sheet(args.blink_sheet, extra=args.blink_photos)
+        if args.json:
+            print(json.dumps({"blink": rows}, default=float))
+        else:
+            print_blink_figures(rows)
+        return 0
     if args.decoders:
         quick = dict(frames=1, repeats=1) if args.quick else {}  # the full decoder takes minutes a frame on a CPU
         figures = decoder_figures(args.width or 512, args.height or 512, **quick)
