@@ -42,13 +42,14 @@ class DeviceClock:
     """Marks and spans of device work, so that a call's cost is its device time on CUDA without synchronising."""
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
 
     def mark(self) -> Mark:
         if not self.cuda:
             return Mark(time.perf_counter())
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # this thread's stream on the model's device
         return Mark(time.perf_counter(), event)
 
     @staticmethod

@@ -14,9 +14,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from streaming.decoder import FrameDecoder
 from streaming.engine import Engine, EngineConfig
+from streaming.finisher import DeviceClock, Finisher
 from streaming.session import SessionConfig
 from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import VAE_SCALE
@@ -229,3 +231,28 @@ def test_the_pipelined_worker_thread_serves_a_reader_and_stop_leaves_no_thread(e
     assert all(b > a for a, b in zip(indices, indices[1:]))
     assert not [t.name for t in threading.enumerate() if t not in before and t.name in THREADS and t.is_alive()]
     assert session.stats()["ready_frames"] == 0
+
+
+def test_the_finisher_keeps_order_holds_one_call_and_survives_a_failing_one():
+    cpu = torch.device("cpu")
+    finisher, clock = Finisher(cpu, depth=1, name="test-finisher"), DeviceClock(cpu)
+    gate, done = threading.Event(), []
+
+    def held() -> None:
+        gate.wait(WAIT_S)
+        done.append(0)
+
+    try:
+        assert finisher.submit(held, clock.mark())
+        t0 = time.monotonic()
+        assert not finisher.submit(lambda: done.append(1), clock.mark(), timeout=0.3)  # full: refused in time
+        assert time.monotonic() - t0 >= 0.3 and finisher.in_flight == 1
+        threading.Timer(0.2, gate.set).start()
+        assert finisher.submit(lambda: 1 / 0, clock.mark())  # taken once the first is done; it raises
+        assert finisher.submit(lambda: done.append(2), clock.mark())
+        assert finisher.drain(WAIT_S)
+    finally:
+        gate.set()
+        finisher.stop()
+    assert done == [0, 2] and finisher.errors == 1 and finisher.in_flight == 0
+    assert not [t for t in threading.enumerate() if t.name == "test-finisher" and t.is_alive()]
