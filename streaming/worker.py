@@ -251,8 +251,13 @@ class ModelWorker:
 
     def compute_between(self, start: float, end: float) -> float:
         """Seconds of model compute (any session's) inside [start, end]: what a chunk waited on that was not
-        engine overhead."""
-        return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.compute_log if e > start and s < end)
+        engine overhead. The union of the intervals: pipelined, the finisher's decode overlaps the next UNet call."""
+        total, reach = 0.0, start
+        for s, e in sorted((s, min(e, end)) for s, e in list(self.compute_log) if e > start and s < end):
+            if e > reach:
+                total += e - max(s, reach)
+                reach = e
+        return total
 
     def busy_fraction(self, window_s: float = 10.0) -> float:
         now = time.monotonic()

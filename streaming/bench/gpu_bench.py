@@ -132,6 +132,7 @@ def engine_figures(
             out.update(figures)
             out["mode"] = name
         else:
+            figures.pop("_avatar", None)  # the components use the main run's
             out[name] = figures
     if components:
         avatar, new_frames = out.pop("_avatar"), cfg.params.new_frames
