@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU run (docs/gpu.md): install the wheels shipped in .whl/, run the `gpu` tests and
-# `bench --gpu --json --eager` (+ a new_frames=1 run), write everything to OUT_DIR. Every part is bounded; the whole finishes in under 10 minutes.
+# `bench --gpu --json --eager` (+ a new_frames=1 run with the serial worker beside the pipelined one), write
+# everything to OUT_DIR. Every part is bounded; the whole finishes in about 10 minutes.
 # Without CUDA it ends quickly: the gpu tests skip and the bench prints {"skipped": "no CUDA device"}.
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -29,19 +30,20 @@ print(json.dumps({"torch": torch.__version__, "cuda": cuda,
 PY
 echo "env: $(cat "$out/env.json" 2>/dev/null)"
 
-timeout 180 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/pytest_gpu.xml" \
+timeout 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/pytest_gpu.xml" \
     >"$out/pytest_gpu.log" 2>&1
 rc=$?; echo "pytest -m gpu: rc=$rc ($(tail -n 1 "$out/pytest_gpu.log"))"
 [ "$rc" -eq 0 ] || status=1
 
-# CUDA graphs (the default) with the eager engine beside them, from the same run.
+# CUDA graphs and the pipelined worker (the defaults) with the eager engine beside them, from the same run.
 timeout 270 "$py" -m server bench --gpu --json --eager ${BENCH_ARGS:-} >"$out/bench_gpu.json" 2>"$out/bench_gpu.log"
 rc=$?; echo "bench --gpu --json --eager: rc=$rc"
 [ "$rc" -eq 0 ] || { status=1; tail -n 5 "$out/bench_gpu.log"; }
 
-# The lower-latency schedule (one new frame per call, docs/streaming.md): one session, no component timings.
-timeout 90 "$py" -m server bench --gpu --json --new_frames 1 --sessions 1,2 --seconds 8 --no_components \
+# The lower-latency schedule (one new frame per call, docs/streaming.md), where the per-call host work weighs
+# most: 1 and 2 sessions, pipelined worker, then the serial one from the same run (`serial` key).
+timeout 150 "$py" -m server bench --gpu --json --new_frames 1 --sessions 1,2 --seconds 8 --no_components --serial \
     >"$out/bench_gpu_n1.json" 2>"$out/bench_gpu_n1.log"
-rc=$?; echo "bench --gpu --new_frames 1: rc=$rc"
+rc=$?; echo "bench --gpu --new_frames 1 --serial: rc=$rc"
 [ "$rc" -eq 0 ] || { status=1; tail -n 5 "$out/bench_gpu_n1.log"; }
 exit $status

@@ -24,7 +24,7 @@ from .audio_features import IncrementalAudioFeatures
 from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, AvatarStore, PreEncodedAvatar
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
-from .device import synchronize
+from .device import synchronize, to_host
 from .portrait import prepare_portrait
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
@@ -67,6 +67,9 @@ class EngineConfig:
     realtime_margin: float = 0.9  # admit while the estimated worker load stays below this fraction
     insightface_root: str | None = None
     graphs: bool | None = None  # UNet windows replayed from CUDA graphs; None: on CUDA devices, eager elsewhere
+    # decode, host copy and delivery on a second thread, overlapping the next turn (streaming/finisher.py); None: on
+    # CUDA devices, serial elsewhere (on a CPU both threads share the same cores)
+    pipelined: bool | None = None
     default_session: SessionConfig = field(default_factory=SessionConfig)
 
 
@@ -107,7 +110,10 @@ class Engine:
         self.store = AvatarStore(
             models, self.config.cache_dir, self.config.avatar_memory_bytes, self.config.avatar_disk_bytes
         )
-        self.worker = ModelWorker(self, max_batch=self.config.max_batch)
+        pipelined = self.config.pipelined
+        if pipelined is None:
+            pipelined = torch.device(models.device).type == "cuda"
+        self.worker = ModelWorker(self, max_batch=self.config.max_batch, pipelined=pipelined)
         self.model_lock = threading.Lock()  # the worker and avatar registration take turns on the device
         self._lock = threading.RLock()
         self._avatars: dict[str, Avatar] = {}
@@ -379,4 +385,4 @@ class Engine:
         with self.stages("decode"):
             images = frame_decoder.images(latents)
         with self.stages("host_copy"):
-            return images.cpu().numpy()
+            return to_host(images)

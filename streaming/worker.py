@@ -3,6 +3,10 @@
 Each turn it asks every session for its next chunk (the session runs its audio features on the new audio), groups
 the chunks by denoiser settings, runs each group as one batched UNet call per step and one decode per decoder in
 use, and hands the frames back. It measures what that costs, which is what admission control uses.
+
+Pipelined (`EngineConfig.pipelined`, on CUDA by default): the decode, host copy and delivery of a call run on the
+finisher's thread (streaming/finisher.py) while this thread goes on with the next turn; at most one call is handed
+over and not delivered, so latency and memory stay bounded.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
 import torch
 
 from .cost_model import CostModel, Demand
 from .denoiser import ChunkJob, DenoiserSettings
+from .finisher import DeviceClock, Finisher, Mark
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +36,12 @@ def _release_memory(exc: BaseException) -> None:
 
 
 class ModelWorker:
-    def __init__(self, engine, max_batch: int = 4):
+    def __init__(self, engine, max_batch: int = 4, pipelined: bool = False):
         self.engine = engine
         self.max_batch = max_batch
+        self.pipelined = pipelined
+        self._finisher = Finisher(engine.models.device) if pipelined else None
+        self._clock = DeviceClock(engine.models.device)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,6 +68,13 @@ class ModelWorker:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._finisher is not None:
+            self._finisher.stop()  # delivers what was handed over (closed sessions drop it), ends its thread
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait (bounded) until every call handed to the finisher has been delivered; at once when not pipelined.
+        Whether everything was delivered."""
+        return self._finisher is None or self._finisher.drain(timeout)
 
     def wake(self) -> None:
         self._wake.set()
@@ -106,6 +123,7 @@ class ModelWorker:
         jobs: list[ChunkJob] = [job for _, job in items]
         noise = [job.state.generator.get_state() for job in jobs]  # to replay a failed batch's noise
         t0 = time.perf_counter()
+        start = self._clock.mark()
         try:
             with self.engine.model_lock, self.engine.stages("unet"):
                 outputs = self.engine.denoiser(settings).run(jobs)
@@ -124,11 +142,37 @@ class ModelWorker:
                 item[1].state.generator.set_state(state)
                 self._run(settings, [item])
             return
-        images = self._decode(items, outputs)
+        if self._finisher is None:
+            images = self._decode(items, outputs, self.engine.model_lock)
+            self._deliver(settings, items, outputs, images, time.perf_counter() - t0)
+            return
+        unet_done = self._clock.mark()
+        if not self._finisher.submit(partial(self._finish, settings, items, outputs, start, unet_done), unet_done):
+            for session, _ in items:  # stopping, or a finisher stuck for a minute: these frames will not come
+                self._fail(session, RuntimeError("the frames of this call could not be finished"))
+
+    def _finish(self, settings: DenoiserSettings, items: list, outputs: list, start: Mark, unet_done: Mark) -> None:
+        """On the finisher's thread (its CUDA stream queued behind the UNet call): decode, copy, deliver. The
+        cost recorded is the UNet's span plus the decode's, device time on CUDA, as the serial call measures it."""
+        try:
+            for out in outputs:  # read on this thread's stream: the allocator must not reuse them before it is done
+                for _, latent in out:
+                    if latent.is_cuda:
+                        latent.record_stream(torch.cuda.current_stream(latent.device))
+            begin = self._clock.mark()
+            # Without the model lock: the decoders are only read (it serialises the UNet runners' buffers), and
+            # holding it would wait for the next call the worker is launching.
+            images = self._decode(items, outputs, nullcontext())
+            seconds = self._clock.seconds(start, unet_done) + self._clock.seconds(begin, self._clock.mark())
+            self._deliver(settings, items, outputs, images, seconds)
+        except Exception:  # as a failed serial turn: counted and logged, the worker goes on
+            self.errors += 1
+            log.exception("model worker: finishing a call failed")
+
+    def _deliver(self, settings: DenoiserSettings, items: list, outputs: list, images: list, seconds: float) -> None:
         if any(image is not None for image in images):
             self.failures_in_row = 0  # the device computes: failures so far were the sessions' own
-        seconds = time.perf_counter() - t0
-        self.record_chunk(settings, len(jobs), seconds)
+        self.record_chunk(settings, len(items), seconds)
         ready = time.monotonic()
         self.compute_log.append((ready - seconds, ready))
         for (session, job), out, decoded in zip(items, outputs, images):
@@ -149,19 +193,20 @@ class ModelWorker:
                 }
             )
 
-    def _decode(self, items: list, outputs: list) -> list:
+    def _decode(self, items: list, outputs: list, lock: AbstractContextManager) -> list:
         """Each session's frames as images: one call per decoder in use (sessions that shared a UNet call may
         have chosen different decoders). When a call fails, one call per session, so that only the session(s)
-        whose decode fails end. None for those."""
+        whose decode fails end. None for those, and for sessions closed meanwhile."""
         latents = [[latent for _, latent in out] for out in outputs]
         by_decoder: dict[str, list[int]] = {}
         for i, (session, _) in enumerate(items):
-            by_decoder.setdefault(session.config.decoder, []).append(i)
+            if not session.closed:  # closed (or failed) since its UNet call, pipelined: nothing to deliver
+                by_decoder.setdefault(session.config.decoder, []).append(i)
         images: list = [None] * len(items)
         for decoder, indices in by_decoder.items():
             flat = [x for i in indices for x in latents[i]]
             try:
-                with self.engine.model_lock:
+                with lock:
                     decoded = self.engine.decode(torch.stack(flat), decoder) if flat else []
             except Exception as exc:
                 _release_memory(exc)
@@ -169,7 +214,7 @@ class ModelWorker:
                     self._fail(items[indices[0]][0], exc)
                     continue
                 for i in indices:
-                    images[i] = self._decode_alone(items[i][0], latents[i], decoder)
+                    images[i] = self._decode_alone(items[i][0], latents[i], decoder, lock)
                 continue
             k = 0
             for i in indices:
@@ -177,9 +222,9 @@ class ModelWorker:
                 k += len(latents[i])
         return images
 
-    def _decode_alone(self, session, latents: list, decoder: str):
+    def _decode_alone(self, session, latents: list, decoder: str, lock: AbstractContextManager):
         try:
-            with self.engine.model_lock:
+            with lock:
                 return self.engine.decode(torch.stack(latents), decoder) if latents else []
         except Exception as exc:
             _release_memory(exc)
@@ -211,8 +256,13 @@ class ModelWorker:
 
     def compute_between(self, start: float, end: float) -> float:
         """Seconds of model compute (any session's) inside [start, end]: what a chunk waited on that was not
-        engine overhead."""
-        return sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.compute_log if e > start and s < end)
+        engine overhead. The union of the intervals: pipelined, the finisher's decode overlaps the next UNet call."""
+        total, reach = 0.0, start
+        for s, e in sorted((s, min(e, end)) for s, e in list(self.compute_log) if e > start and s < end):
+            if e > reach:
+                total += e - max(s, reach)
+                reach = e
+        return total
 
     def busy_fraction(self, window_s: float = 10.0) -> float:
         now = time.monotonic()

@@ -88,3 +88,17 @@ def test_engine_bench_on_cpu_runs_sessions_and_reports_every_figure(capsys):
     assert [(c["steps"], c["batch"]) for c in components] == [(1, 1), (1, 4)]
     assert all(c["unet_ms"] > 0 and c["unet_graph_ms"] > 0 and c["decode_ms"] > 0 for c in components)
     assert all(c["unet_graph_tflops"] is None for c in components)  # FLOPs are counted for the released size only
+
+
+def test_engine_bench_puts_the_serial_worker_beside_the_pipelined_one(capsys):
+    """`--serial`: the engine runs with the pipelined worker, and the serial one's figures come from the same run
+    (the CPU checks the path; which is faster is for the GPU run to say)."""
+    from server.cli import main
+
+    args = ["bench", "--gpu", "--device", "cpu", "--dtype", "fp32", "--json", "--sessions", "1", "--seconds", "1.5"]
+    assert main(args + ["--width", "128", "--height", "64", "--no_components", "--serial"]) == 0
+    gpu = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gpu"]
+    assert gpu["pipelined"] is True and gpu["serial"]["pipelined"] is False
+    for runs in (gpu["runs"], gpu["serial"]["runs"]):
+        (run,) = runs
+        assert run["frames_generated"] > 0 and 0 < run["latency_p50_ms"] <= run["latency_p95_ms"]

@@ -101,3 +101,45 @@ def test_cuda_graph_replays_make_the_eager_frames(cuda_models, strategy):
         if graphs is not None:
             assert denoiser.unet.graphs == 2  # buckets 4 and 2, each captured once
     torch.testing.assert_close(frames[1], frames[0], atol=2e-2, rtol=2e-2)
+
+
+def test_the_pipelined_worker_is_the_cuda_default_and_makes_the_serial_frames(cuda_models):
+    """On CUDA the worker is pipelined by default (decode and host copy on the finisher's stream); driven turn by
+    turn, it makes the serial worker's frames for the same seed and audio (same kernels on another stream)."""
+    from streaming.engine import Engine, EngineConfig
+    from streaming.portrait import load_default_portrait
+    from streaming.session import SessionConfig
+    from vexpress_rt.params import GenerationParams
+
+    image, kps = load_default_portrait()
+    t = np.arange(16000) / 16000
+    pcm = (8000 * np.sin(2 * np.pi * 150 * t)).astype(np.int16)
+    images = {}
+    clock = [1000.0]  # a frame period per read: no frame skipped however long a turn takes
+    for pipelined in (None, False):
+        engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False, pipelined=pipelined))
+        try:
+            assert engine.worker.pipelined is (pipelined is None)
+            info = engine.add_avatar(image, kps)
+            clock[0] = 1000.0
+            config = SessionConfig(params=GenerationParams(steps=2, seed=7))
+            session = engine.open_session(info.id, config, now=lambda: clock[0])
+            session.push_audio(pcm)
+            session.end_utterance()
+            frames = []
+            for _ in range(200):  # bounded: one frame period each
+                for _ in range(50):
+                    if not engine.worker.turn():
+                        break
+                assert engine.worker.drain(30)
+                frames.append(session.read_frame())
+                clock[0] += 1 / config.fps
+                if session.speech_frames_out >= 20:
+                    break
+            session.close()
+            assert engine.worker.errors == 0
+            images[pipelined] = np.stack([f.image for f in frames if f.speaking][:20])
+        finally:
+            engine.close()
+    assert images[None].shape == images[False].shape == (20, 128, 128, 3)
+    assert np.abs(images[None].astype(int) - images[False].astype(int)).max() <= 2

@@ -89,6 +89,17 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
         action="store_true",
         help="also run the engine with eager UNet calls (first session count) beside the CUDA-graph one",
     )
+    g.add_argument(
+        "--serial",
+        action="store_true",
+        help="run the engine with the pipelined worker and, beside it, the serial one (first two session counts)",
+    )
+    p.add_argument(
+        "--pipelined",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode, host copy and delivery on a second thread (streaming/finisher.py); auto: on CUDA only",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -124,7 +135,13 @@ def flops_figures(cfg: SessionConfig) -> dict[str, Any]:
     }
 
 
-def _load_engine(model_dir: Path | None, width: int, height: int, cfg: SessionConfig) -> tuple[Engine, AvatarInfo]:
+def _pipelined(choice: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[choice]
+
+
+def _load_engine(
+    model_dir: Path | None, width: int, height: int, cfg: SessionConfig, pipelined: bool | None = None
+) -> tuple[Engine, AvatarInfo]:
     """The engine on this machine's device in fp32 with the default portrait registered: the model folder's
     weights, or without one the tiny architecture with random weights (the same speed as the tiny test model)."""
     import torch
@@ -141,9 +158,10 @@ def _load_engine(model_dir: Path | None, width: int, height: int, cfg: SessionCo
         from vexpress_rt.weights import ModelPaths
 
         models = load_models(ModelPaths.from_model_dir(model_dir), device=device, dtype=torch.float32)
-    engine = Engine(
-        models, EngineConfig(width=width, height=height, admission=False, default_session=cfg, idle_seconds=0.64)
+    config = EngineConfig(
+        width=width, height=height, admission=False, default_session=cfg, idle_seconds=0.64, pipelined=pipelined
     )
+    engine = Engine(models, config)
     image, kps = load_default_portrait()
     info = engine.add_avatar(image, kps)
     return engine, info
@@ -161,6 +179,7 @@ def realtime_factor(engine: Engine, avatar_id: str, cfg: SessionConfig, seconds:
         made0 = engine.worker.frames_generated
         while engine.worker.turn():
             pass
+        engine.worker.drain()  # pipelined: the last call's frames are still being finished
         elapsed = time.perf_counter() - t0
         made = engine.worker.frames_generated - made0
         return (made / cfg.fps) / elapsed if elapsed > 0 else float("inf")
@@ -317,10 +336,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if model_dir is not None and not model_dir.is_dir():
         print(f"error: no model folder at {model_dir}", file=sys.stderr)
         return 2
-    engine, info = _load_engine(model_dir, args.width or 128, args.height or 64, cfg)
+    engine, info = _load_engine(model_dir, args.width or 128, args.height or 64, cfg, _pipelined(args.pipelined))
     try:  # a worker thread left running at exit aborts the interpreter
         out["model_dir"] = str(model_dir) if model_dir else "random weights, tiny size"
         out["device"] = str(engine.models.device)
+        out["pipelined"] = engine.worker.pipelined
         out["realtime_factor"] = realtime_factor(engine, info.id, cfg, seconds=2.0 if args.quick else 8.0)
         minute_s = 60.0 * args.minutes if args.minutes else (5.0 if args.quick else 60.0)
         out.update(latency_run(engine, info.id, cfg, minute_s))
@@ -369,6 +389,8 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg: SessionConfig, out: dict[st
         max_batch=args.max_batch,
         components=not args.no_components,
         eager=args.eager,
+        pipelined=_pipelined(args.pipelined),
+        serial=args.serial,
     )
     if "skipped" in out["gpu"]:
         print(f"note: engine bench skipped: {out['gpu']['skipped']}", file=sys.stderr)
@@ -386,6 +408,7 @@ def _print_table(out: dict[str, Any]) -> None:
         ("FLOPs per frame (original defaults, TFLOP)", out["original_flops_per_frame"] / 1e12),
         ("ratio original / engine", out["flops_ratio"]),
         ("ratio with the tiny decoder", out["flops_ratio_tiny_decoder"]),
+        ("worker", "pipelined" if out["pipelined"] else "serial"),
         (f"real-time factor ({out['device']})", out["realtime_factor"]),
         ("latency p50 (ms)", out["latency_p50_ms"]),
         ("latency p95 (ms)", out["latency_p95_ms"]),

@@ -6,7 +6,9 @@ concurrent sessions (1, 2, 4, 8 by default; the ramp stops once the engine is fa
 in real time in 20 ms pushes and read at their fps. Per N: delivered fps per session, latency from audio arrival to
 frame ready (p50/p95, p95 of the first vs the second half), underruns, the worker's busy fraction, device
 milliseconds per output frame by stage (audio features, UNet, decode, host copies; CUDA events) and peak memory.
-A `components` section times the UNet window and the VAE decode alone at 1-8 steps.
+A `components` section times the UNet window and the VAE decode alone at 1-8 steps. The worker is pipelined on
+CUDA (decode, host copy and delivery on a second thread, streaming/finisher.py); `serial` adds the serial worker's
+figures at the first two session counts from the same run, for the side-by-side.
 
 `--device cpu` runs the same code at tiny size (CI); the GPU path differs only in device and dtype.
 """
@@ -81,10 +83,14 @@ def engine_figures(
     max_batch: int = 4,
     components: bool = True,
     eager: bool = False,
+    pipelined: bool | None = None,
+    serial: bool = False,
 ) -> dict[str, Any]:
     """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
     On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
-    session count (`eager` key) from the same run, for the side-by-side."""
+    session count (`eager` key) from the same run, for the side-by-side. `pipelined`: the worker's mode (None:
+    the engine's default, pipelined on CUDA); `serial` runs the main engine pipelined and adds the serial worker's
+    figures at the first two session counts (`serial` key)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -109,17 +115,24 @@ def engine_figures(
     if cfg.decoder not in decoders:
         raise ValueError(f"decoder {cfg.decoder!r} is not in the model folder (have {sorted(decoders)})")
     out["decoder"] = cfg.decoder
-    modes: list[tuple[str, bool | None]] = [("graphs" if device.type == "cuda" else "eager", None)]
+    if serial and pipelined is None:
+        pipelined = True
+    # (name, graphs, pipelined, session counts): the eager comparison at one count (it is far past real time on a
+    # GPU), the serial one at two (one session's latency, and what batching two does); same models, same run
+    modes: list[tuple[str, bool | None, bool | None, Sequence[int]]] = [
+        ("graphs" if device.type == "cuda" else "eager", None, pipelined, sessions)
+    ]
     if eager and device.type == "cuda":
-        modes.append(("eager", False))
-    for name, graphs in modes:
-        # The eager comparison: one session count (it is far past real time on a GPU), same models, same run.
-        counts = sessions if name == modes[0][0] else sessions[:1]
-        figures = _engine_figures(models, decoders, cfg, width, height, counts, seconds, max_batch, graphs)
+        modes.append(("eager", False, pipelined, sessions[:1]))
+    if serial:
+        modes.append(("serial", None, False, sessions[:2]))
+    for name, graphs, pipe, counts in modes:
+        figures = _engine_figures(models, decoders, cfg, width, height, counts, seconds, max_batch, graphs, pipe)
         if name == modes[0][0]:
             out.update(figures)
             out["mode"] = name
         else:
+            figures.pop("_avatar", None)  # the components use the main run's
             out[name] = figures
     if components:
         avatar, new_frames = out.pop("_avatar"), cfg.params.new_frames
@@ -141,6 +154,7 @@ def _engine_figures(
     seconds: float,
     max_batch: int,
     graphs: bool | None,
+    pipelined: bool | None,
 ) -> dict[str, Any]:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
@@ -154,11 +168,12 @@ def _engine_figures(
             max_batch=max_batch,
             admission=False,
             graphs=graphs,
+            pipelined=pipelined,
             default_session=cfg,
         ),
         decoders,
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"pipelined": engine.worker.pipelined}
     engine.stages = StageTimer(device)
     image, kps = load_default_portrait()
     t0 = time.perf_counter()
@@ -386,6 +401,10 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
         print("  " + " ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c:>9}" for c in cells))
 
 
+def _worker(figures: dict[str, Any]) -> str:
+    return "pipelined worker" if figures["pipelined"] else "serial worker"
+
+
 def print_engine_table(out: dict[str, Any]) -> None:
     if "skipped" in out:
         print(f"engine on the device: skipped ({out['skipped']})")
@@ -396,14 +415,18 @@ def print_engine_table(out: dict[str, Any]) -> None:
     )
     warm = out["warmup"]
     print(
-        f"  {out['mode']}: warm-up {warm['warmup_s']:.1f} s, ms per call by batch {warm['call_ms_by_batch']}; "
-        f"the cost model holds {out['sessions_held_by_cost_model']} sessions"
+        f"  {out['mode']}, {_worker(out)}: warm-up {warm['warmup_s']:.1f} s, ms per call by batch "
+        f"{warm['call_ms_by_batch']}; the cost model holds {out['sessions_held_by_cost_model']} sessions"
     )
     _print_runs(out["runs"])
-    if "eager" in out:
-        warm = out["eager"]["warmup"]
-        print(f"  eager, same run: warm-up {warm['warmup_s']:.1f} s, ms per call by batch {warm['call_ms_by_batch']}")
-        _print_runs(out["eager"]["runs"])
+    for name in ("eager", "serial"):
+        if name in out:
+            warm = out[name]["warmup"]
+            print(
+                f"  {name}, {_worker(out[name])}, same run: warm-up {warm['warmup_s']:.1f} s, ms per call by batch "
+                f"{warm['call_ms_by_batch']}"
+            )
+            _print_runs(out[name]["runs"])
     if "components" in out:
         print("components (one staggered window through the UNet + the decode of its new frames):")
         for r in out["components"]:

@@ -84,4 +84,10 @@ def loop_lag(
             s.close()
     busy["worker_busy_fraction"] = engine.worker.compute_between(start, end) / (end - start)
     busy["frames_generated"] = engine.worker.frames_generated - frames0
-    return {"sessions": sessions, "seconds": seconds, "worker_idle": idle, "worker_saturated": busy}
+    return {
+        "sessions": sessions,
+        "seconds": seconds,
+        "pipelined": engine.worker.pipelined,
+        "worker_idle": idle,
+        "worker_saturated": busy,
+    }
