@@ -7,6 +7,8 @@
 | POST /v1/avatars, GET /v1/avatars, GET/DELETE /v1/avatars/{id} | key | portraits (pre-encoded on upload) |
 | POST /v1/sessions | key | a session: id, token and its URLs |
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
+| PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
+| GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded key-point motions |
 | POST /v1/sessions/{id}/whep, DELETE .../whep/{viewer} | token | WHEP viewers of the same session |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
 | GET /v1/sessions/{id}/ws | token | the bot websocket (`ws.py`: PCM16 in, JSON control and playback events) |
@@ -32,6 +34,7 @@ from streaming.engine import Engine
 
 from . import (
     avatars,
+    controls_api,
     frames_ws,
     limits,
     metrics,
@@ -189,6 +192,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     r.add_post("/v1/sessions", session_api.create_session)
     r.add_get("/v1/sessions/{session_id}", session_api.get_session)
     r.add_delete("/v1/sessions/{session_id}", session_api.delete_session)
+    r.add_patch("/v1/sessions/{session_id}", controls_api.patch_session)
+    r.add_get("/v1/styles", controls_api.list_styles)
+    r.add_post("/v1/motions", controls_api.create_motion)
+    r.add_get("/v1/motions", controls_api.list_motions)
     r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
     r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
     r.add_post("/v1/sessions/{session_id}/whep", webrtc.whep_offer)

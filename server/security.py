@@ -26,7 +26,7 @@ from .errors import error_response
 
 log = logging.getLogger("server.security")
 
-ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
 EXPOSE_HEADERS = "Location, Retry-After, WWW-Authenticate"
 PREFLIGHT_MAX_AGE_S = 600
