@@ -4,14 +4,19 @@ and make the frames they make alone."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from streaming.controls import POSE, POSE_FADE_FRAMES, RAMP_FRAMES
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
 from streaming.session import SessionConfig
+from vexpress_rt.cli import build_parser
 from vexpress_rt.errors import InputError
 from vexpress_rt.kps import draw_v_kps_image, load_kps_sequence, retarget
 from vexpress_rt.motion import PROCEDURAL_MOTIONS, motion_sequence, ping_pong, procedural_track
@@ -19,6 +24,7 @@ from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import kps_features
 
 W, H = 128, 64
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +243,35 @@ def test_sessions_with_different_controls_batch_and_equal_unbatched(engine, avat
         alone, alone_batches = play([spec])
         assert max(alone_batches) == 1 and alone[0].shape == batched.shape
         assert np.abs(alone[0].astype(int) - batched.astype(int)).max() <= 2
+
+
+# -- offline generate --motion, and the motions' contact sheet (docs/controls.md) -------------------------------------
+def test_generate_takes_a_built_in_motion_and_checks_its_amplitude(capsys):
+    """`generate --motion nod --motion_amplitude A` (the drawn key points are `motion_sequence`'s, tested above);
+    a bad amplitude fails at parsing with the field's one message, as the HTTP API answers it."""
+    args = build_parser().parse_args(["generate", "--motion", "nod", "--motion_amplitude", "2.5"])
+    assert (args.motion, args.motion_amplitude) == ("nod", 2.5)
+    assert build_parser().parse_args(["generate"]).motion is None  # the original's retarget flags by default
+    for bad in (["--motion_amplitude", "9"], ["--motion", "dance"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["generate", *bad])
+    assert "motion_amplitude must be a finite number from 0 to 3" in capsys.readouterr().err
+
+
+def test_contact_sheet_of_the_motions(tiny_portrait, tmp_path):
+    """The V-Kps pose image of 8 frames over one loop of each built-in motion (amplitude 2, to be seen at 128x64):
+    docs/controls_motions.png, rewritten when VEXPRESS_WRITE_DOCS=1."""
+    ref = tiny_portrait[1]
+    rows = []
+    for name in PROCEDURAL_MOTIONS:
+        track = procedural_track(name, ref, fps=25, seed=0).scaled(2.0)
+        loop = len(track.table)
+        tiles = [draw_v_kps_image(H, W, track.points(i * loop // 8)) for i in range(8)]
+        rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=90) for t in tiles], axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    assert sheet.shape == (len(PROCEDURAL_MOTIONS) * (H + 2), 8 * (W + 2), 3)
+    still, moving = rows[0], rows[-1]
+    assert all(np.array_equal(still[:, : W + 2], still[:, k * (W + 2) : (k + 1) * (W + 2)]) for k in range(8))
+    assert len({moving[:, k * (W + 2) : (k + 1) * (W + 2)].tobytes() for k in range(8)}) == 8
+    target = DOCS / "controls_motions.png" if os.environ.get("VEXPRESS_WRITE_DOCS") == "1" else tmp_path / "sheet.png"
+    Image.fromarray(sheet).save(target, optimize=True)
