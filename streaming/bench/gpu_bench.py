@@ -265,7 +265,7 @@ def component_timings(models, avatar, new_frames: int = 2, repeats: int = 10) ->
 
     unet, vae, device, dtype = models.denoising_unet, models.vae, models.device, models.dtype
     _, _, h, w = avatar.latent.shape
-    graphed = GraphedUNet(unet, (0.95, 3.0), CudaGraphBackend(device))
+    graphed = GraphedUNet(unet, CudaGraphBackend(device))
     runs = []
     for steps in (1, 2, 4, 8):
         settings = DenoiserSettings(steps=steps, new_frames=new_frames, strategy="staggered")
@@ -285,7 +285,14 @@ def component_timings(models, avatar, new_frames: int = 2, repeats: int = 10) ->
                 lambda x=x, t=t, tokens=tokens, kps=kps, kv=kv: unet(x, t, tokens, kv, kps, 0.95, 3.0), repeats
             )
             refs = [avatar] * batch
-            graph_s = _time(lambda x=x, t=t, tokens=tokens, refs=refs: graphed(x, t, tokens, refs), repeats)
+            rows = {  # the runner's named per-row inputs (streaming/controls.py)
+                "kps_features": kps,
+                "reference_attention_weight": torch.full((batch,), 0.95, device=device),
+                "audio_attention_weight": torch.full((batch,), 3.0, device=device),
+            }
+            graph_s = _time(
+                lambda x=x, t=t, tokens=tokens, refs=refs, rows=rows: graphed(x, t, tokens, refs, **rows), repeats
+            )
             decode_s = _time(lambda z=z: vae.decode(z), repeats)
             flops = _unet_flops(frames, batch, 8 * h, 8 * w)
             fps = batch * new_frames / (graph_s + decode_s)
