@@ -112,6 +112,8 @@ class LiveControls:
             raise InputError(f"cannot change {', '.join(sorted(fixed))} during a session; live: {_live()}")
         with self._lock:
             params = replace(self._params, **changes)  # validates
+            if params.cfg != self._params.cfg:
+                raise InputError("guidance_scale cannot turn guidance on or off during a session (the batch shape)")
             track = track_for(params, self._reference_kps, self._fps, self._motions)
             # Blend from where the frames are: the old motion goes on, or a ramp in progress is held where it is.
             ramping = self._ramp(self._frame) < 1.0

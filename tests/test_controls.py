@@ -211,6 +211,8 @@ def test_a_change_while_idle_is_acknowledged_on_the_next_frame(engine, avatar):
         session.read_frame()
         session.change_controls({"blinks_per_minute": 40})
         frame = session.read_frame()
+        with pytest.raises(InputError, match="cannot turn guidance on or off"):
+            session.change_controls({"guidance_scale": 2.0})
     finally:
         session.close()
     acks = [e for e in events if e.type == "control.applied"]
