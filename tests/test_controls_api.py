@@ -8,6 +8,7 @@ import pytest
 from client_kit import Bot, bearer, create_session, delete_session, http, run, tone
 from server_harness import ServerThread, call, make_config
 
+from server.clients.session_client import AvatarSession, SessionOptions
 from vexpress_rt.styles import BUILT_IN
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(180)]
@@ -96,3 +97,24 @@ def test_the_bot_changes_controls_while_speaking_and_hears_the_frame_it_took_eff
     assert accepted["id"] == 7 and accepted["version"] == 1 and accepted["params"]["motion"] == "nod"
     assert applied["version"] == 1 and applied["frame"] >= started["frame"]
     assert "cannot change steps" in error["message"]
+
+
+def test_the_session_client_opens_with_a_style_and_changes_controls(server):
+    async def main():
+        client = AvatarSession(server.url, options=SessionOptions(style="presenter", motion_amplitude=0.8))
+        await client.open()
+        try:
+            await client.control(style="calm", blinks_per_minute=30)
+            seen = []
+            async for event in client.events():
+                seen.append(event)
+                if event["type"] == "control.applied":
+                    return client.info, seen
+        finally:
+            await client.close()
+
+    info, seen = run(main(), timeout=120)
+    assert info["params"]["motion"] == "nod" and info["params"]["motion_amplitude"] == 0.8
+    accepted = next(e for e in seen if e["type"] == "control.accepted")
+    assert accepted["params"]["motion"] == "subtle" and accepted["params"]["blinks_per_minute"] == 30
+    assert seen[-1]["version"] == accepted["version"] == 1
