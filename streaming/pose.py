@@ -18,7 +18,9 @@ from vexpress_rt.kps import draw_v_kps_image
 from vexpress_rt.loader import VExpressModels
 from vexpress_rt.pipeline import kps_features
 
-DEFAULT_POSE_CACHE_BYTES = 256 << 20  # ~100 poses at 512x512 fp16: a procedural loop at 12 fps, or part of one
+# 512x512 fp16: 2.6 MB a pose; one 8 s procedural loop at 25 fps is 200 poses (524 MB). Keep two such loops: an
+# LRU smaller than a loop would evict each pose just before it comes round again.
+DEFAULT_POSE_CACHE_BYTES = 1 << 30
 
 
 class PoseFeatures:
