@@ -9,7 +9,8 @@
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
 | PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
 | GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded key-point motions |
-| POST /v1/sessions/{id}/whep, DELETE .../whep/{viewer} | token | WHEP viewers of the same session |
+| POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token | WHEP viewers (`whep.py`) |
+| GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`) |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
 | GET /v1/sessions/{id}/ws | token | the bot websocket (`ws.py`: PCM16 in, JSON control and playback events) |
 | GET /v1/sessions/{id}/frames | token | every frame as JPEG + PCM16 with timestamps (`frames_ws.py`) |
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from streaming.device_pool import DevicePool
 from streaming.engine import Engine
 
 from . import (
@@ -45,11 +47,13 @@ from . import (
     session_api,
     sockets,
     speak,
+    viewer,
     webrtc,
+    whep,
     ws,
 )
 from .config import ServerConfig
-from .engine_factory import build_engine
+from .engine_factory import build_pool
 from .errors import ApiError, error_middleware
 from .state import RETRY_AFTER_S, STATE, ServerState, may_control, server_state
 
@@ -77,12 +81,19 @@ async def page_file(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    pool = server_state(request).engine
+    if not pool.healthy_count():  # every device's worker failed: only a restart brings the server back
+        return web.json_response({"status": "failed", "error": "every device has failed"}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     state = server_state(request)
-    body = {"sessions": len(state.sessions), "max_sessions": state.config.max_sessions}
+    body = {
+        "sessions": len(state.sessions),
+        "max_sessions": state.config.max_sessions,
+        "devices": [d.to_dict() for d in state.engine.status()],  # ready while one device is healthy
+    }
     if state.startup_error is not None:
         return web.json_response({"status": "failed", "error": state.startup_error, **body}, status=503)
     if state.default_avatar_id is None:
@@ -91,6 +102,8 @@ async def readyz(request: web.Request) -> web.Response:
         )
     if not state.engine.warm:
         return web.json_response({"status": "warming", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if not state.engine.healthy_count():
+        return web.json_response({"status": "failed", "error": "every device has failed", **body}, status=503)
     if state.at_capacity():
         return web.json_response({"status": "full", **body}, status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     return web.json_response({"status": "ready", **body})
@@ -105,7 +118,7 @@ async def info(request: web.Request) -> web.Response:
     state = server_state(request)
     cfg = state.config
     control = may_control(request, cfg)  # what only a key holder may see: the model's folder, the avatars
-    model = {"name": "V-Express", "device": str(state.engine.models.device)}  # the device in use, not the flag
+    model = {"name": "V-Express", "device": str(state.engine.device)}  # the (first) device in use, not the flag
     if control:
         model["model_dir"] = str(cfg.model_dir)
     portraits = [avatars.avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()] if control else None
@@ -132,6 +145,7 @@ async def info(request: web.Request) -> web.Response:
             "default_avatar_id": state.default_avatar_id,
             **({"avatars": portraits} if control else {}),
             "mark_frames": cfg.mark_frames,
+            "devices": [d.to_dict() for d in state.engine.status()],  # one model worker each (--devices)
         }
     )
 
@@ -151,9 +165,9 @@ async def _release(app: web.Application) -> None:
         state.engine.close()
 
 
-def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Application:
-    """The application. Without `engine`, one is built from `config` (loads the weights) and closed at cleanup;
-    a given engine must be started by the caller and stays the caller's to close."""
+def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) -> web.Application:
+    """The application. Without `engine`, one per device is built from `config` (loads the weights) and closed at
+    cleanup; a given engine (or pool of them) must be started by the caller and stays the caller's to close."""
     config.validate()
     rtc.restrict_host_addresses(config.ice_host)
     # The event loop shares the process (and the GIL) with the engine's model worker thread: a short switch
@@ -161,8 +175,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
     owns = engine is None
     if engine is None:
-        engine = build_engine(config)
+        engine = build_pool(config)
         engine.start()
+    pool = engine if isinstance(engine, DevicePool) else DevicePool([engine])
     security.install_log_redaction()  # ?token= never reaches the access log
     if config.insecure_no_auth and not config.api_key and not security.is_loopback_host(config.host):
         log.warning(
@@ -177,10 +192,11 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     app = web.Application(
         middlewares=[origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
     )
-    state = app[STATE] = ServerState(config=config, engine=engine, owns_engine=owns)
+    state = app[STATE] = ServerState(config=config, engine=pool, owns_engine=owns)
     state.metrics.attach(scrape.StateCollector(state))
     r = app.router
     r.add_get("/", index)
+    r.add_get("/view/{session_id}", viewer.viewer_page)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_endpoint)
@@ -198,8 +214,13 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> web.Applic
     r.add_get("/v1/motions", controls_api.list_motions)
     r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
     r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
-    r.add_post("/v1/sessions/{session_id}/whep", webrtc.whep_offer)
-    r.add_delete("/v1/sessions/{session_id}/whep/{viewer_id}", webrtc.whep_delete)
+    whep_path, viewer_path = "/v1/sessions/{session_id}/whep", "/v1/sessions/{session_id}/whep/{viewer_id}"
+    r.add_post(whep_path, whep.whep_offer)
+    r.add_options(whep_path, whep.endpoint_options)
+    r.add_patch(viewer_path, whep.whep_patch)
+    r.add_delete(viewer_path, whep.whep_delete)
+    r.add_options(viewer_path, whep.resource_options)
+    whep.setup(app)
     r.add_post("/offer", webrtc.legacy_offer)
     r.add_get("/v1/sessions/{session_id}/ws", ws.bot_socket)
     r.add_get("/v1/sessions/{session_id}/frames", frames_ws.frames_socket)

@@ -19,6 +19,7 @@ from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
 from .config import ServerConfig, add_serve_arguments
+from .tools.camera import add_camera_command
 from .tools.push import add_push_command
 from .tools.soak import add_soak_command
 
@@ -43,17 +44,18 @@ except ImportError:
 else:
     EXTRA_COMMANDS.append(add_bench_command)
 EXTRA_COMMANDS.append(add_soak_command)  # N sessions for M minutes against a served app: latency, memory, fds, tasks
+EXTRA_COMMANDS.append(add_camera_command)  # a session as a virtual camera + microphone for video calls
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine_factory import build_engine, weights_report
+    from .engine_factory import build_pool, weights_report
     from .rtc import restrict_host_addresses
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
     restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
     tls = _tls_context(config)  # missing/mismatched certificate files: exit 2 before loading anything
     try:
-        engine = build_engine(config)
+        engine = build_pool(config)  # one engine per device (--devices)
     except WeightsError as exc:
         print(f"error: cannot load the model from {config.model_dir}: {str(exc).splitlines()[0]}", file=sys.stderr)
         print("Model folder check:", file=sys.stderr)

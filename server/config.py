@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from streaming.decoder import DECODER_CHOICES
+from streaming.device_pool import parse_devices
 from streaming.portrait import DEFAULT_PORTRAIT
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import DEFAULTS, arg_type, field_error
@@ -143,6 +144,7 @@ class ServerConfig:
     avatar_cache_mb: float = 2048.0  # pre-encoded avatars kept in memory for re-registration (LRU)
     cache_dir_mb: float = 8192.0  # pre-encoded avatars kept in --cache_dir (LRU)
     device: str = "cuda"
+    devices: str | None = None  # "all", "cuda:0,cuda:1", "cpu,cpu": one model worker per device; None: --device
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
     decoder: str = "auto"  # sessions' default decoder; auto: TAESD ("tiny") when installed, else the full VAE
     web_root: str = str(DEFAULT_WEB_ROOT)
@@ -255,6 +257,11 @@ class ServerConfig:
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
+        if self.devices is not None:
+            try:
+                parse_devices(self.devices)
+            except ValueError as exc:
+                raise ConfigError(f"--devices {self.devices!r}: {exc}") from exc
         return self
 
     def avatar_kps_path(self) -> Path | None:
@@ -441,6 +448,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
     opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
+    opt(
+        "devices",
+        "one model worker per device: all (every visible GPU), or a list such as cuda:0,cuda:1 (cpu,cpu: two CPU "
+        "workers); new sessions go to the device with the most headroom; default: --device, where cuda means all",
+    )
     opt("dtype", "auto, fp16, fp32 or bf16; default auto (fp16 on CUDA, fp32 on CPU)")
     opt(
         "decoder",

@@ -1,9 +1,12 @@
-"""Build the streaming engine from the server settings: resolve the device, load the weights, say what is missing."""
+"""Build the streaming engine from the server settings: resolve the device(s), load the weights, say what is missing.
+
+`build_pool` (what `serve` runs): one engine per device of `--devices`; `build_engine`: one engine on `--device`."""
 
 from __future__ import annotations
 
 import logging
 
+from streaming.device_pool import DevicePool, device_names, parse_devices
 from vexpress_rt.errors import WeightsError
 from vexpress_rt.params import GenerationParams
 from vexpress_rt.weights import ModelPaths
@@ -37,14 +40,37 @@ def weights_report(config: ServerConfig) -> list[str]:
     return check_model_folder(ModelPaths.from_model_dir(config.model_dir)).lines()
 
 
-def build_engine(config: ServerConfig):
-    """The engine (not started). Raises WeightsError when the model folder is incomplete or wrong."""
+def resolve_devices(config: ServerConfig) -> list[str]:
+    """`--devices` ("all", "cuda:0,cuda:1", "cpu,cpu"); without it `--device`, where the default "cuda" means every
+    visible GPU. No CUDA: one CPU worker (a warning)."""
+    import torch
+
+    spec = config.devices or ("all" if config.device == "cuda" else config.device)
+    items = parse_devices(spec)
+    if items == ["all"]:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        items = [f"cuda:{i}" for i in range(count)] or ["cuda"]  # "cuda" falls back to the CPU below
+    return [str(resolve_device(item)) for item in items]
+
+
+def build_pool(config: ServerConfig) -> DevicePool:
+    """One engine per device (not started), each with its own copy of the weights. Raises WeightsError."""
+    devices = resolve_devices(config)
+    pool = DevicePool([build_engine(config, device) for device in devices], device_names(devices))
+    if len(devices) > 1:
+        log.info("serving from %d devices: %s", len(devices), ", ".join(pool.names))
+    return pool
+
+
+def build_engine(config: ServerConfig, device: str | None = None):
+    """The engine on `device` (default `--device`; not started). Raises WeightsError when the model folder is
+    incomplete or wrong."""
     from streaming.decoder import load_decoders
     from streaming.engine import Engine, EngineConfig
     from streaming.session import SessionConfig
     from vexpress_rt.loader import load_models
 
-    device = resolve_device(config.device)
+    device = resolve_device(device or config.device)
     dtype = resolve_dtype(config.dtype, device)
     paths = ModelPaths.from_model_dir(config.model_dir)
     if not paths.denoising_unet_path.parent.is_dir():

@@ -15,7 +15,7 @@ import logging
 import aioice.ice
 import ifaddr
 import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceCandidate, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
@@ -89,6 +89,15 @@ async def answer_offer(pc: RTCPeerConnection, offer: RTCSessionDescription, trac
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as exc:  # e.g. no codec in common
         raise ApiError(400, f"cannot answer the offer: {exc}", code="invalid_sdp") from exc
+
+
+async def add_remote_candidate(pc: RTCPeerConnection, candidate: RTCIceCandidate | None) -> None:
+    """A trickled remote candidate (None: the end of them) joins the running ICE checks. After the end of the
+    candidates, or once the connection closed, aioice refuses more: they are ignored then, as a browser does."""
+    try:
+        await pc.addIceCandidate(candidate)
+    except ValueError as exc:
+        log.debug("remote candidate ignored: %s", exc)
 
 
 async def read_microphone(track: MediaStreamTrack, session, logger: logging.Logger | logging.LoggerAdapter) -> None:

@@ -47,7 +47,7 @@ class StateCollector(Collector):
         pumps = [s.pump for s in sessions]
         for session in sessions:
             self.metrics.observe_latencies(session.engine_session)
-        self.metrics.observe_compute(state.engine.worker.compute_log)
+        self.metrics.observe_compute(state.engine.compute_spans())
         engine_stats = state.engine_stats()
         depths = [d for p in pumps for d in p.queue_depths()]
         yield _gauge("sessions", "Sessions being served.", len(sessions))
@@ -97,8 +97,37 @@ class StateCollector(Collector):
         for key, value in sorted(engine_stats.items()):
             if key not in shown and isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield _gauge(f"engine_{metric_name(key)}", f"Engine figure {key!r}.", value)
+        yield from _device_metrics(state)
         yield _gauge("process_threads", "Threads of the server process.", threading.active_count())
         try:
             yield _gauge("event_loop_tasks", "Asyncio tasks on the server's event loop.", metrics.loop_tasks())
         except RuntimeError:  # not scraped from a running loop
             pass
+
+
+def _device_metrics(state: ServerState) -> Iterator[Metric]:
+    """Per device of the pool (--devices), labelled `device`: what placement and failover read."""
+    devices = state.engine.status()
+    families = {
+        "device_healthy": ("1 while the device's model worker serves, 0 once it failed.", lambda d: d.healthy),
+        "device_ready": ("1 while the device admits one more session.", lambda d: d.healthy and d.admits),
+        "device_sessions": ("Sessions on the device.", lambda d: d.sessions),
+        "device_estimated_load": (
+            "Fraction of the device worker's time its sessions take (measured cost model).",
+            lambda d: d.estimated_load,
+        ),
+        "device_headroom": (
+            "Real-time margin left with one more default session (negative: it would be refused).",
+            lambda d: d.headroom,
+        ),
+        "device_busy_fraction": ("Fraction of the last 10 s the device's worker computed.", lambda d: d.busy_fraction),
+        "device_frames_generated": ("Frames the device's worker generated.", lambda d: d.frames_generated),
+        "device_worker_errors": ("Sessions the device's worker failed.", lambda d: d.worker_errors),
+    }
+    for name, (doc, read) in families.items():
+        family = GaugeMetricFamily(PREFIX + name, doc, labels=["device"])
+        for device in devices:
+            value = read(device)
+            if value is not None:
+                family.add_metric([device.name], float(value))
+        yield family

@@ -27,8 +27,8 @@ from .errors import error_response
 log = logging.getLogger("server.security")
 
 ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
-ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key"
-EXPOSE_HEADERS = "Location, Retry-After, WWW-Authenticate"
+ALLOW_HEADERS = "Authorization, Content-Type, X-API-Key, If-Match"
+EXPOSE_HEADERS = "Location, Retry-After, WWW-Authenticate, ETag, Link, Accept-Patch, Accept-Post"
 PREFLIGHT_MAX_AGE_S = 600
 _DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 _TOKEN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)

@@ -115,6 +115,7 @@ def _session_urls(request: web.Request, session: ServerSession) -> dict:
         "frames_url": f"{ws_scheme}://{request.host}{path}/frames",
         "speak_url": f"{base}{path}/speak",
         "recording_url": f"{base}{path}/recording",
+        "view_url": f"{base}/view/{session.id}",  # the OBS viewer page; add ?token=<token>
     }
 
 
@@ -153,6 +154,7 @@ async def create_session(request: web.Request) -> web.Response:
         "token": session.token,
         **_session_urls(request, session),
         "ice_servers": session_ice_servers(state.config, session.id),
+        "device": state.engine.device_of(session.id),  # the device (--devices) it was placed on
     }
     if record:
         body["recording"] = await recording.start_for(request.app, session)

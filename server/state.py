@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from streaming.engine import Engine
+from streaming.device_pool import DevicePool
 from streaming.session import SessionConfig
 from vexpress_rt.params import GenerationParams
 from vexpress_rt.styles import load_styles
@@ -35,7 +35,7 @@ RETRY_AFTER_S = 5
 @dataclass
 class ServerState:
     config: ServerConfig
-    engine: Engine
+    engine: DevicePool  # one engine per device (a single engine is a pool of one)
     owns_engine: bool
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     default_avatar_id: str | None = None  # None while the default portrait is being registered

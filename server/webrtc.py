@@ -1,5 +1,6 @@
-"""WebRTC: the session's publisher (`POST /v1/sessions/{id}/offer`), WHEP viewers (`POST .../whep`,
-`DELETE .../whep/{viewer}`) and aiortc's example protocol (`POST /offer`: a session and its answer at once)."""
+"""WebRTC: the session's publisher (`POST /v1/sessions/{id}/offer`), the peer connection WHEP viewers share with it
+(`connect_peer`; the WHEP protocol is `whep.py`) and aiortc's example protocol (`POST /offer`: a session and its
+answer at once)."""
 
 from __future__ import annotations
 
@@ -62,32 +63,6 @@ async def session_offer(request: web.Request) -> web.Response:
         raise ApiError(409, "this session already has a publisher; add viewers with WHEP")
     pc = await connect_peer(state, session, PUBLISHER, offer)
     return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
-
-
-async def whep_offer(request: web.Request) -> web.Response:
-    state = server_state(request)
-    session = session_for(request)
-    if request.content_type != "application/sdp":
-        raise ApiError(415, "WHEP: send the offer as application/sdp")
-    sdp = await limits.read_body(request, state.config.max_sdp_bytes, "the SDP", code="sdp_too_large")
-    offer = rtc.parse_description(limits.utf8(sdp, "the SDP", code="invalid_sdp"))
-    # Checked after the last await before _connect_peer takes its place in session.peers (synchronously), so
-    # concurrent offers cannot all pass the check first.
-    limits.check_viewers(session, state.config.max_viewers, PUBLISHER)
-    viewer = session.new_viewer_id()
-    pc = await connect_peer(state, session, viewer, offer)
-    location = f"/v1/sessions/{session.id}/whep/{viewer}"
-    return web.Response(
-        status=201, text=pc.localDescription.sdp, content_type="application/sdp", headers={"Location": location}
-    )
-
-
-async def whep_delete(request: web.Request) -> web.Response:
-    session = session_for(request)
-    viewer = request.match_info["viewer_id"]
-    if viewer == PUBLISHER or not await session.close_peer(viewer):
-        raise ApiError(404, f"no WHEP viewer {viewer!r} in this session")
-    return web.Response(status=200)
 
 
 async def legacy_offer(request: web.Request) -> web.Response:

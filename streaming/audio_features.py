@@ -58,6 +58,11 @@ class IncrementalAudioFeatures:
     def _hidden_available(self) -> int:
         return 0 if self._total < FIELD else (self._total - FIELD) // HOP + 1
 
+    @property
+    def held_samples(self) -> int:
+        """16 kHz samples kept for wav2vec2's context: bounded however long the stream (a memory figure)."""
+        return len(self._samples)
+
     def push(self, pcm: np.ndarray) -> list[FrameTokens]:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         self._samples = np.concatenate([self._samples, pcm])

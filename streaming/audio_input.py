@@ -65,7 +65,12 @@ class AudioInput:
         self._to_model = StreamResampler(1, sample_rate, MODEL_RATE)
         self._to_output = StreamResampler(1, sample_rate, output_rate)
 
-    def push(self, pcm, sample_rate: int | None = None, channels: int | None = None):
+    def push(
+        self,
+        pcm: bytes | bytearray | memoryview | np.ndarray,
+        sample_rate: int | None = None,
+        channels: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         sample_rate = self.sample_rate if sample_rate is None else sample_rate
         channels = self.channels if channels is None else channels
         if (sample_rate, channels) != (self.sample_rate, self.channels):
@@ -76,7 +81,7 @@ class AudioInput:
         mono = to_float_frames(pcm, channels).mean(axis=1)[None]
         return self._to_model.push(mono)[0], _to_int16(self._to_output.push(mono)[0])
 
-    def flush(self):
+    def flush(self) -> tuple[np.ndarray, np.ndarray]:
         return self._to_model.flush()[0], _to_int16(self._to_output.flush()[0])
 
 
@@ -88,7 +93,7 @@ class SampleFifo:
     """Samples in arrival order: append pieces, take from the front, without copying what stays (a bot may
     push minutes ahead in 20 ms pieces)."""
 
-    def __init__(self, dtype=np.int16):
+    def __init__(self, dtype: type[np.generic] = np.int16):
         self._chunks: deque[np.ndarray] = deque()
         self._head = 0  # samples of the first chunk already taken
         self._dtype = dtype

@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ class AvatarStore:
             for path in self.cache_dir.glob(pattern):
                 path.unlink(missing_ok=True)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """What the caches hold: avatars, tensors and bytes in memory, files and bytes on disk."""
         with self._lock:
             entries = list(self._memory.values())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 
 class FrameClock:
-    def __init__(self, fps: float, now=time.monotonic):
+    def __init__(self, fps: float, now: Callable[[], float] = time.monotonic):
         self.fps = float(fps)
         self._now = now
         self.t0: float | None = None
@@ -17,7 +18,8 @@ class FrameClock:
             self.t0 = self._now()
 
     def due(self, index: float) -> float:
-        self.start()
+        if self.t0 is None:
+            self.t0 = self._now()
         return self.t0 + index / self.fps
 
     def late_by(self, index: float) -> float:

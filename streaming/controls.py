@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,7 +106,7 @@ class LiveControls:
     def version(self) -> int:
         return self._version
 
-    def change(self, changes: dict) -> ControlChange:
+    def change(self, changes: dict[str, Any]) -> ControlChange:
         """Apply `changes` (field -> value; validated as every GenerationParams) from the next frame on."""
         fixed = set(changes) - LIVE_FIELDS
         if fixed:

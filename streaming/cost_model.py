@@ -29,7 +29,7 @@ class Demand:
 
 
 class CostModel:
-    def __init__(self):
+    def __init__(self) -> None:
         self._call_s: dict[tuple[DenoiserSettings, int], float] = {}
         self._features_s: float | None = None  # audio features, per chunk and session
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ class FrameDecoder:
     """One VAE decoder and the factor its latents are divided by."""
 
     name: str
-    vae: torch.nn.Module
+    vae: Any  # diffusers' AutoencoderKL or AutoencoderTiny (untyped): `.decode(z).sample`
     latent_scale: float
 
     @classmethod
@@ -38,7 +39,7 @@ class FrameDecoder:
         return cls("full", models.vae, VAE_SCALE)
 
     @classmethod
-    def tiny(cls, tiny_vae: torch.nn.Module) -> FrameDecoder:
+    def tiny(cls, tiny_vae: Any) -> FrameDecoder:
         return cls("tiny", tiny_vae, float(tiny_vae.config.scaling_factor))
 
     @torch.no_grad()
@@ -46,7 +47,7 @@ class FrameDecoder:
         """(F, 4, h, w) latents -> uint8 (F, H, W, 3) on the decoder's device, in one batched call."""
         weight = next(self.vae.parameters())
         z = latents.to(weight.device, weight.dtype) / self.latent_scale
-        images = self.vae.decode(z).sample
+        images: torch.Tensor = self.vae.decode(z).sample
         # to uint8 before leaving the device: a quarter of the bytes to copy
         return (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
 

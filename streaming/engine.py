@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from .device import synchronize
 from .portrait import prepare_portrait
 from .pose import PoseFeatures
 from .session import SessionConfig, StreamSession
-from .stage_timer import NoStageTimer
-from .unet_runner import CudaGraphBackend, RerunBackend, bucket_for
+from .stage_timer import NoStageTimer, StageTimer
+from .unet_runner import CaptureBackend, CudaGraphBackend, RerunBackend, bucket_for
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ MAX_MOTIONS = 64  # uploaded key-point sequences kept (the oldest go first)
 MAX_MOTION_FRAMES = 9000  # 5 minutes at 30 fps
 
 
-def _capture_backend(device: torch.device, graphs: bool | None):
+def _capture_backend(device: torch.device, graphs: bool | None) -> CaptureBackend | None:
     """CUDA graphs on a CUDA device unless switched off; `graphs=True` elsewhere reruns the captured function
     (the graph path's bookkeeping, for tests); otherwise eager."""
     device = torch.device(device)
@@ -81,7 +82,7 @@ class AvatarInfo:
     created: float
     kps: list[list[float]]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -118,10 +119,11 @@ class Engine:
         self._silence: dict[int, torch.Tensor] = {}
         self._motions: dict[str, np.ndarray] = {}  # uploaded key-point sequences by id (add_motion)
         self.poses = PoseFeatures(models)  # per-frame pose features of the sessions' motions
-        self.stages = NoStageTimer()  # device time per stage; the benchmark installs a StageTimer
+        # device time per stage: nothing measured unless the benchmark installs a StageTimer
+        self.stages: NoStageTimer | StageTimer = NoStageTimer()
         self._graphs = _capture_backend(models.device, self.config.graphs)
         self.warm = False  # set by warm_up(): graphs captured, cost per batch size measured
-        self.warmup: dict | None = None
+        self.warmup: dict[str, Any] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,7 +219,7 @@ class Engine:
         return frames, stacked
 
     @torch.no_grad()
-    def warm_up(self, avatar_id: str | None = None) -> dict:
+    def warm_up(self, avatar_id: str | None = None) -> dict[str, Any]:
         """Before serving: run the default settings' call (UNet + decode) at every batch size the worker will use
         (its buckets up to `max_batch`) on a registered avatar, twice each: the first captures the graphs (or
         warms up the eager path), the second is measured and calibrates the admission cost model. Idempotent;
@@ -284,13 +286,20 @@ class Engine:
         """An uploaded motion's key points (KeyError: unknown)."""
         return self._motions[motion_id]
 
-    def motions(self) -> list[dict]:
+    def motions(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{"id": k, "frames": len(v)} for k, v in self._motions.items()]
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def can_admit(self, config: SessionConfig | None = None) -> bool:
         return self._admission_problem(config or self.config.default_session) is None
+
+    def headroom(self, config: SessionConfig | None = None) -> float | None:
+        """The real-time margin left once a session of `config` joins those running (negative: over it), from
+        the measured cost model; None before any measurement. What a device pool places sessions by."""
+        configs = [s.config for s in self.sessions()] + [config or self.config.default_session]
+        load = self.worker.estimated_load(configs)
+        return None if load is None else self.config.realtime_margin - load
 
     def _admission_problem(self, config: SessionConfig) -> str | None:
         if len(self._sessions) >= self.config.max_sessions:
@@ -339,7 +348,7 @@ class Engine:
         self._release_if_unused(session.avatar.encoded)
         log.info("session %s closed", session.id)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         sessions = self.sessions()
         latencies = [x for s in sessions for x in list(s.latencies_ms)[-200:]]
         lat = np.array(latencies) if latencies else np.zeros(1)

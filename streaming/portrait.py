@@ -28,6 +28,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -96,7 +97,8 @@ def nose_from_eyes(left_eye: np.ndarray, right_eye: np.ndarray) -> np.ndarray:
     right_eye = np.asarray(right_eye, np.float64)
     dx, dy = right_eye - left_eye
     down = np.array([-dy, dx])  # the eye line turned by +90 degrees: points down the face (image y grows down)
-    return (left_eye + right_eye) / 2 + NOSE_BELOW_EYES * down
+    nose: np.ndarray = (left_eye + right_eye) / 2 + NOSE_BELOW_EYES * down
+    return nose
 
 
 def estimate_kps_from_box(bbox: tuple[float, float, float, float]) -> np.ndarray:
@@ -177,7 +179,7 @@ def crop_portrait(
         pixels = np.pad(np.asarray(region), ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)), mode="edge")
         region = Image.fromarray(pixels)
     box = (left - x0 + pad_left, top - y0 + pad_top, right - x0 + pad_left, bottom - y0 + pad_top)
-    crop = region.resize((width, height), Image.LANCZOS, box=box)
+    crop = region.resize((width, height), Image.Resampling.LANCZOS, box=box)
     kps = np.asarray(face.kps, np.float64)[:3]
     mapped = np.stack(
         [(kps[:, 0] - left) * width / (right - left), (kps[:, 1] - top) * height / (bottom - top)], axis=1
@@ -253,12 +255,12 @@ def _insightface_detector(insightface_root: str) -> FaceDetector:
 
 
 @functools.lru_cache(maxsize=1)
-def _haar_cascades() -> tuple[cv2.CascadeClassifier, cv2.CascadeClassifier | None] | None:
+def _haar_cascades() -> tuple[Any, Any] | None:  # (cv2.CascadeClassifier, one or None): cv2 is untyped here
     """OpenCV's frontal-face and eye Haar cascades, or None where this OpenCV has no cascades (OpenCV >= 5)."""
     if not hasattr(cv2, "CascadeClassifier"):
         return None
     try:
-        folder = Path(cv2.data.haarcascades)
+        folder = Path(cv2.data.haarcascades)  # type: ignore[attr-defined]  # absent from cv2's stubs
     except AttributeError:
         return None
     if not (folder / HAAR_FACE).is_file():
@@ -271,7 +273,7 @@ def _haar_cascades() -> tuple[cv2.CascadeClassifier, cv2.CascadeClassifier | Non
 
 
 @functools.lru_cache(maxsize=1)
-def _lbp_cascade():  # -> skimage.feature.Cascade | None
+def _lbp_cascade() -> Any:  # skimage.feature.Cascade | None (skimage is untyped)
     try:
         from skimage.data import lbp_frontal_face_cascade_filename
         from skimage.feature import Cascade
@@ -346,9 +348,7 @@ def _largest_face(boxes: list[Box]) -> Box:
     return tuple(float(v) for v in group.mean(axis=0))  # type: ignore[return-value]
 
 
-def _find_eyes(
-    gray: np.ndarray, box: Box, eye_cascade: cv2.CascadeClassifier | None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _find_eyes(gray: np.ndarray, box: Box, eye_cascade: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(image-left eye, image-right eye) centres, each None where not found: eye cascade, then darkest spot."""
     guess = estimate_kps_from_box(box)
     x0, y0, x1, y1 = box
@@ -400,8 +400,9 @@ def _complete_eyes(left: np.ndarray | None, right: np.ndarray | None, box: Box) 
     if left is None and right is None:
         return guess[0].astype(np.float64), guess[1].astype(np.float64)
     if left is None:
+        assert right is not None
         left = np.array([2 * mid_x - right[0], right[1]])
-    if right is None:
+    elif right is None:
         right = np.array([2 * mid_x - left[0], left[1]])
     return np.asarray(left, np.float64), np.asarray(right, np.float64)
 

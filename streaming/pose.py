@@ -27,7 +27,7 @@ class PoseFeatures:
     def __init__(self, models: VExpressModels, budget_bytes: int = DEFAULT_POSE_CACHE_BYTES):
         self.models = models
         self.budget_bytes = budget_bytes
-        self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int, bytes], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.computed = 0  # guider calls made (a test reads it)

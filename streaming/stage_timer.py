@@ -8,7 +8,8 @@ timing adds no synchronisation to the run) and elsewhere with wall-clock time.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -17,18 +18,25 @@ MAX_RECORDS = 200_000  # a bound on what one measurement holds (~1 hour of 8 ses
 
 
 class NoStageTimer:
-    def __call__(self, name: str):
+    def __call__(self, name: str) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def reset(self) -> None:
+        pass
+
+    def totals_ms(self) -> dict[str, float]:
+        return dict.fromkeys(STAGES, 0.0)
 
 
 class StageTimer:
     def __init__(self, device: torch.device):
         self.cuda = torch.device(device).type == "cuda"
-        self._records: list[tuple[str, object, object]] = []
+        self._cuda_records: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._wall_records: list[tuple[str, float, float]] = []
 
     @contextmanager
-    def __call__(self, name: str):
-        if len(self._records) >= MAX_RECORDS:
+    def __call__(self, name: str) -> Iterator[None]:
+        if len(self._cuda_records) + len(self._wall_records) >= MAX_RECORDS:
             yield
             return
         if self.cuda:
@@ -38,23 +46,25 @@ class StageTimer:
                 yield
             finally:
                 end.record()
-                self._records.append((name, start, end))
+                self._cuda_records.append((name, start, end))
         else:
             t0 = time.perf_counter()
             try:
                 yield
             finally:
-                self._records.append((name, t0, time.perf_counter()))
+                self._wall_records.append((name, t0, time.perf_counter()))
 
     def reset(self) -> None:
-        self._records.clear()
+        self._cuda_records.clear()
+        self._wall_records.clear()
 
     def totals_ms(self) -> dict[str, float]:
         """Milliseconds spent in each stage since the last reset (waits for the device on CUDA)."""
         if self.cuda:
             torch.cuda.synchronize()
         totals = dict.fromkeys(STAGES, 0.0)
-        for name, start, end in self._records:
-            ms = start.elapsed_time(end) if self.cuda else 1000.0 * (end - start)
-            totals[name] = totals.get(name, 0.0) + ms
+        for name, start, end in self._cuda_records:
+            totals[name] = totals.get(name, 0.0) + start.elapsed_time(end)
+        for name, t0, t1 in self._wall_records:
+            totals[name] = totals.get(name, 0.0) + 1000.0 * (t1 - t0)
         return totals

@@ -108,7 +108,7 @@ class RerunBackend:
     """The CPU stand-in for graphs: a 'replay' runs the function again on the static buffers, so the bucketing,
     padding and slot bookkeeping around it is exercised exactly as with a real graph."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.captures = 0
 
     def capture(self, fn):

@@ -43,6 +43,7 @@ class ModelWorker:
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
         self.errors = 0
         self.batch_retries = 0  # batches that failed and were run again one session at a time
+        self.failures_in_row = 0  # failed sessions/turns since the last successful call: the device's health
 
     # -- thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -70,6 +71,7 @@ class ModelWorker:
                     self._wake.set()  # there may be more ready right away
             except Exception:  # never let one bad turn kill the worker for everybody
                 self.errors += 1
+                self.failures_in_row += 1
                 log.exception("model worker turn failed")
 
     # -- one turn --------------------------------------------------------------------------------------------
@@ -123,6 +125,8 @@ class ModelWorker:
                 self._run(settings, [item])
             return
         images = self._decode(items, outputs)
+        if any(image is not None for image in images):
+            self.failures_in_row = 0  # the device computes: failures so far were the sessions' own
         seconds = time.perf_counter() - t0
         self.record_chunk(settings, len(jobs), seconds)
         ready = time.monotonic()
@@ -186,6 +190,7 @@ class ModelWorker:
         """A failure confined to one session (bad state, out of memory alone): it ends with an `error` event,
         the others go on."""
         self.errors += 1
+        self.failures_in_row += 1
         oom = isinstance(exc, OUT_OF_MEMORY)
         log.error("session %s: model worker failed", session.id, exc_info=exc)
         code, what = ("out_of_memory", "the device ran out of memory") if oom else ("model_error", "generation failed")

@@ -17,6 +17,7 @@ import aiohttp
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from multidict import CIMultiDict
 from PIL import Image
 
 from server.frames_ws import parse_frame
@@ -429,3 +430,96 @@ def played_audio(frames: list[FrameInfo], utterance: int) -> np.ndarray:
     generation catches up: the rest shifts later, nothing is lost)."""
     pieces = [f.audio for f in frames if f.speaking and f.utterance == utterance and f.audio.any()]
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int16)
+
+
+# -- a WHEP client that trickles (RFC 9725 / RFC 8840) ---------------------------------------------------------
+TRICKLE_TYPE = "application/trickle-ice-sdpfrag"
+
+
+def split_candidates(sdp: str) -> tuple[str, list[tuple[str, str]]]:
+    """An SDP without its `a=candidate` and `a=end-of-candidates` lines, and the candidates it had as
+    (mid, `a=candidate:...` line): what a trickling client posts, then sends later."""
+    kept, held, mid = [], [], "0"
+    for line in sdp.splitlines():
+        if line.startswith("a=mid:"):
+            mid = line[len("a=mid:") :]
+        if line.startswith("a=candidate:"):
+            held.append((mid, line))
+        elif line != "a=end-of-candidates":
+            kept.append(line)
+    return "\r\n".join(kept) + "\r\n", held
+
+
+def ice_credentials(sdp: str) -> tuple[str, str]:
+    ufrag = next(ln.split(":", 1)[1] for ln in sdp.splitlines() if ln.startswith("a=ice-ufrag:"))
+    pwd = next(ln.split(":", 1)[1] for ln in sdp.splitlines() if ln.startswith("a=ice-pwd:"))
+    return ufrag, pwd
+
+
+def sdpfrag(ufrag: str, pwd: str, candidates: list[tuple[str, str]], end: bool = True) -> str:
+    """An RFC 8840 fragment: the ICE credentials, then per mid its m-line, candidates and end-of-candidates."""
+    lines = [f"a=ice-ufrag:{ufrag}", f"a=ice-pwd:{pwd}"]
+    mids = sorted({mid for mid, _ in candidates}) or ["0"]
+    for mid in mids:
+        lines += ["m=audio 9 UDP/TLS/RTP/SAVPF 0", f"a=mid:{mid}"]
+        lines += [line for m, line in candidates if m == mid]
+        if end:
+            lines.append("a=end-of-candidates")
+    return "\r\n".join(lines) + "\r\n"
+
+
+@dataclass
+class TrickleViewer:
+    """A WHEP viewer that posted its offer without candidates; `patch()` sends them (or anything) to its resource."""
+
+    client: aiohttp.ClientSession
+    session: dict
+    pc: RTCPeerConnection
+    counter: FrameCounter
+    resource_url: str
+    etag: str | None
+    headers: CIMultiDict  # of the 201
+    answer: str
+    held: list[tuple[str, str]]  # the candidates not sent yet
+    ufrag: str
+    pwd: str
+
+    async def patch(self, body: str, if_match: str | None = "etag", content_type: str = TRICKLE_TYPE) -> int:
+        headers = {**bearer(self.session["token"]), "Content-Type": content_type}
+        if if_match is not None:
+            headers["If-Match"] = self.etag if if_match == "etag" else if_match
+        async with self.client.patch(self.resource_url, data=body, headers=headers) as r:
+            await r.read()
+            return r.status
+
+    async def trickle(self) -> int:
+        """Every held candidate and the end of candidates, in one PATCH (204 expected)."""
+        status = await self.patch(sdpfrag(self.ufrag, self.pwd, self.held))
+        self.held = []
+        return status
+
+    async def delete(self) -> int:
+        async with self.client.delete(self.resource_url, headers=bearer(self.session["token"])) as r:
+            await r.read()
+            return r.status
+
+
+async def trickle_viewer(client: aiohttp.ClientSession, session: dict, base_url: str) -> TrickleViewer:
+    """POST a candidate-less offer; the answer is applied later (`apply_answer`) so that the server can only reach
+    this peer through the candidates trickled to it."""
+    pc, sdp = await viewer_offer()
+    counter = FrameCounter(pc)
+    offer, held = split_candidates(sdp)
+    ufrag, pwd = ice_credentials(sdp)
+    headers = {**bearer(session["token"]), "Content-Type": "application/sdp"}
+    async with client.post(session["whep_url"], data=offer, headers=headers) as r:
+        assert r.status == 201, (r.status, await r.text())
+        answer = await r.text()
+        out = CIMultiDict(r.headers)
+    return TrickleViewer(
+        client, session, pc, counter, base_url + out["Location"], out.get("ETag"), out, answer, held, ufrag, pwd
+    )
+
+
+async def apply_answer(viewer: TrickleViewer) -> None:
+    await viewer.pc.setRemoteDescription(RTCSessionDescription(sdp=viewer.answer, type="answer"))

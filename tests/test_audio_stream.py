@@ -59,5 +59,5 @@ def test_memory_stays_bounded(tiny_models):
     count = 0
     for _ in range(60):  # 6 s of noise in 100 ms chunks
         count += len(stream.push(rng.standard_normal(1600).astype(np.float32) * 0.1))
-        assert len(stream._samples) < 1.5 * SAMPLE_RATE
+        assert stream.held_samples < 1.5 * SAMPLE_RATE
     assert count >= 6 * 25 - 10

@@ -82,3 +82,9 @@ def test_engine_bench_on_cpu_runs_sessions_and_reports_every_figure(capsys):
     stages = run["device_ms_per_frame"]
     assert set(stages) == {"audio_features", "unet", "decode", "host_copy"} and all(v > 0 for v in stages.values())
     assert run["peak_memory_gib"] is None  # CPU: no device memory figure
+    # The component timings run the same code as on a GPU (graphs re-run eagerly on the CPU; one step count
+    # there), each UNet window and decode timed.
+    components = gpu["components"]
+    assert [(c["steps"], c["batch"]) for c in components] == [(1, 1), (1, 4)]
+    assert all(c["unet_ms"] > 0 and c["unet_graph_ms"] > 0 and c["decode_ms"] > 0 for c in components)
+    assert all(c["unet_graph_tflops"] is None for c in components)  # FLOPs are counted for the released size only

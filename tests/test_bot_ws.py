@@ -448,7 +448,8 @@ async def _delete(server, session):
 
 
 def test_a_client_that_stops_reading_its_events_is_disconnected(monkeypatch):
-    """Unit: events pile up behind a send stuck on a full socket; past the limit the connection is closed (1008)."""
+    """Internals (it drives the connection's private sender: a real client cannot make a send hang): events pile up
+    behind a send stuck on a full socket; past the limit the connection is closed (1008)."""
     from types import SimpleNamespace
 
     from server import ws as bot_ws

@@ -57,7 +57,7 @@ def test_tls_flags_and_env():
 @pytest.mark.parametrize("case", ["missing", "mismatched", "not_pem", "only_cert"])
 def test_serve_refuses_bad_certificates_before_loading(case, tmp_path, capsys, monkeypatch):
     """Exit 2 with one clear line, before the model loads or the port opens."""
-    monkeypatch.setattr("server.engine_factory.build_engine", lambda cfg: pytest.fail("the engine was built"))
+    monkeypatch.setattr("server.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
     cert, key = _write_pair(tmp_path, "a", ["127.0.0.1"])
     _, other_key = _write_pair(tmp_path, "b", ["127.0.0.1"])
     argv = {

@@ -83,7 +83,8 @@ async def _speak(ws, seconds: float, chunk_s: float = 0.04) -> None:
 # -- clients vanishing ---------------------------------------------------------------------------------------------
 def test_publisher_vanishing_ends_its_session_and_others_continue(server, fast_consent):
     """A publisher's network drops (no DTLS close, no BYE): ICE consent fails, its session ends and releases its
-    peers, pump and engine session. A viewer of another session keeps receiving frames throughout."""
+    peers, pump and engine session (internals: the released tasks are read from the server session). A viewer of
+    another session keeps receiving frames throughout."""
 
     async def main():
         async with http() as c:

@@ -21,18 +21,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from streaming.bench.random_models import TINY_UNET, TINY_VAE, TINY_WAV2VEC2
+
 # Bump when anything below changes what is written: the pytest cache is keyed by it, so a stale folder is rebuilt.
-BUILD_VERSION = "tiny-v4"
+BUILD_VERSION = "tiny-v5"
 SEED = 1234
 WIDTH, HEIGHT = 128, 64
 SPEECH_SECONDS = 1.3
 SAMPLE_RATE = 16000
 
+# The tiny shapes are defined once, beside the in-memory random models the benchmarks build; here they are written
+# as the released folder's config files.
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
     "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [32, 32, 32, 64],
+    "attention_head_dim": TINY_UNET.attention_heads,
+    "block_out_channels": list(TINY_UNET.block_out_channels),
     "center_input_sample": False,
     "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -43,39 +47,13 @@ UNET_CONFIG = {
     "layers_per_block": 2,
     "mid_block_scale_factor": 1,
     "norm_eps": 1e-05,
-    "norm_num_groups": 32,
+    "norm_num_groups": TINY_UNET.norm_num_groups,
     "out_channels": 4,
     "sample_size": 64,
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
 }
-
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    norm_num_groups=8,
-    latent_channels=4,
-    sample_size=256,
-)
-
-WAV2VEC2_CONFIG = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(32,) * 7,
-    conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-    conv_stride=(5, 2, 2, 2, 2, 2, 2),
-    conv_bias=False,
-    feat_extract_norm="group",
-    do_stable_layer_norm=False,
-    num_conv_pos_embeddings=128,
-    num_conv_pos_embedding_groups=16,
-    vocab_size=32,
-)
+VAE_CONFIG = TINY_VAE
+WAV2VEC2_CONFIG = TINY_WAV2VEC2
 
 # The released checkpoint's processor settings (see the fixture README, 1.1).
 PREPROCESSOR_CONFIG = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -40,13 +41,13 @@ def make_scheduler():
 @dataclass
 class VExpressModels:
     unet_config: UNetConfig
-    vae: torch.nn.Module
+    vae: Any  # diffusers' AutoencoderKL (diffusers ships no type information)
     reference_net: ReferenceNet
     denoising_unet: DenoisingUNet
     v_kps_guider: VKpsGuider
     audio_projection: AudioProjection
     audio_encoder: torch.nn.Module
-    feature_extractor: object
+    feature_extractor: Any  # transformers' Wav2Vec2FeatureExtractor: called on raw audio
     device: torch.device
     dtype: torch.dtype
 

@@ -22,14 +22,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from ..engine import AvatarInfo, Engine
+from ..session import SessionConfig
 from .flops import engine_flops_per_frame, original_flops_per_frame
+from .gpu_bench import percentile
 from .speech import speech
 
 
-def add_bench_command(sub) -> None:
+def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a private type)
     p = sub.add_parser("bench", help="print the engine's figures (FLOPs, real-time factor, latency)")
     p.add_argument("--model_dir", default=None, help="model folder (default: tiny random weights in memory)")
     p.add_argument("--quick", action="store_true", help="short run (CI): 5 s 'minutes'")
@@ -82,21 +84,19 @@ def add_bench_command(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _session_config(args):
+def _session_config(args: argparse.Namespace) -> SessionConfig:
     from vexpress_rt.params import GenerationParams
-
-    from ..session import SessionConfig
 
     names = ("steps", "strategy", "new_frames", "context_frames")
     return SessionConfig(fps=args.fps, params=GenerationParams.from_dict({k: getattr(args, k) for k in names}))
 
 
-def flops_figures(cfg) -> dict:
+def flops_figures(cfg: SessionConfig) -> dict[str, Any]:
     s = cfg.denoiser_settings()
     # Frames a window call finishes per frame-pass: chunked N of C+N; staggered every frame passes once per
     # step, i.e. steps passes per frame, which `new_frames = window` expresses.
     new = s.new_frames if s.strategy == "chunked" else s.window_frames
-    common = dict(
+    common: dict[str, Any] = dict(
         fps=cfg.fps,
         steps=s.steps,
         guidance_scale=cfg.params.guidance_scale,
@@ -116,7 +116,7 @@ def flops_figures(cfg) -> dict:
     }
 
 
-def _load_engine(model_dir: Path | None, width: int, height: int, cfg):
+def _load_engine(model_dir: Path | None, width: int, height: int, cfg: SessionConfig) -> tuple[Engine, AvatarInfo]:
     """The engine on this machine's device in fp32 with the default portrait registered: the model folder's
     weights, or without one the tiny architecture with random weights (the same speed as the tiny test model)."""
     import torch
@@ -141,7 +141,7 @@ def _load_engine(model_dir: Path | None, width: int, height: int, cfg):
     return engine, info
 
 
-def realtime_factor(engine, avatar_id: str, cfg, seconds: float = 4.0) -> float:
+def realtime_factor(engine: Engine, avatar_id: str, cfg: SessionConfig, seconds: float = 4.0) -> float:
     """Seconds of video made per second of worker time, audio pushed as fast as possible."""
     session = engine.open_session(avatar_id, cfg)
     try:
@@ -160,7 +160,9 @@ def realtime_factor(engine, avatar_id: str, cfg, seconds: float = 4.0) -> float:
         session.close()
 
 
-def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) -> dict:
+def latency_run(
+    engine: Engine, avatar_id: str, cfg: SessionConfig, minute_s: float, minutes: int = 2
+) -> dict[str, Any]:
     """Audio arrives in real time in 20 ms pushes while a reader plays frames at fps; bounded in time."""
     engine.start()
     session = engine.open_session(avatar_id, cfg)
@@ -191,7 +193,10 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
         session.close()
         engine.worker.stop()
     chunks = [c for c in engine.worker.chunk_log if c["session"] == session.id and c["frames"]]
-    latencies, overheads, first, last = [], [], [], []
+    latencies: list[float] = []
+    overheads: list[float] = []
+    first: list[float] = []
+    last: list[float] = []
     for c in chunks:
         for audio_time in c["audio_times"]:
             ms = 1000 * (c["ready"] - audio_time)
@@ -202,9 +207,7 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
             overheads.append(1000 * (waited - engine.worker.compute_between(c["trigger"], c["ready"])))
     stats = session.stats()
 
-    def p(values, q):
-        return float(np.percentile(values, q)) if values else float("nan")
-
+    p = percentile
     return {
         "latency_p50_ms": p(latencies, 50),
         "latency_p95_ms": p(latencies, 95),
@@ -218,7 +221,7 @@ def latency_run(engine, avatar_id: str, cfg, minute_s: float, minutes: int = 2) 
     }
 
 
-def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeats: int = 3) -> dict:
+def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeats: int = 3) -> dict[str, Any]:
     """ms per frame of the full and the tiny decoder, side by side, decoding `frames` latents per call through
     the engine's own decode path (uint8 frames on the host), real-size architectures with random weights."""
     import torch
@@ -238,7 +241,7 @@ def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeat
     }
     latents = torch.randn(frames, 4, height // 8, width // 8, device=device, dtype=dtype)
     diffusers_logging.set_verbosity_error()  # its note on casting the VAE with .to() is expected here
-    out: dict = {
+    out: dict[str, Any] = {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "size": [width, height],
@@ -258,7 +261,7 @@ def decoder_figures(width: int = 512, height: int = 512, frames: int = 2, repeat
     return out
 
 
-def _print_decoders(out: dict) -> None:
+def _print_decoders(out: dict[str, Any]) -> None:
     ms = out["ms_per_frame"]
     print(
         f"decoders on {out['device']} ({out['dtype']}, {out['size'][0]}x{out['size'][1]}, "
@@ -272,14 +275,14 @@ def _print_decoders(out: dict) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.decoders:
         quick = dict(frames=1, repeats=1) if args.quick else {}  # the full decoder takes minutes a frame on a CPU
-        out = decoder_figures(args.width or 512, args.height or 512, **quick)
+        figures = decoder_figures(args.width or 512, args.height or 512, **quick)
         if args.json:
-            print(json.dumps(out, default=float))
+            print(json.dumps(figures, default=float))
         else:
-            _print_decoders(out)
+            _print_decoders(figures)
         return 0
     cfg = _session_config(args)
-    out: dict = {
+    out: dict[str, Any] = {
         "settings": {
             "fps": cfg.fps,
             **{k: getattr(cfg.params, k) for k in ("steps", "strategy", "new_frames", "context_frames")},
@@ -319,7 +322,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_engine_bench(args: argparse.Namespace, cfg, out: dict) -> int:
+def _cmd_engine_bench(args: argparse.Namespace, cfg: SessionConfig, out: dict[str, Any]) -> int:
     from .gpu_bench import engine_figures, print_engine_table
 
     try:
@@ -358,7 +361,7 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg, out: dict) -> int:
     return 0
 
 
-def _print_table(out: dict) -> None:
+def _print_table(out: dict[str, Any]) -> None:
     rows = [
         ("FLOPs per frame (engine, TFLOP)", out["flops_per_frame"] / 1e12),
         ("FLOPs per frame (original defaults, TFLOP)", out["original_flops_per_frame"] / 1e12),

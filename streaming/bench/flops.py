@@ -17,9 +17,11 @@ Whole window calls of F frames are counted, not one frame times F: the motion mo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -63,7 +65,7 @@ def _reference_dir(reference_dir: str | Path | None) -> str:
     return str(Path(reference_dir).resolve())
 
 
-def _manifest_shapes(manifest: dict, name: str) -> dict[str, torch.Tensor]:
+def _manifest_shapes(manifest: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     return {k: torch.empty(shape, device=META) for k, (shape, _dtype) in manifest[name]["keys"].items()}
 
 
@@ -104,35 +106,37 @@ SD_VAE_CONFIG = dict(
 
 
 @cache
-def _vae():
+def _vae() -> Any:  # diffusers is untyped
     from diffusers import AutoencoderKL
 
     with META:
-        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        vae: Any = AutoencoderKL(**SD_VAE_CONFIG)
     return vae.eval().requires_grad_(False)
 
 
 @cache
-def _tiny_vae():
+def _tiny_vae() -> Any:
     from diffusers import AutoencoderTiny
 
     with META:
-        return AutoencoderTiny().eval().requires_grad_(False)
+        tiny: Any = AutoencoderTiny()
+        return tiny.eval().requires_grad_(False)
 
 
 @cache
-def _wav2vec2():
+def _wav2vec2() -> torch.nn.Module:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     with META:  # wav2vec2-base(-960h): the config defaults
-        return Wav2Vec2Model(Wav2Vec2Config()).eval().requires_grad_(False)
+        model: torch.nn.Module = Wav2Vec2Model(Wav2Vec2Config())
+    return model.eval().requires_grad_(False)
 
 
 def _meta(*shape: int) -> torch.Tensor:
     return torch.empty(shape, device=META)
 
 
-def _count(fn) -> float:
+def _count(fn: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fn()
     return float(counter.get_total_flops())
@@ -145,7 +149,8 @@ def _count(fn) -> float:
 def _reference_banks(reference_dir: str, height: int, width: int) -> dict[str, torch.Tensor]:
     _, reference_net, _, _ = _vexpress_modules(reference_dir)
     with torch.no_grad():
-        return reference_net(_meta(1, 4, height // 8, width // 8))
+        banks: dict[str, torch.Tensor] = reference_net(_meta(1, 4, height // 8, width // 8))
+    return banks
 
 
 @cache
@@ -160,7 +165,7 @@ def _unet_call(reference_dir: str, height: int, width: int, frames: int, batch: 
     with torch.no_grad():  # the engine: projected once per avatar, outside the counted region
         precomputed = unet.reference_kv({k: v.expand(batch, -1, -1) for k, v in banks.items()})
 
-    def call():
+    def call() -> None:
         kv = precomputed
         if project_kv:  # the original: the bank repeated over the batch and frames, projected in every call
             kv = unet.reference_kv({k: v.expand(batch * frames, -1, -1) for k, v in banks.items()})

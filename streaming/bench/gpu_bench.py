@@ -6,7 +6,7 @@ concurrent sessions (1, 2, 4, 8 by default; the ramp stops once the engine is fa
 in real time in 20 ms pushes and read at their fps. Per N: delivered fps per session, latency from audio arrival to
 frame ready (p50/p95, p95 of the first vs the second half), underruns, the worker's busy fraction, device
 milliseconds per output frame by stage (audio features, UNet, decode, host copies; CUDA events) and peak memory.
-A `components` section times the UNet window and the VAE decode alone at 1-8 steps (CUDA only).
+A `components` section times the UNet window and the VAE decode alone at 1-8 steps.
 
 `--device cpu` runs the same code at tiny size (CI); the GPU path differs only in device and dtype.
 """
@@ -14,14 +14,26 @@ A `components` section times the UNet window and the VAE decode alone at 1-8 ste
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from vexpress_rt.loader import VExpressModels
+from vexpress_rt.models import UNetConfig
+
+from ..avatar import PreEncodedAvatar
+from ..decoder import FrameDecoder, load_decoders
 from ..denoiser import DenoiserSettings, Schedule
 from ..device import synchronize
+from ..engine import Engine, EngineConfig
 from ..portrait import load_default_portrait
+from ..session import SessionConfig
+from ..stage_timer import StageTimer
+from ..unet_runner import CaptureBackend, CudaGraphBackend, EagerUNet, GraphedUNet, RerunBackend
 from .speech import speech
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -29,35 +41,35 @@ PUSH_SAMPLES = 320  # 20 ms at 16 kHz, as the server's clients push
 FAR_PAST_CAPACITY = 0.5  # stop the ramp once sessions get less than this fraction of their fps
 
 
-def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None):
+def _models(device: torch.device, dtype: torch.dtype, model_size: str, model_dir: str | None) -> VExpressModels:
     if model_dir:
         from vexpress_rt.loader import load_models
         from vexpress_rt.weights import ModelPaths
 
-        return load_models(ModelPaths.from_model_dir(Path(model_dir)), device=device, dtype=dtype)
+        loaded: VExpressModels = load_models(ModelPaths.from_model_dir(Path(model_dir)), device=device, dtype=dtype)
+        return loaded
     from .random_models import random_models
 
     return random_models(model_size, device=device, dtype=dtype)
 
 
-def _decoders(models, model_dir: str | None):
+def _decoders(models: VExpressModels, model_dir: str | None) -> dict[str, FrameDecoder]:
     """Both live decoders: from the model folder (TAESD when present), else TAESD's architecture with random
     weights beside the full VAE (the same speed as its released weights)."""
-    from ..decoder import FrameDecoder, load_decoders
-
     if model_dir:
         from vexpress_rt.weights import ModelPaths
 
         return load_decoders(models, "auto", ModelPaths.from_model_dir(Path(model_dir)).taesd_path)[1]
     from diffusers import AutoencoderTiny
 
-    tiny = AutoencoderTiny().to(models.device, models.dtype).eval().requires_grad_(False)
+    tiny: Any = AutoencoderTiny()
+    tiny = tiny.to(models.device, models.dtype).eval().requires_grad_(False)
     return {"full": FrameDecoder.full(models), "tiny": FrameDecoder.tiny(tiny)}
 
 
 @torch.no_grad()
 def engine_figures(
-    device: str = "cuda",
+    device: str | torch.device = "cuda",
     dtype: str = "fp16",
     model_size: str | None = None,
     model_dir: str | None = None,
@@ -65,16 +77,14 @@ def engine_figures(
     height: int = 512,
     sessions: tuple[int, ...] = (1, 2, 4, 8),
     seconds: float = 10.0,
-    session_config=None,
+    session_config: SessionConfig | None = None,
     max_batch: int = 4,
     components: bool = True,
     eager: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
     On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
     session count (`eager` key) from the same run, for the side-by-side."""
-    from ..session import SessionConfig
-
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -83,7 +93,7 @@ def engine_figures(
     model_size = model_size or ("real" if device.type == "cuda" else "tiny")
     cfg = session_config or SessionConfig()
     cfg.validate()
-    out: dict = {
+    out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "dtype": dtype,
         "model": model_dir or f"random weights, {model_size} size",
@@ -99,7 +109,7 @@ def engine_figures(
     if cfg.decoder not in decoders:
         raise ValueError(f"decoder {cfg.decoder!r} is not in the model folder (have {sorted(decoders)})")
     out["decoder"] = cfg.decoder
-    modes = [("graphs" if device.type == "cuda" else "eager", None)]
+    modes: list[tuple[str, bool | None]] = [("graphs" if device.type == "cuda" else "eager", None)]
     if eager and device.type == "cuda":
         modes.append(("eager", False))
     for name, graphs in modes:
@@ -111,18 +121,29 @@ def engine_figures(
             out["mode"] = name
         else:
             out[name] = figures
-    if components and device.type == "cuda":
-        out["components"] = component_timings(models, out.pop("_avatar"), cfg.params.new_frames)
+    if components:
+        avatar, new_frames = out.pop("_avatar"), cfg.params.new_frames
+        if device.type == "cuda":
+            out["components"] = component_timings(models, avatar, new_frames)
+        else:  # the CPU run checks the code path, not the speed: one step count, one call timed
+            out["components"] = component_timings(models, avatar, new_frames, repeats=1, steps_list=(1,))
     out.pop("_avatar", None)
     return out
 
 
-def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max_batch, graphs) -> dict:
+def _engine_figures(
+    models: VExpressModels,
+    decoders: dict[str, FrameDecoder],
+    cfg: SessionConfig,
+    width: int,
+    height: int,
+    sessions: Sequence[int],
+    seconds: float,
+    max_batch: int,
+    graphs: bool | None,
+) -> dict[str, Any]:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
-    from ..engine import Engine, EngineConfig
-    from ..stage_timer import StageTimer
-
     device = models.device
     engine = Engine(
         models,
@@ -137,7 +158,7 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
         ),
         decoders,
     )
-    out: dict = {}
+    out: dict[str, Any] = {}
     engine.stages = StageTimer(device)
     image, kps = load_default_portrait()
     t0 = time.perf_counter()
@@ -162,7 +183,7 @@ def _engine_figures(models, decoders, cfg, width, height, sessions, seconds, max
     return out
 
 
-def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
+def sessions_run(engine: Engine, avatar_id: str, cfg: SessionConfig, n: int, seconds: float) -> dict[str, Any]:
     """n sessions, each pushed `seconds` of speech in real time in 20 ms pushes and read at its fps."""
 
     device = engine.models.device
@@ -214,7 +235,9 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
         for s in opened:
             s.close()
     ids = {s.id for s in opened}
-    latencies, first, second = [], [], []
+    latencies: list[float] = []
+    first: list[float] = []
+    second: list[float] = []
     for chunk in list(engine.worker.chunk_log):
         if chunk["session"] not in ids:
             continue
@@ -223,9 +246,7 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
             latencies.append(ms)
             (first if audio_time - start < seconds / 2 else second).append(ms)
 
-    def p(values, q):
-        return float(np.percentile(values, q)) if values else float("nan")
-
+    p = percentile
     per_frame = {k: v / frames if frames else float("nan") for k, v in stage_ms.items()}
     return {
         "sessions": n,
@@ -245,56 +266,60 @@ def sessions_run(engine, avatar_id: str, cfg, n: int, seconds: float) -> dict:
     }
 
 
-def _time(fn, repeats: int) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, NaN when nothing was measured."""
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _time(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - t0) / repeats
 
 
 @torch.no_grad()
-def component_timings(models, avatar, new_frames: int = 2, repeats: int = 10) -> list[dict]:
-    """One staggered UNet window (eager and replayed from a CUDA graph) and the VAE decode of the frames it
+def component_timings(
+    models: VExpressModels,
+    avatar: PreEncodedAvatar,
+    new_frames: int = 2,
+    repeats: int = 10,
+    steps_list: Sequence[int] = (1, 2, 4, 8),
+    batches: Sequence[int] = (1, 4),
+) -> list[dict[str, Any]]:
+    """One staggered UNet window (eager and replayed from a captured graph) and the VAE decode of the frames it
     finishes, alone, at 1-8 steps, batch 1 and 4: call times, UNet TFLOP/s (when the FLOPs can be counted), fps
-    and the sessions at 25 fps it implies (graph UNet + VAE decode)."""
-    from ..unet_runner import CudaGraphBackend, GraphedUNet
-
+    and the sessions at 25 fps it implies (graph UNet + VAE decode). On a CPU the 'graph' is re-run eagerly
+    (the CPU stand-in for capture), so CI runs this very code."""
     unet, vae, device, dtype = models.denoising_unet, models.vae, models.device, models.dtype
     _, _, h, w = avatar.latent.shape
-    graphed = GraphedUNet(unet, CudaGraphBackend(device))
+    backend: CaptureBackend = CudaGraphBackend(device) if device.type == "cuda" else RerunBackend()
+    graphed, eager = GraphedUNet(unet, backend), EagerUNet(unet)
+    real_size = models.unet_config == UNetConfig()  # the FLOP count is the released model's
     runs = []
-    for steps in (1, 2, 4, 8):
+    for steps in steps_list:
         settings = DenoiserSettings(steps=steps, new_frames=new_frames, strategy="staggered")
         frames = settings.window_frames
         schedule = Schedule(steps, device)
-        for batch in (1, 4):
-            kv = {
-                k: (a.expand(batch, -1, -1, -1), b.expand(batch, -1, -1, -1))
-                for k, (a, b) in avatar.reference_kv.items()
-            }
+        for batch in batches:
             x = torch.randn(batch, 4, frames, h, w, device=device, dtype=dtype)
             tokens = torch.randn(batch * frames, 5, models.unet_config.cross_attention_dim, device=device, dtype=dtype)
-            kps = avatar.kps_feature.expand(batch, -1, frames, -1, -1)
             t = schedule.timesteps.repeat_interleave(new_frames).repeat(batch)
             z = torch.randn(batch * new_frames, 4, h, w, device=device, dtype=dtype)
-            unet_s = _time(
-                lambda x=x, t=t, tokens=tokens, kps=kps, kv=kv: unet(x, t, tokens, kv, kps, 0.95, 3.0), repeats
-            )
             refs = [avatar] * batch
-            rows = {  # the runner's named per-row inputs (streaming/controls.py)
-                "kps_features": kps,
+            weights = {  # the runners' named per-row inputs (streaming/controls.py)
+                "kps_features": avatar.kps_feature.expand(batch, -1, frames, -1, -1),
                 "reference_attention_weight": torch.full((batch,), 0.95, device=device),
                 "audio_attention_weight": torch.full((batch,), 3.0, device=device),
             }
-            graph_s = _time(
-                lambda x=x, t=t, tokens=tokens, refs=refs, rows=rows: graphed(x, t, tokens, refs, **rows), repeats
-            )
-            decode_s = _time(lambda z=z: vae.decode(z), repeats)
-            flops = _unet_flops(frames, batch, 8 * h, 8 * w)
+            unet_s = _time(partial(eager, x, t, tokens, refs, **weights), repeats, device)
+            graph_s = _time(partial(graphed, x, t, tokens, refs, **weights), repeats, device)
+            decode_s = _time(partial(vae.decode, z), repeats, device)
+            flops = _unet_flops(frames, batch, 8 * h, 8 * w) if real_size else None
             fps = batch * new_frames / (graph_s + decode_s)
             runs.append(
                 {
@@ -322,7 +347,7 @@ def _unet_flops(frames: int, batch: int, height: int, width: int) -> float | Non
         return None
 
 
-def _print_runs(runs: list[dict]) -> None:
+def _print_runs(runs: list[dict[str, Any]]) -> None:
     head = (
         "N",
         "fps/sess",
@@ -362,7 +387,7 @@ def _print_runs(runs: list[dict]) -> None:
         print("  " + " ".join(f"{c:>9.2f}" if isinstance(c, float) else f"{c:>9}" for c in cells))
 
 
-def print_engine_table(out: dict) -> None:
+def print_engine_table(out: dict[str, Any]) -> None:
     if "skipped" in out:
         print(f"engine on the device: skipped ({out['skipped']})")
         return

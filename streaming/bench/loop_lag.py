@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
+from ..engine import Engine
+from ..session import SessionConfig
 from .speech import speech
 
 TICK_S = 0.010
@@ -38,7 +41,7 @@ def _run_loop(seconds: float) -> list[float]:
         return asyncio.run(_lateness(seconds))
 
 
-def _figures(late: list[float]) -> dict:
+def _figures(late: list[float]) -> dict[str, Any]:
     a = np.array(late) if late else np.zeros(1)
     return {
         "ticks": len(late),
@@ -49,7 +52,9 @@ def _figures(late: list[float]) -> dict:
     }
 
 
-def loop_lag(engine, avatar_id: str, cfg, sessions: int = 2, seconds: float = 5.0) -> dict:
+def loop_lag(
+    engine: Engine, avatar_id: str, cfg: SessionConfig, sessions: int = 2, seconds: float = 5.0
+) -> dict[str, Any]:
     """Event-loop lateness with the worker idle, then saturated by `sessions` sessions (bounded: `seconds` each)."""
 
     idle = _figures(_run_loop(min(seconds, 2.0)))

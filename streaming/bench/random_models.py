@@ -7,6 +7,8 @@ CPU a minute); `meta` gives shape-only modules for the device-placement test.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from vexpress_rt.loader import VExpressModels
@@ -18,8 +20,10 @@ SIZES = ("real", "tiny")
 
 # The fixture model's shapes (../shared/fixtures/vexpress-tiny): a 4-level UNet 32..64 wide, 2-layer wav2vec2.
 TINY_UNET = UNetConfig(block_out_channels=(32, 32, 32, 64), attention_heads=8, norm_num_groups=32)
-TINY_VAE = dict(SD_VAE_CONFIG, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
-TINY_WAV2VEC2 = dict(
+TINY_VAE: dict[str, Any] = dict(
+    SD_VAE_CONFIG, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8
+)
+TINY_WAV2VEC2: dict[str, Any] = dict(
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
@@ -53,12 +57,13 @@ def random_models(
             projection = AudioProjection(dim=16, depth=2, dim_head=64, heads=12, embedding_dim=32, ff_mult=4)
         else:
             projection = AudioProjection()
-        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE_CONFIG))
+        vae: Any = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE_CONFIG))
         encoder = Wav2Vec2Model(Wav2Vec2Config(**(TINY_WAV2VEC2 if tiny else {})))
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
     )
     diffusers_logging.set_verbosity_error()  # its note on casting the VAE with .to() is expected here
-    for module in (vae, reference_net, unet, guider, projection, encoder):
+    modules: tuple[torch.nn.Module, ...] = (vae, reference_net, unet, guider, projection, encoder)
+    for module in modules:
         module.to(dtype=dtype).eval().requires_grad_(False)
     return VExpressModels(cfg, vae, reference_net, unet, guider, projection, encoder, extractor, device, dtype)

@@ -12,15 +12,20 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from vexpress_rt.audio_features import audio_tokens
+from vexpress_rt.loader import VExpressModels
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
+from ..avatar import PreEncodedAvatar
 from ..denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from ..device import synchronize
+from ..engine import AvatarInfo, Engine
+from ..session import SessionConfig
 from .speech import speech
 
 
@@ -35,7 +40,9 @@ def _boundary_ratio(latents: torch.Tensor, period: int) -> float:
     return float(steps[across].mean() / steps[~across].mean())
 
 
-def _offline(models, avatar, tokens, steps, seed, frames):
+def _offline(
+    models: VExpressModels, avatar: PreEncodedAvatar, tokens: torch.Tensor, steps: int, seed: int, frames: int
+) -> torch.Tensor:
     settings = GenerationSettings(num_inference_steps=steps, guidance_scale=1.0, context_frames=12, context_overlap=4)
     length = video_length_for(int(frames / 25 * 16000) + 1, 25.0, 12, 4)
     n = length.frames
@@ -48,7 +55,9 @@ def _offline(models, avatar, tokens, steps, seed, frames):
 
 
 @torch.no_grad()
-def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
+def compare_strategies(
+    models: VExpressModels, info: AvatarInfo, engine: Engine, cfg: SessionConfig, seconds: float = 3.2
+) -> dict[str, Any]:
     avatar = engine.avatar(info.id).encoded
     waveform = _speech16k(seconds)
     frames = int(seconds * 25)
@@ -57,7 +66,7 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
     offline_b = _offline(models, avatar, tokens, cfg.params.steps, 2, frames)
     n = offline_a.shape[1]
     norm = offline_a.norm()
-    out = {
+    out: dict[str, Any] = {
         "frames": n,
         "offline_seed_to_seed_rel_l2": float((offline_b - offline_a).norm() / norm),
         "offline_boundary_ratio": _boundary_ratio(offline_a, 8),
@@ -70,7 +79,7 @@ def compare_strategies(models, info, engine, cfg, seconds: float = 3.2) -> dict:
         made, call_s = [], []
         for i in range(0, n, 4):
             chunk = tokens[i : i + 4]
-            payloads = list(range(i, i + len(chunk)))
+            payloads: list[int | None] = list(range(i, i + len(chunk)))
             if len(chunk) < 4:
                 chunk = torch.cat([chunk, silence[None].expand(4 - len(chunk), -1, -1)])
                 payloads += [None] * (4 - len(payloads))
