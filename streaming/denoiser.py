@@ -123,7 +123,7 @@ class ChunkJob:
     tokens: torch.Tensor  # (N, n, d) audio tokens of the N new frames
     payloads: list[Any]  # one per new frame (None: filler, dropped on the way out)
     params: GenerationParams = DEFAULTS  # its session's: the guidance scale of its row (and its weights if no rows)
-    meta: dict = field(default_factory=dict)  # timings for the latency figures
+    meta: dict[str, float] = field(default_factory=dict)  # timings for the latency figures
     # The UNet's per-frame inputs of the N new frames (streaming/controls.py: weights, pose features); None:
     # `params`' weights and the avatar's fix_face pose on every frame.
     rows: dict[str, torch.Tensor] | None = None
@@ -195,7 +195,7 @@ class StreamDenoiser:
         """Noise drawn on the model's device, in float32 then cast (the CPU figures stay those of before)."""
         return torch.randn(shape, generator=generator, device=self.device).to(self.models.dtype)
 
-    def _run_chunked(self, jobs):
+    def _run_chunked(self, jobs: list[ChunkJob]) -> list[list[tuple[Any, torch.Tensor]]]:
         s, sched = self.settings, self.schedule
         n, c = s.new_frames, s.context_frames
         x = torch.stack([self._noise(j.state, n, j.state.context) for j in jobs])  # (B, 4, N, h, w)
@@ -225,15 +225,16 @@ class StreamDenoiser:
         idx = torch.tensor([s.steps - 1 - g + shift for g in range(s.steps)], device=alphas.device)
         return alphas[idx].repeat_interleave(s.new_frames)
 
-    def _run_staggered(self, jobs):
+    def _run_staggered(self, jobs: list[ChunkJob]) -> list[list[tuple[Any, torch.Tensor]]]:
         """Between calls a stream holds S-1 groups; the call appends the new group (pure noise), steps every
         group once at its own timestep, and the oldest group leaves clean."""
         s = self.settings
         n = s.new_frames
         frame_t = self._frame_t.repeat(len(jobs))
         a, ap = self._levels_in, self._levels_out
-        x = torch.stack([torch.cat([j.state.queue, self._noise(j.state, n, j.state.queue)], dim=1) for j in jobs])
-        tokens = [torch.cat([j.state.queue_tokens, j.tokens]) for j in jobs]
+        queues = [_queue(j.state) for j in jobs]
+        x = torch.stack([torch.cat([q, self._noise(j.state, n, q)], dim=1) for j, (q, _) in zip(jobs, queues)])
+        tokens = [torch.cat([q_tokens, j.tokens]) for j, (_, q_tokens) in zip(jobs, queues)]
         held = s.window_frames - n
         rows = [_window_rows(j.state.queue_rows, j.new_rows(n), held) for j in jobs]
         x = ddim_step(x, self._unet(x, frame_t, torch.cat(tokens), jobs, rows), a, ap)
@@ -260,12 +261,13 @@ class StreamDenoiser:
         `rows` (T frames each: weights, pose); guidance doubles the batch and mixes each job's two rows with its
         own scale."""
         s, device, dtype = self.settings, self.models.device, self.models.dtype
-        refs: list = [j.avatar for j in jobs]
+        refs: list[PreEncodedAvatar | None] = [j.avatar for j in jobs]
         x, tokens, t = x.to(device, dtype), tokens.to(device, dtype), t.to(device)
         batch = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}  # (B, T, ...)
         batch[POSE] = batch[POSE].to(dtype).transpose(1, 2)  # (B, C0, T, h, w), frame-major: the UNet's view
         if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and pose together
-            refs = [None] * len(jobs) + refs
+            unconditional: list[PreEncodedAvatar | None] = [None] * len(jobs)
+            refs = unconditional + refs
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             x = x.repeat(2, 1, 1, 1, 1)
             t = t.repeat(2) if t.ndim else t
@@ -277,6 +279,12 @@ class StreamDenoiser:
             scale = torch.tensor([j.params.guidance_scale for j in jobs], dtype=torch.float32, device=device)
             v = v_uncond + (scale.reshape(-1, 1, 1, 1, 1) * (v_cond - v_uncond).float()).to(v.dtype)
         return v
+
+
+def _queue(state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+    """A staggered stream's queued latents and tokens (made with the stream: `new_state`)."""
+    assert state.queue is not None and state.queue_tokens is not None, "not a staggered stream"
+    return state.queue, state.queue_tokens
 
 
 def _window_rows(

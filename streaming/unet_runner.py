@@ -61,7 +61,9 @@ class EagerUNet:
 
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
-        self._kept: OrderedDict[tuple, tuple[list, dict[str, KeyValue]]] = OrderedDict()
+        # (ids of the groups, rows) -> (the groups, their K/V)
+        self._kept: OrderedDict[tuple[tuple[int, ...], int], tuple[list[Reference | None], dict[str, KeyValue]]]
+        self._kept = OrderedDict()
         self.compositions_built = 0  # how often the K/V were (re)assembled (a test and the bench read it)
 
     def reference(self, refs: Refs) -> dict[str, KeyValue]:
@@ -76,13 +78,12 @@ class EagerUNet:
         if len(groups) == 1:
             kv = like.reference_kv
         else:
-            kv = {
-                name: tuple(
-                    torch.cat([r.reference_kv[name][i] if r is not None else torch.zeros_like(t) for r in groups])
-                    for i, t in enumerate(like.reference_kv[name])
-                )
-                for name in like.reference_kv
-            }
+
+            def cat(name: str, i: int) -> torch.Tensor:
+                t = like.reference_kv[name][i]
+                return torch.cat([r.reference_kv[name][i] if r is not None else torch.zeros_like(t) for r in groups])
+
+            kv = {name: (cat(name, 0), cat(name, 1)) for name in like.reference_kv}
         self._kept[key] = (groups, kv)
         self.compositions_built += 1
         while len(self._kept) > COMPOSITIONS_KEPT:
@@ -94,8 +95,11 @@ class EagerUNet:
         for key in [k for k, (groups, _) in self._kept.items() if any(g is ref for g in groups)]:
             del self._kept[key]
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, refs: Refs, **rows) -> torch.Tensor:
-        return self.unet(x, t, tokens, self.reference(refs), **rows)
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, refs: Refs, **rows: torch.Tensor | float
+    ) -> torch.Tensor:
+        v: torch.Tensor = self.unet(x, t, tokens, self.reference(refs), **rows)
+        return v
 
 
 class CaptureBackend(Protocol):
@@ -111,7 +115,7 @@ class RerunBackend:
     def __init__(self) -> None:
         self.captures = 0
 
-    def capture(self, fn):
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         self.captures += 1
         fn()  # a capture runs the function once, as a graph capture does
         return fn
@@ -127,7 +131,7 @@ class CudaGraphBackend:
         self.pool = torch.cuda.graph_pool_handle()
         self.captures = 0
 
-    def capture(self, fn):
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -178,8 +182,8 @@ class GraphedUNet:
         self.backend = backend
         self.buckets = tuple(sorted(buckets))
         self.eager = EagerUNet(unet)
-        self._graphs: dict[tuple, _Graph] = {}
-        self._slot_refs: list = [None] * self.buckets[-1]
+        self._graphs: dict[tuple[object, ...], _Graph] = {}
+        self._slot_refs: list[Reference | None] = [None] * self.buckets[-1]
         self._slot_filled = [False] * self.buckets[-1]
         self._kv: dict[str, KeyValue] | None = None
         self.slot_copies = 0  # rows whose reference was copied into a slot (a test and the bench read it)
@@ -193,8 +197,8 @@ class GraphedUNet:
             like = next(r for r in refs if r is not None)
             size = self.buckets[-1]
             self._kv = {
-                name: tuple(torch.zeros((size, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in kv)
-                for name, kv in like.reference_kv.items()
+                name: (k.new_zeros((size, *k.shape[1:])), v.new_zeros((size, *v.shape[1:])))
+                for name, (k, v) in like.reference_kv.items()
             }
         for i, ref in enumerate(refs):
             if self._slot_filled[i] and self._slot_refs[i] is ref:
@@ -237,7 +241,8 @@ class GraphedUNet:
         kv = {name: (k[:bucket], v[:bucket]) for name, (k, v) in self._kv.items()}
 
         def forward() -> torch.Tensor:
-            return self.unet(graph.x, graph.t, graph.tokens, kv, **graph.rows)
+            v: torch.Tensor = self.unet(graph.x, graph.t, graph.tokens, kv, **graph.rows)
+            return v
 
         graph.x.copy_(x[:1].expand_as(graph.x))  # capture on sane values (the padding rows keep them)
         for name, value in rows.items():
