@@ -7,6 +7,8 @@
 | POST /v1/avatars, GET /v1/avatars, GET/DELETE /v1/avatars/{id} | key | portraits (pre-encoded on upload) |
 | POST /v1/sessions | key | a session: id, token and its URLs |
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
+| PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
+| GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded key-point motions |
 | POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token | WHEP viewers (`whep.py`) |
 | GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`) |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
@@ -36,6 +38,7 @@ from streaming.engine import Engine
 
 from . import (
     avatars,
+    controls_api,
     frames_ws,
     limits,
     metrics,
@@ -209,6 +212,10 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     r.add_post("/v1/sessions", session_api.create_session)
     r.add_get("/v1/sessions/{session_id}", session_api.get_session)
     r.add_delete("/v1/sessions/{session_id}", session_api.delete_session)
+    r.add_patch("/v1/sessions/{session_id}", controls_api.patch_session)
+    r.add_get("/v1/styles", controls_api.list_styles)
+    r.add_post("/v1/motions", controls_api.create_motion)
+    r.add_get("/v1/motions", controls_api.list_motions)
     r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
     r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
     whep_path, viewer_path = "/v1/sessions/{session_id}/whep", "/v1/sessions/{session_id}/whep/{viewer_id}"

@@ -29,6 +29,7 @@ from streaming.device_pool import parse_devices
 from streaming.portrait import DEFAULT_PORTRAIT
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import DEFAULTS, arg_type, field_error
+from vexpress_rt.styles import load_styles
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .security import is_loopback_host
@@ -185,6 +186,7 @@ class ServerConfig:
     # scripts (server/script/): text items are spoken by this command ({text}, {out} placeholders; server/tts.py)
     tts_command: str | None = None
     tts_timeout_s: float = 30.0
+    styles: str | None = None  # JSON {name: {field: value}}: expression styles besides the built-in ones
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -193,6 +195,10 @@ class ServerConfig:
             raise ConfigError(f"--fps {self.fps} must be an integer from 5 to 60 that divides 48000")
         if field_error("steps", self.steps):  # VEXPRESS_STEPS; the flag is checked when parsed (arg_type)
             raise ConfigError(field_error("steps", self.steps))
+        try:
+            load_styles(self.styles)
+        except InputError as exc:
+            raise ConfigError(f"--styles: {exc}") from None
         if self.max_sessions < 1:
             raise ConfigError("--max_sessions must be at least 1")
         if self.width % 8 or self.height % 8 or self.width < 8 or self.height < 8:
@@ -430,6 +436,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("width", "video width (multiple of 8); default 512", type=int)
     opt("height", "video height (multiple of 8); default 512", type=int)
     opt("cache_dir", "keep pre-encoded avatars here across restarts")
+    opt("styles", "JSON file of expression styles {name: {field: value}} added to the built-in ones (docs/controls.md)")
     opt(
         "cache_dir_mb",
         "most MiB of pre-encoded avatars kept in --cache_dir (least recently used go); default 8192",

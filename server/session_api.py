@@ -11,6 +11,7 @@ from aiohttp import web
 
 from streaming.engine import CapacityError
 from streaming.session import SessionConfig
+from vexpress_rt import styles
 from vexpress_rt.params import GenerationParams
 
 from . import lifetime, limits, recording
@@ -27,7 +28,7 @@ from .turn import session_ice_servers
 log = logging.getLogger("server")
 
 PARAM_FIELDS = frozenset(f.name for f in fields(GenerationParams))  # steps, weights, guidance, window, seed...
-SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", *PARAM_FIELDS}
+SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", "style", *PARAM_FIELDS}
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
@@ -55,7 +56,8 @@ def session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sessi
             raise ApiError(400, f"{key} must be an integer")
     if data.get("decoder") is not None and not isinstance(data["decoder"], str):
         raise ApiError(400, "decoder must be a string")
-    params = GenerationParams.from_dict({k: data[k] for k in PARAM_FIELDS & set(data)}, state.default_params())
+    base = styles.apply(state.styles, data.get("style"), state.default_params())  # a style, then the fields given
+    params = GenerationParams.from_dict({k: data[k] for k in PARAM_FIELDS & set(data)}, base)
     config = state.session_config(params=params, decoder=data.get("decoder"), **transport)
     return avatar_id, config
 
@@ -128,7 +130,7 @@ def _session_json(session: ServerSession) -> dict:
         "state": es.state.value,
         "fps": es.config.fps,
         "steps": es.config.params.steps,
-        "params": es.config.params.to_dict(),
+        "params": es.controls.params.to_dict(),  # as last changed (PATCH, control messages)
         "decoder": es.config.decoder,
         "width": es.width,
         "height": es.height,

@@ -1,9 +1,10 @@
 """The voice-bot websocket, `GET /v1/sessions/{id}/ws` (schema: docs/websocket.md).
 
 Client -> server: binary messages are PCM16 little-endian at the session's declared rate and channel count;
-text messages are JSON objects with a `type`: `audio.end`, `interrupt`, `mark` {name}, `ping`, `session.close`.
-Server -> client, JSON: `session.ready`, `playback.started`, `playback.finished`, `mark`, `state`, `buffer`,
-`pong`, `error`. A malformed message gets an `error` event and is ignored: the connection and the session go on.
+text messages are JSON objects with a `type`: `audio.end`, `interrupt`, `mark` {name}, `control` {live fields,
+style}, `ping`, `session.close`. Server -> client, JSON: `session.ready`, `playback.started`, `playback.finished`,
+`mark`, `state`, `buffer`, `control.accepted` {version, params}, `control.applied` {version}, `pong`, `error`.
+A malformed message gets an `error` event and is ignored: the connection and the session go on.
 Messages beyond the connection's rate (`--max_ws_messages_per_s`, server/limits.py) are dropped with an `error`
 event `rate_limited`; a client that keeps flooding is disconnected (1008).
 
@@ -25,6 +26,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
 
+from .controls_api import apply_control
 from .limits import Verdict
 from .sockets import MessageLimit, SessionSockets, Tracked, event_message
 from .state import server_state, session_for
@@ -197,12 +199,19 @@ class BotConnection:
                 if "id" in message:
                     pong["id"] = message["id"]
                 self.send(pong)
+            elif kind == "control":
+                fields = {k: v for k, v in message.items() if k not in ("type", "id")}
+                reply = {"type": "control.accepted", **apply_control(server_state(self.request), es, fields)}
+                if "id" in message:
+                    reply["id"] = message["id"]
+                self.send(reply)
             elif kind == "session.close":
                 await server_state(self.request).sessions.close(self.session.id, "closed by the bot (session.close)")
             else:
                 self.error(
                     "unknown_type",
-                    f"unknown message type {kind!r}; expected audio.end, interrupt, mark, ping or session.close",
+                    f"unknown message type {kind!r}; expected audio.end, interrupt, mark, control, ping or "
+                    "session.close",
                 )
         except InputError as exc:
             self.error("invalid_message", str(exc))

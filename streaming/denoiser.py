@@ -28,6 +28,7 @@ from vexpress_rt.loader import VExpressModels, make_scheduler
 from vexpress_rt.params import DEFAULTS, GenerationParams, window_frames
 
 from .avatar import PreEncodedAvatar
+from .controls import POSE, constant_rows
 from .device import noise_generator
 from .unet_runner import CaptureBackend, EagerUNet, GraphedUNet
 
@@ -105,6 +106,10 @@ class StreamState:
     queue: torch.Tensor | None = None  # staggered: (4, (S-1)*N, h, w) latents at S-1 levels, oldest first
     queue_tokens: torch.Tensor | None = None
     queue_payloads: list[Any] = field(default_factory=list)  # one per queued frame; None = filler
+    # The UNet's per-frame inputs (weights, pose features; frame first) of the context and queued frames; None:
+    # those of the next job's first frame (a fresh stream, or one continuing from other frames).
+    context_rows: dict[str, torch.Tensor] | None = None
+    queue_rows: dict[str, torch.Tensor] | None = None
 
     @property
     def real_frames_queued(self) -> int:
@@ -117,8 +122,14 @@ class ChunkJob:
     avatar: PreEncodedAvatar
     tokens: torch.Tensor  # (N, n, d) audio tokens of the N new frames
     payloads: list[Any]  # one per new frame (None: filler, dropped on the way out)
-    params: GenerationParams = DEFAULTS  # its session's: the attention weights and guidance scale of its row
-    meta: dict = field(default_factory=dict)  # timings for the latency figures
+    params: GenerationParams = DEFAULTS  # its session's: the guidance scale of its row (and its weights if no rows)
+    meta: dict[str, float] = field(default_factory=dict)  # timings for the latency figures
+    # The UNet's per-frame inputs of the N new frames (streaming/controls.py: weights, pose features); None:
+    # `params`' weights and the avatar's fix_face pose on every frame.
+    rows: dict[str, torch.Tensor] | None = None
+
+    def new_rows(self, frames: int) -> dict[str, torch.Tensor]:
+        return self.rows if self.rows is not None else constant_rows(self.params, self.avatar.kps_feature, frames)
 
 
 class StreamDenoiser:
@@ -165,6 +176,7 @@ class StreamDenoiser:
         c = self.settings.context_frames
         state.context = latents[:, -c:].to(self.models.dtype) if c else latents[:, :0]
         state.context_tokens = tokens[-c:] if c else tokens[:0]
+        state.context_rows = None  # the next job's first frame's
 
     # -- one call: N frames in, N frames out --------------------------------------------------------------
     @torch.no_grad()
@@ -183,23 +195,25 @@ class StreamDenoiser:
         """Noise drawn on the model's device, in float32 then cast (the CPU figures stay those of before)."""
         return torch.randn(shape, generator=generator, device=self.device).to(self.models.dtype)
 
-    def _run_chunked(self, jobs):
+    def _run_chunked(self, jobs: list[ChunkJob]) -> list[list[tuple[Any, torch.Tensor]]]:
         s, sched = self.settings, self.schedule
         n, c = s.new_frames, s.context_frames
         x = torch.stack([self._noise(j.state, n, j.state.context) for j in jobs])  # (B, 4, N, h, w)
         ctx_noise = torch.stack([self._noise(j.state, c, j.state.context) for j in jobs])
         context = torch.stack([j.state.context for j in jobs])
         tokens = torch.cat([torch.cat([j.state.context_tokens, j.tokens]) for j in jobs])
+        rows = [_window_rows(j.state.context_rows, j.new_rows(n), c) for j in jobs]
         for k, t in enumerate(sched.timesteps):
             a, ap = sched.alpha[k], sched.alpha_prev[k]
             window = torch.cat([add_noise(context, ctx_noise, a), x], dim=2)
-            v = self._unet(window, t, tokens, jobs)
+            v = self._unet(window, t, tokens, jobs, rows)
             x = ddim_step(x, v[:, :, c:], a, ap)
         results = []
         for b, job in enumerate(jobs):
             made = torch.cat([job.state.context, x[b]], dim=1)
             job.state.context = made[:, made.shape[1] - c :] if c else made[:, :0]
             job.state.context_tokens = torch.cat([job.state.context_tokens, job.tokens])[-c:] if c else job.tokens[:0]
+            job.state.context_rows = {name: r[r.shape[0] - c :] for name, r in rows[b].items()}
             results.append([(p, x[b, :, f]) for f, p in enumerate(job.payloads) if p is not None])
         return results
 
@@ -211,16 +225,19 @@ class StreamDenoiser:
         idx = torch.tensor([s.steps - 1 - g + shift for g in range(s.steps)], device=alphas.device)
         return alphas[idx].repeat_interleave(s.new_frames)
 
-    def _run_staggered(self, jobs):
+    def _run_staggered(self, jobs: list[ChunkJob]) -> list[list[tuple[Any, torch.Tensor]]]:
         """Between calls a stream holds S-1 groups; the call appends the new group (pure noise), steps every
         group once at its own timestep, and the oldest group leaves clean."""
         s = self.settings
         n = s.new_frames
         frame_t = self._frame_t.repeat(len(jobs))
         a, ap = self._levels_in, self._levels_out
-        x = torch.stack([torch.cat([j.state.queue, self._noise(j.state, n, j.state.queue)], dim=1) for j in jobs])
-        tokens = [torch.cat([j.state.queue_tokens, j.tokens]) for j in jobs]
-        x = ddim_step(x, self._unet(x, frame_t, torch.cat(tokens), jobs), a, ap)
+        queues = [_queue(j.state) for j in jobs]
+        x = torch.stack([torch.cat([q, self._noise(j.state, n, q)], dim=1) for j, (q, _) in zip(jobs, queues)])
+        tokens = [torch.cat([q_tokens, j.tokens]) for j, (_, q_tokens) in zip(jobs, queues)]
+        held = s.window_frames - n
+        rows = [_window_rows(j.state.queue_rows, j.new_rows(n), held) for j in jobs]
+        x = ddim_step(x, self._unet(x, frame_t, torch.cat(tokens), jobs, rows), a, ap)
         results = []
         for b, job in enumerate(jobs):
             state = job.state
@@ -229,35 +246,52 @@ class StreamDenoiser:
             if s.context_frames:
                 state.context = torch.cat([state.context, x[b, :, :n]], dim=1)[:, -s.context_frames :]
             state.queue, state.queue_tokens, state.queue_payloads = x[b, :, n:], tokens[b][n:], payloads[n:]
+            state.queue_rows = {name: r[n:] for name, r in rows[b].items()}
         return results
 
-    def _per_row(self, values: list[float]) -> torch.Tensor:
-        """One float32 value per row of the batch, on the device (float32: a product with it rounds as the
-        product with a Python float did)."""
-        return torch.tensor(values, dtype=torch.float32, device=self.device)
-
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, jobs: list[ChunkJob]) -> torch.Tensor:
-        """One UNet call over the batch of windows x (B, 4, T, h, w), each row with its job's attention weights;
-        guidance doubles the batch and mixes each job's two rows with its own scale."""
+    def _unet(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        tokens: torch.Tensor,
+        jobs: list[ChunkJob],
+        rows: list[dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """One UNet call over the batch of windows x (B, 4, T, h, w), each row with its job's per-frame inputs
+        `rows` (T frames each: weights, pose); guidance doubles the batch and mixes each job's two rows with its
+        own scale."""
         s, device, dtype = self.settings, self.models.device, self.models.dtype
-        refs: list = [j.avatar for j in jobs]
-        rows = jobs + jobs if s.cfg else jobs  # the unconditional rows keep their job's weights
+        refs: list[PreEncodedAvatar | None] = [j.avatar for j in jobs]
         x, tokens, t = x.to(device, dtype), tokens.to(device, dtype), t.to(device)
-        if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and kps together
-            refs = [None] * len(jobs) + refs
+        batch = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}  # (B, T, ...)
+        batch[POSE] = batch[POSE].to(dtype).transpose(1, 2)  # (B, C0, T, h, w), frame-major: the UNet's view
+        if s.cfg:  # [uncond, cond]: the unconditional branch drops reference, audio and pose together
+            unconditional: list[PreEncodedAvatar | None] = [None] * len(jobs)
+            refs = unconditional + refs
             tokens = torch.cat([torch.zeros_like(tokens), tokens])
             x = x.repeat(2, 1, 1, 1, 1)
             t = t.repeat(2) if t.ndim else t
-        v = self.unet(
-            x,
-            t,
-            tokens,
-            refs,
-            reference_attention_weight=self._per_row([j.params.reference_attention_weight for j in rows]),
-            audio_attention_weight=self._per_row([j.params.audio_attention_weight for j in rows]),
-        )
+            # the unconditional rows keep their job's weights
+            batch = {name: torch.cat([torch.zeros_like(v) if name == POSE else v, v]) for name, v in batch.items()}
+        v = self.unet(x, t, tokens, refs, **batch)
         if s.cfg:
             v_uncond, v_cond = v.chunk(2)
-            scale = self._per_row([j.params.guidance_scale for j in jobs]).reshape(-1, 1, 1, 1, 1)
-            v = v_uncond + (scale * (v_cond - v_uncond).float()).to(v.dtype)
+            scale = torch.tensor([j.params.guidance_scale for j in jobs], dtype=torch.float32, device=device)
+            v = v_uncond + (scale.reshape(-1, 1, 1, 1, 1) * (v_cond - v_uncond).float()).to(v.dtype)
         return v
+
+
+def _queue(state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+    """A staggered stream's queued latents and tokens (made with the stream: `new_state`)."""
+    assert state.queue is not None and state.queue_tokens is not None, "not a staggered stream"
+    return state.queue, state.queue_tokens
+
+
+def _window_rows(
+    held: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
+    """A window's per-frame inputs: the `count` frames held (context or queue; None: the first new frame's,
+    repeated) then the new frames'."""
+    if held is None:
+        held = {name: r[:1].expand(count, *r.shape[1:]) for name, r in new.items()}
+    return {name: torch.cat([held[name], new[name]]) for name in new}

@@ -208,6 +208,13 @@ class DevicePool:
     def remove_avatar(self, avatar_id: str) -> bool:
         return any([engine.remove_avatar(avatar_id) for engine in self.engines])  # a list: every device forgets
 
+    def add_motion(self, sequence: np.ndarray) -> str:
+        """Every device keeps the motion (a session may be placed on any); the same id on each."""
+        return [engine.add_motion(sequence) for engine in self.engines][0]
+
+    def motions(self) -> list[dict[str, Any]]:
+        return self.engines[0].motions()
+
     # -- health and placement ---------------------------------------------------------------------------------------
     @staticmethod
     def healthy(engine: Engine) -> bool:

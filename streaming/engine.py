@@ -26,6 +26,7 @@ from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .device import synchronize, to_host
 from .portrait import prepare_portrait
+from .pose import PoseFeatures
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
 from .unet_runner import CaptureBackend, CudaGraphBackend, RerunBackend, bucket_for
@@ -34,6 +35,8 @@ from .worker import ModelWorker
 log = logging.getLogger(__name__)
 
 MAX_DENOISERS = 16  # cached denoisers (one per distinct settings); beyond, those no session uses are dropped
+MAX_MOTIONS = 64  # uploaded key-point sequences kept (the oldest go first)
+MAX_MOTION_FRAMES = 9000  # 5 minutes at 30 fps
 
 
 def _capture_backend(device: torch.device, graphs: bool | None) -> CaptureBackend | None:
@@ -120,6 +123,8 @@ class Engine:
         self._sessions: dict[str, StreamSession] = {}
         self._denoisers: dict[DenoiserSettings, StreamDenoiser] = {}
         self._silence: dict[int, torch.Tensor] = {}
+        self._motions: dict[str, np.ndarray] = {}  # uploaded key-point sequences by id (add_motion)
+        self.poses = PoseFeatures(models)  # per-frame pose features of the sessions' motions
         # device time per stage: nothing measured unless the benchmark installs a StageTimer
         self.stages: NoStageTimer | StageTimer = NoStageTimer()
         self._graphs = _capture_backend(models.device, self.config.graphs)
@@ -265,6 +270,31 @@ class Engine:
             call_ms,
         )
         return self.warmup
+
+    # -- motions ------------------------------------------------------------------------------------------------
+    def add_motion(self, sequence: np.ndarray) -> str:
+        """Keep a driving key-point sequence (N, 3, 2) pixels (`extract-kps` output); its id names it as a session's
+        `motion`. The same sequence gets the same id."""
+        seq = np.ascontiguousarray(sequence, dtype=np.float32)
+        if seq.ndim != 3 or seq.shape[1:] != (3, 2) or not 1 <= len(seq) <= MAX_MOTION_FRAMES:
+            raise InputError(f"a motion is 1 to {MAX_MOTION_FRAMES} frames of 3 (x, y) key points, got {seq.shape}")
+        if not np.isfinite(seq).all():
+            raise InputError("a motion's key points must be finite")
+        motion_id = "m" + hashlib.sha256(seq.tobytes()).hexdigest()[:15]
+        with self._lock:
+            self._motions.pop(motion_id, None)
+            self._motions[motion_id] = seq
+            while len(self._motions) > MAX_MOTIONS:
+                del self._motions[next(iter(self._motions))]
+        return motion_id
+
+    def motion(self, motion_id: str) -> np.ndarray:
+        """An uploaded motion's key points (KeyError: unknown)."""
+        return self._motions[motion_id]
+
+    def motions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"id": k, "frames": len(v)} for k, v in self._motions.items()]
 
     # -- sessions ---------------------------------------------------------------------------------------------
     def can_admit(self, config: SessionConfig | None = None) -> bool:

@@ -32,6 +32,7 @@ from vexpress_rt.params import DEFAULTS, GenerationParams
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
 from .blink import SessionBlinker
+from .controls import ControlChange, FrameControl, LiveControls, frame_rows
 from .decoder import DECODERS
 from .denoiser import ChunkJob, DenoiserSettings, StreamState
 from .frames import AVFrame, Event
@@ -106,6 +107,8 @@ class FramePayload:
     audio: np.ndarray  # int16 (spf,)
     audio_time: float  # when the last audio sample of this frame was pushed
     epoch: int
+    kps: np.ndarray | None = None  # (3, 2) float32 pixels: the V-Kps points (pose) it is generated with
+    control_version: int = 0  # the last live control change it was made with (LiveControls)
 
 
 @dataclass
@@ -167,12 +170,14 @@ class StreamSession:
         self._idle_pos = 0
         self._idle_dir = 1
         self._last_image: np.ndarray | None = None
+        self._last_kps: np.ndarray | None = None  # the pose points of the last speech frame shown (for the lids)
         self._last_latent: torch.Tensor | None = None
         self._last_idle_pos = 0
         self._blend: tuple[np.ndarray, int] | None = None
         self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
         self._silence = np.zeros(self.samples_per_frame, np.int16)
-        self.blink = SessionBlinker(config.fps, config.params.seed)  # eyelids over every frame; blink.set_rate(bpm)
+        # eyelids drawn over every frame shown (speech and idle), at the controls' blink rate
+        self.blink = SessionBlinker(config.fps, config.params.seed, config.params.blinks_per_minute)
         # figures
         self.frames_out = 0
         self.speech_frames_out = 0
@@ -182,6 +187,10 @@ class StreamSession:
         self.latency_count = 0  # frames whose latency was recorded (latencies_ms keeps the last 2000)
         self.last_input = now()  # when audio or a control call last came in (the server's idle timeout)
         self.closed = False
+        # Live controls: weights, pose, blink rate; changed by `change_controls`, read per generated frame.
+        self.controls = LiveControls(config.params, avatar.encoded.reference_kps, config.fps, engine.motion)
+        self._shown_version = 0  # the control change of the frame on screen
+        self._acked_version = 0  # the last change acknowledged (control.applied)
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -259,6 +268,17 @@ class StreamSession:
         from what the resampler has let out yet (that lags by its filter delay, which would fire marks early)."""
         return -(-utt.in_samples * self.config.output_sample_rate // utt.audio.sample_rate)
 
+    def change_controls(self, changes: dict) -> ControlChange:
+        """Change live controls (strength, pose source and amplitude, blink rate, ...) from the next frame made,
+        ramped; an Event("control.applied", {"version"}) marks the first frame shown with it. Raises InputError
+        for a bad or non-live field (nothing changes then)."""
+        self._check_open()
+        self.last_input = self._now()
+        change = self.controls.change(changes)
+        self.blink.set_rate(self.controls.params.blinks_per_minute)  # drawn at output: from the next frame shown
+        self.engine.wake()
+        return change
+
     def interrupt(self) -> None:
         """Flush every stage: pushed audio, tokens, frames in flight and queued. The next frame is idle."""
         events = []
@@ -300,7 +320,14 @@ class StreamSession:
             index = self._next_index
             self._next_index += 1
             frame = self._speech_frame(index, now, events) or self._idle_frame(index, events)
-            frame.image = self.blink.apply(index, frame.image, self.avatar.encoded.reference_kps)
+            # The lids follow the head: a speech frame's own pose points, the portrait's on idle frames.
+            eyes = self.avatar.encoded.reference_kps
+            if frame.speaking and self._last_kps is not None:
+                eyes = self._last_kps
+            frame.image = self.blink.apply(index, frame.image, eyes)
+            if self._shown_version > self._acked_version:
+                self._acked_version = self._shown_version
+                events.append(Event("control.applied", {"version": self._shown_version}, index))
             if self._pending_marks:
                 events += [Event("mark", {"name": n}, index) for n in self._pending_marks]
                 self._pending_marks.clear()
@@ -414,11 +441,13 @@ class StreamSession:
             count = min(n, available)
             if (utt.frames_submitted + count) * spf > utt.out_total:
                 return None  # the output-rate audio lags the model-rate audio by the resampler's delay
+            controls = self.controls.next_frames(n)
             payloads = []
-            for _ in range(count):
+            for control in controls[:count]:
                 k = utt.frames_submitted
                 audio = utt.out_audio.take(spf)
-                payloads.append(FramePayload(utt.id, k, audio, self._arrival(utt, (k + 1) * spf), epoch))
+                arrival = self._arrival(utt, (k + 1) * spf)
+                payloads.append(FramePayload(utt.id, k, audio, arrival, epoch, control.kps, control.version))
                 utt.frames_submitted += 1
             chunk_tokens = torch.stack(utt.tokens[:count])
             del utt.tokens[:count]
@@ -428,7 +457,12 @@ class StreamSession:
                 payloads += [None] * (n - count)
             trigger = utt.arrivals[-1][1] if utt.arrivals else self._now()
             meta = {"trigger": trigger}
-            return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, self.config.params, meta)
+        rows = self._rows(controls)  # the guider runs outside the lock
+        return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, self.controls.params, meta, rows)
+
+    def _rows(self, controls: list[FrameControl]) -> dict[str, torch.Tensor]:
+        pose = self.engine.poses.features([c.kps for c in controls], self.width, self.height)
+        return frame_rows([c.weights for c in controls], pose)
 
     def _flush_job(self) -> ChunkJob | None:
         """Staggered windows hold frames back; with no audio left, push silent fillers until they are out."""
@@ -437,7 +471,8 @@ class StreamSession:
             return None
         n = self.denoiser_settings.new_frames
         silence = self.engine.silence_tokens(self)[None].expand(n, -1, -1)
-        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n, self.config.params)
+        rows = self._rows(self.controls.next_frames(n))
+        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n, self.controls.params, rows=rows)
 
     def _arrival(self, utt: Utterance, sample_end: int) -> float:
         while len(utt.arrivals) > 1 and utt.arrivals[1][0] < sample_end:
@@ -451,6 +486,7 @@ class StreamSession:
         """A new utterance continues from what is on screen: the idle frames around the current position."""
         if self._last_latent is not None and self._state == SessionState.SPEAKING:
             return  # back-to-back speech: the stream's own context is already the frames on screen
+        self.controls.start_speech()  # from the idle clip's pose into the motion
         idle = self.avatar.idle_latents
         c = self.denoiser_settings.context_frames
         if c == 0:
@@ -509,6 +545,8 @@ class StreamSession:
             )
         sf = self._ready.popleft()
         self._last_image, self._last_latent, self._last_idle_pos = sf.image, sf.latent, sf.idle_pos
+        self._last_kps = sf.payload.kps
+        self._shown_version = max(self._shown_version, sf.payload.control_version)
         utt.frames_played += 1
         self.speech_frames_out += 1
         played = utt.frames_played * self.samples_per_frame
@@ -554,6 +592,7 @@ class StreamSession:
     def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
         image = self.avatar.idle_frames[self.config.decoder][self._idle_index(self._idle_pos)]
         self._idle_pos += 1
+        self._shown_version = self.controls.version  # idle frames are made now, with the controls of now
         if self._blend is not None:
             last, k = self._blend
             w = 1.0 - (k + 1) / (self.config.blend_frames + 1)

@@ -16,11 +16,16 @@ from vexpress_rt.params import GenerationParams
 H, W, T = 8, 16, 4  # latent size of a 128x64 frame, window frames
 
 
-def _weights(n: int) -> dict[str, torch.Tensor]:
-    """A different pair of attention weights per row (sessions of different strengths batched together)."""
+def _weights(refs) -> dict[str, torch.Tensor]:
+    """A different pair of attention weights per row (sessions of different strengths batched together), and each
+    row's pose features (its avatar's, zero for guidance's unconditional row): the runner's per-row inputs."""
+    n = len(refs)
+    like = next(r for r in refs if r is not None).kps_feature
+    kps = [(r.kps_feature if r is not None else torch.zeros_like(like)).expand(-1, -1, T, -1, -1) for r in refs]
     return {
         "reference_attention_weight": torch.linspace(0.95, 0.5, n),
         "audio_attention_weight": torch.linspace(3.0, 1.0, n),
+        "kps_features": torch.cat(kps),
     }
 
 
@@ -60,10 +65,11 @@ def _eager_rows(models, x, t, tokens, refs):
         torch.zeros_like(like.kps_feature),
     )
     rows = []
-    weights = _weights(len(refs))
+    weights = _weights(refs)
     for i, ref in enumerate(refs):
         ti = t[i * T : (i + 1) * T] if t.ndim else t
-        row = {name: w[i].item() for name, w in weights.items()}  # a plain float, as the offline pipeline passes
+        row = {name: w[i].item() for name, w in weights.items() if w.ndim == 1}  # floats, as offline passes them
+        row["kps_features"] = (ref or zero).kps_feature.expand(-1, -1, T, -1, -1)
         row_tokens = tokens[i * T : (i + 1) * T]
         rows.append(EagerUNet(models.denoising_unet)(x[i : i + 1], ti, row_tokens, [ref or zero], **row))
     return torch.cat(rows)
@@ -81,7 +87,7 @@ def test_a_padded_bucket_replay_equals_the_unpadded_eager_rows(tiny_models, avat
         x, t, tokens = _inputs(tiny_models, 3, seed=1, per_frame=per_frame)
         refs = [a, b, a]  # 3 rows padded to the bucket of 4
         expected = _eager_rows(tiny_models, x, t, tokens, refs)
-        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
+        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(refs)), expected)
     assert graphed.graphs == 2 and graphed.backend.captures == 2
 
 
@@ -95,7 +101,7 @@ def test_replays_follow_the_references_when_sessions_change(tiny_models, avatars
     for step, refs in enumerate([[a, b], [a, b], [b, a], [c], [None, c]]):  # [None, c]: guidance's zero row
         x, t, tokens = _inputs(tiny_models, len(refs), seed=10 + step)
         expected = _eager_rows(tiny_models, x, t, tokens, refs)
-        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
+        torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(refs)), expected)
         copies.append(graphed.slot_copies)
     assert copies == [2, 2, 4, 5, 7]  # a repeated batch copies nothing; only rows whose avatar changed are copied
     assert graphed.graphs == 2  # bucket 2 and bucket 1, each captured once and replayed since
@@ -107,7 +113,7 @@ def test_a_batch_beyond_the_largest_bucket_runs_eagerly(tiny_models, avatars):
     refs = [avatars[0], avatars[1], avatars[2]]
     x, t, tokens = _inputs(tiny_models, 3, seed=3)
     expected = _eager_rows(tiny_models, x, t, tokens, refs)
-    torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(len(refs))), expected)
+    torch.testing.assert_close(graphed(x, t, tokens, refs, **_weights(refs)), expected)
     assert graphed.graphs == 0
 
 
@@ -115,14 +121,13 @@ def test_a_batch_beyond_the_largest_bucket_runs_eagerly(tiny_models, avatars):
 def test_the_eager_runner_assembles_a_batch_composition_once(tiny_models, avatars):
     a, b, _ = avatars
     eager = EagerUNet(tiny_models.denoising_unet)
-    kv, _ = eager.reference([a, a, a], T)
+    kv = eager.reference([a, a, a])
     assert kv is a.reference_kv  # one avatar for the whole batch: its K/V serve every row, no copy
     for _ in range(3):
-        eager.reference([None, None, a, a], T)  # guidance: zero rows then the avatar's
+        eager.reference([None, None, a, a])  # guidance: zero rows then the avatar's
     assert eager.compositions_built == 2
-    kv, kps = eager.reference([a, b], T)
-    assert next(iter(kv.values()))[0].shape[0] == 2 and kps.shape[:3] == (2, kps.shape[1], T)
-    assert kps.transpose(1, 2).is_contiguous()  # the UNet's frame-major reshape is a view, not a copy per call
+    kv = eager.reference([a, b])
+    assert next(iter(kv.values()))[0].shape[0] == 2
 
 
 @pytest.mark.parametrize("strategy", ["staggered", "chunked"])

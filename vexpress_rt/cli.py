@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import InputError, VExpressError
 from .kps import RETARGET_STRATEGIES
-from .params import DEFAULTS, MAX_WINDOW, arg_type
+from .motion import motion_sequence
+from .params import DEFAULTS, FIX_FACE, MAX_WINDOW, PROCEDURAL_MOTIONS, arg_type
 from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
 
 log = logging.getLogger("vexpress_rt")
@@ -72,6 +73,13 @@ def _add_generate(sub) -> None:
     # original's (25, 3.5, 42) where the few-step streaming defaults differ.
     for name in ("reference_attention_weight", "audio_attention_weight"):
         p.add_argument(f"--{name}", type=arg_type(name), default=getattr(DEFAULTS, name))
+    p.add_argument(
+        "--motion",
+        default=None,
+        choices=(FIX_FACE, *PROCEDURAL_MOTIONS),
+        help="drive the head with a built-in motion (docs/controls.md) instead of --retarget_strategy/--kps_path",
+    )
+    p.add_argument("--motion_amplitude", type=arg_type("motion_amplitude"), default=DEFAULTS.motion_amplitude)
     p.add_argument(
         "--reference_kps_path",
         default=None,
@@ -181,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _zero_stage_1(models.denoising_unet)
 
     reference_kps = _reference_kps(args, paths, device)
-    driving_kps = _driving_kps(args)
+    retarget_strategy, driving_kps = args.retarget_strategy, None if args.motion else _driving_kps(args)
     image = load_reference_image(args.reference_image_path, args.image_width, args.image_height)
     audio = load_audio(args.audio_path)
     waveform = to_mono_16k(audio)
@@ -199,7 +207,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_pad_audio_frames=args.num_pad_audio_frames,
     )
     # Too-short audio is refused before the progress bar starts, so the error is not glued onto the bar.
-    video_length_for(len(waveform), args.fps, args.context_frames, args.context_overlap)
+    length = video_length_for(len(waveform), args.fps, args.context_frames, args.context_overlap)
+    if args.motion:  # the motion's absolute key points for every frame, drawn as they are
+        driving_kps = motion_sequence(
+            args.motion, reference_kps, length.frames, args.fps, args.motion_amplitude, args.seed
+        )
+        retarget_strategy = "no_retarget"
     with tqdm(total=args.num_inference_steps, desc="Denoising", unit="step") as progress:
         result = generate(
             models,
@@ -207,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image,
             reference_kps,
             waveform,
-            args.retarget_strategy,
+            retarget_strategy,
             driving_kps,
             on_step=lambda step, latents: progress.update(1),
             save_gpu_memory=args.save_gpu_memory,

@@ -32,7 +32,7 @@ SCHEDULER_KWARGS = dict(
 )
 
 
-def make_scheduler():
+def make_scheduler() -> Any:  # a diffusers DDIMScheduler (diffusers is untyped)
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(**SCHEDULER_KWARGS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -24,6 +25,11 @@ from .errors import InputError
 
 STRATEGIES = ("chunked", "staggered")  # how the streaming window slides (streaming/denoiser.py)
 MAX_WINDOW = 32  # frames in one UNet window: the motion modules' positional table
+FIX_FACE = "fix_face"  # the pose source that pins the head to the portrait's key points
+PROCEDURAL_MOTIONS = ("still", "subtle", "nod", "sway", "lively")  # vexpress_rt/motion.py
+# How a key-point sequence is fitted to the portrait (vexpress_rt/kps.py: the original's strategies).
+RETARGETS = ("fix_face", "offset_retarget", "naive_retarget", "no_retarget")
+MOTION_ID = re.compile(r"m[0-9a-f]{15}")  # an uploaded key-point sequence (POST /v1/motions)
 
 # field -> (kind, low, high); kind: "int", "number" or a tuple of choices. One table: validate() and /v1/info.
 LIMITS: dict[str, tuple] = {
@@ -35,6 +41,10 @@ LIMITS: dict[str, tuple] = {
     "new_frames": ("int", 1, MAX_WINDOW),
     "context_frames": ("int", 0, MAX_WINDOW - 1),
     "seed": ("int", 0, 2**63 - 1),
+    "motion": ("motion", None, None),
+    "motion_amplitude": ("number", 0.0, 3.0),
+    "retarget_strategy": (RETARGETS, None, None),
+    "blinks_per_minute": ("number", 0.0, 60.0),
 }
 NOTES = {
     "guidance_scale": " (1 = off)",
@@ -47,6 +57,10 @@ def field_error(name: str, value: object) -> str | None:
     finite, each field has its range."""
     kind, low, high = LIMITS[name]
     note = NOTES.get(name, "")
+    if kind == "motion":
+        ok = isinstance(value, str) and (value in (FIX_FACE, *PROCEDURAL_MOTIONS) or MOTION_ID.fullmatch(value))
+        choices = ", ".join((FIX_FACE, *PROCEDURAL_MOTIONS))
+        return None if ok else f"{name} must be one of {choices} or an uploaded motion's id, got {_shown(value)}"
     if isinstance(kind, tuple):
         if value not in kind or not isinstance(value, str):
             return f"{name} must be one of {', '.join(kind)}, got {_shown(value)}"
@@ -85,6 +99,10 @@ class GenerationParams:
     new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
     context_frames: int = 4  # chunked: frames already made that each window sees again
     seed: int = 0  # a session's noise: its frames are a function of avatar, audio, params and seed
+    motion: str = FIX_FACE  # the head's pose source: fix_face, a procedural motion, or an uploaded motion's id
+    motion_amplitude: float = 1.0  # scales the motion about its first pose (0: held there; 1: as made)
+    retarget_strategy: str = "offset_retarget"  # how an uploaded key-point sequence is fitted to the portrait
+    blinks_per_minute: float = 15.0  # eye blinks added to the frames (streaming/blink.py); 0: none
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,7 +147,9 @@ class GenerationParams:
         out = {}
         for name, (kind, low, high) in LIMITS.items():
             entry: dict = {"default": getattr(default, name)}
-            if isinstance(kind, tuple):
+            if kind == "motion":
+                entry["choices"] = [FIX_FACE, *PROCEDURAL_MOTIONS]  # and the ids of uploaded motions
+            elif isinstance(kind, tuple):
                 entry["choices"] = list(kind)
             else:
                 entry.update(type="integer" if kind == "int" else "number", min=low, max=high)

@@ -37,6 +37,7 @@
     start: $("start"), interrupt: $("interrupt"), stop: $("stop"), mic: $("mic-level"),
     sFps: $("s-fps"), sRes: $("s-res"), sLat: $("s-lat"), sAv: $("s-av"), sRtt: $("s-rtt"),
     sLevel: $("s-level"), sLost: $("s-lost"), sRoute: $("s-route"),
+    style: $("style"), live: [$("c-strength"), $("c-motion"), $("c-amplitude"), $("c-blinks")],
   };
 
   const st = {
@@ -130,10 +131,77 @@
     }
   }
 
+  // ---------- live controls (docs/controls.md) ----------
+  // Sliders and pickers take their ranges, defaults and choices from /v1/info; a change while live is sent at once
+  // (PATCH /v1/sessions/{id}), and before a session it goes into the session's request.
+  function setupLiveControls(generation) {
+    for (const input of ui.live) {
+      const lim = generation && generation[input.dataset.field];
+      if (!lim) continue;
+      if (input.tagName === "SELECT") {
+        if (!input.options.length) for (const c of lim.choices || []) input.add(new Option(c, c));
+      } else {
+        input.min = String(lim.min);
+        input.max = String(input.dataset.field === "audio_attention_weight" ? Math.min(lim.max, 6) : lim.max);
+      }
+      input.value = String(lim.default);
+      showValue(input);
+    }
+  }
+
+  function showValue(input) {
+    const out = $(`${input.id}-v`);
+    if (out) out.textContent = input.value;
+  }
+
+  function liveFields() {
+    const fields = {};
+    for (const input of ui.live) {
+      if (!input.value) continue;
+      fields[input.dataset.field] = input.tagName === "SELECT" ? input.value : Number(input.value);
+    }
+    return fields;
+  }
+
+  async function sendControls(fields) {
+    if (!st.session || st.state === "idle") return;
+    try {
+      const reply = await api("PATCH", st.session.url || `/v1/sessions/${st.session.id}`, {
+        json: fields, token: st.session.token,
+      });
+      setStatus(`Controls changed (version ${reply.version}).`);
+    } catch (err) {
+      setStatus(`Control change refused: ${err.message}`);
+    }
+  }
+
+  async function loadStyles() {
+    try {
+      const { styles } = await api("GET", "/v1/styles");
+      for (const name of Object.keys(styles || {})) {
+        if (![...ui.style.options].some((o) => o.value === name)) ui.style.add(new Option(name, name));
+      }
+      st.styles = styles || {};
+    } catch (err) {
+      console.warn(`could not read /v1/styles: ${err.message}`);
+    }
+  }
+
+  function pickStyle() {
+    const fields = (st.styles || {})[ui.style.value];
+    if (!fields) return;
+    for (const input of ui.live) {
+      if (input.dataset.field in fields) { input.value = String(fields[input.dataset.field]); showValue(input); }
+    }
+    sendControls({ style: ui.style.value });
+  }
+
   async function loadInfo() {
     try {
       st.info = await api("GET", "/v1/info");
       applyLimits(st.info && st.info.generation);
+      setupLiveControls(st.info && st.info.generation);
+      await loadStyles();
       const avatars = st.info && st.info.avatars;
       if (Array.isArray(avatars)) {
         for (const a of avatars) {
@@ -213,6 +281,8 @@
       if (ui.select.value) req.avatar_id = ui.select.value;
       if (ui.fps.value) req.fps = Number(ui.fps.value);
       if (ui.steps.value) req.steps = Number(ui.steps.value);
+      Object.assign(req, liveFields());
+      if (ui.style.value) req.style = ui.style.value;
       if (ui.strength && ui.strength.value) req.audio_attention_weight = Number(ui.strength.value);
       st.session = await api("POST", "/v1/sessions", { json: req });
       if (st.state !== "starting") return; // stopped meanwhile
@@ -411,6 +481,11 @@
     loadInfo();
   });
   ui.file.addEventListener("change", uploadAvatar);
+  ui.style.addEventListener("change", pickStyle);
+  for (const input of ui.live) {
+    input.addEventListener("input", () => showValue(input));
+    input.addEventListener("change", () => sendControls({ [input.dataset.field]: liveFields()[input.dataset.field] }));
+  }
   ui.start.addEventListener("click", start);
   ui.interrupt.addEventListener("click", interrupt);
   ui.stop.addEventListener("click", stop);

@@ -33,6 +33,10 @@ class SessionOptions:
     guidance_scale: float | None = None
     reference_attention_weight: float | None = None
     audio_attention_weight: float | None = None
+    style: str | None = None  # docs/controls.md: an expression style, then the fields here over it
+    motion: str | None = None
+    motion_amplitude: float | None = None
+    blinks_per_minute: float | None = None
     decoder: str | None = None
     sample_rate: int = 16000
     channels: int = 1
@@ -154,6 +158,11 @@ class AvatarSession:
 
     async def mark(self, name: str) -> None:
         await self._send_json({"type": "mark", "name": name})
+
+    async def control(self, **fields: object) -> None:
+        """Change live controls (strength, style, motion, blink rate; docs/controls.md): `control.accepted` and then
+        `control.applied` (the frame it took effect on) come through `events()`."""
+        await self._send_json({"type": "control", **fields})
 
     async def _send_json(self, message: dict) -> None:
         await self._send(lambda ws: ws.send_str(json.dumps(message)))

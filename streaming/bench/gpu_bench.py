@@ -326,7 +326,8 @@ def component_timings(
             t = schedule.timesteps.repeat_interleave(new_frames).repeat(batch)
             z = torch.randn(batch * new_frames, 4, h, w, device=device, dtype=dtype)
             refs = [avatar] * batch
-            weights = {
+            weights = {  # the runners' named per-row inputs (streaming/controls.py)
+                "kps_features": avatar.kps_feature.expand(batch, -1, frames, -1, -1),
                 "reference_attention_weight": torch.full((batch,), 0.95, device=device),
                 "audio_attention_weight": torch.full((batch,), 3.0, device=device),
             }

@@ -403,7 +403,7 @@ class DenoisingUNet(_UNet):
         """sample (B, 4, F, h, w); timestep a scalar, (B,) or per frame (B*F,) in (batch, frame) order;
         audio_tokens (B*F, n, 768) in (batch, frame) order; kps_features
         (B, C0, F, h, w) or None; reference_kv from `reference_kv()` with batch B (or 1, shared); the attention
-        weights a float, or float32 (B,): one per row. Returns v."""
+        weights a float, or float32 (B,) one per row or (B, F) one per frame. Returns v."""
         b, c, f, h, w = sample.shape
         x = sample.transpose(1, 2).reshape(b * f, c, h, w)
         t = torch.as_tensor(timestep).reshape(-1)
@@ -427,7 +427,8 @@ class DenoisingUNet(_UNet):
 
 
 def _per_frame(weight: float | torch.Tensor, b: int, f: int) -> float | torch.Tensor:
-    """A per-row weight (B,) as (B*F, 1, 1), broadcasting over the (batch, frame)-ordered attention rows."""
+    """A per-row weight (B,) or per-frame weight (B, F) as (B*F, 1, 1), broadcasting over the (batch,
+    frame)-ordered attention rows (per frame: a live change ramps within a window)."""
     if isinstance(weight, torch.Tensor):
-        return weight.reshape(b, 1).expand(b, f).reshape(b * f, 1, 1)
+        return weight.reshape(b, -1).expand(b, f).reshape(b * f, 1, 1)
     return weight

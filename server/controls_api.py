@@ -1,0 +1,92 @@
+"""Live controls over HTTP: `PATCH /v1/sessions/{id}`, `GET /v1/styles`, `POST/GET /v1/motions`.
+
+A control change (from PATCH or the bot websocket's `control` message) names live fields of `GenerationParams`
+(`streaming.controls.LIVE_FIELDS`) and/or a `style`, whose fields come first and the request's own over them.
+It takes effect on the next frame made, ramped; the session's `control.applied` event names the frame it shows
+on. Motions are key-point sequences (`extract-kps` output, kps.pth or .npy) a session's `motion` names by id.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from aiohttp import web
+
+from streaming.controls import LIVE_FIELDS
+from streaming.session import StreamSession
+from vexpress_rt.errors import InputError
+from vexpress_rt.kps import load_kps_sequence
+from vexpress_rt.styles import STYLE_FIELDS
+
+from . import limits
+from .auth import require_api_key
+from .errors import ApiError
+from .state import ServerState, json_body, server_state, session_for
+
+CONTROL_FIELDS = frozenset({*LIVE_FIELDS, "style"})
+
+
+def control_changes(state: ServerState, data: object) -> dict:
+    """The fields a control request changes: its style's, then its own (InputError: unknown fields)."""
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"send a JSON object with some of: {', '.join(sorted(CONTROL_FIELDS))}")
+    unknown = set(data) - CONTROL_FIELDS
+    if unknown:
+        live = ", ".join(sorted(CONTROL_FIELDS))
+        raise InputError(f"cannot change {', '.join(sorted(unknown))} during a session; live: {live}")
+    changes: dict = {}
+    style = data.get("style")
+    if style is not None:
+        if not isinstance(style, str) or style not in state.styles:
+            raise InputError(f"style must be one of {', '.join(state.styles)}, got {style!r}")
+        changes.update(state.styles[style])
+    changes.update({k: v for k, v in data.items() if k != "style" and v is not None})
+    return changes
+
+
+def apply_control(state: ServerState, session: StreamSession, data: object) -> dict:
+    """Change `session`'s controls (InputError: a bad value, nothing changed); the reply both transports send."""
+    change = session.change_controls(control_changes(state, data))
+    return {"version": change.version, "params": asdict(change.params)}
+
+
+async def patch_session(request: web.Request) -> web.Response:
+    session = session_for(request)
+    state = server_state(request)
+    data = await json_body(request)
+    try:
+        reply = apply_control(state, session.engine_session, data)
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
+    session.log.info("controls changed (version %s): %s", reply["version"], data)
+    return web.json_response({"id": session.id, **reply})
+
+
+async def list_styles(request: web.Request) -> web.Response:
+    state = server_state(request)
+    return web.json_response({"fields": list(STYLE_FIELDS), "styles": state.styles})
+
+
+async def create_motion(request: web.Request) -> web.Response:
+    """The body: a kps.pth (the original's format) or a .npy (N, 3, 2) of pixel key points."""
+    state = server_state(request)
+    require_api_key(request, state.config.api_key)
+    data = await limits.read_body(request, limits.upload_bytes(state.config), "the key-point file")
+    suffix = ".npy" if data.startswith(b"\x93NUMPY") else ".pth"
+    with tempfile.TemporaryDirectory(prefix="vexpress-motion-") as folder:
+        path = Path(folder) / f"motion{suffix}"
+        path.write_bytes(data)
+        try:
+            sequence = load_kps_sequence(path)  # weights_only, numpy allow-list: no code runs
+            motion_id = state.engine.add_motion(sequence[:, :3])
+        except InputError as exc:
+            raise ApiError(400, str(exc).replace(str(path), "the upload")) from None
+    return web.json_response({"id": motion_id, "frames": len(sequence)}, status=201)
+
+
+async def list_motions(request: web.Request) -> web.Response:
+    state = server_state(request)
+    require_api_key(request, state.config.api_key)
+    return web.json_response({"motions": state.engine.motions()})

@@ -1,0 +1,185 @@
+"""A session's live controls: expression strength, reference weight, pose source and amplitude, blink rate.
+
+`LiveControls` holds the session's current `GenerationParams` and turns them, frame by frame, into what the
+denoiser hands the UNet for that frame: the attention weights and the pose (3 V-Kps points, whose guider feature
+the engine computes and caches, `streaming/pose.py`). A change (`change`) is validated, numbered, and takes
+effect on the next frame generated, ramped over `RAMP_FRAMES` frames: weights and points are blended from the
+values before the change, so the face does not jump. Each frame carries the number of the last change it was
+made with; the session acknowledges a change when its first frame plays (`control.applied`).
+
+Fields that fix the denoiser's shapes (steps, strategy, window) and the seed cannot change live.
+
+Threads: `change` comes from the server's event loop, `next_frames` from the model worker; one lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from vexpress_rt.errors import InputError
+from vexpress_rt.motion import MotionTrack, fixed_track, procedural_track, sequence_track
+from vexpress_rt.params import FIX_FACE, MOTION_ID, GenerationParams
+
+RAMP_FRAMES = 6  # a live change blends in over this many frames (0.24 s at 25 fps)
+POSE_FADE_FRAMES = 8  # speech starting from the (fix_face) idle clip moves into the motion over this many frames
+UNET_WEIGHTS = ("reference_attention_weight", "audio_attention_weight")  # fields the UNet takes per frame
+POSE = "kps_features"  # the UNet's per-frame pose input
+LIVE_FIELDS = frozenset(
+    {*UNET_WEIGHTS, "motion", "motion_amplitude", "retarget_strategy", "blinks_per_minute", "guidance_scale"}
+)
+
+MotionLookup = Callable[[str], np.ndarray]  # an uploaded motion's key-point sequence by id (KeyError: unknown)
+
+
+def frame_rows(weights: list[dict[str, float]], pose: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The UNet's per-frame inputs of F frames: each weight as float32 (F,), the pose features (F, C0, h, w);
+    on the pose's device (the model's)."""
+    rows = {
+        name: torch.tensor([w[name] for w in weights], dtype=torch.float32, device=pose.device) for name in UNET_WEIGHTS
+    }
+    rows[POSE] = pose
+    return rows
+
+
+def constant_rows(params: GenerationParams, kps_feature: torch.Tensor, frames: int) -> dict[str, torch.Tensor]:
+    """F frames with `params`' weights and one pose feature (1, C0, 1, h, w): a fixed face (idle clip, warm-up)."""
+    pose = kps_feature[0, :, 0].expand(frames, -1, -1, -1)
+    return frame_rows([{name: getattr(params, name) for name in UNET_WEIGHTS}] * frames, pose)
+
+
+@dataclass(frozen=True)
+class FrameControl:
+    """The controls of one generated frame."""
+
+    weights: dict[str, float]  # the UNet's attention weights of this frame (ramped)
+    kps: np.ndarray  # (3, 2) float32 pixels: the pose it is generated with
+    version: int  # the last change it includes (0: the session's initial controls)
+
+
+@dataclass(frozen=True)
+class ControlChange:
+    version: int
+    params: GenerationParams  # the controls once the change is complete
+
+
+def track_for(params: GenerationParams, reference_kps: np.ndarray, fps: float, motions: MotionLookup) -> MotionTrack:
+    """The pose source `params` name: fix_face, a procedural motion, or an uploaded sequence, amplitude applied."""
+    if params.motion == FIX_FACE:
+        return fixed_track(reference_kps)
+    if MOTION_ID.fullmatch(params.motion):
+        try:
+            sequence = motions(params.motion)
+        except KeyError:
+            raise InputError(f"no motion {params.motion!r}: upload it with POST /v1/motions") from None
+        track = sequence_track(reference_kps, sequence, params.retarget_strategy)
+    else:
+        track = procedural_track(params.motion, reference_kps, fps, params.seed)
+    return track.scaled(params.motion_amplitude)
+
+
+class LiveControls:
+    def __init__(self, params: GenerationParams, reference_kps: np.ndarray, fps: float, motions: MotionLookup):
+        self._reference_kps = np.asarray(reference_kps, dtype=np.float32)[:3]
+        self._fps = fps
+        self._motions = motions
+        self._lock = threading.Lock()
+        self._params = params
+        self._track = track_for(params, self._reference_kps, fps, motions)
+        self._before: tuple[GenerationParams, MotionTrack] | None = None  # what a ramp blends from
+        self._ramp_start = 0
+        self._version = 0
+        self._frame = 0  # frames generated so far: the motion's clock
+        self._fade_start: int | None = None
+
+    @property
+    def params(self) -> GenerationParams:
+        """The controls as last changed (the end of any ramp in progress)."""
+        return self._params
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def change(self, changes: dict[str, Any]) -> ControlChange:
+        """Apply `changes` (field -> value; validated as every GenerationParams) from the next frame on."""
+        fixed = set(changes) - LIVE_FIELDS
+        if fixed:
+            raise InputError(f"cannot change {', '.join(sorted(fixed))} during a session; live: {_live()}")
+        with self._lock:
+            params = replace(self._params, **changes)  # validates
+            if params.cfg != self._params.cfg:
+                raise InputError("guidance_scale cannot turn guidance on or off during a session (the batch shape)")
+            track = track_for(params, self._reference_kps, self._fps, self._motions)
+            # Blend from where the frames are: the old motion goes on, or a ramp in progress is held where it is.
+            ramping = self._ramp(self._frame) < 1.0
+            old_track = self._blend_track(self._frame) if ramping else self._track
+            self._before = (self._blend_params(self._frame), old_track)
+            self._params, self._track = params, track
+            self._ramp_start = self._frame
+            self._version += 1
+            return ControlChange(self._version, params)
+
+    def start_speech(self) -> None:
+        """Speech starts from the idle clip (the portrait's own pose): fade from it into the motion."""
+        with self._lock:
+            self._fade_start = self._frame
+
+    def next_frames(self, count: int) -> list[FrameControl]:
+        """The controls of the next `count` frames generated (the worker's call, once per chunk)."""
+        with self._lock:
+            out = []
+            for _ in range(count):
+                params, kps = self._blend_params(self._frame), self._pose(self._frame)
+                weights = {name: float(getattr(params, name)) for name in UNET_WEIGHTS}
+                out.append(FrameControl(weights, kps, self._version))
+                self._frame += 1
+            return out
+
+    # -- ramps (under the lock) ---------------------------------------------------------------------------------
+    def _ramp(self, frame: int) -> float:
+        """How far frame `frame` is into the last change: 1/RAMP_FRAMES on its first frame, 1 when done."""
+        if self._before is None:
+            return 1.0
+        return min(1.0, (frame - self._ramp_start + 1) / RAMP_FRAMES)
+
+    def _blend_params(self, frame: int) -> GenerationParams:
+        w = self._ramp(frame)
+        if w >= 1.0 or self._before is None:
+            return self._params
+        old = self._before[0]
+        return replace(
+            self._params,
+            **{name: (1 - w) * getattr(old, name) + w * getattr(self._params, name) for name in UNET_WEIGHTS},
+        )
+
+    def _blend_track(self, frame: int) -> MotionTrack:
+        """The track as a one-frame table at `frame` (a ramp's start point for the next change)."""
+        return MotionTrack(self._points(frame)[None], bounce=False)
+
+    def _points(self, frame: int) -> np.ndarray:
+        w = self._ramp(frame)
+        new = self._track.points(frame)
+        if w >= 1.0 or self._before is None:
+            return new
+        old = self._before[1].points(frame)
+        return ((1 - w) * old + w * new).astype(np.float32)
+
+    def _pose(self, frame: int) -> np.ndarray:
+        points = self._points(frame)
+        if self._fade_start is None:
+            return points
+        w = (frame - self._fade_start + 1) / (POSE_FADE_FRAMES + 1)
+        if w >= 1.0:
+            self._fade_start = None
+            return points
+        return ((1 - w) * self._reference_kps + w * points).astype(np.float32)
+
+
+def _live() -> str:
+    return ", ".join(sorted(LIVE_FIELDS))

@@ -1,0 +1,120 @@
+"""Live controls over the real server (tiny model): styles, motions, PATCH and the bot websocket's control message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from client_kit import Bot, bearer, create_session, delete_session, http, run, tone
+from server_harness import ServerThread, call, make_config
+
+from server.clients.session_client import AvatarSession, SessionOptions
+from vexpress_rt.styles import BUILT_IN
+
+pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def styles_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("styles") / "styles.json"
+    path.write_text(json.dumps({"whisper": {"audio_attention_weight": 1.0, "motion": "still", "blinks_per_minute": 5}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine, styles_file):
+    srv = ServerThread(make_config(styles=str(styles_file)), tiny_engine).start()
+    yield srv
+    srv.stop()
+
+
+def test_styles_are_listed_and_a_session_picks_one_and_overrides_a_field(server):
+    styles = call("GET", f"{server.url}/v1/styles").json["styles"]
+    assert set(BUILT_IN) <= set(styles) and styles["whisper"]["blinks_per_minute"] == 5
+    made = call("POST", f"{server.url}/v1/sessions", json={"style": "calm", "audio_attention_weight": 2.5})
+    assert made.status == 201, made.text
+    params = made.json["params"]
+    assert params["motion"] == "subtle" and params["motion_amplitude"] == BUILT_IN["calm"]["motion_amplitude"]
+    assert params["audio_attention_weight"] == 2.5  # the session's own field over the style's
+    call("DELETE", made.json["url"], headers=bearer(made.json["token"]))
+    bad = call("POST", f"{server.url}/v1/sessions", json={"style": "nope"})
+    assert bad.status == 400 and "style must be one of" in bad.json["error"]["message"]
+
+
+def test_patch_changes_live_controls_and_refuses_shape_fields(server, inputs_dir):
+    motion = call(
+        "POST",
+        f"{server.url}/v1/motions",
+        data=(inputs_dir / "kps.pth").read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert motion.status == 201, motion.text
+    assert motion.json["id"] in [m["id"] for m in call("GET", f"{server.url}/v1/motions").json["motions"]]
+    garbage = call("POST", f"{server.url}/v1/motions", data=b"not a kps file")
+    assert garbage.status == 400
+    made = call("POST", f"{server.url}/v1/sessions", json={}).json
+    url, auth = made["url"], bearer(made["token"])
+    try:
+        changed = call("PATCH", url, json={"style": "lively", "motion": motion.json["id"]}, headers=auth)
+        assert changed.status == 200, changed.text
+        assert changed.json["version"] == 1 and changed.json["params"]["motion"] == motion.json["id"]
+        assert changed.json["params"]["audio_attention_weight"] == BUILT_IN["lively"]["audio_attention_weight"]
+        assert call("GET", url, headers=auth).json["params"]["motion"] == motion.json["id"]
+        for body, words in (
+            ({"steps": 2}, "cannot change steps"),
+            ({"audio_attention_weight": -1}, "audio_attention_weight"),
+            ({"blinks_per_minute": 61}, "blinks_per_minute"),
+            ({"motion": "m0123456789abcde"}, "no motion"),
+        ):
+            refused = call("PATCH", url, json=body, headers=auth)
+            assert refused.status == 400 and words in refused.json["error"]["message"], refused.text
+        assert call("PATCH", url, json={"motion_amplitude": 0.5}).status == 401  # the session's token is needed
+    finally:
+        call("DELETE", url, headers=auth)
+
+
+def test_the_bot_changes_controls_while_speaking_and_hears_the_frame_it_took_effect_on(server, tiny_speech):
+    async def main():
+        async with http() as client:
+            session = await create_session(client, server.url)
+            bot = await Bot.connect(client, session)
+            try:
+                await bot.wait_type("session.ready")
+                await bot.push(tone(1.0))
+                await bot.send({"type": "audio.end"})
+                started = await bot.wait_type("playback.started", timeout=60)
+                await bot.send({"type": "control", "id": 7, "audio_attention_weight": 1.5, "motion": "nod"})
+                accepted = await bot.wait_type("control.accepted", timeout=10)
+                applied = await bot.wait_type("control.applied", timeout=60)
+                await bot.send({"type": "control", "steps": 3})
+                error = await bot.wait_type("error", timeout=10)
+                return started, accepted, applied, error
+            finally:
+                await bot.close()
+                await delete_session(client, session)
+
+    started, accepted, applied, error = run(main(), timeout=150)
+    assert accepted["id"] == 7 and accepted["version"] == 1 and accepted["params"]["motion"] == "nod"
+    assert applied["version"] == 1 and applied["frame"] >= started["frame"]
+    assert "cannot change steps" in error["message"]
+
+
+def test_the_session_client_opens_with_a_style_and_changes_controls(server):
+    async def main():
+        client = AvatarSession(server.url, options=SessionOptions(style="presenter", motion_amplitude=0.8))
+        await client.open()
+        try:
+            await client.control(style="calm", blinks_per_minute=30)
+            seen = []
+            async for event in client.events():
+                seen.append(event)
+                if event["type"] == "control.applied":
+                    return client.info, seen
+        finally:
+            await client.close()
+
+    info, seen = run(main(), timeout=120)
+    assert info["params"]["motion"] == "nod" and info["params"]["motion_amplitude"] == 0.8
+    accepted = next(e for e in seen if e["type"] == "control.accepted")
+    assert accepted["params"]["motion"] == "subtle" and accepted["params"]["blinks_per_minute"] == 30
+    assert seen[-1]["version"] == accepted["version"] == 1
