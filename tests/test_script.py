@@ -379,3 +379,43 @@ def test_a_json_script_waits_for_its_start_time(server):
     print(f"\nstart_at: {waiting} before, playing {late_s * 1000:.0f} ms after start_at; marks {marks}")
     assert waiting == "waiting" and 0 <= late_s < 1.0
     assert marks == ["first", "second"] and no_file == 400
+
+
+def test_script_items_change_the_live_controls_when_they_start(server):
+    """An item's `style` and `controls` are checked when the script is posted (an unknown style, a field that cannot
+    change live or a value out of range: 400) and change the session's controls when the item starts, as a PATCH
+    would: the session reports them and a `control.applied` event follows."""
+
+    async def main():
+        async with open_http(60) as http:
+            session = await create_session(http, server.url)
+            url, auth = f"{session['url']}/script", bearer(session["token"])
+            refused = []
+            for item in (
+                {"text": "Hi.", "style": "no-such-style"},
+                {"text": "Hi.", "controls": {"steps": 2}},
+                {"text": "Hi.", "controls": {"blinks_per_minute": 600}},
+            ):
+                async with http.post(url, json={"items": [item]}, headers=auth) as r:
+                    refused.append((r.status, (await r.json())["error"]["message"]))
+            bot = await Bot.connect(http, session)
+            await bot.wait_type("session.ready")
+            body = {"items": [{"text": "Hi.", "style": "calm", "controls": {"blinks_per_minute": 0}}]}
+            async with http.post(url, json=body, headers=auth) as r:
+                assert r.status == 201, await r.text()
+            await bot.wait_type("script.state", state="finished", timeout=120)
+            applied = await bot.wait_type("control.applied", timeout=30)
+            async with http.get(session["url"], headers=auth) as r:
+                params = (await r.json())["params"]
+            async with http.get(f"{server.url}/v1/styles") as r:
+                calm = (await r.json())["styles"]["calm"]
+            await bot.close()
+            await delete_session(http, session)
+            return refused, applied, params, calm
+
+    refused, applied, params, calm = run(main())
+    assert [status for status, _ in refused] == [400, 400, 400]
+    assert "no-such-style" in refused[0][1] and "steps" in refused[1][1] and "blinks_per_minute" in refused[2][1]
+    assert applied["version"] >= 1
+    assert params["blinks_per_minute"] == 0  # the item's own control over its style's
+    assert all(params[k] == v for k, v in calm.items() if k != "blinks_per_minute")

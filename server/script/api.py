@@ -22,12 +22,16 @@ import uuid
 
 from aiohttp import web
 
+from vexpress_rt.errors import InputError
+from vexpress_rt.params import GenerationParams
+
 from .. import limits
+from ..controls_api import control_changes
 from ..errors import ApiError
 from ..sessions import ServerSession
 from ..sniff import audio_demuxer
 from ..speak import DecodedFile, decode_audio_bytes
-from ..state import STATE, json_body, server_state, session_for
+from ..state import STATE, ServerState, json_body, server_state, session_for
 from ..tts import TtsCommand
 from .items import MAX_SCRIPT_S, ScriptItem, parse_script
 from .runner import ScriptRunner
@@ -122,6 +126,7 @@ async def start_script(request: web.Request) -> web.Response:
         raise ApiError(409, f"a script is {old.state} on this session: stop it first", code="conflict")
     data, files = await _read_upload(request, limits.upload_bytes(server_state(request).config))
     spec = parse_script(data, set(files), store.tts is not None)
+    _resolve_controls(server_state(request), session, spec.items)
     for item in spec.items:  # each file is checked by its first bytes now (415); decoded when the script prepares
         if item.kind == "audio":
             audio_demuxer(files[item.audio or ""])
@@ -129,6 +134,20 @@ async def start_script(request: web.Request) -> web.Response:
     store.scripts[session.id] = runner
     session.log.info("script %s: %d items", runner.id, len(spec.items))
     return web.json_response(runner.report(), status=201, headers={"Location": request.path})
+
+
+def _resolve_controls(state: ServerState, session: ServerSession, items: list[ScriptItem]) -> None:
+    """Each item's style and controls as the changes it makes, checked now against the server's styles and the
+    session's controls (400 for an unknown style, a non-live field or a value out of range)."""
+    for index, item in enumerate(items):
+        if item.style is None and item.controls is None:
+            continue
+        request = {**({"style": item.style} if item.style is not None else {}), **(item.controls or {})}
+        try:
+            item.changes = control_changes(state, request)
+            GenerationParams.from_dict(item.changes, session.engine_session.controls.params)  # values in range
+        except InputError as exc:
+            raise ApiError(400, f"item {index}: {exc}") from None
 
 
 def _runner(request: web.Request) -> ScriptRunner:

@@ -7,8 +7,8 @@
        {"pause_s": 0.5},                          # half a second of silence
        {"text": "Welcome to the show.", "style": "warm", "controls": {...}}]}   # spoken by --tts-command
 
-`style` (a name) and `controls` (an object) may go on audio and text items; they are handed to
-`runner.apply_style` when the item starts.
+`style` (a name) and `controls` (an object) may go on audio and text items: live controls (docs/controls.md)
+changed when the item starts, as a PATCH of the session would.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class ScriptItem:
     mark: str | None = None
     style: str | None = None
     controls: dict | None = None
+    # what the item changes when it starts: its style's fields, then its own controls (resolved and checked by the
+    # API against the server's styles and the session's controls, so a bad one is refused when the script is posted)
+    changes: dict | None = None
 
     @property
     def speaks(self) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streaming.frames import Event
+from vexpress_rt.errors import InputError
 
 from ..sessions import ServerSession
 from ..speak import DecodedFile
@@ -36,11 +37,18 @@ PAUSE_RATE = 16000
 TICK_S = 0.05
 
 
-def apply_style(session: ServerSession, item: ScriptItem) -> None:
-    """Where an item's `style` and `controls` take effect, when it starts being pushed. The session controls
-    (styles, live parameters) are another module's; until they are connected here this only logs them."""
-    if item.style is not None or item.controls is not None:
-        session.log.info("script item: style %r, controls %r (not applied yet)", item.style, item.controls)
+def apply_controls(session: ServerSession, item: ScriptItem) -> None:
+    """An item's style and controls take effect when it starts being pushed (ramped from the next frame made, as
+    a PATCH); they were checked when the script was posted, so a refusal now (the session's controls changed
+    since in a way that conflicts) is logged and the item plays with the controls as they are."""
+    if not item.changes:
+        return
+    try:
+        change = session.engine_session.change_controls(item.changes)
+    except InputError as exc:
+        session.log.warning("script item: controls %s not applied: %s", item.changes, exc)
+        return
+    session.log.info("script item: controls version %s: %s", change.version, item.changes)
 
 
 @dataclass
@@ -201,7 +209,7 @@ class ScriptRunner:
         if self._open_item != index:  # a new utterance: the item, or what is left of it after a pause
             self._open_item, self._bases[index] = index, self._offset
             if self._offset == 0:
-                apply_style(self.session, item)
+                apply_controls(self.session, item)
         piece = max(1, int(PIECE_S * audio.sample_rate))
         chunk = audio.samples[self._offset : self._offset + piece]
         if len(chunk):
