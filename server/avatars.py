@@ -17,7 +17,7 @@ import numpy as np
 from aiohttp import web
 from PIL import Image
 
-from streaming.engine import AvatarInfo
+from streaming.avatar import AvatarInfo
 from vexpress_rt.errors import InputError
 from vexpress_rt.kps import load_reference_kps
 

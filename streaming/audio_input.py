@@ -25,7 +25,10 @@ def validate_format(sample_rate: int, channels: int) -> None:
         raise InputError(f"channel count must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}")
 
 
-def to_float_frames(pcm: bytes | bytearray | memoryview | np.ndarray, channels: int) -> np.ndarray:
+PcmInput = bytes | bytearray | memoryview | np.ndarray  # PCM16 LE interleaved bytes, or an int16/float array
+
+
+def to_float_frames(pcm: PcmInput, channels: int) -> np.ndarray:
     """PCM16 LE interleaved bytes, or an int16/float array (n,) / (n, channels) -> float32 (n, channels)."""
     if isinstance(pcm, (bytes, bytearray, memoryview)):
         raw = bytes(pcm)
@@ -67,7 +70,7 @@ class AudioInput:
 
     def push(
         self,
-        pcm: bytes | bytearray | memoryview | np.ndarray,
+        pcm: PcmInput,
         sample_rate: int | None = None,
         channels: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:

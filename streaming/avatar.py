@@ -234,3 +234,25 @@ def _tensors(avatar: PreEncodedAvatar) -> list[torch.Tensor]:
 def avatar_bytes(avatar: PreEncodedAvatar) -> int:
     """Bytes of the avatar's tensors (on whatever device they are)."""
     return sum(t.numel() * t.element_size() for t in _tensors(avatar))
+
+
+# -- a registered avatar: what the engine keeps per portrait ------------------------------------------------------
+@dataclass
+class AvatarInfo:
+    id: str
+    name: str | None
+    width: int
+    height: int
+    created: float
+    kps: list[list[float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Avatar:
+    info: AvatarInfo
+    encoded: PreEncodedAvatar
+    idle_frames: dict[str, np.ndarray]  # per decoder name: uint8 (K, H, W, 3), all decoded from idle_latents
+    idle_latents: torch.Tensor  # (4, K, h, w)

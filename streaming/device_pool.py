@@ -36,8 +36,9 @@ from PIL import Image
 
 from vexpress_rt.errors import VExpressError
 
+from .avatar import AvatarInfo
 from .decoder import FrameDecoder
-from .engine import AvatarInfo, CapacityError, Engine, EngineConfig
+from .engine import CapacityError, Engine, EngineConfig
 from .session import SessionConfig, StreamSession
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from vexpress_rt.errors import InputError, VExpressError
 from vexpress_rt.loader import VExpressModels
 
 from .audio_features import IncrementalAudioFeatures
-from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, AvatarStore, PreEncodedAvatar
+from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, Avatar, AvatarInfo, AvatarStore, PreEncodedAvatar
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .device import synchronize, to_host
@@ -74,27 +74,6 @@ class EngineConfig:
     # CUDA devices, serial elsewhere (on a CPU both threads share the same cores)
     pipelined: bool | None = None
     default_session: SessionConfig = field(default_factory=SessionConfig)
-
-
-@dataclass
-class AvatarInfo:
-    id: str
-    name: str | None
-    width: int
-    height: int
-    created: float
-    kps: list[list[float]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Avatar:
-    info: AvatarInfo
-    encoded: PreEncodedAvatar
-    idle_frames: dict[str, np.ndarray]  # per decoder name: uint8 (K, H, W, 3), all decoded from idle_latents
-    idle_latents: torch.Tensor  # (4, K, h, w)
 
 
 class Engine:
@@ -186,7 +165,7 @@ class Engine:
 
     def _release_if_unused(self, encoded: PreEncodedAvatar) -> None:
         """A deleted avatar that no session uses any more leaves the denoisers' cached batch references too; a
-        session still using it keeps it until it ends (`_forget` asks again)."""
+        session still using it keeps it until it ends (`release_session` asks again)."""
         with self._lock:
             if any(a.encoded is encoded for a in self._avatars.values()):
                 return  # still registered
@@ -348,7 +327,8 @@ class Engine:
         with self._lock:  # the worker thread and the event loop both open and close sessions
             return list(self._sessions.values())
 
-    def _forget(self, session: StreamSession) -> None:
+    def release_session(self, session: StreamSession) -> None:
+        """A session closed: drop it, and its avatar's cached inputs when no other session uses them."""
         with self._lock:
             self._sessions.pop(session.id, None)
         self._release_if_unused(session.avatar.encoded)

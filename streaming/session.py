@@ -22,20 +22,24 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from vexpress_rt.errors import InputError
+from vexpress_rt.loader import VExpressModels
 from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .audio_features import IncrementalAudioFeatures
-from .audio_input import MODEL_RATE, AudioInput, SampleFifo, to_float_frames, validate_format
+from .audio_input import MODEL_RATE, AudioInput, PcmInput, SampleFifo, to_float_frames, validate_format
+from .avatar import Avatar
 from .blink import SessionBlinker
 from .controls import ControlChange, FrameControl, LiveControls, frame_rows
 from .decoder import DECODERS
-from .denoiser import ChunkJob, DenoiserSettings, StreamState
+from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .frames import AVFrame, Event
+from .pose import PoseFeatures
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
 
@@ -72,7 +76,7 @@ class SessionConfig:
         self.validate()
 
     def validate(self) -> None:
-        def bad(msg: str):
+        def bad(msg: str) -> None:
             raise InputError(msg)
 
         fps = self.fps
@@ -89,7 +93,7 @@ class SessionConfig:
     def denoiser_settings(self) -> DenoiserSettings:
         return DenoiserSettings.of(self.params)
 
-    def with_params(self, **changes: object) -> SessionConfig:
+    def with_params(self, **changes: Any) -> SessionConfig:
         """This config with some generation parameters changed (validated, as every GenerationParams)."""
         return replace(self, params=replace(self.params, **changes))
 
@@ -129,7 +133,7 @@ class Utterance:
     samples16k: int = 0
     out_audio: SampleFifo = field(default_factory=SampleFifo)  # output-rate samples not yet given to frames
     out_total: int = 0
-    arrivals: deque = field(default_factory=deque)  # (output-rate sample count, time pushed)
+    arrivals: deque[tuple[int, float]] = field(default_factory=deque)  # (output-rate sample count, time pushed)
     tokens: list[torch.Tensor] = field(default_factory=list)
     frames_submitted: int = 0
     frames_total: int | None = None  # known once ended
@@ -143,8 +147,25 @@ class Utterance:
     marks: deque[tuple[int, str]] = field(default_factory=deque)  # (output sample position, name), in order
 
 
+class SessionEngine(Protocol):
+    """What a session asks of the engine that runs it (streaming.engine.Engine), named here so the session is
+    typed without importing the engine (which imports the session)."""
+
+    models: VExpressModels
+    poses: PoseFeatures
+
+    def wake(self) -> None: ...
+    def new_stream(self, session: StreamSession) -> StreamState: ...
+    def denoiser_for(self, session: StreamSession) -> StreamDenoiser: ...
+    def silence_tokens(self, session: StreamSession) -> torch.Tensor: ...
+    def motion(self, motion_id: str) -> np.ndarray: ...
+    def release_session(self, session: StreamSession) -> None: ...
+
+
 class StreamSession:
-    def __init__(self, engine, avatar, config: SessionConfig, now: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, engine: SessionEngine, avatar: Avatar, config: SessionConfig, now: Callable[[], float] = time.monotonic
+    ):
         self.id = "s" + secrets.token_hex(10)  # unguessable: ids appear in URLs (tokens still guard them)
         self.engine = engine
         self.avatar = avatar
@@ -211,7 +232,7 @@ class StreamSession:
             samples = sum(u.out_total - u.frames_played * self.samples_per_frame for u in self._utterances)
         return max(0.0, 1000.0 * samples / self.config.output_sample_rate)
 
-    def push_audio(self, pcm, sample_rate: int | None = None, channels: int | None = None) -> None:
+    def push_audio(self, pcm: PcmInput, sample_rate: int | None = None, channels: int | None = None) -> None:
         self._check_open()
         self.last_input = self._now()
         rate = self.config.input_sample_rate if sample_rate is None else sample_rate
@@ -255,20 +276,20 @@ class StreamSession:
         self.last_input = self._now()
         with self._lock:
             pending = [u for u in self._utterances if self._pushed_end(u) > u.frames_played * self.samples_per_frame]
-            marks = pending[-1].marks if pending else self._pending_marks
-            if len(marks) >= MAX_MARKS_PER_UTTERANCE:
+            waiting = len(pending[-1].marks) if pending else len(self._pending_marks)
+            if waiting >= MAX_MARKS_PER_UTTERANCE:
                 raise InputError(f"too many marks: at most {MAX_MARKS_PER_UTTERANCE} wait in one utterance")
             if pending:
-                marks.append((self._pushed_end(pending[-1]), name))
+                pending[-1].marks.append((self._pushed_end(pending[-1]), name))
             else:
-                marks.append(name)
+                self._pending_marks.append(name)
 
     def _pushed_end(self, utt: Utterance) -> int:
         """Output-rate sample position where the audio pushed into `utt` so far ends: from the input count, not
         from what the resampler has let out yet (that lags by its filter delay, which would fire marks early)."""
         return -(-utt.in_samples * self.config.output_sample_rate // utt.audio.sample_rate)
 
-    def change_controls(self, changes: dict) -> ControlChange:
+    def change_controls(self, changes: dict[str, Any]) -> ControlChange:
         """Change live controls (strength, pose source and amplitude, blink rate, ...) from the next frame made,
         ramped; an Event("control.applied", {"version"}) marks the first frame shown with it. Raises InputError
         for a bad or non-live field (nothing changes then)."""
@@ -344,7 +365,7 @@ class StreamSession:
             self._ready.clear()
             events = self._set_state(SessionState.CLOSED)
         self._emit(events)
-        self.engine._forget(self)
+        self.engine.release_session(self)
 
     def fail(self, code: str, message: str) -> None:
         """The worker (or the server) could not serve this session: an `error` event {code, message}, then the
@@ -352,7 +373,7 @@ class StreamSession:
         self._emit([Event("error", {"code": code, "message": message}, self._next_index)])
         self.close()
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         return {
             "state": self._state.value,
@@ -409,7 +430,9 @@ class StreamSession:
             if self._reset_stream or self._stream is None:
                 self._stream = self.engine.new_stream(self)
                 self._reset_stream = False
-            utt = next((u for u in self._utterances if not (u.ended and u.frames_submitted >= u.frames_total)), None)
+            utt = next(
+                (u for u in self._utterances if not (u.ended and u.frames_submitted >= (u.frames_total or 0))), None
+            )
             if utt is None or len(self._ready) + self.denoiser_settings.new_frames > self._max_ready:
                 return self._flush_job() if utt is None else None
             # Feed the features about two chunks of audio at a time: wav2vec2's span stays bounded however far
@@ -442,7 +465,7 @@ class StreamSession:
             if (utt.frames_submitted + count) * spf > utt.out_total:
                 return None  # the output-rate audio lags the model-rate audio by the resampler's delay
             controls = self.controls.next_frames(n)
-            payloads = []
+            payloads: list[FramePayload | None] = []
             for control in controls[:count]:
                 k = utt.frames_submitted
                 audio = utt.out_audio.take(spf)
@@ -552,7 +575,7 @@ class StreamSession:
         played = utt.frames_played * self.samples_per_frame
         while utt.marks and utt.marks[0][0] <= played:
             events.append(Event("mark", {"name": utt.marks.popleft()[1]}, index))
-        if utt.ended and utt.frames_played >= utt.frames_total:
+        if utt.ended and utt.frames_played >= (utt.frames_total or 0):
             self._finish(utt, index, events)
         return AVFrame(index, self.time_base, sf.image, sf.payload.audio, self.config.output_sample_rate, True, utt.id)
 
@@ -569,7 +592,7 @@ class StreamSession:
                 self._start_blend()
 
     def _idle_index(self, pos: int) -> int:
-        n = self.avatar.idle_frames[self.config.decoder].shape[0]
+        n = int(self.avatar.idle_frames[self.config.decoder].shape[0])
         if n == 1:
             return 0
         period = 2 * (n - 1)

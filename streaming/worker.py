@@ -17,12 +17,21 @@ import time
 from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
+from vexpress_rt.loader import VExpressModels
+
 from .cost_model import CostModel, Demand
-from .denoiser import ChunkJob, DenoiserSettings
+from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from .finisher import DeviceClock, Finisher, Mark
+from .session import SessionConfig, StreamSession
+from .stage_timer import NoStageTimer, StageTimer
+
+WorkItem = tuple[StreamSession, ChunkJob]  # a session and the chunk it asked for this turn
+ChunkOutput = list[tuple[Any, torch.Tensor]]  # a chunk's finished frames: (payload, latent) each
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +44,21 @@ def _release_memory(exc: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
+class WorkerEngine(Protocol):
+    """What the worker asks of its engine (streaming.engine.Engine), named here so the worker is typed without
+    importing the engine (which imports the worker)."""
+
+    models: VExpressModels
+    model_lock: threading.Lock
+    stages: NoStageTimer | StageTimer
+
+    def sessions(self) -> list[StreamSession]: ...
+    def denoiser(self, settings: DenoiserSettings) -> StreamDenoiser: ...
+    def decode(self, latents: torch.Tensor, decoder: str | None = None) -> np.ndarray: ...
+
+
 class ModelWorker:
-    def __init__(self, engine, max_batch: int = 4, pipelined: bool = False):
+    def __init__(self, engine: WorkerEngine, max_batch: int = 4, pipelined: bool = False):
         self.engine = engine
         self.max_batch = max_batch
         self.pipelined = pipelined
@@ -49,7 +71,8 @@ class ModelWorker:
         self.chunks = 0
         self._busy: deque[tuple[float, float]] = deque(maxlen=512)  # (end time, seconds busy)
         self.costs = CostModel()  # seconds per call by settings and batch size: what admission control reads
-        self.chunk_log: deque[dict] = deque(maxlen=10000)  # per chunk: trigger, ready, compute (for the bench)
+        # per chunk: trigger, ready, compute (for the bench)
+        self.chunk_log: deque[dict[str, Any]] = deque(maxlen=10000)
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
         self.errors = 0
         self.batch_retries = 0  # batches that failed and were run again one session at a time
@@ -111,7 +134,7 @@ class ModelWorker:
                 work.append((session, job))
         if not work:
             return False
-        groups: dict[DenoiserSettings, list] = {}
+        groups: dict[DenoiserSettings, list[WorkItem]] = {}
         for session, job in work:
             groups.setdefault(session.denoiser_settings, []).append((session, job))
         for settings, items in groups.items():
@@ -119,7 +142,7 @@ class ModelWorker:
                 self._run(settings, items[i : i + self.max_batch])
         return True
 
-    def _run(self, settings: DenoiserSettings, items: list) -> None:
+    def _run(self, settings: DenoiserSettings, items: list[WorkItem]) -> None:
         jobs: list[ChunkJob] = [job for _, job in items]
         noise = [job.state.generator.get_state() for job in jobs]  # to replay a failed batch's noise
         t0 = time.perf_counter()
@@ -151,7 +174,14 @@ class ModelWorker:
             for session, _ in items:  # stopping, or a finisher stuck for a minute: these frames will not come
                 self._fail(session, RuntimeError("the frames of this call could not be finished"))
 
-    def _finish(self, settings: DenoiserSettings, items: list, outputs: list, start: Mark, unet_done: Mark) -> None:
+    def _finish(
+        self,
+        settings: DenoiserSettings,
+        items: list[WorkItem],
+        outputs: list[ChunkOutput],
+        start: Mark,
+        unet_done: Mark,
+    ) -> None:
         """On the finisher's thread (its CUDA stream queued behind the UNet call): decode, copy, deliver. The
         cost recorded is the UNet's span plus the decode's, device time on CUDA, as the serial call measures it."""
         try:
@@ -169,7 +199,14 @@ class ModelWorker:
             self.errors += 1
             log.exception("model worker: finishing a call failed")
 
-    def _deliver(self, settings: DenoiserSettings, items: list, outputs: list, images: list, seconds: float) -> None:
+    def _deliver(
+        self,
+        settings: DenoiserSettings,
+        items: list[WorkItem],
+        outputs: list[ChunkOutput],
+        images: list[np.ndarray | None],
+        seconds: float,
+    ) -> None:
         if any(image is not None for image in images):
             self.failures_in_row = 0  # the device computes: failures so far were the sessions' own
         self.record_chunk(settings, len(items), seconds)
@@ -193,7 +230,9 @@ class ModelWorker:
                 }
             )
 
-    def _decode(self, items: list, outputs: list, lock: AbstractContextManager) -> list:
+    def _decode(
+        self, items: list[WorkItem], outputs: list[ChunkOutput], lock: AbstractContextManager[Any]
+    ) -> list[np.ndarray | None]:
         """Each session's frames as images: one call per decoder in use (sessions that shared a UNet call may
         have chosen different decoders). When a call fails, one call per session, so that only the session(s)
         whose decode fails end. None for those, and for sessions closed meanwhile."""
@@ -202,12 +241,12 @@ class ModelWorker:
         for i, (session, _) in enumerate(items):
             if not session.closed:  # closed (or failed) since its UNet call, pipelined: nothing to deliver
                 by_decoder.setdefault(session.config.decoder, []).append(i)
-        images: list = [None] * len(items)
+        images: list[np.ndarray | None] = [None] * len(items)
         for decoder, indices in by_decoder.items():
             flat = [x for i in indices for x in latents[i]]
             try:
                 with lock:
-                    decoded = self.engine.decode(torch.stack(flat), decoder) if flat else []
+                    decoded = self.engine.decode(torch.stack(flat), decoder) if flat else np.zeros((0,), np.uint8)
             except Exception as exc:
                 _release_memory(exc)
                 if len(indices) == 1:
@@ -222,16 +261,18 @@ class ModelWorker:
                 k += len(latents[i])
         return images
 
-    def _decode_alone(self, session, latents: list, decoder: str, lock: AbstractContextManager):
+    def _decode_alone(
+        self, session: StreamSession, latents: list[torch.Tensor], decoder: str, lock: AbstractContextManager[Any]
+    ) -> np.ndarray | None:
         try:
             with lock:
-                return self.engine.decode(torch.stack(latents), decoder) if latents else []
+                return self.engine.decode(torch.stack(latents), decoder) if latents else np.zeros((0,), np.uint8)
         except Exception as exc:
             _release_memory(exc)
             self._fail(session, exc)
             return None
 
-    def _fail(self, session, exc: Exception) -> None:
+    def _fail(self, session: StreamSession, exc: BaseException) -> None:
         """A failure confined to one session (bad state, out of memory alone): it ends with an `error` event,
         the others go on."""
         self.errors += 1
@@ -248,7 +289,7 @@ class ModelWorker:
         self._busy.append((time.monotonic(), seconds))
         self.costs.record_call(settings, batch, seconds)
 
-    def estimated_load(self, configs: list) -> float | None:
+    def estimated_load(self, configs: list[SessionConfig]) -> float | None:
         """Fraction of the worker's time the given sessions need, batched as the worker batches them; None
         before any measurement."""
         demands = [Demand(c.denoiser_settings(), c.fps) for c in configs]

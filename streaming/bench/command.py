@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..engine import AvatarInfo, Engine
+from ..avatar import AvatarInfo
+from ..engine import Engine
 from ..session import SessionConfig
 from .flops import engine_flops_per_frame, original_flops_per_frame
 from .gpu_bench import percentile

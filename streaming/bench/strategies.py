@@ -21,10 +21,10 @@ from vexpress_rt.audio_features import audio_tokens
 from vexpress_rt.loader import VExpressModels
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
-from ..avatar import PreEncodedAvatar
+from ..avatar import AvatarInfo, PreEncodedAvatar
 from ..denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from ..device import synchronize
-from ..engine import AvatarInfo, Engine
+from ..engine import Engine
 from ..session import SessionConfig
 from .speech import speech
 
