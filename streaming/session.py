@@ -226,6 +226,21 @@ class StreamSession:
             self._listeners.remove(fn)
 
     @property
+    def pending_utterances(self) -> int:
+        """Utterances pushed and not yet played to their end."""
+        return len(self._utterances)
+
+    @property
+    def ready_frames(self) -> int:
+        """Frames made and waiting to be shown."""
+        return len(self._ready)
+
+    @property
+    def max_ready_frames(self) -> int:
+        """The most frames made ahead of the reader (`max_ready_s`): generation waits beyond it."""
+        return self._max_ready
+
+    @property
     def buffered_ms(self) -> float:
         """Pushed audio not played yet (what a bot pushing ahead of real time sees as its lead)."""
         with self._lock:
@@ -381,7 +396,7 @@ class StreamSession:
             "speech_frames_out": self.speech_frames_out,
             "dropped_frames": self.dropped_frames,
             "underruns": self.underruns,
-            "ready_frames": len(self._ready),
+            "ready_frames": self.ready_frames,
             "buffered_ms": round(self.buffered_ms, 1),
             "latency_p50_ms": float(np.percentile(lat, 50)),
             "latency_p95_ms": float(np.percentile(lat, 95)),

@@ -158,7 +158,7 @@ class Run:
         for _ in range(limit):
             finished = sum(e.type == "playback.finished" for e in self.events)
             started = sum(e.type == "playback.started" for e in self.events)
-            if self.session.state.value == "idle" and not self.session._utterances and finished == started:
+            if self.session.state.value == "idle" and not self.session.pending_utterances and finished == started:
                 break
             self.tick()
         else:
@@ -279,7 +279,7 @@ def test_latency_bookkeeping_stays_flat_on_a_fake_clock_with_a_slow_reader(engin
             elif step == steps:
                 session.end_utterance()
             run.tick(read=step % 25 < 20)  # the reader takes only 20 of every 25 due frames
-            ready_peak = max(ready_peak, len(session._ready))
+            ready_peak = max(ready_peak, session.ready_frames)
             if 25 <= step < steps:
                 buffered.append(session.buffered_ms)  # audio pushed, not yet played: the playback lag
         run.play_until_idle()
@@ -300,7 +300,7 @@ def test_latency_bookkeeping_stays_flat_on_a_fake_clock_with_a_slow_reader(engin
     quarter = len(buffered) // 4
     assert buffered[-quarter:].mean() <= buffered[:quarter].mean() + margin
     assert dropped >= 0.8 * (seconds * 25 / 5)  # the reader skipped frames instead of falling behind ...
-    assert ready_peak <= session._max_ready  # ... and every queue stayed bounded
+    assert ready_peak <= session.max_ready_frames  # ... and every queue stayed bounded
 
 
 def _assert_clean_stream_indices_with_gaps(run: Run) -> None:
@@ -390,7 +390,7 @@ def test_interrupt_flushes_everything_within_one_frame(engine, avatar, tiny_spee
             run.tick()
         session.mark("m")
         played = len(run.speech())
-        assert len(session._ready) > 0  # frames are queued ...
+        assert session.ready_frames > 0  # frames are queued ...
         # ... and a chunk is in flight when the interrupt arrives: it lands while the worker computes.
         real_run = StreamDenoiser.run
         hits = []
@@ -420,7 +420,7 @@ def test_interrupt_flushes_everything_within_one_frame(engine, avatar, tiny_spee
         for _ in range(15):
             run.tick()
         assert not any(f.speaking for f in run.frames[n_before:])
-        assert not session._ready and session.buffered_ms == 0
+        assert not session.ready_frames and session.buffered_ms == 0
         # A new utterance afterwards plays normally.
         start = len(run.frames)
         run.speak(tiny_speech)

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,11 @@ def _load_engine(
 
 def realtime_factor(engine: Engine, avatar_id: str, cfg: SessionConfig, seconds: float = 4.0) -> float:
     """Seconds of video made per second of worker time, audio pushed as fast as possible."""
-    session = engine.open_session(avatar_id, cfg)
+    # nobody reads here: let every frame queue
+    session = engine.open_session(avatar_id, replace(cfg, max_ready_s=seconds + 60.0))
     try:
         session.push_audio(speech(seconds))
         session.end_utterance()
-        session._max_ready = 10**9  # nobody reads here: let every frame queue
         engine.worker.turn()  # warm-up turn (first chunk)
         t0 = time.perf_counter()
         made0 = engine.worker.frames_generated
