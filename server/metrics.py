@@ -5,7 +5,8 @@ What it holds:
   at each scrape (`vexpress_sessions`, `vexpress_fps`, `vexpress_latency_ms{quantile}`, `vexpress_engine_*`...);
 * histograms, so that percentiles can be computed across servers: `vexpress_audio_to_frame_seconds` (audio pushed
   to frame ready, every frame), `vexpress_engine_compute_seconds` (each span of model compute the engine's worker
-  logs: a session's audio features, a batch's denoising and decoding)
+  logs: a session's audio features, a batch's denoising and decoding), `vexpress_engine_turn_seconds` (each turn of
+  the worker: what a session waits between two chunks when every session has work)
   and `vexpress_track_queue_depth_frames` (a track's queue when a frame is put in it);
 * the process: the library's process collector (`vexpress_process_resident_memory_bytes`,
   `vexpress_process_open_fds`, CPU, ...), plus threads and event-loop tasks: what a leak shows in.
@@ -65,6 +66,12 @@ class ServerMetrics:
             buckets=TURN_BUCKETS_S,
             registry=self.registry,
         )
+        self.engine_turn = Histogram(
+            "vexpress_engine_turn_seconds",
+            "Turns of the engine's worker: every session's next chunk (audio features, batched UNet calls, decodes).",
+            buckets=TURN_BUCKETS_S,
+            registry=self.registry,
+        )
         self.queue_depth = Histogram(
             "vexpress_track_queue_depth_frames",
             "Frames waiting in a track's queue when a frame is put in it.",
@@ -73,6 +80,7 @@ class ServerMetrics:
         )
         self._latency_seen: dict[str, int] = {}  # engine session id -> latencies observed
         self._compute_seen = 0.0  # end of the last model compute span observed
+        self._turn_seen = 0.0  # end of the last worker turn observed
 
     def attach(self, collector: Collector) -> None:
         """Read the server at each scrape through `collector` (server/scrape.py), with the process collector."""
@@ -98,12 +106,21 @@ class ServerMetrics:
 
     def observe_compute(self, spans: Iterable[tuple[float, float]]) -> None:
         """The worker's model compute spans `(start, end)` (monotonic) that ended after the last call."""
-        last = self._compute_seen
-        for start, end in list(spans):
-            if end > self._compute_seen:
-                self.engine_compute.observe(max(0.0, end - start))
-                last = max(last, end)
-        self._compute_seen = last
+        self._compute_seen = _observe_new(self.engine_compute, spans, self._compute_seen)
+
+    def observe_turns(self, spans: Iterable[tuple[float, float]]) -> None:
+        """The worker's turns `(start, end)` (monotonic) that ended after the last call."""
+        self._turn_seen = _observe_new(self.engine_turn, spans, self._turn_seen)
+
+
+def _observe_new(histogram: Histogram, spans: Iterable[tuple[float, float]], seen: float) -> float:
+    """Observe the durations of the spans that ended after `seen`; the new `seen`."""
+    last = seen
+    for start, end in list(spans):
+        if end > seen:
+            histogram.observe(max(0.0, end - start))
+            last = max(last, end)
+    return last
 
 
 # -- process figures (also reported by `vexpress-rt soak`) -------------------------------------------------------

@@ -48,6 +48,7 @@ class StateCollector(Collector):
         for session in sessions:
             self.metrics.observe_latencies(session.engine_session)
         self.metrics.observe_compute(state.engine.compute_spans())
+        self.metrics.observe_turns(state.engine.turn_spans())
         engine_stats = state.engine_stats()
         depths = [d for p in pumps for d in p.queue_depths()]
         yield _gauge("sessions", "Sessions being served.", len(sessions))

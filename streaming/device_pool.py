@@ -319,6 +319,10 @@ class DevicePool:
                     merged[key] = value if not isinstance(old, (int, float)) else max(old, value)
         return {**merged, "devices": len(self.engines), "healthy_devices": self.healthy_count()}
 
+    def turn_spans(self) -> list[tuple[float, float]]:
+        """Every worker's turns (start, end), in order of their end."""
+        return sorted((span for e in self.engines for span in list(e.worker.turn_log)), key=lambda s: s[1])
+
     def compute_spans(self) -> list[tuple[float, float]]:
         """Every worker's spans of model compute (start, end), in order of their end."""
         if len(self.engines) == 1:

@@ -74,6 +74,8 @@ class ModelWorker:
         # per chunk: trigger, ready, compute (for the bench)
         self.chunk_log: deque[dict[str, Any]] = deque(maxlen=10000)
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
+        # (start, end) of each turn that had work: every session's features, its UNet calls (and, serial, decodes)
+        self.turn_log: deque[tuple[float, float]] = deque(maxlen=20000)
         self.errors = 0
         self.batch_retries = 0  # batches that failed and were run again one session at a time
         self.failures_in_row = 0  # failed sessions/turns since the last successful call: the device's health
@@ -117,6 +119,7 @@ class ModelWorker:
     # -- one turn --------------------------------------------------------------------------------------------
     def turn(self) -> bool:
         """Collect one chunk per session and run them. Returns whether any work was done."""
+        turn_start = time.monotonic()
         work = []
         for session in self.engine.sessions():
             t0 = time.monotonic()
@@ -140,6 +143,7 @@ class ModelWorker:
         for settings, items in groups.items():
             for i in range(0, len(items), self.max_batch):
                 self._run(settings, items[i : i + self.max_batch])
+        self.turn_log.append((turn_start, time.monotonic()))
         return True
 
     def _run(self, settings: DenoiserSettings, items: list[WorkItem]) -> None:

@@ -271,6 +271,7 @@ def test_metrics(server):
         "# TYPE vexpress_sessions_created_total counter",
         "vexpress_audio_to_frame_seconds_bucket",  # histograms: percentiles across servers
         "vexpress_engine_compute_seconds_count",
+        "vexpress_engine_turn_seconds_bucket",
         "vexpress_track_queue_depth_frames_bucket",
         "vexpress_process_resident_memory_bytes",
         "vexpress_process_open_fds",

@@ -207,12 +207,15 @@ def test_metrics_histograms_per_app_registry():
     first.observe_latencies(engine_session)  # nothing new
     first.observe_compute([(0.0, 0.02), (1.0, 1.5)])
     first.observe_compute([(0.0, 0.02), (1.0, 1.5), (2.0, 2.1)])
+    first.observe_turns([(0.0, 0.05), (1.0, 1.2)])
+    first.observe_turns([(0.0, 0.05), (1.0, 1.2)])  # nothing new
     first.queue_depth.observe(3)
     first.websockets_refused.labels(kind="bot").inc()
     text = first.render().decode()
     assert "vexpress_audio_to_frame_seconds_count 4.0" in text
     assert "vexpress_audio_to_frame_seconds_sum 1.0" in text
     assert "vexpress_engine_compute_seconds_count 3.0" in text
+    assert "vexpress_engine_turn_seconds_count 2.0" in text and "vexpress_engine_turn_seconds_sum 0.2499" in text
     assert 'vexpress_track_queue_depth_frames_bucket{le="4.0"} 1.0' in text
     assert 'vexpress_websockets_refused_total{kind="bot"} 1.0' in text
     assert "vexpress_audio_to_frame_seconds_count 0.0" in second.render().decode()
