@@ -109,9 +109,10 @@ async def _video_sequence(state: ServerState, data: bytes, demuxer: str) -> np.n
     loop = asyncio.get_running_loop()
     root = state.engine.config.insightface_root
     try:
-        return await loop.run_in_executor(
-            None, motion_from_video, data, demuxer, state.config.max_image_pixels, root, MAX_VIDEO_S
-        )
+        with state.motion_videos:  # 503 beyond: each extraction holds a CPU core for seconds
+            return await loop.run_in_executor(
+                None, motion_from_video, data, demuxer, state.config.max_image_pixels, root, MAX_VIDEO_S
+            )
     except VideoTooLong as exc:
         raise ApiError(413, str(exc), code="payload_too_large") from None
     except InputError as exc:
