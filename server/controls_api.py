@@ -27,7 +27,7 @@ from vexpress_rt.styles import STYLE_FIELDS
 from . import limits
 from .auth import require_api_key
 from .errors import ApiError
-from .sniff import video_demuxer
+from .sniff import VIDEO_CONTAINERS, video_demuxer
 from .state import ServerState, json_body, server_state, session_for
 
 CONTROL_FIELDS = frozenset({*LIVE_FIELDS, "style"})
@@ -100,7 +100,8 @@ def _kps_file_sequence(data: bytes) -> np.ndarray:
         try:
             return load_kps_sequence(path)  # weights_only, numpy allow-list: no code runs
         except InputError as exc:
-            raise ApiError(400, str(exc).replace(str(path), "the upload")) from None
+            message = str(exc).replace(str(path), "the upload")
+            raise ApiError(400, f"{message}; or a video ({VIDEO_CONTAINERS})") from None
 
 
 async def _video_sequence(state: ServerState, data: bytes, demuxer: str) -> np.ndarray:

@@ -184,4 +184,4 @@ def test_video_uploads_without_a_face_too_long_or_not_a_video_are_refused(server
         long = call("POST", f"{server.url}/v1/motions", data=_video(grey[:1] * 32, fps=1, container=container))
         assert long.status == 413 and "longer than 30 s" in long.json["error"]["message"], long.text
     text = call("POST", f"{server.url}/v1/motions", data=b"#EXTM3U\nhttp://example.com/a.ts\n")
-    assert text.status == 400, text.text
+    assert text.status == 400 and "or a video (MP4, MOV, WebM, MKV)" in text.json["error"]["message"], text.text
