@@ -3,26 +3,31 @@
 A control change (from PATCH or the bot websocket's `control` message) names live fields of `GenerationParams`
 (`streaming.controls.LIVE_FIELDS`) and/or a `style`, whose fields come first and the request's own over them.
 It takes effect on the next frame made, ramped; the session's `control.applied` event names the frame it shows
-on. Motions are key-point sequences (`extract-kps` output, kps.pth or .npy) a session's `motion` names by id.
+on. Motions are key-point sequences (`extract-kps` output, kps.pth or .npy, or extracted here from a short video)
+a session's `motion` names by id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from aiohttp import web
 
 from streaming.controls import LIVE_FIELDS
+from streaming.motion_video import MAX_VIDEO_S, VideoTooLong, motion_from_video
 from streaming.session import StreamSession
-from vexpress_rt.errors import InputError
+from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.kps import load_kps_sequence
 from vexpress_rt.styles import STYLE_FIELDS
 
 from . import limits
 from .auth import require_api_key
 from .errors import ApiError
+from .sniff import VIDEO_CONTAINERS, video_demuxer
 from .state import ServerState, json_body, server_state, session_for
 
 CONTROL_FIELDS = frozenset({*LIVE_FIELDS, "style"})
@@ -70,20 +75,51 @@ async def list_styles(request: web.Request) -> web.Response:
 
 
 async def create_motion(request: web.Request) -> web.Response:
-    """The body: a kps.pth (the original's format) or a .npy (N, 3, 2) of pixel key points."""
+    """The body: a kps.pth (the original's format), a .npy (N, 3, 2) of pixel key points, or a short video
+    (MP4/MOV/WebM/MKV, at most MAX_VIDEO_S) whose face's key points are extracted here."""
     state = server_state(request)
     require_api_key(request, state.config.api_key)
-    data = await limits.read_body(request, limits.upload_bytes(state.config), "the key-point file")
+    data = await limits.read_body(request, limits.upload_bytes(state.config), "the motion file")
+    demuxer = video_demuxer(data)
+    if demuxer is not None:
+        sequence = await _video_sequence(state, data, demuxer)
+    else:
+        sequence = _kps_file_sequence(data)
+    try:
+        motion_id = state.engine.add_motion(sequence[:, :3])
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
+    return web.json_response({"id": motion_id, "frames": len(sequence)}, status=201)
+
+
+def _kps_file_sequence(data: bytes) -> np.ndarray:
     suffix = ".npy" if data.startswith(b"\x93NUMPY") else ".pth"
     with tempfile.TemporaryDirectory(prefix="vexpress-motion-") as folder:
         path = Path(folder) / f"motion{suffix}"
         path.write_bytes(data)
         try:
-            sequence = load_kps_sequence(path)  # weights_only, numpy allow-list: no code runs
-            motion_id = state.engine.add_motion(sequence[:, :3])
+            return load_kps_sequence(path)  # weights_only, numpy allow-list: no code runs
         except InputError as exc:
-            raise ApiError(400, str(exc).replace(str(path), "the upload")) from None
-    return web.json_response({"id": motion_id, "frames": len(sequence)}, status=201)
+            message = str(exc).replace(str(path), "the upload")
+            raise ApiError(400, f"{message}; or a video ({VIDEO_CONTAINERS})") from None
+
+
+async def _video_sequence(state: ServerState, data: bytes, demuxer: str) -> np.ndarray:
+    # Decoding and a face detection per frame take seconds: a worker thread, so the loop keeps serving sessions
+    # (the default pool, not the model device's executor).
+    loop = asyncio.get_running_loop()
+    root = state.engine.config.insightface_root
+    try:
+        with state.motion_videos:  # 503 beyond: each extraction holds a CPU core for seconds
+            return await loop.run_in_executor(
+                None, motion_from_video, data, demuxer, state.config.max_image_pixels, root, MAX_VIDEO_S
+            )
+    except VideoTooLong as exc:
+        raise ApiError(413, str(exc), code="payload_too_large") from None
+    except InputError as exc:
+        raise ApiError(400, f"video: {exc}") from None
+    except WeightsError as exc:
+        raise ApiError(503, f"no face detector available: {exc}", code="unavailable") from None
 
 
 async def list_motions(request: web.Request) -> web.Response:

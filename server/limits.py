@@ -14,6 +14,8 @@
 | WHEP viewers per session | `--max_viewers` 4 | 429 `viewer_limit` |
 | registered portraits | `--max_avatars` 16 | 409 `avatar_limit` |
 | portraits being registered at once | 4 (1 running) | 503 + Retry-After |
+| motion videos being extracted at once | 2 | 503 + Retry-After |
+| motion video length | 30 s (`streaming.motion_video.MAX_VIDEO_S`) | 413 `payload_too_large` |
 
 Session duration and idle time are enforced by `server/lifetime.py`.
 """
@@ -31,6 +33,7 @@ from .errors import ApiError
 
 JSON_OVERHEAD_BYTES = 16 * 1024
 MAX_PENDING_AVATARS = 4
+MAX_PENDING_MOTION_VIDEOS = 2  # each is a face detection per frame, 0.15-0.4 s of a CPU core per frame
 _READ_CHUNK = 64 * 1024
 MESSAGE_BURST_S = 2.0  # a websocket may send this many seconds' worth of its message rate at once
 MESSAGE_PATIENCE_S = 5.0  # ... and have a burst's worth dropped per this long before it is disconnected

@@ -33,3 +33,18 @@ def audio_demuxer(data: bytes) -> str:
     raise ApiError(
         415, f"not an accepted audio container (accepted: {AUDIO_CONTAINERS})", code="unsupported_media_type"
     )
+
+
+VIDEO_CONTAINERS = "MP4, MOV, WebM, MKV"
+_QUICKTIME_ATOMS = (b"ftyp", b"moov", b"wide", b"free", b"mdat")  # what an ISO/QuickTime file starts with
+
+
+def video_demuxer(data: bytes) -> str | None:
+    """The FFmpeg demuxer for an uploaded video (MP4/MOV: "mov", WebM/MKV: "matroska"), or None when the first
+    bytes are neither (the caller decides what else the upload may be)."""
+    head = data[:16]
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska and WebM
+        return "matroska"
+    if head[4:8] in _QUICKTIME_ATOMS:  # external data references stay off (enable_drefs=0, FFmpeg's default)
+        return "mov"
+    return None

@@ -44,6 +44,9 @@ class ServerState:
     avatar_jobs: limits.PendingLimit = field(
         default_factory=lambda: limits.PendingLimit(limits.MAX_PENDING_AVATARS, "portrait registrations")
     )
+    motion_videos: limits.PendingLimit = field(
+        default_factory=lambda: limits.PendingLimit(limits.MAX_PENDING_MOTION_VIDEOS, "motion video extractions")
+    )
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar")
     )
