@@ -8,7 +8,7 @@
 | POST /v1/sessions | key | a session: id, token and its URLs |
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
 | PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
-| GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded key-point motions (a kps file or a short video) |
+| GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded motions (kps file or short video) |
 | POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token | WHEP viewers (`whep.py`) |
 | GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`) |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
