@@ -103,14 +103,24 @@ def voiced_pcm16(seconds: float, rate: int = 16000, freq: float = 220.0, channel
     return np.repeat((x * 32767).astype("<i2")[:, None], channels, axis=1).tobytes()
 
 
-def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+def _wav(pcm: bytes, rate: int) -> bytes:
     out = io.BytesIO()
     with wave.open(out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(voiced_pcm16(seconds, rate))
+        w.writeframes(pcm)
     return out.getvalue()
+
+
+def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """Mono float samples in [-1, 1] as a 16-bit WAV file."""
+    return _wav(pcm16(samples), rate)
+
+
+def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A voiced tone as a WAV file."""
+    return _wav(voiced_pcm16(seconds, rate), rate)
 
 
 def mp3_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:

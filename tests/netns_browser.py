@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -285,16 +286,50 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=3.0)
     ap.add_argument("--timeout", type=int, default=120, help="the whole run; then the servers are stopped")
     args = ap.parse_args()
+    # bounded lifetime: the finally blocks stop serve and turnserver
+    return report_bounded("netns_browser", args.timeout, lambda report: run(args, report), {"mode": args.mode})
+
+
+# -- the test side: run a driver (this file or netns_viewer.py) in a loopback-only namespace ------------------------
+def run_driver_in_netns(driver: str, args: list[str], timeout_s: float) -> dict:
+    """`tests/<driver>` with `args` inside `unshare -n` (only `lo`), bounded by `timeout_s`; its REPORT line.
+    Skips (fails in CI, see conftest) where Chromium, Playwright, root or unshare is missing."""
+    import pytest
+
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"Chromium not found at {CHROMIUM}")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a loopback-only network namespace needs root and unshare (util-linux)")
+    command = [sys.executable, str(REPO_ROOT / "tests" / driver), *args, "--timeout", str(int(timeout_s) - 20)]
+    script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in command)
+    proc = subprocess.Popen(
+        ["unshare", "-n", "bash", "-c", script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # the driver's own alarm failed: stop everything it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=10)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return json.loads(lines[-1][len("REPORT ") :])
+
+
+# -- the driver side: one bounded run that always prints its report ------------------------------------------------
+def report_bounded(name: str, timeout_s: int, run: Callable[[dict], None], report: dict) -> int:
+    """`run(report)` under an alarm of `timeout_s` (its finally blocks stop what it started); the report, with
+    any exception and the runtime, printed as one REPORT line for the test to assert on."""
 
     def expired(signum, frame):
-        raise TimeoutError(f"netns_browser: over {args.timeout} s")
+        raise TimeoutError(f"{name}: over {timeout_s} s")
 
     signal.signal(signal.SIGALRM, expired)
-    signal.alarm(args.timeout)  # bounded lifetime: the finally blocks stop serve and turnserver
-    report: dict = {"mode": args.mode}
+    signal.alarm(timeout_s)
     t0 = time.monotonic()
     try:
-        run(args, report)
+        run(report)
     except Exception as exc:  # the report says what failed; the test asserts on it
         report["exception"] = f"{type(exc).__name__}: {exc}"
     report["runtime_s"] = round(time.monotonic() - t0, 2)

@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from netns_browser import CHROMIUM, CHROMIUM_FLAGS, free_port, stop, tail, wait_ready
+from netns_browser import CHROMIUM, CHROMIUM_FLAGS, free_port, report_bounded, stop, tail, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 128, 64  # the session's video: 2:1, letterboxed in a 4:3 viewport
@@ -191,21 +190,7 @@ def main() -> int:
     ap.add_argument("--measure-s", type=float, default=4.0)
     ap.add_argument("--timeout", type=int, default=120, help="the whole run; then the server is stopped")
     args = ap.parse_args()
-
-    def expired(signum, frame):
-        raise TimeoutError(f"netns_viewer: over {args.timeout} s")
-
-    signal.signal(signal.SIGALRM, expired)
-    signal.alarm(args.timeout)
-    report: dict = {}
-    t0 = time.monotonic()
-    try:
-        run(args, report)
-    except Exception as exc:  # the report says what failed; the test asserts on it
-        report["exception"] = f"{type(exc).__name__}: {exc}"
-    report["runtime_s"] = round(time.monotonic() - t0, 2)
-    print("REPORT " + json.dumps(report), flush=True)
-    return 0
+    return report_bounded("netns_viewer", args.timeout, lambda report: run(args, report), {})
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from netns_browser import run_driver_in_netns
 
 from server import cli
 from server.config import ConfigError, ServerConfig
@@ -204,26 +203,8 @@ def speech_wav(tmp_path_factory) -> Path:
 
 
 def _netns_run(mode: str, model_dir: Path, wav: Path, workdir: Path, timeout_s: float = 150) -> dict:
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"Chromium not found at {CHROMIUM}")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("a loopback-only network namespace needs root and unshare (util-linux)")
-    driver = [sys.executable, str(REPO_ROOT / "tests" / "netns_browser.py"), "--mode", mode,
-              "--model-dir", str(model_dir), "--wav", str(wav), "--workdir", str(workdir)]  # fmt: skip
-    script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in driver)
-    proc = subprocess.Popen(
-        ["unshare", "-n", "bash", "-c", script + f" --timeout {int(timeout_s) - 20}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:  # the driver's own alarm failed: stop everything it started
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=10)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("REPORT ")]
-    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    report = json.loads(lines[-1][len("REPORT ") :])
+    args = ["--mode", mode, "--model-dir", str(model_dir), "--wav", str(wav), "--workdir", str(workdir)]
+    report = run_driver_in_netns("netns_browser.py", args, timeout_s)
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     dest = os.environ.get("VEXPRESS_ARTIFACTS")
     if dest:

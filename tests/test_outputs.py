@@ -23,9 +23,9 @@ from client_kit import (
     delete_session,
     free_port,
     loud_seconds,
-    pcm16,
     read_received,
     run,
+    wav_of,
 )
 from client_kit import http as open_http
 from server_harness import ServerThread, make_config
@@ -42,19 +42,6 @@ def server(tiny_engine):
     srv = ServerThread(make_config(mark_frames=True), tiny_engine).start()
     yield srv
     srv.stop()
-
-
-def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
-    import io
-    import wave
-
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm16(samples))
-    return out.getvalue()
 
 
 async def output_report(http, session: dict, output_id: str) -> dict:

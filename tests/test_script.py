@@ -11,7 +11,6 @@ whose barcode names it). Figures are printed (`pytest -s`).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import subprocess
@@ -32,9 +31,9 @@ from client_kit import (
     delete_session,
     free_port,
     loud_seconds,
-    pcm16,
     read_received,
     run,
+    wav_of,
 )
 from client_kit import http as open_http
 from conftest import IN_CI
@@ -61,16 +60,6 @@ def server(tiny_engine, espeak):
     srv = ServerThread(make_config(mark_frames=True, tts_command=TTS), tiny_engine).start()
     yield srv
     srv.stop()
-
-
-def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm16(samples))
-    return out.getvalue()
 
 
 def test_script_items_are_validated():
