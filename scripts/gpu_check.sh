@@ -35,8 +35,9 @@ timeout 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --ju
 rc=$?; echo "pytest -m gpu: rc=$rc ($(tail -n 1 "$out/pytest_gpu.log"))"
 [ "$rc" -eq 0 ] || status=1
 
-# CUDA graphs and the pipelined worker (the defaults) with the eager engine beside them, from the same run.
-timeout 270 "$py" -m server bench --gpu --json --eager ${BENCH_ARGS:-} >"$out/bench_gpu.json" 2>"$out/bench_gpu.log"
+# CUDA graphs and the pipelined worker (the defaults) with the eager engine beside them, from the same run; then
+# idling with a head motion (live idle frames) beside fix_face on the same engine.
+timeout 300 "$py" -m server bench --gpu --json --eager --idle_motion ${BENCH_ARGS:-} >"$out/bench_gpu.json" 2>"$out/bench_gpu.log"
 rc=$?; echo "bench --gpu --json --eager: rc=$rc"
 [ "$rc" -eq 0 ] || { status=1; tail -n 5 "$out/bench_gpu.log"; }
 

@@ -125,10 +125,20 @@ class LiveControls:
             self._version += 1
             return ControlChange(self._version, params)
 
-    def start_speech(self) -> None:
-        """Speech starts from the idle clip (the portrait's own pose): fade from it into the motion."""
+    def start_from_rest(self) -> None:
+        """Generation starts from the idle clip (the portrait's own pose): fade from it into the motion."""
         with self._lock:
             self._fade_start = self._frame
+
+    @property
+    def posed(self) -> bool:
+        """Whether the next frames' pose is other than the portrait's own (fix_face): then idle frames must be
+        generated live to follow it, the pre-rendered idle clip cannot. True through a ramp or a fade."""
+        with self._lock:
+            if self._ramp(self._frame) < 1.0 or self._fade_start is not None:
+                return True
+            table = self._track.table
+            return not bool(np.all(table == self._reference_kps[None]))
 
     def next_frames(self, count: int) -> list[FrameControl]:
         """The controls of the next `count` frames generated (the worker's call, once per chunk)."""

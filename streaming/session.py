@@ -42,6 +42,7 @@ from .frames import AVFrame, Event
 from .pose import PoseFeatures
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
+IDLE = 0  # the utterance number of live idle frames (generated from silence while the head follows a motion)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,10 @@ class SpeechFrame:
     ready_time: float
     idle_pos: int  # the idle clip frame closest to this one (where the idle loop resumes after it)
 
+    @property
+    def is_idle(self) -> bool:
+        return self.payload.utterance == IDLE
+
 
 @dataclass
 class Utterance:
@@ -190,8 +195,15 @@ class StreamSession:
         self._reset_stream = True
         self._idle_pos = 0
         self._idle_dir = 1
+        # Live idle: while the pose is not the portrait's own (a motion), idle frames are generated from silence
+        # so that the head keeps following it; the pre-rendered idle clip holds the fix_face pose only.
+        self._live_idle: deque[SpeechFrame] = deque()  # made and waiting to be shown
+        self._live_idle_on = False  # the stream is generating idle frames (its context is those frames)
+        self._idle_made = 0  # live idle frames submitted (their payload numbers)
+        self._showing_live = False  # the frame on screen was generated live (speech or live idle), not the clip
+        self._last_shown: np.ndarray | None = None  # the last idle image shown (what a cross-fade starts from)
         self._last_image: np.ndarray | None = None
-        self._last_kps: np.ndarray | None = None  # the pose points of the last speech frame shown (for the lids)
+        self._last_kps: np.ndarray | None = None  # the pose points of the last generated frame shown (for the lids)
         self._last_latent: torch.Tensor | None = None
         self._last_idle_pos = 0
         self._blend: tuple[np.ndarray, int] | None = None
@@ -338,6 +350,8 @@ class StreamSession:
                 events += [Event("mark", {"name": name}, self._next_index) for _, name in utt.marks]
             self._utterances.clear()
             self._ready.clear()
+            self._live_idle.clear()
+            self._live_idle_on = False
             self._reset_stream = True
             self._start_blend()
             events += self._set_state(SessionState.IDLE)
@@ -356,9 +370,9 @@ class StreamSession:
             index = self._next_index
             self._next_index += 1
             frame = self._speech_frame(index, now, events) or self._idle_frame(index, events)
-            # The lids follow the head: a speech frame's own pose points, the portrait's on idle frames.
+            # The lids follow the head: a generated frame's own pose points, the portrait's on the idle clip.
             eyes = self.avatar.encoded.reference_kps
-            if frame.speaking and self._last_kps is not None:
+            if self._showing_live and self._last_kps is not None:
                 eyes = self._last_kps
             frame.image = self.blink.apply(index, frame.image, eyes)
             if self._shown_version > self._acked_version:
@@ -378,6 +392,7 @@ class StreamSession:
             self.closed = True
             self._utterances.clear()
             self._ready.clear()
+            self._live_idle.clear()
             events = self._set_state(SessionState.CLOSED)
         self._emit(events)
         self.engine.release_session(self)
@@ -448,19 +463,15 @@ class StreamSession:
             utt = next(
                 (u for u in self._utterances if not (u.ended and u.frames_submitted >= (u.frames_total or 0))), None
             )
-            if utt is None or len(self._ready) + self.denoiser_settings.new_frames > self._max_ready:
-                return self._flush_job() if utt is None else None
-            # Feed the features about two chunks of audio at a time: wav2vec2's span stays bounded however far
-            # ahead a bot has pushed.
-            cfg = self.config
-            feed = (
-                0
-                if len(utt.tokens) >= self.denoiser_settings.new_frames
-                else int((2 * self.denoiser_settings.new_frames / cfg.fps + cfg.lookahead_s) * MODEL_RATE)
-            )
-            pcm = utt.pcm16k.take(feed)
-            end_features = utt.ended and not utt.features_ended and utt.pcm16k.size == 0
-            epoch, stream = self._epoch, self._stream
+            stream = self._stream
+            if utt is None:
+                silent = self._silent_chunk(stream)
+            elif len(self._ready) + self.denoiser_settings.new_frames > self._max_ready:
+                return None
+            else:
+                pcm, end_features, epoch = self._feed(utt)
+        if utt is None:
+            return None if silent is None else self._silent_job(stream, *silent)
         tokens = [t.tokens for t in utt.features.push(pcm)] if len(pcm) else []
         if end_features:
             tokens += [t.tokens for t in utt.features.end()]
@@ -498,19 +509,56 @@ class StreamSession:
         rows = self._rows(controls)  # the guider runs outside the lock
         return ChunkJob(stream, self.avatar.encoded, chunk_tokens, payloads, self.controls.params, meta, rows)
 
+    def _silent_job(
+        self,
+        stream: StreamState,
+        payloads: list[FramePayload | None],
+        controls: list[FrameControl],
+        meta: dict[str, float],
+    ) -> ChunkJob:
+        tokens = self.engine.silence_tokens(self)[None].expand(len(payloads), -1, -1)
+        rows = self._rows(controls)  # the guider runs outside the lock
+        return ChunkJob(stream, self.avatar.encoded, tokens, payloads, self.controls.params, meta, rows)
+
+    def _feed(self, utt: Utterance) -> tuple[np.ndarray, bool, int]:
+        """(Under the lock) the next audio for `utt`'s features, whether they end after it, and the epoch. About
+        two chunks of audio at a time: wav2vec2's span stays bounded however far ahead a bot has pushed."""
+        cfg, n = self.config, self.denoiser_settings.new_frames
+        feed = 0 if len(utt.tokens) >= n else int((2 * n / cfg.fps + cfg.lookahead_s) * MODEL_RATE)
+        pcm = utt.pcm16k.take(feed)
+        return pcm, utt.ended and not utt.features_ended and utt.pcm16k.size == 0, self._epoch
+
     def _rows(self, controls: list[FrameControl]) -> dict[str, torch.Tensor]:
         pose = self.engine.poses.features([c.kps for c in controls], self.width, self.height)
         return frame_rows([c.weights for c in controls], pose)
 
-    def _flush_job(self) -> ChunkJob | None:
-        """Staggered windows hold frames back; with no audio left, push silent fillers until they are out."""
-        stream = self._stream
-        if stream is None or stream.queue is None or stream.real_frames_queued == 0:
-            return None
+    def _silent_chunk(
+        self, stream: StreamState
+    ) -> tuple[list[FramePayload | None], list[FrameControl], dict[str, float]] | None:
+        """Between utterances (under the lock): the next chunk driven by silence, or None. While the pose follows
+        a motion, live idle frames, made when few are left to show: just ahead of the reader, so that speech
+        starting now waits behind as few of them as possible. Otherwise silent fillers, only while staggered
+        windows still hold real frames back (they push them out)."""
         n = self.denoiser_settings.new_frames
-        silence = self.engine.silence_tokens(self)[None].expand(n, -1, -1)
-        rows = self._rows(self.controls.next_frames(n))
-        return ChunkJob(stream, self.avatar.encoded, silence, [None] * n, self.controls.params, rows=rows)
+        now = self._now()
+        if not self.controls.posed:
+            self._live_idle_on = False  # the portrait's own pose: the idle clip takes over
+            if stream.queue is None or stream.real_frames_queued == 0:
+                return None
+            return [None] * n, self.controls.next_frames(n), {}
+        if len(self._live_idle) > self.config.jitter_frames:
+            return None
+        if not self._live_idle_on:
+            self._continue_from_screen(stream)
+            self._live_idle_on = True
+        controls = self.controls.next_frames(n)
+        payloads: list[FramePayload | None] = []
+        for control in controls:
+            payloads.append(
+                FramePayload(IDLE, self._idle_made, self._silence, now, self._epoch, control.kps, control.version)
+            )
+            self._idle_made += 1
+        return payloads, controls, {"trigger": now}
 
     def _arrival(self, utt: Utterance, sample_end: int) -> float:
         while len(utt.arrivals) > 1 and utt.arrivals[1][0] < sample_end:
@@ -521,10 +569,11 @@ class StreamSession:
         return self._now()
 
     def _continue_from_screen(self, stream: StreamState) -> None:
-        """A new utterance continues from what is on screen: the idle frames around the current position."""
-        if self._last_latent is not None and self._state == SessionState.SPEAKING:
-            return  # back-to-back speech: the stream's own context is already the frames on screen
-        self.controls.start_speech()  # from the idle clip's pose into the motion
+        """Generation (speech, or live idle) continues from what is on screen: the idle clip's frames around the
+        current position, unless the stream itself made the frames on screen."""
+        if self._live_idle_on or (self._last_latent is not None and self._state == SessionState.SPEAKING):
+            return  # live idle or back-to-back speech: the stream's own context is already the frames on screen
+        self.controls.start_from_rest()  # from the idle clip's pose into the motion
         idle = self.avatar.idle_latents
         c = self.denoiser_settings.context_frames
         if c == 0:
@@ -547,6 +596,9 @@ class StreamSession:
             for (payload, image, latent), idle_pos in zip(frames, nearest):
                 if payload.epoch != self._epoch or self.closed:
                     continue  # interrupted while in flight
+                if payload.utterance == IDLE:
+                    self._live_idle.append(SpeechFrame(payload, image, latent, ready_time, idle_pos))
+                    continue
                 self._ready.append(SpeechFrame(payload, image, latent, ready_time, idle_pos))
                 self.latencies_ms.append(1000.0 * (ready_time - payload.audio_time))
                 self.latency_count += 1
@@ -571,6 +623,7 @@ class StreamSession:
             if not self._ready or (waiting and not complete):
                 return None
             utt.started = True
+            self._live_idle.clear()  # idle frames made before the speech: it plays as soon as it is ready
             events += self._set_state(SessionState.SPEAKING, index)
             events.append(Event("playback.started", {"utterance": utt.id}, index))
         if not (self._ready and self._ready[0].payload.utterance == utt.id):
@@ -582,9 +635,7 @@ class StreamSession:
                 index, self.time_base, self._last_image, self._silence, self.config.output_sample_rate, True, utt.id
             )
         sf = self._ready.popleft()
-        self._last_image, self._last_latent, self._last_idle_pos = sf.image, sf.latent, sf.idle_pos
-        self._last_kps = sf.payload.kps
-        self._shown_version = max(self._shown_version, sf.payload.control_version)
+        self._show_generated(sf)
         utt.frames_played += 1
         self.speech_frames_out += 1
         played = utt.frames_played * self.samples_per_frame
@@ -593,6 +644,12 @@ class StreamSession:
         if utt.ended and utt.frames_played >= (utt.frames_total or 0):
             self._finish(utt, index, events)
         return AVFrame(index, self.time_base, sf.image, sf.payload.audio, self.config.output_sample_rate, True, utt.id)
+
+    def _show_generated(self, sf: SpeechFrame) -> None:
+        self._last_image, self._last_latent, self._last_idle_pos = sf.image, sf.latent, sf.idle_pos
+        self._last_kps = sf.payload.kps
+        self._shown_version = max(self._shown_version, sf.payload.control_version)
+        self._showing_live = True
 
     def _finish(self, utt: Utterance, index: int, events: list[Event]) -> None:
         if utt.started:
@@ -604,7 +661,8 @@ class StreamSession:
         if not self._utterances or not self._utterances[0].started:
             if self._state == SessionState.SPEAKING and not self._ready:
                 events += self._set_state(SessionState.IDLE, index)
-                self._start_blend()
+                if not self._live_idle_on:  # else live idle frames go on from the speech's last frame
+                    self._start_blend()
 
     def _idle_index(self, pos: int) -> int:
         n = int(self.avatar.idle_frames[self.config.decoder].shape[0])
@@ -628,14 +686,31 @@ class StreamSession:
         return int(distance.argmin())
 
     def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
-        image = self.avatar.idle_frames[self.config.decoder][self._idle_index(self._idle_pos)]
-        self._idle_pos += 1
-        self._shown_version = self.controls.version  # idle frames are made now, with the controls of now
+        """A frame while nothing is spoken: a live idle frame when the pose follows a motion (the last one held
+        while the next is late), else the pre-rendered idle clip, cross-fading wherever one source hands over to
+        the other."""
+        if self._live_idle:
+            sf = self._live_idle.popleft()
+            if not self._showing_live and self._last_shown is not None:
+                self._blend = (self._last_shown, 0)  # from the idle clip into the live frames
+            self._show_generated(sf)
+            image = sf.image
+        elif self._live_idle_on and self._showing_live and self._last_image is not None:
+            self.underruns += 1  # generation fell behind: hold the face
+            image = self._last_image
+        else:
+            if self._showing_live:  # live frames end (the pose is the portrait's again): back into the clip
+                self._showing_live = False
+                self._start_blend()
+            image = self.avatar.idle_frames[self.config.decoder][self._idle_index(self._idle_pos)]
+            self._idle_pos += 1
+            self._shown_version = self.controls.version  # clip frames are shown now, with the controls of now
         if self._blend is not None:
             last, k = self._blend
             w = 1.0 - (k + 1) / (self.config.blend_frames + 1)
             image = (w * last.astype(np.float32) + (1 - w) * image.astype(np.float32) + 0.5).astype(np.uint8)
             self._blend = (last, k + 1) if k + 1 < self.config.blend_frames else None
+        self._last_shown = image
         return AVFrame(index, self.time_base, image, self._silence, self.config.output_sample_rate, False, None)
 
     def _skip(self, count: int) -> list[Event]:
@@ -643,12 +718,15 @@ class StreamSession:
         self._next_index += count
         self.dropped_frames += count
         for _ in range(count):
-            if not self._ready:
+            if self._ready:
+                sf = self._ready.popleft()
+                utt = self._utterance(sf.payload.utterance)
+                if utt is not None:
+                    utt.frames_played += 1
+            elif self._live_idle:
+                self._live_idle.popleft()
+            else:
                 break
-            sf = self._ready.popleft()
-            utt = self._utterance(sf.payload.utterance)
-            if utt is not None:
-                utt.frames_played += 1
         self._idle_pos += count
         return []
 

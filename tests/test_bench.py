@@ -102,3 +102,24 @@ def test_engine_bench_puts_the_serial_worker_beside_the_pipelined_one(capsys):
     for runs in (gpu["runs"], gpu["serial"]["runs"]):
         (run,) = runs
         assert run["frames_generated"] > 0 and 0 < run["latency_p50_ms"] <= run["latency_p95_ms"]
+
+
+def test_idle_motion_bench_puts_live_idle_beside_the_clip():
+    """`bench --idle_motion`: a fix_face session idles for free on its clip, a nodding one generates its idle frames;
+    both start speaking, and the figures say how long that took (a short, bounded run of one utterance each)."""
+    from streaming.bench.command import _load_engine
+    from streaming.bench.idle_motion import idle_motion
+    from streaming.session import SessionConfig
+    from vexpress_rt.params import GenerationParams
+
+    cfg = SessionConfig(params=GenerationParams(steps=1))
+    engine, info = _load_engine(None, 128, 64, cfg)
+    try:
+        out = idle_motion(engine, info.id, cfg, rounds=1, idle_s=1.0, speech_s=0.5)
+    finally:
+        engine.close()
+    clip, nod = out["rows"]
+    assert (clip["motion"], nod["motion"]) == ("fix_face", "nod")
+    assert clip["idle_frames_generated_per_s"] == 0 and nod["idle_frames_generated_per_s"] > 5
+    assert clip["utterances"] == nod["utterances"] == 1
+    assert 0 < clip["speech_start_p50_ms"] < 10_000 and 0 < nod["speech_start_p50_ms"] < 10_000

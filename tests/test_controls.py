@@ -220,6 +220,91 @@ def test_a_change_while_idle_is_acknowledged_on_the_next_frame(engine, avatar):
     assert session.controls.params.blinks_per_minute == 40
 
 
+# -- idle follows the motion ---------------------------------------------------------------------------------------
+class Shown:
+    """Which generated frame each output image is: the delivered images by content."""
+
+    def __init__(self, session):
+        self.made: dict[bytes, object] = {}
+        real = session.deliver
+
+        def deliver(frames):
+            for payload, image, _ in frames:
+                self.made[image.tobytes()] = payload
+            real(frames)
+
+        session.deliver = deliver  # type: ignore[method-assign]
+
+    def payload(self, frame):
+        return self.made.get(frame.image.tobytes())
+
+
+def _tick(engine, session, clock):
+    for _ in range(50):
+        if not engine.worker.turn():
+            break
+    frame = session.read_frame()
+    clock.t += 1 / session.config.fps
+    return frame
+
+
+def test_idle_frames_follow_the_motion_and_go_on_from_speech(engine, avatar, tiny_portrait, tiny_speech):
+    """With a motion, idle frames are generated live (silence-driven) on the motion's clock: before speech, after it
+    without going back to the fix_face clip, and through the change back to fix_face, which returns to the clip."""
+    session, clock, events = _open(engine, avatar, motion="nod", motion_amplitude=2.0, blinks_per_minute=0)
+    shown = Shown(session)
+    clip = {image.tobytes() for image in session.avatar.idle_frames[session.config.decoder]}
+    track = procedural_track("nod", engine.get_avatar(avatar).kps, fps=25, seed=0).scaled(2.0)
+    try:
+        before = [_tick(engine, session, clock) for _ in range(30)]
+        frames = _play(engine, [(session, clock, events)], tiny_speech[:6400])[0]
+        after = [_tick(engine, session, clock) for _ in range(20)]
+        session.change_controls({"motion": "fix_face"})
+        back = [_tick(engine, session, clock) for _ in range(40)]
+    finally:
+        session.close()
+
+    # Before any speech: after the first chunk's latency, every idle frame is a live one, on the motion's clock
+    # (frame k of the session is the track's frame k once the fade from the portrait's pose is over).
+    live = [shown.payload(f) for f in before]
+    first = next(k for k, p in enumerate(live) if p is not None)
+    assert first <= 10 and all(p is not None and p.utterance == 0 for p in live[first + 1 :])
+    faded = [p for p in live if p is not None and p.number >= POSE_FADE_FRAMES]
+    assert len(faded) >= 10
+    for p in faded:
+        assert np.array_equal(p.kps, track.points(p.number)), p.number
+    assert np.ptp(np.stack([p.kps for p in faded])[:, 2, 1]) > 0.5  # the nose moves while idle
+    assert len({f.image.tobytes() for f in before[first + 1 :]}) == len(before) - first - 1  # no frame repeats
+
+    # Speech continues the same stream; the idle frames after it are live again, with no return to the clip, and
+    # the pose goes on smoothly across both boundaries.
+    sequence = [shown.payload(f) for f in before[first + 1 :] + frames + after]
+    assert all(p is not None for p in sequence[-15:]) and all(p.utterance == 0 for p in sequence[-15:])
+    assert not any(f.image.tobytes() in clip for f in frames + after)
+    points = np.stack([p.kps for p in sequence if p is not None])
+    steps = np.abs(np.diff(points, axis=0)).max(axis=(1, 2))
+    track_step = np.abs(np.diff(track.table, axis=0)).max()
+    # frames made before the speech and not shown are skipped: at most jitter + one chunk of motion
+    assert steps.max() <= (session.config.jitter_frames + 3) * track_step + 1e-3
+
+    # Back to fix_face: ramped, then the idle clip again (cross-faded), and no more generation while idle.
+    assert any(f.image.tobytes() in clip for f in back[-10:])
+    assert all(f.image.tobytes() in clip for f in back[-5:])
+    assert not session.controls.posed
+
+
+def test_a_fix_face_session_idles_on_the_clip_without_generating(engine, avatar):
+    session, clock, _ = _open(engine, avatar, blinks_per_minute=0)
+    clip = {image.tobytes() for image in session.avatar.idle_frames[session.config.decoder]}
+    try:
+        made = engine.worker.frames_generated
+        frames = [_tick(engine, session, clock) for _ in range(12)]
+        assert engine.worker.frames_generated == made
+        assert all(f.image.tobytes() in clip for f in frames)
+    finally:
+        session.close()
+
+
 # -- batching ------------------------------------------------------------------------------------------------------
 def test_sessions_with_different_controls_batch_and_equal_unbatched(engine, avatar, tiny_speech, monkeypatch):
     specs = [

@@ -64,6 +64,12 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
         help="only measure blinking on real photographs (dlib's landmarks, `.[test]`): rates 0/10/20/30 per minute "
         "over 60 s at 25 fps, counted blinks, eye aspect ratios, change outside the eyes, ms per frame",
     )
+    p.add_argument(
+        "--idle_motion",
+        action="store_true",
+        help="also measure idling with a head motion (live idle frames) beside fix_face (the idle clip): idle "
+        "frames generated per second and the wait from an utterance's first audio to its first frame",
+    )
     p.add_argument("--blink_sheet", default=None, help="with --blink: also write the open/half/closed picture here")
     p.add_argument("--blink_photos", default=None, help="with --blink: a folder of more face photos to measure")
     g = p.add_argument_group("--gpu: the whole engine on a device, N concurrent real-time sessions")
@@ -350,6 +356,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from .strategies import compare_strategies
 
             out["strategies"] = compare_strategies(engine.models, info, engine, cfg)
+        if args.idle_motion:
+            from .idle_motion import idle_motion
+
+            out["idle_motion"] = idle_motion(engine, info.id, cfg, rounds=2 if args.quick else 5)
         if args.loop_lag:
             from .loop_lag import loop_lag
 
@@ -393,6 +403,7 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg: SessionConfig, out: dict[st
         eager=args.eager,
         pipelined=_pipelined(args.pipelined),
         serial=args.serial,
+        idle_motion=args.idle_motion,
     )
     if "skipped" in out["gpu"]:
         print(f"note: engine bench skipped: {out['gpu']['skipped']}", file=sys.stderr)
@@ -401,6 +412,10 @@ def _cmd_engine_bench(args: argparse.Namespace, cfg: SessionConfig, out: dict[st
     else:
         print(f"settings: {out['settings']}")
         print_engine_table(out["gpu"])
+        if "idle_motion" in out["gpu"]:
+            from .idle_motion import print_idle_motion
+
+            print_idle_motion(out["gpu"]["idle_motion"])
     return 0
 
 
@@ -422,6 +437,10 @@ def _print_table(out: dict[str, Any]) -> None:
     print(f"settings: {out['settings']}")
     for name, value in rows:
         print(f"  {name:<45} {value:>10.2f}" if isinstance(value, float) else f"  {name:<45} {value:>10}")
+    if "idle_motion" in out:
+        from .idle_motion import print_idle_motion
+
+        print_idle_motion(out["idle_motion"])
     for key in ("strategies", "loop_lag"):
         if key in out:
             print(f"{key}:")

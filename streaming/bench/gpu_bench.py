@@ -85,12 +85,14 @@ def engine_figures(
     eager: bool = False,
     pipelined: bool | None = None,
     serial: bool = False,
+    idle_motion: bool = False,
 ) -> dict[str, Any]:
     """The engine's figures on `device` as one JSON-ready dict; {"skipped": ...} when CUDA is asked for and absent.
     On CUDA the UNet windows replay from CUDA graphs; `eager` adds the eager engine's figures at the first
     session count (`eager` key) from the same run, for the side-by-side. `pipelined`: the worker's mode (None:
     the engine's default, pipelined on CUDA); `serial` runs the main engine pipelined and adds the serial worker's
-    figures at the first two session counts (`serial` key)."""
+    figures at the first two session counts (`serial` key); `idle_motion` adds `bench --idle_motion`'s figures on
+    the main engine (`idle_motion` key)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -127,8 +129,11 @@ def engine_figures(
     if serial:
         modes.append(("serial", None, False, sessions[:2]))
     for name, graphs, pipe, counts in modes:
-        figures = _engine_figures(models, decoders, cfg, width, height, counts, seconds, max_batch, graphs, pipe)
-        if name == modes[0][0]:
+        main = name == modes[0][0]
+        figures = _engine_figures(
+            models, decoders, cfg, width, height, counts, seconds, max_batch, graphs, pipe, idle_motion and main
+        )
+        if main:
             out.update(figures)
             out["mode"] = name
         else:
@@ -155,6 +160,7 @@ def _engine_figures(
     max_batch: int,
     graphs: bool | None,
     pipelined: bool | None,
+    idle_motion: bool = False,
 ) -> dict[str, Any]:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
@@ -192,6 +198,10 @@ def _engine_figures(
             out["runs"].append(run)
             if run["delivered_fps_per_session"] < FAR_PAST_CAPACITY * cfg.fps:
                 break  # far past capacity: more sessions only take longer to tell the same
+        if idle_motion:
+            from .idle_motion import idle_motion as idle_motion_figures
+
+            out["idle_motion"] = idle_motion_figures(engine, info.id, cfg)
     finally:
         engine.close()
     out["_avatar"] = engine.avatar(info.id).encoded
