@@ -131,6 +131,7 @@ def _session_json(session: ServerSession) -> dict:
         "fps": es.config.fps,
         "steps": es.config.params.steps,
         "params": es.controls.params.to_dict(),  # as last changed (PATCH, control messages)
+        "control_version": es.controls.version,  # the last change (PATCH's "version"); 0: as created
         "decoder": es.config.decoder,
         "width": es.width,
         "height": es.height,

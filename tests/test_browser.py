@@ -6,9 +6,11 @@ loads `/?loopback=1` (the page then offers only its 127.0.0.1 candidates), click
 connection's `getStats()` through the page's `window.vexpress` hook. Checked: video frames are decoded at the session
 fps with the session's size; the traffic stays on this machine (the server's side of the selected candidate pair is
 127.0.0.1, the browser's side is 127.0.0.1 or this machine's own host address, see below); the avatar's audio arrives
-with energy (measured by a WebAudio analyser in the page: headless Chromium reports totalAudioEnergy = 0); Interrupt
-keeps the stream going; Stop closes it. A screenshot and a JSON report are saved (also to $VEXPRESS_ARTIFACTS when
-set). The whole test takes well under 90 s on 2 cores.
+with energy (measured by a WebAudio analyser in the page: headless Chromium reports totalAudioEnergy = 0); the live
+controls reach the server (a slider and a head motion set before Start are in the session it made; a slider moved
+while live and a style picked are changes it numbers and reports in GET /v1/sessions/{id}; picking a style moves the
+sliders to the style's values); Interrupt keeps the stream going; Stop closes it. A screenshot and a JSON report are
+saved (also to $VEXPRESS_ARTIFACTS when set). The whole test takes well under 90 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from vexpress_rt.styles import BUILT_IN
 
 pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
 
@@ -154,6 +158,21 @@ def _stats(page) -> dict:
     return page.evaluate("window.vexpress.stats()")
 
 
+def _server_session(session: dict) -> dict:
+    """The session as the server reports it (GET /v1/sessions/{id} with its token): its controls among the rest."""
+    request = urllib.request.Request(session["url"], headers={"Authorization": f"Bearer {session['token']}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.load(resp)
+
+
+def _controls_on_page(page) -> dict:
+    """The live controls' values as the page shows them (field -> value; the sliders' as numbers)."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('#controls [data-field]')].map((el) =>
+            [el.dataset.field, el.tagName === 'SELECT' ? el.value : Number(el.value)]))"""
+    )
+
+
 def _save_artifacts(files: list[Path]) -> None:
     dest = os.environ.get("VEXPRESS_ARTIFACTS")
     if not dest:
@@ -213,6 +232,16 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
             assert page.evaluate("window.vexpress.lastError") is None, where()
             avatar_id = page.evaluate("document.getElementById('avatar-select').value")
 
+            # Live controls set before the session go into its creation request (the sliders and pickers are filled
+            # from /v1/info and /v1/styles at load).
+            page.wait_for_function(
+                "document.getElementById('c-motion').options.length > 0"
+                " && document.getElementById('style').options.length > 1",
+                timeout=5_000,
+            )
+            page.fill("#c-blinks", "40")  # a range input: Playwright sets it and fires input + change, as a drag does
+            page.select_option("#c-motion", "nod")
+
             page.click("#start")
             page.wait_for_function(
                 "window.vexpress.lastError || window.vexpress.pc?.connectionState === 'connected'",
@@ -223,6 +252,10 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
             report["session"] = {k: session.get(k) for k in ("id", "avatar_id", "fps", "width", "height", "offer_url")}
             assert session["avatar_id"] == avatar_id, where()
             assert (session["width"], session["height"], session["fps"]) == (WIDTH, HEIGHT, FPS), where()
+            created = _server_session(session)
+            report["controls_created"] = {"version": created.get("control_version"), "params": created.get("params")}
+            assert created["params"]["blinks_per_minute"] == 40 and created["params"]["motion"] == "nod", where()
+            assert created["control_version"] == 0, where()
 
             # First decoded frame and first audio samples, a warm-up, then measure over MEASURE_S seconds.
             deadline = time.monotonic() + 10
@@ -282,6 +315,39 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
             assert peak_level > 1e-3, f"the avatar's audio is silent (peak RMS {peak_level:.2e})" + where()
 
             page.screenshot(path=str(shot))
+
+            # Live control changes: a slider, then a style (which moves the sliders); each is a PATCH the server
+            # numbers, and GET /v1/sessions/{id} reports the controls as last changed.
+            def wait_status(text: str) -> None:
+                try:
+                    page.wait_for_function(
+                        "(text) => window.vexpress.lastError || document.getElementById('status').textContent === text",
+                        arg=text,
+                        timeout=5_000,
+                    )
+                except Exception as exc:  # Playwright's TimeoutError: say what the page shows instead
+                    pytest.fail(f"status {page.text_content('#status')!r}, not {text!r}: {exc}" + where())
+
+            page.fill("#c-strength", "4.5")
+            wait_status("Controls changed (version 1).")
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            changed = _server_session(session)
+            report["controls_changed"] = {"version": changed.get("control_version"), "params": changed.get("params")}
+            assert changed["control_version"] == 1 and changed["params"]["audio_attention_weight"] == 4.5, where()
+            assert changed["params"]["blinks_per_minute"] == 40, where()  # the other controls stay
+
+            calm = BUILT_IN["calm"]
+            page.select_option("#style", "calm")
+            wait_status("Controls changed (version 2).")
+            assert page.evaluate("window.vexpress.lastError") is None, where()
+            shown = _controls_on_page(page)
+            sliders = {k: v for k, v in calm.items() if k != "reference_attention_weight"}  # no slider for it
+            assert shown == sliders, f"the sliders show {shown}, style calm is {calm}" + where()
+            assert page.text_content("#c-strength-v") == page.input_value("#c-strength"), where()
+            styled = _server_session(session)
+            report["controls_styled"] = {"version": styled.get("control_version"), "params": styled.get("params")}
+            assert styled["control_version"] == 2, where()
+            assert {k: styled["params"][k] for k in calm} == calm, where()
 
             page.click("#interrupt")
             page.wait_for_function(
