@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from vexpress_rt.cli import build_parser
+from vexpress_rt.kps import load_reference_kps
 from vexpress_rt.media import resample_pcm
+from vexpress_rt.motion import motion_sequence
 from vexpress_rt.params import DEFAULTS, field_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +170,15 @@ def outputs(tmp_path_factory) -> Path:
 
 
 def _generation_commands(inputs: dict[str, Path], outputs: Path) -> dict[str, list[str]]:
+    # `--motion nod` must drive the video with exactly motion_sequence's points: the same points as a kps file
+    # (no_retarget draws them as they are) make the same video. 30 fps and seed 42: generate's defaults.
+    nod = motion_sequence("nod", load_reference_kps(inputs["reference_kps"]), FRAMES, 30.0, amplitude=3.0, seed=42)
+    np.save(outputs / "nod_kps.npy", nod)
     return {
+        "motion": _generate_args(inputs, outputs, "motion", motion="nod", motion_amplitude="3"),
+        "motion_as_kps": _generate_args(
+            inputs, outputs, "motion_as_kps", retarget_strategy="no_retarget", kps_path=outputs / "nod_kps.npy"
+        ),
         "fix_face": _generate_args(inputs, outputs, "fix_face", num_inference_steps="2"),
         "mp3": _generate_args(inputs, outputs, "mp3", audio_path=inputs["mp3"]),
         "no_retarget": _generate_args(inputs, outputs, "no_retarget", retarget_strategy="no_retarget"),
@@ -329,6 +339,19 @@ def test_retarget_strategies(runs, outputs, strategy):
         # guider moves the frames only a little (about 0.05 grey levels on average, 0.5 on the golden fixture's).
         baseline = _frames(outputs, "no_retarget")
         assert np.abs(frames.astype(np.int16) - baseline).mean() > 0.01
+
+
+def test_generate_with_a_built_in_motion_draws_its_points(runs, outputs):
+    """`generate --motion nod --motion_amplitude 3`: the head follows the motion's points, exactly as if they had
+    been given as a driving key-point file, and the video differs from one driven by other points."""
+    _ok(runs["motion"])
+    _ok(runs["motion_as_kps"])
+    points = np.load(outputs / "nod_kps.npy")
+    assert np.ptp(points[:, 2, 1]) > 1.0  # the nose nods by more than a pixel in the 128x64 frame
+    frames = _frames(outputs, "motion")
+    assert np.array_equal(frames, _frames(outputs, "motion_as_kps"))
+    _ok(runs["no_retarget"])
+    assert np.abs(frames.astype(np.int16) - _frames(outputs, "no_retarget")).mean() > 0.01
 
 
 def test_retargeted_strategies_differ_from_each_other(runs, outputs):

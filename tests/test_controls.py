@@ -15,7 +15,7 @@ from PIL import Image
 from streaming.controls import POSE, POSE_FADE_FRAMES, RAMP_FRAMES
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
-from streaming.session import SessionConfig
+from streaming.session import IDLE, SessionConfig
 from vexpress_rt.cli import build_parser
 from vexpress_rt.errors import InputError
 from vexpress_rt.kps import draw_v_kps_image, load_kps_sequence, retarget
@@ -55,7 +55,7 @@ class Clock:
 
 
 class Recorder:
-    """Wraps StreamDenoiser.run: every job's per-frame UNet inputs by (session, utterance, frame), and batch sizes."""
+    """Wraps StreamDenoiser.run: every speech frame's UNet inputs by (session, utterance, frame), and batch sizes."""
 
     def __init__(self, monkeypatch):
         self.rows: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -66,7 +66,7 @@ class Recorder:
             self.batches.append(len(jobs))
             for job in jobs:
                 for f, payload in enumerate(job.payloads):
-                    if payload is not None:
+                    if payload is not None and payload.utterance != IDLE:  # speech frames (live idle: Shown)
                         key = (id(job.state), payload.utterance, payload.number)
                         self.rows[key] = {name: r[f].clone() for name, r in job.rows.items()}
             return real(denoiser, jobs)
