@@ -33,7 +33,7 @@
 
   const ui = {
     video: $("avatar"), status: $("status"), select: $("avatar-select"), file: $("avatar-file"), kps: $("avatar-kps"),
-    fps: $("fps"), steps: $("steps"), strength: $("strength"), apiKey: $("api-key"),
+    fps: $("fps"), steps: $("steps"), apiKey: $("api-key"),
     start: $("start"), interrupt: $("interrupt"), stop: $("stop"), mic: $("mic-level"),
     sFps: $("s-fps"), sRes: $("s-res"), sLat: $("s-lat"), sAv: $("s-av"), sRtt: $("s-rtt"),
     sLevel: $("s-level"), sLost: $("s-lost"), sRoute: $("s-route"),
@@ -121,7 +121,7 @@
   // The generation controls take their ranges and defaults from the server (/v1/info "generation"), which
   // validates the same ranges: no limit is written here.
   function applyLimits(generation) {
-    const controls = { steps: ui.steps, audio_attention_weight: ui.strength };
+    const controls = { steps: ui.steps };
     for (const [name, input] of Object.entries(controls)) {
       const lim = generation && generation[name];
       if (!input || !lim) continue;
@@ -281,11 +281,15 @@
       if (ui.select.value) req.avatar_id = ui.select.value;
       if (ui.fps.value) req.fps = Number(ui.fps.value);
       if (ui.steps.value) req.steps = Number(ui.steps.value);
-      Object.assign(req, liveFields());
+      const asked = liveFields();
+      Object.assign(req, asked);
       if (ui.style.value) req.style = ui.style.value;
-      if (ui.strength && ui.strength.value) req.audio_attention_weight = Number(ui.strength.value);
       st.session = await api("POST", "/v1/sessions", { json: req });
       if (st.state !== "starting") return; // stopped meanwhile
+      // Controls moved while the session was being made went into no request: send them now.
+      const moved = Object.fromEntries(Object.entries(liveFields()).filter(([k, v]) => asked[k] !== v));
+      if (ui.style.value && ui.style.value !== req.style) moved.style = ui.style.value;
+      if (Object.keys(moved).length) sendControls(moved);
 
       setStatus("Asking for the microphone…");
       const mic = await navigator.mediaDevices.getUserMedia({
