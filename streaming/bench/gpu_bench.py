@@ -201,7 +201,7 @@ def _engine_figures(
         if idle_motion:
             from .idle_motion import idle_motion as idle_motion_figures
 
-            out["idle_motion"] = idle_motion_figures(engine, info.id, cfg)
+            out["idle_motion"] = idle_motion_figures(engine, info.id, cfg, rounds=2, idle_s=1.5)  # ~15 s
     finally:
         engine.close()
     out["_avatar"] = engine.avatar(info.id).encoded
