@@ -132,6 +132,7 @@ def _session_json(session: ServerSession) -> dict:
         "steps": es.config.params.steps,
         "params": es.controls.params.to_dict(),  # as last changed (PATCH, control messages)
         "control_version": es.controls.version,  # the last change (PATCH's "version"); 0: as created
+        "idle": "live" if es.live_idle else "clip",  # live: idle frames generated to follow the motion
         "decoder": es.config.decoder,
         "width": es.width,
         "height": es.height,

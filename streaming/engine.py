@@ -351,7 +351,8 @@ class Engine:
             "latency_p95_ms": float(np.percentile(lat, 95)),
             "dropped_frames": sum(s.dropped_frames for s in sessions),
             "underruns": sum(s.underruns for s in sessions),
-            "ready_frames": sum(len(s._ready) for s in sessions),
+            "ready_frames": sum(s.ready_frames for s in sessions),
+            "live_idle_sessions": sum(s.live_idle for s in sessions),  # generating idle frames (motion)
         }
 
     # -- shared model helpers (used by sessions and the worker) --------------------------------------------

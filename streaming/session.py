@@ -253,6 +253,12 @@ class StreamSession:
         return self._max_ready
 
     @property
+    def live_idle(self) -> bool:
+        """Whether idle frames are generated live (the pose follows a motion: device work while idle) rather than
+        taken from the pre-rendered idle clip."""
+        return self._live_idle_on
+
+    @property
     def buffered_ms(self) -> float:
         """Pushed audio not played yet (what a bot pushing ahead of real time sees as its lead)."""
         with self._lock:
@@ -407,6 +413,7 @@ class StreamSession:
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         return {
             "state": self._state.value,
+            "idle": "live" if self._live_idle_on else "clip",
             "frames_out": self.frames_out,
             "speech_frames_out": self.speech_frames_out,
             "dropped_frames": self.dropped_frames,

@@ -257,10 +257,12 @@ def test_idle_frames_follow_the_motion_and_go_on_from_speech(engine, avatar, tin
     track = procedural_track("nod", engine.get_avatar(avatar).kps, fps=25, seed=0).scaled(2.0)
     try:
         before = [_tick(engine, session, clock) for _ in range(30)]
+        assert session.stats()["idle"] == "live" and engine.stats()["live_idle_sessions"] == 1
         frames = _play(engine, [(session, clock, events)], tiny_speech[:6400])[0]
         after = [_tick(engine, session, clock) for _ in range(20)]
         session.change_controls({"motion": "fix_face"})
         back = [_tick(engine, session, clock) for _ in range(40)]
+        assert session.stats()["idle"] == "clip" and engine.stats()["live_idle_sessions"] == 0
     finally:
         session.close()
 

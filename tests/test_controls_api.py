@@ -61,13 +61,18 @@ def test_patch_changes_live_controls_and_refuses_shape_fields(server, inputs_dir
     made = call("POST", f"{server.url}/v1/sessions", json={}).json
     url, auth = made["url"], bearer(made["token"])
     try:
-        assert made["control_version"] == 0
+        assert made["control_version"] == 0 and made["idle"] == "clip"  # fix_face: the pre-rendered idle clip
         changed = call("PATCH", url, json={"style": "lively", "motion": motion.json["id"]}, headers=auth)
         assert changed.status == 200, changed.text
         assert changed.json["version"] == 1 and changed.json["params"]["motion"] == motion.json["id"]
         assert changed.json["params"]["audio_attention_weight"] == BUILT_IN["lively"]["audio_attention_weight"]
         current = call("GET", url, headers=auth).json
         assert current["params"]["motion"] == motion.json["id"] and current["control_version"] == 1
+        deadline = time.monotonic() + 10  # a motion: idle frames are generated live from the worker's next turn
+        while current["idle"] != "live" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = call("GET", url, headers=auth).json
+        assert current["idle"] == "live"
         for body, words in (
             ({"steps": 2}, "cannot change steps"),
             ({"audio_attention_weight": -1}, "audio_attention_weight"),
