@@ -295,6 +295,30 @@ def test_idle_frames_follow_the_motion_and_go_on_from_speech(engine, avatar, tin
     assert not session.controls.posed
 
 
+def test_after_an_interrupt_live_idle_starts_again(engine, avatar, tiny_speech):
+    """Barge-in on a moving session: what was in flight is dropped, and idle frames are live again (a fresh
+    stream, faded in from the clip), none of them from the interrupted utterance."""
+    session, clock, events = _open(engine, avatar, motion="sway", blinks_per_minute=0)
+    shown = Shown(session)
+    try:
+        session.push_audio(tiny_speech[:16000])
+        session.end_utterance()
+        ticks = 0
+        while not any(e.type == "playback.started" for e in events) and ticks < 100:
+            _tick(engine, session, clock)
+            ticks += 1
+        assert ticks < 100
+        _tick(engine, session, clock)
+        session.interrupt()
+        after = [_tick(engine, session, clock) for _ in range(30)]
+    finally:
+        session.close()
+    assert not any(f.speaking for f in after)
+    tail = [shown.payload(f) for f in after[-10:]]
+    assert all(p is not None and p.utterance == 0 for p in tail)
+    assert [e.data["interrupted"] for e in events if e.type == "playback.finished"] == [True]
+
+
 def test_a_fix_face_session_idles_on_the_clip_without_generating(engine, avatar):
     session, clock, _ = _open(engine, avatar, blinks_per_minute=0)
     clip = {image.tobytes() for image in session.avatar.idle_frames[session.config.decoder]}
