@@ -91,6 +91,7 @@ class LiveControls:
         self._lock = threading.Lock()
         self._params = params
         self._track = track_for(params, self._reference_kps, fps, motions)
+        self._track_posed = self._is_posed(self._track)
         self._before: tuple[GenerationParams, MotionTrack] | None = None  # what a ramp blends from
         self._ramp_start = 0
         self._version = 0
@@ -121,6 +122,7 @@ class LiveControls:
             old_track = self._blend_track(self._frame) if ramping else self._track
             self._before = (self._blend_params(self._frame), old_track)
             self._params, self._track = params, track
+            self._track_posed = self._is_posed(track)
             self._ramp_start = self._frame
             self._version += 1
             return ControlChange(self._version, params)
@@ -135,10 +137,11 @@ class LiveControls:
         """Whether the next frames' pose is other than the portrait's own (fix_face): then idle frames must be
         generated live to follow it, the pre-rendered idle clip cannot. True through a ramp or a fade."""
         with self._lock:
-            if self._ramp(self._frame) < 1.0 or self._fade_start is not None:
-                return True
-            table = self._track.table
-            return not bool(np.all(table == self._reference_kps[None]))
+            return self._track_posed or self._ramp(self._frame) < 1.0 or self._fade_start is not None
+
+    def _is_posed(self, track: MotionTrack) -> bool:
+        """Whether any frame of `track` leaves the portrait's own points (checked once per change, not per turn)."""
+        return not bool(np.all(track.table == self._reference_kps[None]))
 
     def next_frames(self, count: int) -> list[FrameControl]:
         """The controls of the next `count` frames generated (the worker's call, once per chunk)."""

@@ -124,10 +124,6 @@ class SpeechFrame:
     ready_time: float
     idle_pos: int  # the idle clip frame closest to this one (where the idle loop resumes after it)
 
-    @property
-    def is_idle(self) -> bool:
-        return self.payload.utterance == IDLE
-
 
 @dataclass
 class Utterance:
