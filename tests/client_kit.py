@@ -118,6 +118,21 @@ def wav_of(samples: np.ndarray, rate: int = 16000) -> bytes:
     return _wav(pcm16(samples), rate)
 
 
+def spoken_wav(path: Path, text: str, words_per_minute: int = 150) -> Path:
+    """`text` said by espeak-ng into a WAV file at `path` (a skip, a failure in CI, without espeak-ng)."""
+    import shutil
+
+    import pytest
+
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        pytest.skip("espeak-ng not found (apt-get install espeak-ng; the CI installs it)")
+    cmd = [espeak, "-s", str(words_per_minute), "-w", str(path), text]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+    assert path.stat().st_size > 44 * 100, "espeak-ng wrote no audio"
+    return path
+
+
 def wav_bytes(seconds: float = 1.0, rate: int = 16000) -> bytes:
     """A voiced tone as a WAV file."""
     return _wav(voiced_pcm16(seconds, rate), rate)

@@ -113,6 +113,26 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) ->
         time.sleep(0.25)
 
 
+def start_serve(model_dir: str | Path, port: int, log_path: Path, *extra: str) -> subprocess.Popen:
+    """`vexpress-rt serve` (`python -m server`) offline on 127.0.0.1:`port` at the tests' frame size, logging to
+    `log_path`. Admission is off: a small CI CPU cannot run even the tiny model in real time, so admission control
+    would refuse the session; the stream runs at the session fps regardless (idle frames fill in)."""
+    cmd = [
+        sys.executable, "-m", "server", "serve", "--model_dir", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
+        "--width", str(WIDTH), "--height", str(HEIGHT), "--no_admission", *extra,
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+
+
 def start_turn(work: Path) -> tuple[subprocess.Popen, int, Path]:
     """coturn on 127.0.0.1 only, TURN REST API auth (shared secret), relaying to loopback peers (the server)."""
     port = free_port(socket.SOCK_DGRAM)
@@ -161,25 +181,13 @@ def run(args: argparse.Namespace, report: dict) -> None:
     server = None
     try:
         port = free_port()
-        cmd = [
-            sys.executable, "-m", "server", "serve", "--model_dir", args.model_dir,
-            "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
-            "--width", str(WIDTH), "--height", str(HEIGHT), "--no_admission", "--tls-self-signed",
-        ]  # fmt: skip
+        extra = ["--tls-self-signed"]
         if args.mode == "turn":
             turn, turn_port, turn_log = start_turn(work)
             report["turn_port"] = turn_port
-            cmd += ["--turn-secret", TURN_SECRET, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp"]
-        env = dict(
-            os.environ,
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-        )
+            extra += ["--turn-secret", TURN_SECRET, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp"]
         server_log = work / "serve.log"
-        with open(server_log, "wb") as log:
-            server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        server = start_serve(args.model_dir, port, server_log, *extra)
         base = f"https://127.0.0.1:{port}"
         t0 = time.monotonic()
         wait_ready(base, server, server_log, 45)

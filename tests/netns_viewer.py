@@ -16,18 +16,24 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from netns_browser import CHROMIUM, CHROMIUM_FLAGS, free_port, report_bounded, stop, tail, wait_ready
+from netns_browser import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    free_port,
+    report_bounded,
+    start_serve,
+    stop,
+    tail,
+    wait_ready,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WIDTH, HEIGHT = 128, 64  # the session's video: 2:1, letterboxed in a 4:3 viewport
 VIEWPORT = {"width": 320, "height": 240}  # the portrait fills rows 40-199; rows 0-39 and 200-239 are outside it
 
 
@@ -78,21 +84,8 @@ def run(args: argparse.Namespace, report: dict) -> None:
     server = None
     try:
         port = free_port()
-        cmd = [
-            sys.executable, "-m", "server", "serve", "--model_dir", args.model_dir,
-            "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
-            "--width", str(WIDTH), "--height", str(HEIGHT), "--no_admission",
-        ]  # fmt: skip
-        env = dict(
-            os.environ,
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-        )
         server_log = work / "serve.log"
-        with open(server_log, "wb") as log:
-            server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        server = start_serve(args.model_dir, port, server_log)
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, server, server_log, 45)
         _, session = api("POST", f"{base}/v1/sessions", body=b"{}", ctype="application/json")

@@ -19,22 +19,20 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from client_kit import spoken_wav
+from netns_browser import CHROMIUM, CHROMIUM_FLAGS, FPS, HEIGHT, WIDTH, free_port, start_serve, stop, tail, wait_ready
 
 from vexpress_rt.styles import BUILT_IN
 
 pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
-WIDTH, HEIGHT, FPS = 128, 64, 25
 SERVER_START_TIMEOUT_S = 45
 CONNECT_TIMEOUT_S = 20
 WARMUP_S = 3.0  # after the first frame: the start (first model runs, buffers settling) is not what is measured
@@ -43,20 +41,6 @@ SPEECH = (
     "Hello there. This is a test of the streaming avatar. "
     "It should move its lips while it says these words, and keep going until the end of the sentence."
 )
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
@@ -69,74 +53,24 @@ def sync_playwright():
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng not found (apt-get install espeak-ng)")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-s", "150", "-w", str(path), SPEECH], check=True, capture_output=True, timeout=30)
-    assert path.stat().st_size > 44 * 100, "espeak-ng wrote no audio"
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-n:]
-    except OSError:
-        return "(no server log)"
+    return spoken_wav(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """`vexpress-rt serve` on a free 127.0.0.1 port with the tiny fixture model; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "server", "serve",  # `python -m server` is the `vexpress-rt` command
-        "--model_dir", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--ice-host", "127.0.0.1",
-        "--width", str(WIDTH), "--height", str(HEIGHT),
-        # A small CI CPU cannot run even the tiny model in real time, so admission control would refuse the session;
-        # the stream runs at the session fps regardless (idle frames fill in for speech frames not ready yet).
-        "--no_admission",
-    ]  # fmt: skip
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-    )
     base = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    proc = start_serve(model_dir, port, log_path)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vexpress-rt serve exited with {proc.returncode}:\n{_log_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
-            time.sleep(0.25)
+        try:
+            wait_ready(base, proc, log_path, SERVER_START_TIMEOUT_S)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
         yield {"url": base, "log": log_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc)
 
 
 def _is_own_address(address: str | None) -> bool:
@@ -206,7 +140,7 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
     def where() -> str:
         return (
             f"\nconsole: {console[-20:]}\npage errors: {page_errors}\nreport: {json.dumps(report)[:2000]}"
-            f"\nserver log:\n{_log_tail(server['log'], 2500)}"
+            f"\nserver log:\n{tail(server['log'], 2500)}"
         )
 
     with sync_playwright() as p:

@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from client_kit import spoken_wav
 from netns_browser import run_driver_in_netns
 
 from server import cli
@@ -193,13 +193,8 @@ def test_turn_flags_and_session_servers():
 # -- end to end, in a loopback-only namespace -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng not found (apt-get install espeak-ng)")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
     text = "Hello there. This is a test of the avatar over a secure connection, and it keeps on talking for a while."
-    subprocess.run([espeak, "-s", "150", "-w", str(path), text], check=True, capture_output=True, timeout=30)
-    return path
+    return spoken_wav(tmp_path_factory.mktemp("speech") / "speech.wav", text)
 
 
 def _netns_run(mode: str, model_dir: Path, wav: Path, workdir: Path, timeout_s: float = 150) -> dict:

@@ -21,7 +21,6 @@ import asyncio
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_model
-from client_kit import Bot, Frames, create_session, delete_session
+from client_kit import Bot, Frames, create_session, delete_session, free_port
 from client_kit import http as open_http
 from conftest import skip_or_fail
 from pipecat.frames.frames import (
@@ -68,17 +67,11 @@ TEXT = "Hello there. This is a test of the streaming avatar, speaking through a 
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
     """`python -m server serve` (the `vexpress-rt serve` command) on a free 127.0.0.1 port, tiny model."""
 
     def __init__(self, model_dir: Path, log_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [
@@ -403,7 +396,7 @@ def test_unreachable_server_ends_pipeline_with_error():
     """A wrong URL (nothing listens there) is an ErrorFrame and the end of the pipeline, not a hang."""
 
     async def main():
-        service = VExpressVideoService(url=f"http://127.0.0.1:{_free_port()}", connect_timeout_s=5.0)
+        service = VExpressVideoService(url=f"http://127.0.0.1:{free_port()}", connect_timeout_s=5.0)
         worker = PipelineWorker(Pipeline([service, Recorder()]), idle_timeout_secs=None, enable_rtvi=False)
         errors: list[ErrorFrame] = []
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+from client_kit import spoken_wav
 from netns_browser import run_driver_in_netns
 from server_harness import ServerThread, call, make_config
 
@@ -38,12 +38,7 @@ def test_viewer_page_is_served_without_a_referrer(tiny_engine):
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng not found (apt-get install espeak-ng)")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-s", "150", "-w", str(path), SPEECH], check=True, capture_output=True, timeout=30)
-    return path
+    return spoken_wav(tmp_path_factory.mktemp("speech") / "speech.wav", SPEECH)
 
 
 def _netns_run(model_dir: Path, wav: Path, workdir: Path, timeout_s: float = 150) -> dict:

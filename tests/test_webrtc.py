@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -26,6 +24,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtp import RtcpSrPacket
+from client_kit import spoken_wav
 from server_harness import ServerThread, make_config
 
 from server import marks
@@ -41,12 +40,8 @@ VIDEO_RATE, AUDIO_RATE = 90000, 48000
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory):
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); the CI installs it")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-w", str(path), SPEECH], check=True, capture_output=True, timeout=30)
-    return path
+    wav = tmp_path_factory.mktemp("speech") / "speech.wav"
+    return spoken_wav(wav, SPEECH, words_per_minute=175)  # espeak-ng's own speed
 
 
 @pytest.fixture(scope="module")
