@@ -59,6 +59,15 @@ async def wait_output(http, session: dict, output_id: str, state: str, timeout: 
         await asyncio.sleep(0.1)
 
 
+async def add_live_output(http, session: dict, body: dict) -> tuple[dict, str, dict]:
+    """POST an output and wait (bounded) until it is live: (the created report, its Location, the live report)."""
+    async with http.post(f"{session['url']}/outputs", json=body, headers=bearer(session["token"])) as r:
+        assert r.status == 201, await r.text()
+        created = await r.json()
+        location = r.headers["Location"]
+    return created, location, await wait_output(http, session, created["id"], "live", 30)
+
+
 async def speak(http, session: dict, samples: np.ndarray) -> None:
     headers = {**bearer(session["token"]), "Content-Type": "audio/wav"}
     async with http.post(session["speak_url"], data=wav_of(samples), headers=headers) as r:
@@ -84,11 +93,7 @@ def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, t
         async with open_http(60) as http:
             session = await create_session(http, server.url)
             body = {"url": first.url, "video_bitrate_kbps": 800, "keyframe_interval_s": 1}
-            async with http.post(f"{session['url']}/outputs", json=body, headers=bearer(session["token"])) as r:
-                assert r.status == 201, await r.text()
-                created = await r.json()
-                location = r.headers["Location"]
-            live = await wait_output(http, session, created["id"], "live", 30)
+            created, location, live = await add_live_output(http, session, body)
             await asyncio.sleep(0.5)
             await speak(http, session, tiny_speech)
             await wait_quiet(server, session)
@@ -164,11 +169,7 @@ def test_whip_publish_reaches_an_aiortc_whip_endpoint(server, tiny_speech):
             async with open_http(60) as http:
                 session = await create_session(http, server.url)
                 body = {"url": "whip+" + receiver.url, "token": "whip-secret"}
-                async with http.post(f"{session['url']}/outputs", json=body, headers=bearer(session["token"])) as r:
-                    assert r.status == 201, await r.text()
-                    created = await r.json()
-                    location = r.headers["Location"]
-                live = await wait_output(http, session, created["id"], "live", 30)
+                created, location, live = await add_live_output(http, session, body)
                 await asyncio.sleep(0.5)
                 await speak(http, session, tiny_speech)
                 await wait_quiet(server, session)

@@ -106,14 +106,20 @@ def test_trickling_viewer_connects_through_its_patched_candidates(server):
     assert connected, f"no media through the trickled candidates: {counter.video} video, {counter.audio} audio, {state}"
 
 
+async def playing_viewer(c, url: str):
+    """A new session and a WHEP viewer that trickled its candidates and plays: (session, viewer)."""
+    s = await create_session(c, url)
+    v = await trickle_viewer(c, s, url)
+    assert await v.trickle() == 204
+    await apply_answer(v)
+    assert await wait_for(lambda: v.counter.video >= 5, 30), "the viewer did not play"
+    return s, v
+
+
 def test_ice_restart_is_refused_and_the_viewer_plays_on(server):
     async def main():
         async with http() as c:
-            s = await create_session(c, server.url)
-            v = await trickle_viewer(c, s, server.url)
-            assert await v.trickle() == 204
-            await apply_answer(v)
-            assert await wait_for(lambda: v.counter.video >= 5, 30), "the viewer did not play"
+            s, v = await playing_viewer(c, server.url)
             restart = sdpfrag("newufrag", "newpasswordnewpasswordxx", [])
             headers = {**bearer(s["token"]), "Content-Type": TRICKLE_TYPE, "If-Match": "*"}
             async with c.patch(v.resource_url, data=restart, headers=headers) as r:
@@ -178,11 +184,7 @@ def test_patch_checks_etag_type_token_and_candidates(server):
 def test_delete_of_a_viewer_that_already_left_ends_the_resource(server):
     async def main():
         async with http() as c:
-            s = await create_session(c, server.url)
-            v = await trickle_viewer(c, s, server.url)
-            assert await v.trickle() == 204
-            await apply_answer(v)
-            assert await wait_for(lambda: v.counter.video >= 5, 30), "the viewer did not play"
+            s, v = await playing_viewer(c, server.url)
             viewer = v.resource_url.rsplit("/", 1)[1]
             await v.pc.close()  # the viewer leaves without a DELETE (a closed tab)
             await v.counter.stop()
