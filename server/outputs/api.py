@@ -119,7 +119,8 @@ async def delete_output(request: web.Request) -> web.Response:
 
 
 class OutputCollector(Collector):
-    """`vexpress_outputs{kind,state}`, `vexpress_output_bitrate_bps{session,output,kind}` and the counters."""
+    """`vexpress_outputs{kind,state}`, `vexpress_output_bitrate_bps{kind}` and the counters: no session or output
+    ids (they are secrets, and /metrics needs no credential)."""
 
     def __init__(self, store: OutputStore):
         self.store = store
@@ -138,13 +139,17 @@ class OutputCollector(Collector):
         for (kind, state), n in sorted(counts.items()):
             states.add_metric([kind, state], n)
         yield states
+        # By kind only: session and output ids are secrets (SECURITY.md) and /metrics is public.
         bitrate = GaugeMetricFamily(
             PREFIX + "output_bitrate_bps",
-            "Bits a second an output sent over the last 5 s.",
-            labels=["session_id", "output_id", "kind"],
+            "Bits a second the outputs of a kind sent over the last 5 s, summed.",
+            labels=["kind"],
         )
+        rates: dict[str, float] = {}
         for p in publishers:
-            bitrate.add_metric([p.session.id, p.id, p.kind], p.bitrate_bps)
+            rates[p.kind] = rates.get(p.kind, 0.0) + p.bitrate_bps
+        for kind, bps in sorted(rates.items()):
+            bitrate.add_metric([kind], bps)
         yield bitrate
         for name, doc, value in (
             ("output_frames_sent_total", "Frames the outputs sent.", lambda p: p.figures.frames_sent),
