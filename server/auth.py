@@ -3,6 +3,9 @@
 * API key (when the server has one): `Authorization: Bearer <key>` or `X-API-Key: <key>`.
 * Session token (from `POST /v1/sessions`): `Authorization: Bearer <token>`; `?token=<token>` only on websocket
   upgrades and the recording download (browsers cannot set headers there).
+* View token (the session's `view_url` carries it): watching only, as the bearer token of the session's WHEP
+  endpoint and resources (the viewer page sends it there); anywhere else it gets 403 `view_only`. A viewer page's URL
+  then cannot speak, push outputs, run scripts, change controls or end the session.
 
 Secrets are compared with `hmac.compare_digest`. The server may have several API keys (`--api-key` repeated); a key
 is never logged, only `key_id` (a short hash) names it. Session ids and tokens come from `secrets` (unguessable).
@@ -96,10 +99,19 @@ def require_api_key(request: web.Request, api_key: str | Sequence[str] | None) -
         )
 
 
-def require_session_token(request: web.Request, token: str, api_key: str | Sequence[str] | None) -> None:
-    """Session endpoints: the session's own token, or an API key when the server has one."""
+def require_session_token(
+    request: web.Request, token: str, api_key: str | Sequence[str] | None, view_token: str | None = None
+) -> None:
+    """Session endpoints: the session's own token, or an API key when the server has one. The session's view token
+    (`view_token`) gets 403 here: it is recognised, so its holder learns why, and refused."""
     if has_token(request, token) or has_api_key(request, api_key):
         return
+    if view_token is not None and has_token(request, view_token):
+        raise ApiError(
+            403,
+            "this is the session's view-only token (view_url): it may watch (WHEP, the viewer page) and nothing else",
+            code="view_only",
+        )
     raise ApiError(
         401,
         "this session's token is required (Authorization: Bearer; ?token= on websockets and the recording only)",

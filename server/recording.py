@@ -228,7 +228,7 @@ def _recording_for(request: web.Request) -> Recording:
     token = session.token if session is not None else recording.token if recording is not None else None
     if token is None:
         raise ApiError(404, f"no session {session_id!r} (nor a recording of it)")
-    require_session_token(request, token, state.config.api_key)
+    require_session_token(request, token, state.config.api_key, session.view_token if session is not None else None)
     if recording is None:
         raise ApiError(404, "this session has no recording; start one with POST .../recording")
     return recording

@@ -90,7 +90,7 @@ async def open_session(
         on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
         on_queued=state.metrics.queue_depth.observe,
     )
-    session = ServerSession(engine_session, new_token(), pump, logger, owner)
+    session = ServerSession(engine_session, new_token(), new_token(), pump, logger, owner)
     state.sessions.add(session)
     lifetime.supervise(state, session)  # ends it on engine errors, after max_session_s, when idle
     session.start_task(_close_if_never_connected(state, session), "connect-timeout")
@@ -118,7 +118,8 @@ def _session_urls(request: web.Request, session: ServerSession) -> dict:
         "frames_url": f"{ws_scheme}://{request.host}{path}/frames",
         "speak_url": f"{base}{path}/speak",
         "recording_url": f"{base}{path}/recording",
-        "view_url": f"{base}/view/{session.id}",  # the OBS viewer page; add ?token=<token>
+        # the OBS viewer page, with the session's view-only token: it can watch (WHEP) and nothing else
+        "view_url": f"{base}/view/{session.id}?token={session.view_token}",
     }
 
 
@@ -161,6 +162,7 @@ async def create_session(request: web.Request) -> web.Response:
     body = {
         **_session_json(session),
         "token": session.token,
+        "view_token": session.view_token,  # watch only: WHEP and the viewer page (view_url carries it)
         **_session_urls(request, session),
         "ice_servers": session_ice_servers(state.config, session.id),
         "device": state.engine.device_of(session.id),  # the device (--devices) it was placed on

@@ -34,11 +34,18 @@ class SessionLog(logging.LoggerAdapter):
 
 
 class ServerSession:
-    """`owner`: who the session counts against (--max_sessions_per_key); `end_reason`: the engine's error message,
-    when the engine ended the session on its own."""
+    """`token`: the session's full credential; `view_token`: its watch-only one (WHEP and the viewer page,
+    `view_url`); `owner`: who the session counts against (--max_sessions_per_key); `end_reason`: the engine's error
+    message, when the engine ended the session on its own."""
 
     def __init__(
-        self, engine_session: StreamSession, token: str, pump: MediaPump, logger: SessionLog, owner: str | None = None
+        self,
+        engine_session: StreamSession,
+        token: str,
+        view_token: str,
+        pump: MediaPump,
+        logger: SessionLog,
+        owner: str | None = None,
     ):
         self.engine_session = engine_session
         self.owner = owner
@@ -47,6 +54,7 @@ class ServerSession:
         self.end_reason: str | None = None
         self.id: str = engine_session.id
         self.token = token
+        self.view_token = view_token
         self.pump = pump
         self.log = logger
         self.created = time.time()

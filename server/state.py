@@ -21,7 +21,7 @@ from vexpress_rt.params import GenerationParams
 from vexpress_rt.styles import load_styles
 
 from . import limits
-from .auth import has_api_key, require_session_token
+from .auth import has_api_key, has_token, require_session_token
 from .config import ServerConfig
 from .errors import ApiError
 from .metrics import ServerMetrics
@@ -100,13 +100,17 @@ def server_state(request: web.Request) -> ServerState:
     return request.app[STATE]
 
 
-def session_for(request: web.Request) -> ServerSession:
-    """The ServerSession named in the path; 404 for unknown ids, 401 without its token (before any upgrade)."""
+def session_for(request: web.Request, watching: bool = False) -> ServerSession:
+    """The ServerSession named in the path; 404 for unknown ids, 401 without its token, 403 with its view token
+    (before any upgrade). `watching` (the WHEP endpoint and resources): the view token is accepted too; a viewer
+    with it is not input, so it does not keep an idle session alive."""
     state = server_state(request)
     session = state.sessions.get(request.match_info["session_id"])
     if session is None:
         raise ApiError(404, f"no session {request.match_info['session_id']!r}")
-    require_session_token(request, session.token, state.config.api_key)
+    if watching and has_token(request, session.view_token):
+        return session
+    require_session_token(request, session.token, state.config.api_key, session.view_token)
     session.touch()
     return session
 

@@ -164,7 +164,7 @@ def _resource_url(session: ServerSession, viewer: str) -> str:
 # -- handlers -----------------------------------------------------------------------------------------------------
 async def whep_offer(request: web.Request) -> web.Response:
     state = server_state(request)
-    session = session_for(request)
+    session = session_for(request, watching=True)  # the view token too
     if request.content_type != "application/sdp":
         raise ApiError(415, "WHEP: send the offer as application/sdp")
     sdp = await limits.read_body(request, state.config.max_sdp_bytes, "the SDP", code="sdp_too_large")
@@ -201,7 +201,7 @@ def _live_peer(request: web.Request, session: ServerSession):
 async def whep_patch(request: web.Request) -> web.Response:
     """Trickle ICE (RFC 8840 fragments): the viewer's candidates join the checks; an ICE restart is refused."""
     state = server_state(request)
-    session = session_for(request)
+    session = session_for(request, watching=True)  # the view token too
     resource, pc = _live_peer(request, session)
     if pc is None or resource is None:
         raise ApiError(404, "this WHEP viewer has ended; POST a new offer to the endpoint", code="viewer_ended")
@@ -241,7 +241,7 @@ async def whep_patch(request: web.Request) -> web.Response:
 
 async def whep_delete(request: web.Request) -> web.Response:
     """The viewer leaves: 200, also when its connection had already ended (the resource ends either way)."""
-    session = session_for(request)
+    session = session_for(request, watching=True)  # the view token too
     resource, pc = _live_peer(request, session)
     if pc is not None:
         await session.close_peer(request.match_info["viewer_id"])

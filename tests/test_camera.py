@@ -240,5 +240,7 @@ def test_camera_command_without_a_device_says_how_to_set_one_up(tiny_engine, cap
         server.stop()
     assert code == 2 and "no virtual camera" in err and "modprobe v4l2loopback" in err, err
     assert no_token == 2 and "--token" in err_token, err_token
-    assert opened == 2 and printed["view_url"].endswith(f"/view/{printed['id']}") and printed["ws_url"]
+    assert opened == 2 and printed["ws_url"]
+    view = printed["view_url"]  # the viewer page with the session's view-only token, not the full one
+    assert f"/view/{printed['id']}?token=" in view and printed["token"] not in view
     assert after.status == 404, "the session the command opened outlived it"

@@ -17,6 +17,7 @@ from client_kit import (
     connect_viewer,
     create_session,
     delete_session,
+    free_port,
     http,
     image_bytes,
     png_bomb,
@@ -28,6 +29,7 @@ from client_kit import (
     ws_url,
 )
 from PIL import Image
+from yarl import URL
 from server_harness import ServerThread, call, make_config
 
 from server import auth
@@ -202,6 +204,97 @@ def test_one_sessions_token_cannot_reach_another(server):
     statuses, missing = _run(main())
     assert set(statuses.values()) == {401}, statuses
     assert missing == 404
+
+
+def test_the_view_token_watches_and_does_nothing_else(server):
+    """`view_url` (the OBS viewer page) carries the session's view-only token: the page loads, WHEP plays with it
+    (offer, trickle PATCH, DELETE); every other session endpoint, HTTP and websocket, answers 403 `view_only`
+    and the session goes on. The session's own token still watches too."""
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url, headers=KEY)
+            view_url = URL(s["view_url"])
+            view = view_url.query["token"]
+            async with c.get(view_url) as r:
+                page = r.status
+            pc, counter, location = await connect_viewer(c, {**s, "token": view})
+            frames = await wait_for(lambda: counter.video >= 5, 20)
+            end = "m=audio 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\na=end-of-candidates\r\n"
+            trickle = {**bearer(view), "Content-Type": "application/trickle-ice-sdpfrag"}
+            async with c.patch(f"{server.url}{location}", data=end, headers=trickle) as r:
+                patched = r.status
+            async with c.delete(f"{server.url}{location}", headers=bearer(view)) as r:
+                left = r.status
+            await counter.stop()
+            await pc.close()
+            base = s["url"]
+            form = aiohttp.FormData()
+            form.add_field("script", '{"items": [{"pause_s": 0.1}]}')
+            requests = [
+                ("GET", base, {}),
+                ("PATCH", base, {"json": {"motion_amplitude": 0.5}}),
+                ("POST", f"{base}/interrupt", {}),
+                ("POST", f"{base}/offer", {"json": {"sdp": "v=0", "type": "offer"}}),
+                ("POST", f"{base}/speak", {"data": wav_bytes(0.2), "headers": {"Content-Type": "audio/wav"}}),
+                ("POST", f"{base}/outputs", {"json": {"url": "rtmp://127.0.0.1:9/live/key"}}),
+                ("GET", f"{base}/outputs", {}),
+                ("POST", f"{base}/script", {"data": form}),
+                ("DELETE", f"{base}/script", {}),
+                ("POST", f"{base}/recording", {}),
+                ("GET", f"{base}/recording", {}),
+                ("DELETE", base, {}),
+            ]
+            refused = {}
+            for method, url, kw in requests:
+                headers = {**kw.pop("headers", {}), **bearer(view)}
+                async with c.request(method, url, headers=headers, **kw) as r:
+                    refused[(method, url[len(base) :])] = (r.status, (await r.json())["error"]["code"])
+            for path in ("ws", "frames"):
+                for kw in ({"headers": bearer(view)}, {"params": {"token": view}}):
+                    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                        await c.ws_connect(f"{base}/{path}", **kw)
+                    refused[("WS", f"/{path} {list(kw)[0]}")] = (err.value.status, "view_only")
+            async with c.get(base, headers=bearer(s["token"])) as r:
+                alive = r.status
+            pc, counter, _ = await connect_viewer(c, s)  # the full token watches too
+            full_frames = await wait_for(lambda: counter.video >= 5, 20)
+            await counter.stop()
+            await pc.close()
+            await delete_session(c, s)
+            return view, s, page, frames, patched, left, refused, alive, full_frames
+
+    view, s, page, frames, patched, left, refused, alive, full_frames = _run(main())
+    assert view and view != s["token"] and view == s["view_token"] and len(view) >= 32
+    assert page == 200 and frames and patched == 204 and left == 200
+    assert set(refused.values()) == {(403, "view_only")}, refused
+    assert alive == 200 and full_frames
+
+
+def test_metrics_show_no_session_or_output_id(server):
+    """/metrics needs no credential: with a session, a WHEP viewer and an output (to a closed port: it keeps
+    reconnecting), no series names the session or the output; the output is counted by kind."""
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url, headers=KEY)
+            pc, counter, _ = await connect_viewer(c, s)
+            url = f"rtmp://127.0.0.1:{free_port()}/live/stream-key"
+            async with c.post(f"{s['url']}/outputs", json={"url": url}, headers=bearer(s["token"])) as r:
+                assert r.status == 201, await r.text()
+                output = await r.json()
+            async with c.get(f"{server.url}/metrics") as r:
+                text = await r.text()
+            await counter.stop()
+            await pc.close()
+            await delete_session(c, s)
+            return s, output, text
+
+    s, output, text = _run(main())
+    secrets = {"session id": s["id"], "output id": output["id"], "token": s["token"]}
+    assert {name: text.count(value) for name, value in secrets.items()} == dict.fromkeys(secrets, 0)
+    assert re.search(r'^vexpress_output_bitrate_bps\{kind="rtmp"\} ', text, re.MULTILINE), text
+    assert re.search(r'^vexpress_outputs\{kind="rtmp",state="\w+"\} 1\.0$', text, re.MULTILINE), text
 
 
 def test_several_api_keys_and_sessions_per_key(server):
