@@ -29,8 +29,8 @@ from client_kit import (
     ws_url,
 )
 from PIL import Image
-from yarl import URL
 from server_harness import ServerThread, call, make_config
+from yarl import URL
 
 from server import auth
 from server.config import ConfigError, IceServer, ServerConfig
