@@ -40,6 +40,7 @@ DEFAULT_AVATAR = DEFAULT_PORTRAIT  # package data of streaming (streaming/assets
 # The page lives at the repository root, next to this package: run the server from a checkout, an editable
 # install or the Docker image (which copies web_client/), or point --web_root at a copy of it.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[1] / "web_client"
+MAX_TURN_TTL_S = 86400.0  # TURN credentials live a day at most (they cannot be revoked before their expiry)
 
 
 class ConfigError(InputError):
@@ -166,6 +167,7 @@ class ServerConfig:
     max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
     max_ws_message_bytes: int = 1 << 20  # one websocket message
     max_ws_messages_per_s: float = 500.0  # per websocket connection, bursts of 2 s' worth (server/limits.py)
+    max_control_changes_per_s: float = 10.0  # PATCH and bot `control` changes per session, bursts of 2 s' worth
     max_buffer_s: float = 120.0  # pushed audio not yet played, per session
     max_session_s: float = 14400.0  # a session's whole life
     idle_timeout_s: float = 300.0  # a session with no audio and no call on it for this long ends
@@ -182,7 +184,7 @@ class ServerConfig:
     # the secret the TURN server shares (coturn: use-auth-secret + static-auth-secret)
     turn_secret: str | None = None
     turn_url: list[str] = field(default_factory=list)  # turn:host:port[?transport=udp|tcp], turns:host:port
-    turn_ttl_s: float = 3600.0  # lifetime of those credentials (a running allocation outlives them)
+    turn_ttl_s: float = 3600.0  # lifetime of those credentials (at most MAX_TURN_TTL_S; never past the session's end)
     # scripts (server/script/): text items are spoken by this command ({text}, {out} placeholders; server/tts.py)
     tts_command: str | None = None
     tts_timeout_s: float = 30.0
@@ -238,6 +240,7 @@ class ServerConfig:
             "max_avatars",
             "max_frames_sockets",
             "max_bot_sockets",
+            "max_control_changes_per_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be positive")
@@ -256,8 +259,11 @@ class ServerConfig:
             self.turn_secret = None
         if bool(self.turn_secret) != bool(self.turn_url):
             raise ConfigError("--turn-secret and --turn-url go together: the TURN server's shared secret and its URLs")
-        if not self.turn_ttl_s > 0:
-            raise ConfigError("--turn_ttl_s must be positive")
+        if not 0 < self.turn_ttl_s <= MAX_TURN_TTL_S:
+            raise ConfigError(
+                f"--turn_ttl_s {self.turn_ttl_s:g} is out of range: TURN credentials live from 1 s to "
+                f"{MAX_TURN_TTL_S:g} s (24 h); a session's credentials end with it anyway (--max_session_s)"
+            )
         if self.tts_command:
             try:
                 parse_template(self.tts_command)
@@ -324,6 +330,7 @@ _INTS |= {"jpeg_quality"}  # the frames websocket (server/frames_ws.py)
 _FLOATS |= {"recording_retention_s"}  # server/recording.py
 _FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the avatar store's caches
 _FLOATS |= {"turn_ttl_s"}  # TURN REST API credentials
+_FLOATS |= {"max_control_changes_per_s"}  # server/controls_api.py
 _FLOATS |= {"tts_timeout_s"}  # script text items (server/tts.py)
 
 
@@ -415,6 +422,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "max_ws_messages_per_s",
         "messages a second one websocket connection may send, in bursts of 2 s' worth "
         "(beyond: dropped with an error event; flooding on: closed with 1008); default 500",
+        type=float,
+    )
+    opt(
+        "max_control_changes_per_s",
+        "live control changes a second per session (PATCH /v1/sessions/{id} and bot control messages), in bursts "
+        "of 2 s' worth; beyond: 429 + Retry-After (websocket: error event rate_limited); default 10",
         type=float,
     )
     opt("max_buffer_s", "seconds of pushed audio a session holds ahead of playback; default 120", type=float)
@@ -515,7 +528,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "the TURN server for --turn-secret, repeatable: turn:host:port[?transport=udp|tcp], turns:host:port",
         action="append",
     )
-    opt("turn_ttl_s", "lifetime of the --turn-secret credentials in seconds; default 3600", type=float)
+    opt(
+        "turn_ttl_s",
+        "lifetime of the --turn-secret credentials in seconds (at most 86400; never past the session's "
+        "--max_session_s); default 3600",
+        type=float,
+    )
     opt("connect_timeout_s", "close a session no peer connected to within this many seconds; default 60", type=float)
     opt(
         "tts_command",

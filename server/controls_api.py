@@ -10,6 +10,7 @@ a session's `motion` names by id.
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +23,13 @@ from streaming.motion_video import MAX_VIDEO_S, VideoTooLong, motion_from_video
 from streaming.session import StreamSession
 from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.kps import load_kps_sequence
+from vexpress_rt.params import shown
 from vexpress_rt.styles import STYLE_FIELDS
 
 from . import limits
 from .auth import require_api_key
 from .errors import ApiError
+from .sessions import ServerSession
 from .sniff import VIDEO_CONTAINERS, video_demuxer
 from .state import ServerState, json_body, server_state, session_for
 
@@ -40,15 +43,36 @@ def control_changes(state: ServerState, data: object) -> dict:
     unknown = set(data) - CONTROL_FIELDS
     if unknown:
         live = ", ".join(sorted(CONTROL_FIELDS))
-        raise InputError(f"cannot change {', '.join(sorted(unknown))} during a session; live: {live}")
+        raise InputError(f"cannot change {shown_names(unknown)} during a session; live: {live}")
     changes: dict = {}
     style = data.get("style")
     if style is not None:
         if not isinstance(style, str) or style not in state.styles:
-            raise InputError(f"style must be one of {', '.join(state.styles)}, got {style!r}")
+            raise InputError(f"style must be one of {', '.join(state.styles)}, got {shown(style)}")
         changes.update(state.styles[style])
     changes.update({k: v for k, v in data.items() if k != "style" and v is not None})
     return changes
+
+
+def shown_names(names: set[str], most: int = 5) -> str:
+    """Field names a client sent, as an error message may echo them: a few, each cut (`shown`)."""
+    listed = [shown(n) if len(n) > 40 else n for n in sorted(names)[:most]]
+    return ", ".join(listed) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def control_rate_refusal(state: ServerState, session: ServerSession, via: str) -> tuple[str, float] | None:
+    """None when `session`'s live controls may change now (a token of `--max_control_changes_per_s` spent), else
+    the refusal's message and the seconds until a change may go on; counted in `/metrics`
+    (`vexpress_control_changes_limited_total{via}`) and logged at the 1st, 2nd, 4th, 8th... refusal: a flood costs
+    a few log lines, not one per request."""
+    rate = session.control_rate
+    wait_s = rate.take()
+    if not wait_s:
+        return None
+    state.metrics.control_changes_limited.labels(via=via).inc()
+    if rate.refused & (rate.refused - 1) == 0:
+        session.log.info("control changes over the rate: %d refused so far (%s)", rate.refused, rate.describe())
+    return f"{rate.describe()} per session (--max_control_changes_per_s); try again in {wait_s:.2f} s", wait_s
 
 
 def apply_control(state: ServerState, session: StreamSession, data: object) -> dict:
@@ -60,12 +84,16 @@ def apply_control(state: ServerState, session: StreamSession, data: object) -> d
 async def patch_session(request: web.Request) -> web.Response:
     session = session_for(request)
     state = server_state(request)
+    refusal = control_rate_refusal(state, session, "patch")  # before the body is read: a refusal costs nothing
+    if refusal is not None:
+        message, wait_s = refusal
+        raise ApiError(429, message, code="rate_limited", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
     data = await json_body(request)
     try:
         reply = apply_control(state, session.engine_session, data)
     except InputError as exc:
         raise ApiError(400, str(exc)) from None
-    session.log.info("controls changed (version %s): %s", reply["version"], data)
+    session.log.debug("controls changed (version %s): %s", reply["version"], shown_names(set(data)))
     return web.json_response({"id": session.id, **reply})
 
 

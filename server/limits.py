@@ -8,6 +8,7 @@
 | JSON body | SDP limit + 16 KiB | 413 `payload_too_large` |
 | websocket message | `--max_ws_message_bytes` 1 MiB | the socket closes with 1009 (message too big) |
 | messages per websocket connection | `--max_ws_messages_per_s` 500/s | `error` event `rate_limited`; then 1008 |
+| live control changes per session (PATCH, bot `control`) | `--max_control_changes_per_s` 10/s | 429 / `rate_limited` |
 | pushed audio ahead of playback | `--max_buffer_s` 120 | 400 / `error` event `buffer_full` |
 | audio format | 8-192 kHz, 1-8 channels (engine) | 400 |
 | sessions per API key (else per client address) | `--max_sessions_per_key` = max_sessions | 429 `session_quota` |
@@ -165,6 +166,36 @@ class PendingLimit:
 
     def __exit__(self, *exc) -> None:
         self.count -= 1
+
+
+class RequestRate:
+    """A token bucket for requests that change something (a session's live controls: PATCH and the bot's `control`
+    message, `--max_control_changes_per_s`): `per_s` a second, in bursts of `MESSAGE_BURST_S` seconds' worth.
+    `take()` answers 0 when the request may go on (it spends a token), else the seconds until one is back (the
+    client's Retry-After); a refused request spends nothing. `refused` counts them. `clock` is injectable."""
+
+    def __init__(self, per_s: float, what: str, clock: Callable[[], float] = time.monotonic):
+        if not per_s > 0:
+            raise ValueError(f"the rate must be positive, got {per_s}")
+        self.per_s, self.what = float(per_s), what
+        self.burst = max(1.0, self.per_s * MESSAGE_BURST_S)
+        self.tokens = self.burst
+        self.refused = 0
+        self.clock = clock
+        self._last = clock()
+
+    def take(self) -> float:
+        now = self.clock()
+        elapsed, self._last = max(0.0, now - self._last), now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.per_s)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        self.refused += 1
+        return (1.0 - self.tokens) / self.per_s
+
+    def describe(self) -> str:
+        return f"at most {self.per_s:g} {self.what} a second (bursts of {self.burst:g})"
 
 
 class Verdict(enum.Enum):

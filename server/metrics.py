@@ -54,6 +54,12 @@ class ServerMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.control_changes_limited = Counter(
+            "vexpress_control_changes_limited",
+            "Live control changes refused over a session's rate (--max_control_changes_per_s), by transport.",
+            ["via"],
+            registry=self.registry,
+        )
         self.audio_to_frame = Histogram(
             "vexpress_audio_to_frame_seconds",
             "Audio pushed to frame ready, per frame.",

@@ -16,6 +16,7 @@ from vexpress_rt.params import GenerationParams
 
 from . import lifetime, limits, recording
 from .auth import client_identity, new_token, require_api_key
+from .controls_api import shown_names
 from .errors import ApiError
 from .media import MediaPump
 from .outputs import api as outputs
@@ -37,7 +38,7 @@ def session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sessi
     (each field with its one message; InputError -> 400). Absent or null fields take the server's defaults."""
     unknown = set(data) - SESSION_FIELDS
     if unknown:
-        raise ApiError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+        raise ApiError(400, f"unknown fields: {shown_names(unknown)}")
     avatar_id = data.get("avatar_id") or state.default_avatar_id
     if avatar_id is None:
         raise capacity_error("the server is starting (the default portrait is being encoded)")
@@ -90,7 +91,15 @@ async def open_session(
         on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
         on_queued=state.metrics.queue_depth.observe,
     )
-    session = ServerSession(engine_session, new_token(), new_token(), pump, logger, owner)
+    session = ServerSession(
+        engine_session,
+        new_token(),
+        new_token(),
+        pump,
+        logger,
+        limits.RequestRate(state.config.max_control_changes_per_s, "control changes"),
+        owner,
+    )
     state.sessions.add(session)
     lifetime.supervise(state, session)  # ends it on engine errors, after max_session_s, when idle
     session.start_task(_close_if_never_connected(state, session), "connect-timeout")

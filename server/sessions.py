@@ -18,6 +18,7 @@ from aiortc import RTCPeerConnection
 
 from streaming.session import StreamSession
 
+from .limits import RequestRate
 from .media import MediaPump
 
 log = logging.getLogger("server.session")
@@ -35,8 +36,9 @@ class SessionLog(logging.LoggerAdapter):
 
 class ServerSession:
     """`token`: the session's full credential; `view_token`: its watch-only one (WHEP and the viewer page,
-    `view_url`); `owner`: who the session counts against (--max_sessions_per_key); `end_reason`: the engine's error
-    message, when the engine ended the session on its own."""
+    `view_url`); `control_rate`: how often its live controls may change; `owner`: who the session counts against
+    (--max_sessions_per_key); `end_reason`: the engine's error message, when the engine ended the session on its
+    own."""
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class ServerSession:
         view_token: str,
         pump: MediaPump,
         logger: SessionLog,
+        control_rate: RequestRate,
         owner: str | None = None,
     ):
         self.engine_session = engine_session
@@ -55,6 +58,7 @@ class ServerSession:
         self.id: str = engine_session.id
         self.token = token
         self.view_token = view_token
+        self.control_rate = control_rate  # live control changes (PATCH, the bot's control messages)
         self.pump = pump
         self.log = logger
         self.created = time.time()
@@ -86,6 +90,10 @@ class ServerSession:
     def engine_failed(self, message: str | None) -> None:
         """The engine ended this session with an error (`message`): the reason the server session closes."""
         self.end_reason = message
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since the session opened."""
+        return (time.monotonic() if now is None else now) - self.started_monotonic
 
     def idle_for(self, now: float | None = None) -> float:
         """Seconds since the last input: a request, a websocket message or audio pushed to the engine."""

@@ -183,7 +183,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         "Accept-Patch": TRICKLE_TYPE,
     }
     response = web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp", headers=headers)
-    for server in session_ice_servers(state.config, session.id):
+    for server in session_ice_servers(state.config, session.id, session_age_s=session.age_s()):
         response.headers.add("Link", link_header(server))
     return response
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
+from vexpress_rt.params import shown
 
-from .controls_api import apply_control
+from .controls_api import apply_control, control_rate_refusal
 from .limits import Verdict
 from .sockets import MessageLimit, SessionSockets, Tracked, event_message
 from .state import server_state, session_for
@@ -200,6 +201,10 @@ class BotConnection:
                     pong["id"] = message["id"]
                 self.send(pong)
             elif kind == "control":
+                refusal = control_rate_refusal(server_state(self.request), self.session, "ws")
+                if refusal is not None:
+                    self.error("rate_limited", refusal[0])
+                    return
                 fields = {k: v for k, v in message.items() if k not in ("type", "id")}
                 reply = {"type": "control.accepted", **apply_control(server_state(self.request), es, fields)}
                 if "id" in message:
@@ -210,7 +215,7 @@ class BotConnection:
             else:
                 self.error(
                     "unknown_type",
-                    f"unknown message type {kind!r}; expected audio.end, interrupt, mark, control, ping or "
+                    f"unknown message type {shown(kind)}; expected audio.end, interrupt, mark, control, ping or "
                     "session.close",
                 )
         except InputError as exc:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import json
+import logging
 import time
 
 import av
@@ -110,6 +112,89 @@ def test_the_bot_changes_controls_while_speaking_and_hears_the_frame_it_took_eff
     assert accepted["id"] == 7 and accepted["version"] == 1 and accepted["params"]["motion"] == "nod"
     assert applied["version"] == 1 and applied["frame"] >= started["frame"]
     assert "cannot change steps" in error["message"]
+
+
+def test_a_flood_of_control_changes_gets_429_after_the_burst_with_a_few_log_lines(server, caplog):
+    """2000 PATCHes as fast as one client sends them: the burst (2 s' worth of --max_control_changes_per_s) and the
+    rate go through, the rest get 429 `rate_limited` + Retry-After, nothing is logged per change at INFO (a few
+    lines for the whole flood); the bot websocket's control messages share the session's allowance (error event
+    `rate_limited`); after Retry-After changes go through again."""
+    caplog.set_level(logging.INFO)
+
+    async def main():
+        async with http() as client:
+            session = await create_session(client, server.url)
+            auth = bearer(session["token"])
+            statuses, retry_after, codes = [], set(), set()
+            start = time.monotonic()
+            for i in range(2000):
+                body = {"motion_amplitude": round(0.5 + (i % 10) / 20, 2)}
+                async with client.patch(session["url"], json=body, headers=auth) as r:
+                    statuses.append(r.status)
+                    if r.status == 429:
+                        retry_after.add(r.headers.get("Retry-After"))
+                        codes.add((await r.json())["error"]["code"])
+            elapsed = time.monotonic() - start
+            bot = await Bot.connect(client, session)
+            try:
+                await bot.wait_type("session.ready")
+                await bot.send({"type": "control", "id": 1, "motion_amplitude": 0.9})
+                bot_error = await bot.wait_type("error", timeout=10)
+            finally:
+                await bot.close()
+            await asyncio.sleep(max(int(x) for x in retry_after))
+            async with client.patch(session["url"], json={"motion_amplitude": 1.0}, headers=auth) as r:
+                later = r.status
+            await delete_session(client, session)
+            return session["id"], statuses, elapsed, retry_after, codes, bot_error, later
+
+    sid, statuses, elapsed, retry_after, codes, bot_error, later = run(main(), timeout=150)
+    accepted = statuses.count(200)
+    # the server's own log (the access log, one line a request, is the proxy's and the operator's to tune)
+    lines = [r for r in caplog.records if sid in r.getMessage() and r.name != "aiohttp.access"]
+    refused = statuses.count(429)
+    print(f"\n2000 PATCH in {elapsed:.1f} s: {accepted} accepted, {refused} refused, {len(lines)} log lines")
+    rate = server.config.max_control_changes_per_s
+    assert set(statuses) == {200, 429} and statuses[: int(2 * rate)] == [200] * int(2 * rate)
+    assert accepted <= 2 * rate + rate * elapsed + 1, (accepted, elapsed)
+    assert codes == {"rate_limited"} and all(x is not None and int(x) >= 1 for x in retry_after), retry_after
+    assert bot_error["code"] == "rate_limited" and "max_control_changes_per_s" in bot_error["message"]
+    assert later == 200
+    assert len(lines) <= 30, [r.getMessage() for r in lines][:30]
+
+
+def test_echoed_values_are_cut_in_control_errors(server):
+    """A long bad value or field name is not sent back whole: PATCH, POST /v1/sessions and the bot websocket."""
+    long = "x" * 5000
+
+    async def main():
+        async with http() as client:
+            session = await create_session(client, server.url)
+            auth = bearer(session["token"])
+            replies = {}
+            for name, body in (
+                ("style", {"style": long}),
+                ("field", {long: 1}),
+                ("fields", {f"{long[:500]}{i}": 1 for i in range(50)}),
+                ("motion", {"motion": long}),
+            ):
+                async with client.patch(session["url"], json=body, headers=auth) as r:
+                    replies[f"PATCH {name}"] = (r.status, (await r.json())["error"]["message"])
+            for name, body in (("style", {"style": long}), ("field", {long: 1})):
+                async with client.post(f"{server.url}/v1/sessions", json=body) as r:
+                    replies[f"POST {name}"] = (r.status, (await r.json())["error"]["message"])
+            bot = await Bot.connect(client, session)
+            try:
+                await bot.send({"type": long})
+                replies["ws type"] = (400, (await bot.wait_type("error", timeout=10))["message"])
+            finally:
+                await bot.close()
+            await delete_session(client, session)
+            return replies
+
+    replies = run(main(), timeout=60)
+    for where, (status, message) in replies.items():
+        assert status == 400 and "x" * 41 not in message and len(message) < 400, (where, len(message), message[:300])
 
 
 def test_the_session_client_opens_with_a_style_and_changes_controls(server):

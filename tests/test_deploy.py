@@ -7,20 +7,24 @@ https://127.0.0.1, the fake microphone, the avatar's video and audio, a wss:// w
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
 import json
 import os
+import re
 import shutil
 import ssl
 import time
 from pathlib import Path
 
 import pytest
-from client_kit import spoken_wav
+from client_kit import bearer, create_session, delete_session, http, spoken_wav, viewer_offer
 from netns_browser import run_driver_in_netns
+from server_harness import ServerThread, make_config
 
 from server import cli
 from server.config import ConfigError, ServerConfig
@@ -188,6 +192,51 @@ def test_turn_flags_and_session_servers():
         ServerConfig.from_env({}, turn_url=["turn:h:3478"])
     with pytest.raises(ConfigError, match="no credentials"):
         ServerConfig.from_env({}, turn_secret="x", turn_url=["turn:u:p@h:3478"])
+
+
+@pytest.mark.parametrize("ttl", ["86401", "1e9", "0"])
+def test_serve_refuses_a_turn_ttl_out_of_bounds(ttl, tmp_path, capsys, monkeypatch):
+    """--turn_ttl_s above a day (or not positive): exit 2 with one clear line, before the model loads."""
+    monkeypatch.setattr("server.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
+    for var in [v for v in os.environ if v.startswith("VEXPRESS_")]:
+        monkeypatch.delenv(var)
+    argv = ["--turn-secret", "s3cret", "--turn-url", "turn:127.0.0.1:3478", "--turn_ttl_s", ttl]
+    assert cli.main(["serve", "--model_dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--turn_ttl_s" in err and "86400 s (24 h)" in err and "Traceback" not in err, err
+    assert ServerConfig.from_env({}, turn_secret="s", turn_url=["turn:h:3478"], turn_ttl_s=86400).turn_ttl_s == 86400
+
+
+def test_turn_credentials_end_with_their_session(tiny_engine):
+    """A session's TURN credentials expire at --turn_ttl_s or at the end of the session's --max_session_s,
+    whichever comes first: in the creation reply and in the WHEP answer's Link header."""
+    config = make_config(turn_secret="s3cret", turn_url=["turn:127.0.0.1:3478"], turn_ttl_s=3600, max_session_s=600)
+    server = ServerThread(config, tiny_engine).start()
+
+    async def main():
+        async with http() as c:
+            s = await create_session(c, server.url)
+            opened = time.time()
+            pc, sdp = await viewer_offer()
+            headers = {**bearer(s["token"]), "Content-Type": "application/sdp"}
+            async with c.post(s["whep_url"], data=sdp, headers=headers) as r:
+                assert r.status == 201, await r.text()
+                link = r.headers["Link"]
+            await pc.close()
+            await delete_session(c, s)
+            return s, opened, link
+
+    try:
+        s, opened, link = asyncio.run(asyncio.wait_for(main(), 60))
+        unlimited = session_ice_servers(dataclasses.replace(config, max_session_s=0), "s1")
+    finally:
+        server.stop()
+    turn = next(i for i in s["ice_servers"] if i.get("username"))
+    expiry = int(turn["username"].split(":")[0])
+    assert opened + 590 <= expiry <= opened + 600, (expiry - opened, turn)
+    whep_expiry = int(re.search(r'username="(\d+):', link)[1])
+    assert whep_expiry <= expiry, (whep_expiry, expiry)
+    assert 3590 <= int(unlimited[0]["username"].split(":")[0]) - time.time() <= 3600  # no --max_session_s: the TTL
 
 
 # -- end to end, in a loopback-only namespace -------------------------------------------------------------------------

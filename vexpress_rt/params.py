@@ -60,24 +60,25 @@ def field_error(name: str, value: object) -> str | None:
     if kind == "motion":
         ok = isinstance(value, str) and (value in (FIX_FACE, *PROCEDURAL_MOTIONS) or MOTION_ID.fullmatch(value))
         choices = ", ".join((FIX_FACE, *PROCEDURAL_MOTIONS))
-        return None if ok else f"{name} must be one of {choices} or an uploaded motion's id, got {_shown(value)}"
+        return None if ok else f"{name} must be one of {choices} or an uploaded motion's id, got {shown(value)}"
     if isinstance(kind, tuple):
         if value not in kind or not isinstance(value, str):
-            return f"{name} must be one of {', '.join(kind)}, got {_shown(value)}"
+            return f"{name} must be one of {', '.join(kind)}, got {shown(value)}"
         return None
     if kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-        return None if ok else f"{name}{note} must be an integer from {low} to {high}, got {_shown(value)}"
+        return None if ok else f"{name}{note} must be an integer from {low} to {high}, got {shown(value)}"
     ok = (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
         and low <= value <= high  # before isfinite: no float() of 10**400 (it overflows); NaN fails here
         and math.isfinite(value)
     )
-    return None if ok else f"{name}{note} must be a finite number from {low:g} to {high:g}, got {_shown(value)}"
+    return None if ok else f"{name}{note} must be a finite number from {low:g} to {high:g}, got {shown(value)}"
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
+    """A client's value as an error message may echo it: its repr, cut to 40 characters."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError
-from .params import GenerationParams
+from .params import GenerationParams, shown
 
 STYLE_FIELDS = (
     "audio_attention_weight",
@@ -73,5 +73,5 @@ def apply(styles: dict[str, dict], style: object, base: GenerationParams) -> Gen
     if style is None:
         return base
     if not isinstance(style, str) or style not in styles:
-        raise InputError(f"style must be one of {', '.join(styles)}, got {style!r}")
+        raise InputError(f"style must be one of {', '.join(styles)}, got {shown(style)}")
     return replace(base, **styles[style])
