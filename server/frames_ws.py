@@ -39,6 +39,7 @@ FLAG_SPEAKING = 1
 HEADER = struct.Struct("<4sBBHQqIIIHHI")
 DEFAULT_QUEUE_FRAMES = 12
 MAX_QUEUE_FRAMES = 250
+MAX_CLIENT_MESSAGE_BYTES = 1 << 16  # nothing is expected from the client: a larger message closes the socket (1009)
 WRITE_BUFFER = 1 << 16  # the websocket writer's buffer, and
 SEND_BUFFER = 1 << 17  # the kernel's send buffer (fixed: no autotuning up to megabytes of stale frames)
 
@@ -129,7 +130,9 @@ async def frames_socket(request: web.Request) -> web.WebSocketResponse:
     # A small write buffer: frames a consumer cannot take wait in the bounded queue (and the oldest are dropped)
     # instead of piling up in socket buffers as latency.
     with SessionSockets(request, session, "frames", config.max_frames_sockets):  # 429 beyond, before upgrading
-        ws = web.WebSocketResponse(compress=False, max_msg_size=1 << 16, heartbeat=20.0, writer_limit=WRITE_BUFFER)
+        ws = web.WebSocketResponse(
+            compress=False, max_msg_size=MAX_CLIENT_MESSAGE_BYTES, heartbeat=20.0, writer_limit=WRITE_BUFFER
+        )
         await ws.prepare(request)
         _limit_send_buffer(request)
         es = session.engine_session

@@ -40,6 +40,7 @@ from server_harness import ServerThread, call, make_config
 
 from server.avatars import decode_image
 from server.errors import ApiError
+from server.frames_ws import MAX_CLIENT_MESSAGE_BYTES
 from server.session_api import SESSION_FIELDS
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
@@ -412,14 +413,22 @@ def test_fuzz_frames_websocket(server, clean_log, messages):
                 for m in messages:
                     await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
                 got = await ws_messages(ws, 2.0, until=lambda m, seen=[]: seen.append(1) or len(seen) >= 8)
+                code = ws.close_code
                 await ws.close()
-                return got
+                return got, code
             finally:
                 await delete_session(c, s)
 
-    got = _run(main())
+    got, code = _run(main())
     frames = [m for m in got if isinstance(m, bytes)]
-    assert len(frames) >= 5 or aiohttp.WSMsgType.CLOSE in got, got[:3]  # frames flow, or it closed cleanly
+    # What the client sends is ignored, unless a message is over the frames websocket's limit: then (only then)
+    # the socket closes with 1009; otherwise the frames flow
+    limit = MAX_CLIENT_MESSAGE_BYTES
+    too_big = any(len(m.encode("utf-8", "surrogatepass") if isinstance(m, str) else m) > limit for m in messages)
+    if too_big:
+        assert got[-1] == aiohttp.WSMsgType.CLOSE and code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG, (code, got[-3:])
+    else:
+        assert len(frames) >= 5 and aiohttp.WSMsgType.CLOSE not in got, (code, got[:3])
     assert all(m != aiohttp.WSMsgType.ERROR for m in got)
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import shutil
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 from client_kit import (
     bearer,
@@ -20,10 +23,13 @@ from client_kit import (
     ws_messages,
     ws_url,
 )
+from PIL import Image
 from server_harness import ServerThread, make_config
 
 from server import lifetime, metrics
+from server.config import DEFAULT_AVATAR
 from server.sockets import OPEN_SOCKETS
+from server.tools import soak as soak_module
 from server.tools.soak import load_speech, run_soak
 from streaming import engine as engine_module
 
@@ -91,7 +97,7 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
     async def main():
         async with http() as c:
             await cycles(0, WARMUP, c)
-            await wait_for(lambda: not len(server.state.sessions), 10)
+            assert await wait_for(lambda: not len(server.state.sessions), 10), "warm-up sessions still open"
             base = await asyncio.to_thread(_figures, server)
             kinds = await cycles(WARMUP, SESSIONS, c)
             await wait_for(lambda: not len(server.state.sessions) and not tiny_engine.sessions(), 15)
@@ -110,9 +116,21 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
     assert end["rss_mb"] <= base["rss_mb"] + 50, (base, end)
 
 
-def test_soak_command_reports_its_figures(tiny_engine):
+def _unseen_portrait(folder: Path) -> Path:
+    """The packaged portrait with one pixel changed, and its key points: a portrait the engine has not encoded, so
+    the server starts unready (/readyz: starting) while it registers."""
+    image = np.array(Image.open(DEFAULT_AVATAR).convert("RGB"))
+    image[0, 0] = 255 - image[0, 0]
+    path = folder / "portrait.png"
+    Image.fromarray(image).save(path)
+    shutil.copy(Path(DEFAULT_AVATAR).with_suffix(".json"), path.with_suffix(".json"))
+    return path
+
+
+def test_soak_command_reports_its_figures(tiny_engine, tmp_path):
     """`vexpress-rt soak` in short: 2 clients (a WebRTC publisher and a bot), 24 s, sessions of 10 s."""
-    config = make_config(host="127.0.0.1", port=0, fps=10, steps=2, max_sessions=4, admission=False).validate()
+    avatar = str(_unseen_portrait(tmp_path))
+    config = make_config(port=0, fps=10, steps=2, max_sessions=4, admission=False, avatar=avatar).validate()
     report = run_soak(
         tiny_engine,
         config,
@@ -126,9 +144,10 @@ def test_soak_command_reports_its_figures(tiny_engine):
     timeline = report.pop("timeline")
     print(f"\nsoak: {report}")
     start, end = report["process"]["start"], report["process"]["end"]
-    # No 503 at the start: the clients wait for /readyz (the default portrait registers in the background)
-    assert report["sessions_served"] >= 4 and not report["client_events"], report
-    assert report["ready_s"] >= 0
+    # No 503 at the start: the server started unready (its default portrait registers in the background), the soak
+    # waited for /readyz (at least one poll said "starting"), and only then did the clients start
+    assert report["ready_s"] >= soak_module.READY_POLL_S and not report["client_events"], report
+    assert report["sessions_served"] >= 4, report
     assert report["frames_received"] > 100 and report["engine"]["worker_errors"] == 0  # during the run
     latency = report["latency_ms"]
     assert latency["first_p95"] and latency["last_p95"] and latency["p95_by_window"]
@@ -160,13 +179,19 @@ def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
     attention weights and guidance scale do not: they are per row); the engine keeps at most MAX_DENOISERS of
     them (those of open sessions first), however many clients ask."""
 
-    async def main():
+    async def main() -> set:
+        built = set()  # the window shapes whose denoiser was made while their session ran
         async with http() as c:
             for i in range(2 * engine_module.MAX_DENOISERS + 4):
                 shape = {"strategy": "chunked", "context_frames": i % 16, "new_frames": 1 + i // 16}
                 s = await create_session(c, server.url, {**shape, "audio_attention_weight": 1.0 + i / 100})
-                await wait_for(lambda sid=s["id"]: tiny_engine.get_session(sid)._stream is not None, 5)
+                session = tiny_engine.get_session(s["id"])
+                assert await wait_for(lambda es=session: es._stream is not None, 5), f"session {i} ({shape}) never ran"
+                if session.denoiser_settings in tiny_engine._denoisers:
+                    built.add(session.denoiser_settings)
                 await delete_session(c, s)
+        return built
 
-    asyncio.run(asyncio.wait_for(main(), 60))
-    assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS
+    built = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(built) == 2 * engine_module.MAX_DENOISERS + 4  # every shape got its denoiser...
+    assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS  # ... and the engine kept at most this many
