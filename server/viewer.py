@@ -2,8 +2,10 @@
 Source or any screen (web_client/view.html + view.js; options in the page's query, see view.js).
 
 The page is static: it carries no secret and checks nothing; the script uses the `token` of its own URL as the WHEP
-bearer token. So that the token does not leave through a `Referer`, the page is sent with `Referrer-Policy:
-no-referrer` (the access log already redacts `token=`).
+bearer token. The session's `view_url` puts its view-only token there (`ServerSession.view_token`), which WHEP
+accepts and every other endpoint refuses (403): a viewer's URL cannot drive the session. So that the token does not
+leave through a `Referer`, the page is sent with `Referrer-Policy: no-referrer` (the access log already redacts
+`token=`).
 """
 
 from __future__ import annotations

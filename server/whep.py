@@ -11,6 +11,9 @@
 * `OPTIONS` endpoint or resource: 204 with `Allow` and `Accept-Post`/`Accept-Patch`; with `Origin` and
   `Access-Control-Request-Method`, the CORS preflight (`security.py`).
 
+Credentials: the session's token, its view-only token (`view_url`: a viewer page can watch, nothing more) or the API
+key. The `Link` TURN credentials expire with the session (`turn.py`).
+
 The server does not trickle its own candidates: aiortc gathers them before answering. Viewers that ended (their
 peer connection failed or closed) are remembered per session, the most recent `MAX_REMEMBERED` of them, until the
 session closes, so that their `DELETE` answers as the resource's end.

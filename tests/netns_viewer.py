@@ -4,11 +4,11 @@ Used by tests/test_viewer.py, which starts it as
     unshare -n bash -c 'ip link set lo up; exec python tests/netns_viewer.py ...'
 
 Steps: `vexpress-rt serve` (tiny model, ICE on 127.0.0.1); a session made over the HTTP API, as a presenter's
-script would; Chromium opens /view/{id}?token=...&bg=transparent (the page trickles its candidates through PATCH);
-the video decodes; the audio level the page hears is measured while idle, then after `POST .../speak` of a WAV;
-a screenshot without the page background shows alpha 0 outside the portrait and an opaque portrait; a second page
-with bg=00ff00 shows the key colour there; navigating away DELETEs the viewer's resource. Every step has a
-deadline; the whole run is bounded by --timeout.
+script would; Chromium opens the session's view_url (its view-only token) with &bg=transparent (the page trickles
+its candidates through PATCH); the video decodes; the audio level the page hears is measured while idle, then after
+`POST .../speak` of a WAV; a screenshot without the page background shows alpha 0 outside the portrait and an
+opaque portrait; a second page with bg=00ff00 shows the key colour there; navigating away DELETEs the viewer's
+resource. Every step has a deadline; the whole run is bounded by --timeout.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 page = browser.new_page(viewport=VIEWPORT)
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                page.goto(f"{base}/view/{sid}?token={token}&bg=transparent", wait_until="load", timeout=15_000)
+                page.goto(f"{session['view_url']}&bg=transparent", wait_until="load", timeout=15_000)  # the view token
                 page.wait_for_function("window.vexview !== undefined", timeout=5_000)
                 page.wait_for_function("window.vexview.lastError || window.vexview.state === 'playing'", timeout=30_000)
                 report["state"] = page.evaluate("window.vexview.state")
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 report["transparent_portrait_rgba"] = pixel(shot, 160, 120)
 
                 keyed = browser.new_page(viewport=VIEWPORT)
-                keyed.goto(f"{base}/view/{sid}?token={token}&bg=00ff00", wait_until="load", timeout=15_000)
+                keyed.goto(f"{session['view_url']}&bg=00ff00", wait_until="load", timeout=15_000)
                 keyed.wait_for_function("window.vexview.state === 'playing'", timeout=30_000)
                 wait_playing(keyed, 15)
                 keyed.wait_for_timeout(500)

@@ -1,6 +1,7 @@
 // vexpress-rt viewer: the avatar alone, over WHEP, for OBS's Browser Source or any screen. Plain JS, no build.
 //
-// URL: /view/{session_id}?token=<the session's token>[&bg=transparent|<hex colour>][&fit=contain|cover][&muted=1]
+// URL: /view/{session_id}?token=<token>[&bg=transparent|<hex colour>][&fit=contain|cover][&muted=1]: the session's
+//   view_url (its view-only token, which WHEP accepts and nothing else does; the session's own token works too).
 //   bg     what shows around the portrait: "transparent" (OBS composites the avatar over the scene), a key colour
 //          such as 00ff00 (for a chroma-key filter), default black.
 //   fit    contain (default: the whole portrait, letterboxed) or cover (fills the source, cropping).
