@@ -32,9 +32,9 @@ _GROW_SAMPLES = 1 << 16  # the decode buffer starts this large and doubles
 class BudgetExceeded(ApiError):
     """Decoded audio over a byte budget: 413 when the file alone is too large for it, else 503 (try later)."""
 
-    def __init__(self, budget: ByteBudget, wanted: int):
+    def __init__(self, budget: ByteBudget, own: int):
         self.budget = budget
-        alone = wanted > budget.limit
+        alone = own > budget.limit  # the file alone needs more than the whole budget
         held = f"{budget.held / 2**20:.1f} MiB held, " if not alone else ""
         message = (
             f"decoded audio over the {budget.what} budget ({held}{budget.limit / 2**20:g} MiB at most, "
@@ -55,14 +55,21 @@ class ByteBudget:
         self.held = 0
         self._lock = threading.Lock()
 
-    def take(self, n: int) -> None:
-        """Hold `n` more bytes, or BudgetExceeded (nothing taken) when this budget or its parent has no room."""
+    def take(self, n: int, own: int) -> None:
+        """Hold `n` more bytes for a holder that then holds `own`, or BudgetExceeded (nothing taken) when this
+        budget or its parent has no room."""
         with self._lock:
             if self.held + n > self.limit:
-                raise BudgetExceeded(self, self.held + n)
+                raise BudgetExceeded(self, own)
             if self.parent is not None:
-                self.parent.take(n)
+                self.parent.take(n, own)
             self.held += n
+
+    def room(self) -> int:
+        """Bytes that could still be taken (here and in the parents)."""
+        with self._lock:
+            mine = self.limit - self.held
+        return min(mine, self.parent.room()) if self.parent is not None else mine
 
     def give(self, n: int) -> None:
         with self._lock:
@@ -107,8 +114,8 @@ class _Collector:
     """A growing int16 buffer whose capacity is what the budget holds (no list of small chunks to concatenate:
     their copies and the allocator's leftovers cost more than the audio)."""
 
-    def __init__(self, budget: ByteBudget | None):
-        self.budget = budget
+    def __init__(self, budget: ByteBudget | None, max_samples: int):
+        self.budget, self.max_samples = budget, max_samples
         self.buffer = np.zeros(0, np.int16)
         self.size = 0
         self.held = 0
@@ -116,7 +123,7 @@ class _Collector:
     def _resize(self, capacity: int) -> None:
         wanted = capacity * SAMPLE_BYTES
         if self.budget is not None and wanted > self.held:
-            self.budget.take(wanted - self.held)
+            self.budget.take(wanted - self.held, wanted)
         grown = np.empty(capacity, np.int16)
         grown[: self.size] = self.buffer[: self.size]
         self.buffer = grown
@@ -127,7 +134,10 @@ class _Collector:
     def add(self, samples: np.ndarray) -> None:
         end = self.size + len(samples)
         if end > len(self.buffer):
-            self._resize(max(end, 2 * len(self.buffer), _GROW_SAMPLES))
+            # doubling, but never past the duration limit or what the budget can still give: a file that fits is
+            # not refused for the slack of a doubled buffer
+            room = (self.held + self.budget.room()) // SAMPLE_BYTES if self.budget is not None else self.max_samples
+            self._resize(max(end, min(max(2 * len(self.buffer), _GROW_SAMPLES), self.max_samples, room)))
         self.buffer[self.size : end] = samples
         self.size = end
 
@@ -161,8 +171,8 @@ def decode_audio_bytes(
     """The first audio stream of an in-memory file as mono int16 at `rate`. ApiError: 415 for a container outside
     the allow-list or a format the engine does not take, 400 for an unreadable file, 413 beyond `max_seconds`,
     BudgetExceeded beyond `budget`; `Cancelled` once `cancel` is set (checked between frames)."""
-    out = _Collector(budget)
     limit = int(max_seconds * rate)
+    out = _Collector(budget, limit)
     resampler: StreamResampler | None = None
     channels = 0
     try:

@@ -23,10 +23,12 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from client_kit import bearer, create_session, delete_session, free_port, run
+from client_kit import bearer, create_session, delete_session, free_port, run, wav_of
 from client_kit import http as open_http
 from netns_browser import start_serve, stop
 from server_harness import ServerThread, make_config
+
+from server.speak import AUDIO_DECODING
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -224,6 +226,57 @@ def test_six_concurrent_slow_posts_start_one_script(tiny_engine):
 
 
 # -- 4. decoded audio: the engine's rate, mono, budgeted, released -----------------------------------------------------
+def test_a_script_holds_its_items_within_its_byte_budget(tiny_engine):
+    """`--script_audio_mb 0.5` (5.4 s of 48 kHz mono int16): two 3 s items do not fit at once, so the second is
+    decoded after the first has played and both play; an 8 s item alone is larger than the budget and fails its
+    script with the reason. The server's budget is all given back after each script."""
+    server = ServerThread(make_config(script_audio_mb=0.5), tiny_engine).start()
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * 16000) / 16000)).astype(np.float32)
+
+    def form(items: list, files: dict[str, np.ndarray]) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("script", json.dumps({"items": items}))
+        for name, samples in files.items():
+            data.add_field(name, wav_of(samples), filename=f"{name}.wav", content_type="audio/wav")
+        return data
+
+    async def play(http, session, items, files) -> dict:
+        url, auth = f"{session['url']}/script", bearer(session["token"])
+        async with http.post(url, data=form(items, files), headers=auth) as r:
+            assert r.status == 201, await r.text()
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            async with http.get(url, headers=auth) as r:
+                report = await r.json()
+            if report["state"] not in ("preparing", "playing"):
+                return report
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the script did not end: {report}")
+
+    async def main():
+        async with open_http(180) as http:
+            session = await create_session(http, server.url)
+            two = await play(http, session, [{"audio": "a"}, {"audio": "b"}], {"a": tone, "b": tone})
+            held_after_two = server.app[AUDIO_DECODING].budget.held
+            big = await play(http, session, [{"audio": "c"}], {"c": np.tile(tone, 3)[: 8 * 16000]})
+            held_after_big = server.app[AUDIO_DECODING].budget.held
+            await delete_session(http, session)
+            return two, big, held_after_two, held_after_big
+
+    try:
+        two, big, held_two, held_big = run(main(), 240)
+    finally:
+        server.stop()
+    print(
+        f"\n--script_audio_mb 0.5: two 3 s items {two['state']} {[i['state'] for i in two['items']]}; an 8 s item "
+        f"{big['state']}: {big['error']}; server budget held after each {held_two}, {held_big} bytes"
+    )
+    assert two["state"] == "finished" and [i["state"] for i in two["items"]] == ["done", "done"]
+    assert [i["duration_s"] for i in two["items"]] == [3.0, 3.0]
+    assert big["state"] == "failed" and "--script_audio_mb" in big["error"]
+    assert held_two == held_big == 0
+
+
 def silent_flac(seconds: float, rate: int = 192000, layout: str = "7.1") -> bytes:
     """A FLAC of digital silence: a few hundred KB that decoded at its own rate and channels in float32 took 6 MB
     a second."""
