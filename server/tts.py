@@ -56,7 +56,6 @@ class TtsCommand:
 
     def __init__(self, template: tuple[str, ...], timeout_s: float = 30.0, max_bytes: int = 20 << 20, max_procs=2):
         self.template, self.timeout_s, self.max_bytes, self.max_procs = template, timeout_s, max_bytes, max_procs
-        self.running = 0  # processes alive (started and not yet reaped)
         self._slots = asyncio.Semaphore(max_procs)
 
     @classmethod
@@ -103,7 +102,6 @@ class TtsCommand:
             )
         except OSError as exc:
             raise TtsError(f"the TTS command could not start: {exc}") from exc
-        self.running += 1
         try:
             _, err = await asyncio.wait_for(proc.communicate(), self.timeout_s)
         except asyncio.TimeoutError as exc:
@@ -111,7 +109,6 @@ class TtsCommand:
         finally:
             # shielded: a cancelled script (stop, DELETE, session closed) still waits here until it is reaped
             await _shielded(_kill_and_reap(proc))
-            self.running -= 1
         if proc.returncode != 0:
             shown = err.decode("utf-8", "replace").strip()[:STDERR_SHOWN]
             raise TtsError(f"the TTS command failed (exit {proc.returncode}): {shown}")
