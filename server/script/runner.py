@@ -8,9 +8,10 @@ preparing ──► waiting (start_at) ──► playing ⇄ paused ──► fi
 Every audio, text and pause item is one utterance of the session, pushed ahead of playback (at most `LEAD_S`),
 so items follow each other without a gap and each lasts its own length rounded up to a whole frame. An item's
 audio is decoded (a text spoken by the TTS command) shortly before it plays: the first one while the script is
-`preparing`, each next one while the item before it is pushed; it is released when the item has played (or was
-skipped), and everything when the script ends, so a script holds a few items at most (`--script_audio_mb`). After each
-item the runner places a session mark (`script:<id>:<generation>:<index>`): when it fires, that item has played.
+`preparing`, each next one as soon as the one before it is ready (while that one plays); it is released when the
+item has played (or was skipped), and everything when the script ends, so a script holds a few items at most
+(`--script_audio_mb`). After each item the runner places a session mark (`script:<id>:<generation>:<index>`): when
+it fires, that item has played.
 Pause, skip and stop interrupt the session (everything pushed ahead is flushed) and start a new generation, so the
 marks the interrupt flushes are ignored; resume pushes again from where the paused item was interrupted.
 
@@ -271,6 +272,7 @@ class ScriptRunner:
         finally:
             self._preparing.pop(index, None)
         progress.hold(audio)
+        self._prefetch(index + 1)  # the next one is decoded (spoken) while this one waits and plays
         return audio
 
     def _held_before(self, index: int) -> bool:
@@ -319,7 +321,7 @@ class ScriptRunner:
             self._open_item, self._bases[index] = index, self._offset
             if self._offset == 0:
                 apply_controls(self.session, item)
-                self._prefetch(index + 1)  # decoded while this one plays
+                self._prefetch(index + 1)  # (again: it may have been let go for the budget)
         piece = max(1, int(PIECE_S * audio.sample_rate))
         chunk = audio.piece(self._offset, piece)
         if len(chunk):
