@@ -230,6 +230,7 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     r.add_get("/v1/sessions/{session_id}/ws", ws.bot_socket)
     r.add_get("/v1/sessions/{session_id}/frames", frames_ws.frames_socket)
     r.add_post("/v1/sessions/{session_id}/speak", speak.speak)
+    speak.setup(app)  # the decoded-audio budget, shared with scripts
     recording_path = "/v1/sessions/{session_id}/recording"
     r.add_post(recording_path, recording.start_recording)
     r.add_delete(recording_path, recording.stop_recording)

@@ -188,6 +188,10 @@ class ServerConfig:
     # scripts (server/script/): text items are spoken by this command ({text}, {out} placeholders; server/tts.py)
     tts_command: str | None = None
     tts_timeout_s: float = 30.0
+    tts_max_procs: int = 2  # --tts-command processes running at once, whole server (503 + Retry-After beyond)
+    script_audio_mb: float = 128.0  # decoded audio one script holds at once (its playing and next items)
+    decoded_audio_mb: float = 512.0  # decoded audio the whole server holds at once (scripts, /speak)
+    max_speak_decodes: int = 2  # /speak requests reading and decoding a file at once (503 + Retry-After beyond)
     styles: str | None = None  # JSON {name: {field: value}}: expression styles besides the built-in ones
 
     def validate(self) -> ServerConfig:
@@ -271,6 +275,9 @@ class ServerConfig:
                 raise ConfigError(str(exc)) from exc
         if not self.tts_timeout_s > 0:
             raise ConfigError("--tts_timeout_s must be positive")
+        for name in ("tts_max_procs", "script_audio_mb", "decoded_audio_mb", "max_speak_decodes"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be positive")
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
@@ -332,6 +339,8 @@ _FLOATS |= {"avatar_cache_mb", "cache_dir_mb", "recordings_quota_mb"}  # the ava
 _FLOATS |= {"turn_ttl_s"}  # TURN REST API credentials
 _FLOATS |= {"max_control_changes_per_s"}  # server/controls_api.py
 _FLOATS |= {"tts_timeout_s"}  # script text items (server/tts.py)
+_INTS |= {"tts_max_procs", "max_speak_decodes"}  # server/tts.py, server/speak.py
+_FLOATS |= {"script_audio_mb", "decoded_audio_mb"}  # server/audio_file.py budgets
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -541,3 +550,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         'it writes, e.g. "espeak-ng -w {out} {text}"; default: none (text items refused)',
     )
     opt("tts_timeout_s", "a --tts-command run is killed after this many seconds; default 30", type=float)
+    opt("tts_max_procs", "--tts-command processes running at once on the server (503 beyond); default 2", type=int)
+    opt(
+        "script_audio_mb",
+        "decoded audio (mono int16 at the session's rate) one script holds at once, in MiB; default 128",
+        type=float,
+    )
+    opt(
+        "decoded_audio_mb",
+        "decoded audio the whole server holds at once (scripts and /speak), in MiB (503 beyond); default 512",
+        type=float,
+    )
+    opt("max_speak_decodes", "/speak requests reading and decoding a file at once (503 beyond); default 2", type=int)

@@ -15,76 +15,36 @@ was given before (an open websocket utterance included) is ended first: the file
 from __future__ import annotations
 
 import asyncio
-import io
 
-import av
-import numpy as np
 from aiohttp import web
 
-from streaming.audio_input import MAX_CHANNELS, MAX_RATE
 from vexpress_rt.errors import InputError
 
+from .audio_file import ByteBudget, DecodedFile, decode_off_loop
 from .errors import ApiError
-from .limits import form_parts
-from .sniff import audio_demuxer
-from .state import server_state, session_for
+from .limits import PendingLimit, form_parts
+from .state import STATE, server_state, session_for
 
 MAX_SPEAK_BYTES = 25 * 2**20  # unless the server sets --max_upload_mb
 RAW_TYPES = ("application/octet-stream", "application/ogg")
 PUSH_PIECE_S = 1.0
 
 
-class DecodedFile:
-    def __init__(self, samples: np.ndarray, sample_rate: int):
-        self.samples = samples  # float32 (n, channels)
-        self.sample_rate = sample_rate
+class AudioDecoding:
+    """The server's decoded-audio budget (`--decoded_audio_mb`, shared with scripts) and the `/speak` requests
+    reading or decoding a file at once (`--max_speak_decodes`, 503 + Retry-After beyond)."""
 
-    @property
-    def channels(self) -> int:
-        return int(self.samples.shape[1])
-
-    @property
-    def duration_ms(self) -> float:
-        return 1000.0 * len(self.samples) / self.sample_rate
+    def __init__(self, budget_mb: float, speak_decodes: int):
+        self.budget = ByteBudget(int(budget_mb * 2**20), "server's decoded-audio", "decoded_audio_mb")
+        self.speaking = PendingLimit(speak_decodes, "audio files being read for /speak (--max_speak_decodes)")
 
 
-def decode_audio_bytes(data: bytes, max_seconds: float) -> DecodedFile:
-    """The first audio stream of an in-memory file, at its own rate and channel count (float32, interleaved)."""
-    chunks: list[np.ndarray] = []
-    total = 0
-    rate = channels = 0
-    try:
-        with av.open(io.BytesIO(data), mode="r", format=audio_demuxer(data)) as container:
-            if not container.streams.audio:
-                raise ApiError(415, "the file has no audio stream", code="unsupported_media_type")
-            stream = container.streams.audio[0]
-            resampler = None
-            for frame in container.decode(stream):
-                if resampler is None:
-                    rate, channels = frame.sample_rate, frame.layout.nb_channels
-                    if not 8000 <= rate <= MAX_RATE or not 1 <= channels <= MAX_CHANNELS:
-                        raise ApiError(
-                            415,
-                            f"unsupported audio: {rate} Hz, {channels} channels (8000-{MAX_RATE} Hz, "
-                            f"1-{MAX_CHANNELS} channels)",
-                            code="unsupported_media_type",
-                        )
-                    resampler = av.AudioResampler(format="flt", layout=frame.layout.name, rate=rate)
-                elif (frame.sample_rate, frame.layout.nb_channels) != (rate, channels):
-                    raise ApiError(400, "the audio format changes mid-file", code="invalid_audio")
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1, channels))
-                    total += len(chunks[-1])
-                if total > max_seconds * rate:
-                    raise ApiError(413, f"the audio is longer than {max_seconds:g} s", code="payload_too_large")
-            if resampler is not None:
-                chunks += [out.to_ndarray().reshape(-1, channels) for out in resampler.resample(None)]
-    except av.FFmpegError as exc:
-        raise ApiError(400, f"not a readable audio file (WAV, MP3, OGG...): {exc}", code="invalid_audio") from exc
-    samples = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
-    if len(samples) == 0:
-        raise ApiError(400, "the file holds no audio samples", code="invalid_audio")
-    return DecodedFile(np.ascontiguousarray(samples, dtype=np.float32), rate)
+AUDIO_DECODING = web.AppKey("audio_decoding", AudioDecoding)
+
+
+def setup(app: web.Application) -> None:
+    config = app[STATE].config
+    app[AUDIO_DECODING] = AudioDecoding(config.decoded_audio_mb, config.max_speak_decodes)
 
 
 async def _read_limited(read, limit: int) -> bytes:
@@ -130,36 +90,41 @@ async def speak(request: web.Request) -> web.Response:
     session = session_for(request)
     es = session.engine_session
     limit = int(server_state(request).config.max_upload_mb * 2**20)
-    data = await read_audio_body(request, limit)
-    if not data:
-        raise ApiError(400, "the body is empty: send an audio file", code="invalid_audio")
+    decoding = request.app[AUDIO_DECODING]
+    with decoding.speaking:  # taken before the body is read: the upload is held in memory too
+        data = await read_audio_body(request, limit)
+        if not data:
+            raise ApiError(400, "the body is empty: send an audio file", code="invalid_audio")
+        max_s, rate = es.config.max_buffer_s, es.config.output_sample_rate
+        decoded = await decode_off_loop(data, max_s, rate, decoding.budget)
+    del data
     loop = asyncio.get_running_loop()
-    max_s = es.config.max_buffer_s
-    decoded = await loop.run_in_executor(None, decode_audio_bytes, data, max_s)
-    room_ms = 1000 * max_s - es.buffered_ms
-    if decoded.duration_ms > room_ms:
-        raise ApiError(
-            409,
-            f"the session's audio buffer has room for {room_ms / 1000:.1f} s, the file lasts "
-            f"{decoded.duration_ms / 1000:.1f} s; try again after playback",
-            code="buffer_full",
-        )
     try:
-        await loop.run_in_executor(None, _push, es, decoded)
-    except InputError as exc:
-        if "buffer full" in str(exc):
-            raise ApiError(409, str(exc), code="buffer_full") from exc
-        raise
+        room_ms = 1000 * max_s - es.buffered_ms
+        if decoded.duration_ms > room_ms:
+            raise ApiError(
+                409,
+                f"the session's audio buffer has room for {room_ms / 1000:.1f} s, the file lasts "
+                f"{decoded.duration_ms / 1000:.1f} s; try again after playback",
+                code="buffer_full",
+            )
+        try:
+            await loop.run_in_executor(None, _push, es, decoded)
+        except InputError as exc:
+            if "buffer full" in str(exc):
+                raise ApiError(409, str(exc), code="buffer_full") from exc
+            raise
+    finally:
+        decoded.release()  # the session holds what was pushed (at most --max_buffer_s)
     session.connected_once.set()
     session.pump.start()  # the audio plays (and its events come) with or without a viewer
-    session.log.info(
-        "speak: %.2f s of audio (%d Hz, %d ch)", decoded.duration_ms / 1000, decoded.sample_rate, decoded.channels
-    )
+    seconds, source = decoded.duration_ms / 1000, (decoded.source_rate, decoded.source_channels)
+    session.log.info("speak: %.2f s of audio (%d Hz, %d ch)", seconds, *source)
     return web.json_response(
         {
             "utterance_ms": round(decoded.duration_ms, 1),
-            "sample_rate": decoded.sample_rate,
-            "channels": decoded.channels,
+            "sample_rate": decoded.source_rate,  # the file's own format
+            "channels": decoded.source_channels,
             "buffered_ms": round(es.buffered_ms, 1),
         },
         status=202,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from client_kit import mp3_bytes, voiced_pcm16, wav_bytes
 
+from server.audio_file import decode_audio_bytes
 from server.errors import ApiError
-from server.speak import decode_audio_bytes
 
 
 # -- 1. speak opens only allow-listed audio containers, from memory ------------------------------------------------

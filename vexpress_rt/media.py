@@ -59,7 +59,7 @@ def _layout_name(channels: int) -> str:
     return f"{channels}c"  # FFmpeg's default layout for that many channels
 
 
-def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
+def frame_to_float(frame: av.AudioFrame) -> np.ndarray:
     """One decoded frame as float32 (channels, n); integer PCM divided by 2^(bits-1) like torchaudio."""
     fmt = frame.format
     channels = frame.layout.nb_channels
@@ -88,7 +88,7 @@ def load_audio(path: str | Path) -> DecodedAudio:
                 raise InputError(f"{path} has no audio stream")
             stream = container.streams.audio[0]
             for frame in container.decode(stream):
-                data = _frame_to_float(frame)
+                data = frame_to_float(frame)
                 if chunks and data.shape[0] != chunks[0].shape[0]:
                     raise InputError(f"{path}: the number of audio channels changes mid-stream")
                 rate = rate or frame.sample_rate

@@ -10,15 +10,17 @@
 The body is `multipart/form-data` with the script as JSON in the field `script` (items.py) and each audio item's
 file in the field it names (`{"audio": "intro"}` -> the field `intro`; the whole upload at most `--max_upload_mb`),
 or, with text, pause and mark items only, the script as an `application/json` body. Audio files are checked and
-decoded like `/speak`'s (speak.py, sniff.py); the server fetches no URLs. Text items are spoken by `--tts-command`
-(tts.py) before the script starts (state `preparing`).
+decoded like `/speak`'s (audio_file.py, sniff.py); the server fetches no URLs. Items are decoded (text items spoken
+by `--tts-command`, tts.py) shortly before they play, within the script's byte budget (`--script_audio_mb`, part of
+the server's `--decoded_audio_mb`); a script with text items is refused (503) while every TTS process slot is busy.
+The one-script-per-session slot is reserved before the body is read: a concurrent POST gets 409.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -26,11 +28,12 @@ from vexpress_rt.errors import InputError
 from vexpress_rt.params import GenerationParams
 
 from .. import limits
+from ..audio_file import ByteBudget, DecodedFile, decode_off_loop
 from ..controls_api import control_changes
 from ..errors import ApiError
 from ..sessions import ServerSession
 from ..sniff import audio_demuxer
-from ..speak import DecodedFile, decode_audio_bytes
+from ..speak import AUDIO_DECODING
 from ..state import STATE, ServerState, json_body, server_state, session_for
 from ..tts import TtsCommand
 from .items import MAX_SCRIPT_S, ScriptItem, parse_script
@@ -42,9 +45,12 @@ ACTIONS = ("pause", "resume", "skip", "stop")
 class ScriptStore:
     """Each session's latest script (by session id)."""
 
-    def __init__(self, tts: TtsCommand | None):
+    def __init__(self, tts: TtsCommand | None, budget: ByteBudget, script_bytes: int):
         self.tts = tts
+        self.budget = budget  # the server's decoded audio (scripts and /speak)
+        self.script_bytes = script_bytes  # what one script may hold at once
         self.scripts: dict[str, ScriptRunner] = {}
+        self.starting: set[str] = set()  # sessions whose POST is being read (the slot is theirs)
 
     def forget(self, session: ServerSession) -> None:
         self.scripts.pop(session.id, None)
@@ -57,11 +63,14 @@ def setup(app: web.Application) -> None:
     state = app[STATE]
     config = state.config
     tts = (
-        TtsCommand.from_config(config.tts_command, config.tts_timeout_s, limits.upload_bytes(config))
+        TtsCommand.from_config(
+            config.tts_command, config.tts_timeout_s, limits.upload_bytes(config), config.tts_max_procs
+        )
         if config.tts_command
         else None
     )
-    store = app[SCRIPTS] = ScriptStore(tts)
+    budget = app[AUDIO_DECODING].budget  # speak.setup ran first
+    store = app[SCRIPTS] = ScriptStore(tts, budget, int(config.script_audio_mb * 2**20))
     state.sessions.add_close_listener(store.forget)
 
 
@@ -100,19 +109,20 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[object, dict[s
         raise ApiError(400, f"the script is not JSON: {str(exc)[:200]}", code="invalid_json") from exc
 
 
-def _preparer(store: ScriptStore, files: dict[str, bytes]):
-    """`prepare(item)` for the runner: an audio item's file or a text item's speech, decoded (a thread)."""
-    budget = [MAX_SCRIPT_S]  # seconds of audio the script may still hold
+def _preparer(store: ScriptStore, files: dict[str, bytes], rate: int) -> Callable[[ScriptItem], Awaitable[DecodedFile]]:
+    """`prepare(item)` for the runner: an audio item's file or a text item's speech, decoded (a thread) to mono at
+    the session's output rate, within the script's byte budget and its seconds of audio."""
+    budget = ByteBudget(store.script_bytes, "script's decoded-audio", "script_audio_mb", parent=store.budget)
+    seconds = [MAX_SCRIPT_S]  # audio the script may still decode
 
     async def prepare(item: ScriptItem) -> DecodedFile:
-        loop = asyncio.get_running_loop()
         if item.kind == "audio":
             data = files[item.audio or ""]
         else:
             assert store.tts is not None and item.text is not None
             data = await store.tts.synthesize(item.text)
-        decoded = await loop.run_in_executor(None, decode_audio_bytes, data, budget[0])
-        budget[0] -= decoded.duration_ms / 1000
+        decoded = await decode_off_loop(data, seconds[0], rate, budget)
+        seconds[0] -= decoded.duration_ms / 1000
         return decoded
 
     return prepare
@@ -122,15 +132,29 @@ async def start_script(request: web.Request) -> web.Response:
     session = session_for(request)
     store = request.app[SCRIPTS]
     old = store.scripts.get(session.id)
-    if old is not None and old.running:
-        raise ApiError(409, f"a script is {old.state} on this session: stop it first", code="conflict")
+    if session.id in store.starting or (old is not None and old.running):
+        state = old.state if old is not None and old.running else "being posted"
+        raise ApiError(409, f"a script is {state} on this session: stop it first", code="conflict")
+    store.starting.add(session.id)  # before the first await: concurrent POSTs find the slot taken
+    try:
+        return await _start(request, session, store)
+    finally:
+        store.starting.discard(session.id)
+
+
+async def _start(request: web.Request, session: ServerSession, store: ScriptStore) -> web.Response:
     data, files = await _read_upload(request, limits.upload_bytes(server_state(request).config))
     spec = parse_script(data, set(files), store.tts is not None)
     _resolve_controls(server_state(request), session, spec.items)
-    for item in spec.items:  # each file is checked by its first bytes now (415); decoded when the script prepares
+    for item in spec.items:  # each file is checked by its first bytes now (415); decoded shortly before it plays
         if item.kind == "audio":
             audio_demuxer(files[item.audio or ""])
-    runner = ScriptRunner(uuid.uuid4().hex[:10], session, spec, _preparer(store, files))
+    if store.tts is not None and any(item.kind == "text" for item in spec.items):
+        store.tts.check_free()  # 503 while every TTS process slot is busy
+    if session.closed:
+        raise ApiError(404, "the session has ended")
+    rate = session.engine_session.config.output_sample_rate
+    runner = ScriptRunner(uuid.uuid4().hex[:10], session, spec, _preparer(store, files, rate))
     store.scripts[session.id] = runner
     session.log.info("script %s: %d items", runner.id, len(spec.items))
     return web.json_response(runner.report(), status=201, headers={"Location": request.path})

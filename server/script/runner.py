@@ -6,8 +6,12 @@ preparing ──► waiting (start_at) ──► playing ⇄ paused ──► fi
      └──► failed (an item cannot be read or spoken)
 ```
 Every audio, text and pause item is one utterance of the session, pushed ahead of playback (at most `LEAD_S`),
-so items follow each other without a gap and each lasts its own length rounded up to a whole frame. After each
-item the runner places a session mark (`script:<id>:<generation>:<index>`): when it fires, that item has played.
+so items follow each other without a gap and each lasts its own length rounded up to a whole frame. An item's
+audio is decoded (a text spoken by the TTS command) shortly before it plays: the first one while the script is
+`preparing`, each next one as soon as the one before it is ready (while that one plays); it is released when the
+item has played (or was skipped), and everything when the script ends, so a script holds a few items at most
+(`--script_audio_mb`). After each item the runner places a session mark (`script:<id>:<generation>:<index>`): when
+it fires, that item has played.
 Pause, skip and stop interrupt the session (everything pushed ahead is flushed) and start a new generation, so the
 marks the interrupt flushes are ignored; resume pushes again from where the paused item was interrupted.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +32,43 @@ import numpy as np
 from streaming.frames import Event
 from vexpress_rt.errors import InputError
 
+from ..audio_file import BudgetExceeded, DecodedFile
 from ..sessions import ServerSession
-from ..speak import DecodedFile
 from .items import ScriptItem, ScriptSpec
 
 LEAD_S = 3.0  # audio pushed ahead of playback
 PIECE_S = 0.5  # pushed at a time (the session's lock is never held long)
 PAUSE_RATE = 16000
 TICK_S = 0.05
+
+
+class Silence:
+    """A pause item's audio: made piece by piece as it is pushed, never held whole."""
+
+    channels = 1
+    sample_rate = PAUSE_RATE
+
+    def __init__(self, seconds: float):
+        self.num_samples = round(seconds * PAUSE_RATE)
+        self.duration_ms = 1000.0 * self.num_samples / PAUSE_RATE
+
+    def piece(self, start: int, n: int) -> np.ndarray:
+        return np.zeros((max(0, min(n, self.num_samples - start)), 1), np.int16)
+
+    def release(self) -> None:
+        pass
+
+
+ItemAudio = DecodedFile | Silence
+
+
+def _drop(task: asyncio.Task) -> None:
+    """An item decoded ahead that will not play: cancelled (a cancelled decode gives its bytes back,
+    `audio_file.decode_off_loop`), or its audio released."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().release()
 
 
 def apply_controls(session: ServerSession, item: ScriptItem) -> None:
@@ -54,16 +88,25 @@ def apply_controls(session: ServerSession, item: ScriptItem) -> None:
 @dataclass
 class ItemProgress:
     item: ScriptItem
-    audio: DecodedFile | None = None  # speaking items, once prepared
+    audio: ItemAudio | None = None  # speaking items, from shortly before they play until they have played
+    duration_ms: float | None = None  # known once prepared (kept after the audio is released)
     state: str = "pending"  # pending | playing | done | skipped
     started_frame: int | None = None
     done_frame: int | None = None
 
+    def hold(self, audio: ItemAudio) -> None:
+        self.audio, self.duration_ms = audio, audio.duration_ms
+
+    def release(self) -> None:
+        if self.audio is not None:
+            self.audio.release()
+            self.audio = None
+
     def to_json(self, index: int, fps: int) -> dict:
         out = {"index": index, **self.item.to_json(), "state": self.state}
-        if self.audio is not None:
-            out["duration_s"] = round(self.audio.duration_ms / 1000, 3)
-            out["frames"] = -(-round(self.audio.duration_ms * fps) // 1000)
+        if self.duration_ms is not None:
+            out["duration_s"] = round(self.duration_ms / 1000, 3)
+            out["frames"] = -(-round(self.duration_ms * fps) // 1000)
         for key in ("started_frame", "done_frame"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -72,7 +115,8 @@ class ItemProgress:
 
 class ScriptRunner:
     def __init__(self, script_id: str, session: ServerSession, spec: ScriptSpec, prepare):
-        """`prepare(item) -> DecodedFile`: an audio or text item's audio (awaitable; raises ApiError)."""
+        """`prepare(item) -> DecodedFile`: an audio or text item's audio (awaitable; raises ApiError, BudgetExceeded
+        when the script's budget has no room for it)."""
         self.id = script_id
         self.session = session
         self.es = session.engine_session
@@ -83,7 +127,8 @@ class ScriptRunner:
         self.created = time.time()
         self.started_at: float | None = None
         self.ended_at: float | None = None
-        self._prepare = prepare
+        self._prepare: Callable[[ScriptItem], Awaitable[DecodedFile]] | None = prepare  # dropped at the end
+        self._preparing: dict[int, asyncio.Task] = {}  # items being decoded ahead
         self._generation = 0
         self._cursor = 0  # next item to push
         self._offset = 0  # samples of it pushed already
@@ -95,7 +140,7 @@ class ScriptRunner:
         self._push_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._task = session.start_task(self._run(), f"script-{script_id}")
+        self._task: asyncio.Task | None = session.start_task(self._run(), f"script-{script_id}")
 
     # -- reports -------------------------------------------------------------------------------------------------
     @property
@@ -140,18 +185,17 @@ class ScriptRunner:
             progress.started_frame = frame
         elif state == "done":
             progress.done_frame = frame
+        if state in ("done", "skipped"):
+            progress.release()
         self._tell("item", index=index, state=state, **({"frame": frame} if frame is not None else {}))
 
     # -- the run -------------------------------------------------------------------------------------------------
     async def _run(self) -> None:
         self.es.add_listener(self._on_event)
         try:
-            for progress in self.items:
-                if progress.item.kind in ("audio", "text"):
-                    progress.audio = await self._prepare(progress.item)
-                elif progress.item.kind == "pause":
-                    silence = np.zeros((round(progress.item.pause_s * PAUSE_RATE), 1), np.float32)
-                    progress.audio = DecodedFile(silence, PAUSE_RATE)
+            first = next((i for i, p in enumerate(self.items) if p.item.speaks), None)
+            if first is not None:  # a file that cannot be read fails the script before it starts
+                await self._ready(first)
             if self.spec.start_at is not None and self.spec.start_at > time.time():
                 self._set_state("waiting")
                 await asyncio.sleep(self.spec.start_at - time.time())
@@ -175,6 +219,70 @@ class ScriptRunner:
         finally:
             self.ended_at = self.ended_at or time.time()
             self.es.remove_listener(self._on_event)
+            self._release_all()
+
+    def _release_all(self) -> None:
+        """Give back every item's audio and the uploaded files, and drop the task: the cancelled task's traceback
+        holds this runner's frames, and a runner that held its task would be a cycle kept (with its audio) until
+        the garbage collector's rare full pass."""
+        for task in self._preparing.values():
+            _drop(task)
+        self._preparing.clear()
+        for progress in self.items:
+            progress.release()
+        self._prepare = None
+        self._task = None
+
+    # -- decoding, shortly before an item plays ----------------------------------------------------------------
+    def _prefetch(self, index: int) -> None:
+        """Start decoding `index` (the next speaking item after it, if `index` is not one)."""
+        following = next((i for i in range(index, len(self.items)) if self.items[i].item.speaks), None)
+        if following is None or self.items[following].audio is not None or following in self._preparing:
+            return
+        if self.items[following].item.kind == "pause":
+            self.items[following].hold(Silence(self.items[following].item.pause_s))
+            return
+        if self._prepare is not None and self.running:
+            task = self.session.start_task(self._prepare(self.items[following].item), f"script-item-{following}")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved here if never awaited
+            self._preparing[following] = task
+
+    async def _ready(self, index: int) -> ItemAudio:
+        """Item `index`'s audio, decoded now if it was not already. When the script's budget has no room while
+        earlier items are still held (playing), the items decoded ahead are let go and it is decoded again once
+        the earlier ones have played."""
+        progress = self.items[index]
+        if progress.audio is not None:
+            return progress.audio
+        self._prefetch(index)
+        task = self._preparing.get(index)
+        if task is None:  # a pause
+            assert progress.audio is not None
+            return progress.audio
+        try:
+            audio: ItemAudio = await task
+        except BudgetExceeded as exc:
+            if exc.budget.parent is None or exc.status == 413 or not self._held_before(index):
+                raise  # the server's budget, or the file alone is too large for the script's
+            self._let_go_after(index)
+            while self.running and self._held_before(index):
+                await asyncio.sleep(TICK_S)
+            assert self._prepare is not None
+            audio = await self._prepare(progress.item)
+        finally:
+            self._preparing.pop(index, None)
+        progress.hold(audio)
+        self._prefetch(index + 1)  # the next one is decoded (spoken) while this one waits and plays
+        return audio
+
+    def _held_before(self, index: int) -> bool:
+        return any(p.audio is not None for p in self.items[:index])
+
+    def _let_go_after(self, index: int) -> None:
+        for later in [i for i in self._preparing if i > index]:
+            _drop(self._preparing.pop(later))
+        for progress in self.items[index + 1 :]:
+            progress.release()
 
     async def _push_all(self) -> None:
         """Push items ahead of playback until all are pushed (a pause/skip moves the cursor back)."""
@@ -188,6 +296,8 @@ class ScriptRunner:
             if self.es.buffered_ms > 1000 * LEAD_S:
                 await asyncio.sleep(TICK_S)
                 continue
+            if self.items[self._cursor].item.speaks and self.items[self._cursor].state in ("pending", "playing"):
+                await self._ready(self._cursor)  # decoded outside the lock: pause, skip and stop never wait for it
             async with self._push_lock:
                 if self._resume.is_set() and self.running and self._cursor < len(self.items):
                     await self._push_piece()
@@ -205,17 +315,20 @@ class ScriptRunner:
             self._cursor += 1
             return
         audio = progress.audio
-        assert audio is not None
+        if audio is None:  # the cursor moved (skip) since the item was made ready: the loop readies this one
+            return
         if self._open_item != index:  # a new utterance: the item, or what is left of it after a pause
             self._open_item, self._bases[index] = index, self._offset
             if self._offset == 0:
                 apply_controls(self.session, item)
+                self._prefetch(index + 1)  # (again: it may have been let go for the budget)
         piece = max(1, int(PIECE_S * audio.sample_rate))
-        chunk = audio.samples[self._offset : self._offset + piece]
+        chunk = audio.piece(self._offset, piece)
         if len(chunk):
             await self._loop.run_in_executor(None, self.es.push_audio, chunk, audio.sample_rate, audio.channels)
             self._offset += len(chunk)
-        if self._offset >= len(audio.samples):
+        del chunk
+        if self._offset >= audio.num_samples:
             self.es.end_utterance()
             self.es.mark(name)
             self._cursor, self._offset, self._open_item = self._cursor + 1, 0, None
@@ -300,5 +413,7 @@ class ScriptRunner:
         await self._flush()
         self._set_state("stopped")
         self._resume.set()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
