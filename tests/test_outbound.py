@@ -145,6 +145,8 @@ def test_an_allow_rule_with_a_port_allows_that_port_only(tiny_engine):
         srv.stop()
     assert ok[0] == 201
     assert refused[0] == 400 and refused[1]["error"]["code"] == "target_not_allowed"
+    env = ServerConfig.from_env({"VEXPRESS_OUTPUT_ALLOW": "127.0.0.1:1935, 10.0.0.0/8", "VEXPRESS_OUTPUTS": "off"})
+    assert env.output_allow == ["127.0.0.1:1935", "10.0.0.0/8"] and env.outputs == "off"
     with pytest.raises(ConfigError):
         ServerConfig(output_allow=["10.0.0.0/8:99999"]).validate()
     with pytest.raises(ConfigError):
