@@ -32,6 +32,7 @@ QUEUE_FRAMES = 50  # 2 s at 25 fps between the pump and the encoder
 # (YouTube, Twitch) ask, not also at scene cuts
 LIVE_X264 = {"preset": "veryfast", "tune": "zerolatency", "x264-params": "scenecut=0"}
 NETWORK_TIMEOUT_S = 10.0
+RELAY_DRAIN_S = 5.0  # after the encoder child closed: what it wrote last still reaches the ingest
 # one reason for anything that fails before the first frames went out (refused, timed out, not an ingest, a
 # handshake that failed), so that an output cannot tell an open port from a closed one
 COULD_NOT_CONNECT = "could not connect"
@@ -114,6 +115,8 @@ class IngestPublisher(Publisher):
                 self._bytes_before += writer.bytes_out
                 await asyncio.shield(loop.run_in_executor(self._executor, _close_quietly, writer))
             if relay is not None and relaying is not None:
+                # the child flushed its last frames and exited: let the relay pass them on before closing
+                await asyncio.wait((relaying,), timeout=RELAY_DRAIN_S)
                 relay.close()
                 await asyncio.gather(relaying, return_exceptions=True)
 
