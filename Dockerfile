@@ -7,7 +7,7 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
 # espeak-ng: a text-to-speech command for script text items (serve --tts-command "espeak-ng -w {out} {text}")
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-pip python3-venv libgl1 libglib2.0-0 espeak-ng \
+    && apt-get install -y --no-install-recommends python3 python3-pip python3-venv libgl1 libglib2.0-0 espeak-ng ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

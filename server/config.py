@@ -32,6 +32,7 @@ from vexpress_rt.params import DEFAULTS, arg_type, field_error
 from vexpress_rt.styles import load_styles
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
+from .outbound import parse_allow
 from .security import is_loopback_host
 from .tts import parse_template
 
@@ -41,6 +42,7 @@ DEFAULT_AVATAR = DEFAULT_PORTRAIT  # package data of streaming (streaming/assets
 # install or the Docker image (which copies web_client/), or point --web_root at a copy of it.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[1] / "web_client"
 MAX_TURN_TTL_S = 86400.0  # TURN credentials live a day at most (they cannot be revoked before their expiry)
+OUTPUT_MODES = ("on", "off", "api-key")
 
 
 class ConfigError(InputError):
@@ -193,6 +195,10 @@ class ServerConfig:
     decoded_audio_mb: float = 512.0  # decoded audio the whole server holds at once (scripts, /speak)
     max_speak_decodes: int = 2  # /speak requests reading and decoding a file at once (503 + Retry-After beyond)
     styles: str | None = None  # JSON {name: {field: value}}: expression styles besides the built-in ones
+    # live outputs (server/outputs/, server/outbound.py): who may add them, and where they may connect besides
+    # public addresses
+    outputs: str = "on"  # on | off | api-key (only requests carrying an API key may add outputs)
+    output_allow: list[str] = field(default_factory=list)  # host|CIDR[:port] the outputs may reach besides
 
     def validate(self) -> ServerConfig:
         if not 1 <= self.port <= 65535 and self.port != 0:
@@ -281,6 +287,16 @@ class ServerConfig:
         for name in ("max_session_s", "idle_timeout_s", "max_sessions_per_key"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (off) or positive")
+        if self.outputs not in OUTPUT_MODES:
+            raise ConfigError(f"--outputs {self.outputs!r} is not one of {', '.join(OUTPUT_MODES)}")
+        if self.outputs == "api-key" and self.api_key is None:
+            raise ConfigError("--outputs api-key restricts outputs to API-key holders: give --api-key too")
+        self.output_allow = [a.strip() for a in self.output_allow if a.strip()]
+        for rule in self.output_allow:
+            try:
+                parse_allow(rule)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.devices is not None:
             try:
                 parse_devices(self.devices)
@@ -351,7 +367,7 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
-        if name in ("allowed_origin", "allowed_host", "turn_url"):
+        if name in ("allowed_origin", "allowed_host", "turn_url", "output_allow"):
             return _split_env_list(value) if from_env else list(value)
         if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
             keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
@@ -562,3 +578,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
     )
     opt("max_speak_decodes", "/speak requests reading and decoding a file at once (503 beyond); default 2", type=int)
+    opt(
+        "outputs",
+        "live outputs (RTMP/SRT/WHIP pushes): on, off, or api-key (only requests with an API key may add them); "
+        "default on",
+        choices=OUTPUT_MODES,
+    )
+    opt(
+        "output_allow",
+        "a host name, address or CIDR (with :port: that port only) outputs may connect to besides public "
+        "addresses, repeatable, e.g. 127.0.0.1:1935 for a local ingest; default: public addresses only",
+        action="append",
+    )

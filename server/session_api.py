@@ -165,6 +165,8 @@ async def create_session(request: web.Request) -> web.Response:
     if pushes is not None and (not isinstance(pushes, list) or len(pushes) > outputs.MAX_OUTPUTS):
         raise ApiError(400, f"outputs must be a list of at most {outputs.MAX_OUTPUTS} outputs")
     push_settings = [OutputSettings.from_json(o) for o in pushes or []]
+    if push_settings:
+        await outputs.check_request(request, push_settings)
     avatar_id, config = session_config_from_json(state, data)
     owner = client_identity(request, state.config.api_key)
     session = await open_session(state, avatar_id, config, owner)

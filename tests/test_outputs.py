@@ -39,7 +39,7 @@ AV_OFFSET_MS = 80  # the issue's bound (the project's target is one frame, 40 ms
 
 @pytest.fixture(scope="module")
 def server(tiny_engine):
-    srv = ServerThread(make_config(mark_frames=True), tiny_engine).start()
+    srv = ServerThread(make_config(mark_frames=True, output_allow=["127.0.0.1"]), tiny_engine).start()
     yield srv
     srv.stop()
 

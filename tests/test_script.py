@@ -57,7 +57,7 @@ def espeak():
 
 @pytest.fixture(scope="module")
 def server(tiny_engine, espeak):
-    srv = ServerThread(make_config(mark_frames=True, tts_command=TTS), tiny_engine).start()
+    srv = ServerThread(make_config(mark_frames=True, tts_command=TTS, output_allow=["127.0.0.1"]), tiny_engine).start()
     yield srv
     srv.stop()
 

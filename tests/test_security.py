@@ -56,6 +56,7 @@ def server(tiny_engine):
         max_buffer_s=2.0,
         max_viewers=1,
         ice_server=[IceServer(("turn:turn.example.org:3478",), "alice", "turn-pass")],
+        output_allow=["127.0.0.1"],  # the metrics test's output goes to a closed local port
     )
     srv = ServerThread(config, tiny_engine).start()
     yield srv

@@ -8,9 +8,14 @@
 | `POST /v1/sessions` with `"outputs": [...]` | the session is pushed from its creation |
 
 Body: `{"url", "video_bitrate_kbps" (2500), "audio_bitrate_kbps" (128), "keyframe_interval_s" (2), "token"
-(WHIP bearer)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt; else 400) and
-`whip+http(s)://` (WHIP).
+(WHIP bearer), "tls_verify" (true: rtmps:// and whip+https:// check the certificate; false for a self-signed test
+ingest)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt; else 400) and `whip+http(s)://`
+(WHIP).
 Reports never show a URL's stream key (the last path segment), query or credentials.
+
+Who may add one: `--outputs on` (default: any session token holder), `api-key` (requests with an API key only:
+403 `outputs_need_api_key`), `off` (403 `outputs_disabled`). Where to: the outbound policy (server/outbound.py)
+checks the target when it is added (400 `target_not_allowed`) and again at each connection.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .. import rtc
+from ..auth import has_api_key
+from ..config import ServerConfig
 from ..errors import ApiError
 from ..metrics import PREFIX
+from ..outbound import OutboundPolicy, OutboundRefused
 from ..sessions import ServerSession
 from ..state import STATE, json_body, session_for
 from .ingest import IngestPublisher
@@ -39,10 +47,37 @@ MAX_OUTPUTS = 4  # per session
 class OutputStore:
     """Every session's outputs, by session id; a session's go when it closes."""
 
-    def __init__(self, rtc_config: RTCConfiguration | None = None) -> None:
+    def __init__(self, config: ServerConfig, rtc_config: RTCConfiguration | None = None) -> None:
+        self.config = config
+        self.policy = OutboundPolicy.from_texts(config.output_allow)
         self.rtc_config = rtc_config  # WHIP peer connections: the server's ICE servers
         self.outputs: dict[str, dict[str, Publisher]] = {}
         self.stopped_total = 0
+
+    def check_caller(self, request: web.Request) -> None:
+        """The operator's switch (--outputs): 403 when this request may not add outputs."""
+        if self.config.outputs == "off":
+            raise ApiError(403, "live outputs are turned off on this server (--outputs off)", code="outputs_disabled")
+        if self.config.outputs == "api-key" and not has_api_key(request, self.config.api_key):
+            raise ApiError(
+                403,
+                "on this server only API-key holders may add outputs (--outputs api-key); "
+                "a session token is not enough",
+                code="outputs_need_api_key",
+            )
+
+    async def check_target(self, settings: OutputSettings) -> None:
+        """400 `target_not_allowed` unless the outbound policy allows the target now."""
+        try:
+            await self.policy.resolve(settings.host, settings.port)
+        except OutboundRefused:
+            raise ApiError(
+                400,
+                f"output target {settings.shown_url()!r} is not allowed: it does not resolve to a public address "
+                "(loopback, private, link-local, CGNAT, multicast and reserved addresses are refused unless the "
+                "operator allows them with --output-allow)",
+                code="target_not_allowed",
+            ) from None
 
     def of(self, session_id: str) -> list[Publisher]:
         return list(self.outputs.get(session_id, {}).values())
@@ -55,9 +90,9 @@ class OutputStore:
             )
         output_id = uuid.uuid4().hex[:10]
         publisher: Publisher = (
-            WhipPublisher(output_id, session, settings, self.rtc_config)
+            WhipPublisher(output_id, session, settings, self.policy, self.rtc_config, self.config.max_sdp_bytes)
             if settings.whip
-            else IngestPublisher(output_id, session, settings)
+            else IngestPublisher(output_id, session, settings, self.policy)
         )
         mine[output_id] = publisher
         publisher.start()
@@ -82,13 +117,21 @@ OUTPUTS = web.AppKey("outputs", OutputStore)
 
 def setup(app: web.Application) -> None:
     state = app[STATE]
-    store = app[OUTPUTS] = OutputStore(rtc.rtc_configuration(state.config.ice_server))
+    store = app[OUTPUTS] = OutputStore(state.config, rtc.rtc_configuration(state.config.ice_server))
     state.sessions.add_close_listener(store.forget)
     state.metrics.registry.register(OutputCollector(store))
 
 
+async def check_request(request: web.Request, settings: list[OutputSettings]) -> None:
+    """May this request add these outputs (the switch, then each target)? ApiError if not."""
+    store = request.app[OUTPUTS]
+    store.check_caller(request)
+    for one in settings:
+        await store.check_target(one)
+
+
 def add_for(app: web.Application, session: ServerSession, settings: OutputSettings) -> Publisher:
-    """Push `session` to one more output (`POST /v1/sessions` with `"outputs"`)."""
+    """Push `session` to one more output (`POST /v1/sessions` with `"outputs"`, checked by `check_request`)."""
     return app[OUTPUTS].add(session, settings)
 
 
@@ -99,7 +142,9 @@ def session_fields(app: web.Application, session: ServerSession) -> dict:
 
 async def add_output(request: web.Request) -> web.Response:
     session = session_for(request)
+    request.app[OUTPUTS].check_caller(request)
     settings = OutputSettings.from_json(await json_body(request))
+    await check_request(request, [settings])
     publisher = request.app[OUTPUTS].add(session, settings)
     location = f"/v1/sessions/{session.id}/outputs/{publisher.id}"
     return web.json_response(publisher.report(), status=201, headers={"Location": location})

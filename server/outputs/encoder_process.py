@@ -6,8 +6,13 @@ event loop that paces the sessions and the model worker included: each output st
 frames. In a child, only the child waits.
 
 Protocol, on the child's stdin/stdout: length-prefixed pickles. The parent sends `(target, fps, spec)`, then lists
-of AVFrames; the child answers each list with `("ok", bytes_out)` or `("error", message)` (then it exits). `None`
-ends it: the child flushes, closes the stream and exits. Stderr goes to the parent's.
+of AVFrames; the child answers each list with `("ok", bytes_out)` or `("error", exception class)` (then it exits):
+never FFmpeg's message, which may quote what the peer said. `None` ends it: the child flushes, closes the stream and
+exits. Stderr goes to the parent's; FFmpeg's own log stays off (PyAV's default), for the same reason.
+
+The child opens only what the server built (server/outputs/target.py `encoder_url`): `rtmp://127.0.0.1:<relay>/...`
+or `srt://<checked address>:<port>?<caller options>`; anything else is refused before FFmpeg sees it (PyAV opens an
+output without protocol options, so FFmpeg's `protocol_whitelist` cannot be set; the prefix check stands in).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..mp4_writer import EncodeSpec, Mp4Writer
 
 HEADER = struct.Struct("<I")
 CLOSE_TIMEOUT_S = 10.0
+OPENABLE = ("rtmp://127.0.0.1:", "srt://")  # what the server hands the child (target.py encoder_url)
 
 
 def send(stream: IO[bytes], obj: Any) -> None:
@@ -81,13 +87,16 @@ class EncoderProcess:
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     target, fps, spec = receive(stdin)
+    if not isinstance(target, str) or not target.startswith(OPENABLE) or not all("!" <= c <= "~" for c in target):
+        send(stdout, ("error", "refused"))
+        return 2
     writer = Mp4Writer(target, fps, spec)
     try:
         while (frames := receive(stdin)) is not None:
             try:
                 writer.write(frames)
             except Exception as exc:  # the ingest dropped: tell the parent, which reconnects with a new process
-                send(stdout, ("error", f"{type(exc).__name__}: {exc}"))
+                send(stdout, ("error", type(exc).__name__))
                 return 1
             send(stdout, ("ok", writer.bytes_out))
     except EOFError:  # the parent went away

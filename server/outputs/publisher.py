@@ -2,10 +2,19 @@
 
 ```
 connecting ──(first media out)──► live ──(ingest drops: write/connection error)──► reconnecting
-     ▲                                                                                 │ back-off 1, 2, 4 … 30 s
+     ▲                                                                                 │ back-off 1, 2, 4 … 60 s
      └─────────────────────────────────────────────────────────────────────────────────┘
 any state ──(DELETE, the session ends)──► stopped
 ```
+Back-off: each failure doubles the wait (1 s to 60 s), whether or not the connection went live meanwhile; only a
+connection that stayed live for `STABLE_LIVE_S` starts again from 1 s. So an ingest that accepts and then drops
+gets an encoder process every minute at most, not every second. Each connection checks the target again with the
+outbound policy (server/outbound.py): a name that now resolves to a refused address is refused.
+
+What reports and logs say of a failure is a fixed reason (`OutputFailure.reason`: "not allowed", "could not
+connect", "http 403"...), never a remote reply, a socket's or FFmpeg's message: an output must not read back
+what an internal service answers, nor tell open ports from closed ones.
+
 A publisher reads the session's paired frames like any viewer: one bounded queue from the session's pump (`media.
 MediaPump.subscribe`). A slow or dead ingest never stalls the session: the queue drops its oldest frames (counted)
 and, while disconnected, the frames that pass are skipped (counted).
@@ -18,11 +27,28 @@ import collections
 import time
 from dataclasses import dataclass
 
+from ..outbound import Endpoint, OutboundPolicy, OutboundRefused
 from ..sessions import ServerSession
 from .target import OutputSettings
 
-BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+BACKOFF_FIRST_S = 1.0
+BACKOFF_CAP_S = 60.0
+STABLE_LIVE_S = 30.0  # live this long: the next drop is a fresh start (back-off from 1 s)
 BITRATE_WINDOW_S = 5.0
+NOT_ALLOWED = "not allowed"
+
+
+class OutputFailure(Exception):
+    """A connection could not be made or ended; `reason` is fixed text, what the report's `last_error` shows."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def backoff_s(failures: int) -> float:
+    """The wait before the next connection after `failures` failures in a row (0: after a stable connection)."""
+    return min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** max(0, failures - 1))
 
 
 @dataclass
@@ -32,6 +58,7 @@ class OutputFigures:
     bytes_sent: int = 0
     connects: int = 0  # times the output went live
     attempts: int = 0  # connection attempts
+    encoder_starts: int = 0  # encoder child processes started (RTMP/SRT)
     reconnects: int = 0  # times it dropped and tried again
 
 
@@ -41,10 +68,11 @@ class Publisher:
 
     kind = "output"
 
-    def __init__(self, output_id: str, session: ServerSession, settings: OutputSettings):
+    def __init__(self, output_id: str, session: ServerSession, settings: OutputSettings, policy: OutboundPolicy):
         self.id = output_id
         self.session = session
         self.settings = settings
+        self.policy = policy
         self.state = "connecting"
         self.last_error: str | None = None
         self.figures = OutputFigures()
@@ -74,30 +102,43 @@ class Publisher:
             while not self._stopping and not self.session.closed:
                 self.state = "connecting" if not self.figures.attempts else "reconnecting"
                 self.figures.attempts += 1
+                cause = "closed"
                 try:
                     ended = await self._connect_and_run()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    # FFmpeg's messages name the URL: never show its stream key
-                    text = str(exc).replace(self.settings.url, self.settings.shown_url())
-                    self.last_error = f"{type(exc).__name__}: {text}"[:300]
+                    self.last_error = failure_reason(exc)
+                    cause = type(exc.__cause__ or exc).__name__  # the class only: its text may be the peer's
                     ended = False
                 if ended or self._stopping or self.session.closed:
                     break
-                failures = 0 if self.live_since is not None else failures + 1
+                stable = self.live_since is not None and time.monotonic() - self.live_since >= STABLE_LIVE_S
+                failures = 0 if stable else failures + 1
                 self.live_since = None
                 self.figures.reconnects += 1
                 self.state = "reconnecting"
-                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                delay = backoff_s(failures)
                 self.session.log.warning(
-                    "%s output %s dropped (%s): reconnecting in %.0f s", self.kind, self.id, self.last_error, delay
+                    "%s output %s dropped (%s, %s): reconnecting in %.0f s",
+                    self.kind,
+                    self.id,
+                    self.last_error,
+                    cause,
+                    delay,
                 )
                 await self._backoff(delay)
         finally:
             self.state = "stopped"
             self.live_since = None
             await self._cleanup()
+
+    async def _endpoint(self) -> Endpoint:
+        """The target checked again (each connection): the address to connect to."""
+        try:
+            return await self.policy.resolve(self.settings.host, self.settings.port)
+        except OutboundRefused:
+            raise OutputFailure(NOT_ALLOWED) from None
 
     async def _cleanup(self) -> None:
         """The publisher ended: release what it holds (subclasses)."""
@@ -150,5 +191,15 @@ class Publisher:
             "bytes_sent": f.bytes_sent,
             "connects": f.connects,
             "reconnects": f.reconnects,
+            "attempts": f.attempts,
+            "encoder_starts": f.encoder_starts,
             "last_error": self.last_error,
         }
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, OutputFailure):
+        return exc.reason
+    if isinstance(exc, OutboundRefused):
+        return NOT_ALLOWED
+    return "failed"

@@ -2,28 +2,87 @@
 viewers get) in a send-only offer, `POST` as `application/sdp`, the answer in the 201 reply and the resource in its
 `Location`; `DELETE` of that resource when the output stops. A connection that fails or closes is made again with
 back-off (publisher.py). Encoding runs where aiortc runs it (its encoder threads), not on the model worker.
+
+Outbound rules (server/outbound.py): the endpoint's host is resolved and checked at each connection and the HTTP
+request goes to that address (a resolver that answers only it; Host and TLS SNI stay the URL's name; https is
+verified unless the output opts out). No redirect is followed. The answer must be `201`, `application/sdp`, at most
+`--max_sdp_bytes`, read no further; its ICE candidates on refused addresses are dropped before aiortc sees them.
+The resource (`Location`) is deleted only on the endpoint's own origin, where the bearer token may go. Failures
+read as fixed reasons ("http 403", "could not connect"...): the reply's body is never shown nor logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urljoin
+import socket
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import av
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from ..media import AvatarAudioTrack, AvatarVideoTrack
+from ..outbound import Endpoint, OutboundPolicy, OutboundRefused
 from ..sessions import ServerSession
-from .publisher import Publisher
-from .target import OutputSettings, shown
+from .publisher import OutputFailure, Publisher
+from .target import DEFAULT_PORTS, OutputSettings, shown
 
 HTTP_TIMEOUT_S = 10.0
 STATS_PERIOD_S = 1.0
+COULD_NOT_CONNECT = "could not connect"
 
 
-class WhipError(Exception):
-    """The endpoint refused the offer."""
+class WhipError(OutputFailure):
+    """The endpoint refused the offer, or its answer is not one."""
+
+
+class PinnedResolver(AbstractResolver):
+    """Resolves the checked endpoint's name to the checked address, and nothing else."""
+
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host.lower() != self.endpoint.host.lower():
+            raise OSError("not the checked host")
+        address = self.endpoint.address
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def pinned_http(endpoint: Endpoint, verify: bool, timeout_s: float) -> aiohttp.ClientSession:
+    verified = True if verify else False  # aiohttp: True verifies, False accepts any certificate
+    connector = aiohttp.TCPConnector(resolver=PinnedResolver(endpoint), use_dns_cache=False, ssl=verified)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+def allowed_candidates(sdp: str, policy: OutboundPolicy) -> str:
+    """The answer without the ICE candidates the policy refuses (by address; a media port is the peer's choice).
+    WhipError when none is left."""
+    lines = sdp.splitlines()
+    kept = [line for line in lines if not line.startswith("a=candidate:") or _candidate_allowed(line, policy)]
+    if not any(line.startswith("a=candidate:") for line in kept):
+        raise WhipError("no allowed ICE candidate")
+    return "\r\n".join(kept) + "\r\n"
+
+
+def _candidate_allowed(line: str, policy: OutboundPolicy) -> bool:
+    fields = line.split()
+    return len(fields) >= 6 and policy.allows(fields[4])
 
 
 class CountedVideoTrack(AvatarVideoTrack):
@@ -47,11 +106,19 @@ class WhipPublisher(Publisher):
     kind = "whip"
 
     def __init__(
-        self, output_id: str, session: ServerSession, settings: OutputSettings, rtc_config: RTCConfiguration | None
+        self,
+        output_id: str,
+        session: ServerSession,
+        settings: OutputSettings,
+        policy: OutboundPolicy,
+        rtc_config: RTCConfiguration | None,
+        max_answer_bytes: int,
     ):
-        super().__init__(output_id, session, settings)
+        super().__init__(output_id, session, settings, policy)
         self.rtc_config = rtc_config or RTCConfiguration(iceServers=[])
+        self.max_answer_bytes = max_answer_bytes
         self.resource: str | None = None  # the WHIP session's URL, from Location
+        self._endpoint_used: Endpoint | None = None
         self._dropped_before = 0
         self._frames_before = 0
         self._bytes_base = 0  # sent by earlier connections
@@ -68,6 +135,7 @@ class WhipPublisher(Publisher):
         return headers
 
     async def _connect_and_run(self) -> bool:
+        endpoint = await self._endpoint()
         pump = self.session.pump
         pc = RTCPeerConnection(self.rtc_config)
         video, audio = CountedVideoTrack(pump), AvatarAudioTrack(pump)
@@ -86,8 +154,11 @@ class WhipPublisher(Publisher):
             pc.addTransceiver(video, direction="sendonly")
             pc.addTransceiver(audio, direction="sendonly")
             await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers every candidate first
-            answer = await self._post_offer(pc.localDescription.sdp)
-            await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            answer = allowed_candidates(await self._post_offer(endpoint, pc.localDescription.sdp), self.policy)
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+            except ValueError:  # aiortc's message quotes the answer
+                raise WhipError("the answer is not a usable SDP") from None
             while not ended.is_set() and not self.session.closed:
                 try:
                     await asyncio.wait_for(ended.wait(), STATS_PERIOD_S)
@@ -103,28 +174,65 @@ class WhipPublisher(Publisher):
             await pc.close()
             await self._delete_resource()
 
-    async def _post_offer(self, sdp: str) -> str:
+    async def _post_offer(self, endpoint: Endpoint, sdp: str) -> str:
         url = self.settings.url
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as http:
-            async with http.post(url, data=sdp, headers=self._headers("application/sdp")) as reply:
-                body = await reply.text()
-                if reply.status != 201:
-                    raise WhipError(f"the WHIP endpoint {shown(url)} answered {reply.status}: {body[:200]}")
-                if "Location" not in reply.headers:
-                    raise WhipError(f"the WHIP endpoint {shown(url)} gave no Location for the session")
-                self.resource = urljoin(url, reply.headers["Location"])
-                return body
+        headers = self._headers("application/sdp")
+        try:
+            async with pinned_http(endpoint, self.settings.tls_verify, HTTP_TIMEOUT_S) as http:
+                async with http.post(url, data=sdp, headers=headers, allow_redirects=False) as reply:
+                    if reply.status != 201:
+                        raise WhipError(f"http {reply.status}")
+                    if reply.content_type != "application/sdp":
+                        raise WhipError("the answer is not application/sdp")
+                    if (reply.content_length or 0) > self.max_answer_bytes:
+                        raise WhipError("the answer is too large")
+                    location = reply.headers.get("Location")
+                    if not location:
+                        raise WhipError("no Location for the session")
+                    body = await self._read_answer(reply)
+        except aiohttp.ClientConnectorCertificateError:
+            raise WhipError('certificate not verified (a self-signed test endpoint: "tls_verify": false)') from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            raise WhipError(COULD_NOT_CONNECT) from None
+        self.resource = urljoin(url, location)
+        self._endpoint_used = endpoint
+        return body
+
+    async def _read_answer(self, reply: aiohttp.ClientResponse) -> str:
+        """The body, read no further than the SDP limit."""
+        data = bytearray()
+        while chunk := await reply.content.readany():
+            data += chunk
+            if len(data) > self.max_answer_bytes:
+                raise WhipError("the answer is too large")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WhipError("the answer is not a usable SDP") from None
 
     async def _delete_resource(self) -> None:
         resource, self.resource = self.resource, None
-        if resource is None:
+        endpoint, self._endpoint_used = self._endpoint_used, None
+        if resource is None or endpoint is None:
+            return
+        if not self._same_origin(resource):  # the bearer token goes nowhere else
+            self.session.log.info("WHIP resource %s is not on the endpoint's origin: not deleted", shown(resource))
             return
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S / 2)) as http:
-                async with http.delete(resource, headers=self._headers()):
+            endpoint = await self.policy.resolve(endpoint.host, endpoint.port)
+            async with pinned_http(endpoint, self.settings.tls_verify, HTTP_TIMEOUT_S / 2) as http:
+                async with http.delete(resource, headers=self._headers(), allow_redirects=False):
                     pass
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.session.log.info("WHIP DELETE of %s failed: %s", shown(resource), exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, OutboundRefused) as exc:
+            self.session.log.info("WHIP DELETE of %s failed (%s)", shown(resource), type(exc).__name__)
+
+    def _same_origin(self, resource: str) -> bool:
+        a, b = urlsplit(self.settings.url), urlsplit(resource)
+        try:
+            ports = (a.port or DEFAULT_PORTS[a.scheme], b.port or DEFAULT_PORTS.get(b.scheme, 0))
+        except ValueError:
+            return False
+        return (a.scheme, a.hostname, ports[0]) == (b.scheme, b.hostname, ports[1])
 
     async def _count(self, pc: RTCPeerConnection, video: CountedVideoTrack) -> None:
         total = 0
