@@ -21,7 +21,7 @@ from streaming.bench.demo_model import add_make_demo_model_command
 from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
-from .config import ServerConfig, add_serve_arguments
+from .config import ServerConfig, add_serve_arguments, unknown_variables
 from .present import add_present_command
 from .tools.camera import add_camera_command
 from .tools.push import add_push_command
@@ -58,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .rtc import restrict_host_addresses
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
+    for variable in unknown_variables(os.environ):
+        log.warning("%s is not a setting of vexpress-rt serve: ignored", variable)
     restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
     tls = _tls_context(config)  # missing/mismatched certificate files: exit 2 before loading anything
     busy = _port_problem(config.host, config.port)  # a busy port: exit 2 now, not after loading the model

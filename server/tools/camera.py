@@ -34,7 +34,8 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from ..frames_ws import parse_frame
+from vexpress_rt_client.frames import parse_frame
+
 from .virtual_devices import AudioSink, DeviceError, PulseAudioSink, VideoSink, VirtualCamera, check_devices
 
 DEFAULT_QUEUE_FRAMES = 4  # 160 ms at 25 fps: jitter of the network absorbed, latency bounded
