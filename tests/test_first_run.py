@@ -168,3 +168,17 @@ def test_make_demo_model_writes_a_folder_that_checks_and_loads(tmp_path):
     assert models.unet_config.block_out_channels == (32, 32, 32, 64)
     again = _cli("make-demo-model", "--model_dir", str(folder))
     assert "exists already" in _one_line_error(again)
+
+
+def test_push_connection_error_does_not_print_the_token(tmp_path):
+    from tiny_model import synthetic_voice, write_wav
+
+    wav = write_wav(tmp_path / "a.wav", synthetic_voice(0.5))
+    done = _cli("push", "ws://127.0.0.1:9/v1/sessions/s1/ws?token=SECRET-TOKEN-123", "--audio", str(wav))
+    line = _one_line_error(done)
+    assert "SECRET-TOKEN-123" not in done.stderr and "token=<redacted>" in line, done.stderr
+
+
+def test_top_level_help_names_every_command_and_the_demo_model():
+    shown = _cli("--help").stdout
+    assert "real-time talking-head server" in shown and "make-demo-model" in shown, shown
