@@ -74,16 +74,14 @@ def middleware(networks: Sequence[Network]):
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if networks and _from_trusted(request, networks):
-            changes: dict[str, str] = {}
             proto = (_forwarded(request, "proto") or "").lower()
-            if proto in SCHEMES:
-                changes["scheme"] = proto
+            scheme = proto if proto in SCHEMES else request.scheme
             client = _forwarded(request, "for")
             address = _address(client) if client else None
-            if address:
-                changes["remote"] = address
-            if changes:
-                request = request.clone(**changes)
+            if address is not None and address != request.remote:
+                request = request.clone(scheme=scheme, remote=address)
+            elif scheme != request.scheme:
+                request = request.clone(scheme=scheme)
         return await handler(request)
 
     return forwarded_middleware

@@ -27,7 +27,7 @@ from pathlib import Path
 from docs_blocks import REPO_ROOT, Block, all_blocks
 
 READY_TIMEOUT_S = 300.0
-BLOCK_TIMEOUT_S = 300.0
+BLOCK_TIMEOUT_S = 600.0
 INGEST = "rtmp://127.0.0.1:1935/live/show"  # the present recipe's rtmp://localhost/live/show
 
 # A fresh session and the demo speech as 20 ms PCM16 chunks, for the snippets that take them.

@@ -33,7 +33,7 @@ from .speech import RATE, speech
 
 SEED = 1234
 DEMO_WIDTH, DEMO_HEIGHT = 128, 64  # the frame size the demo's commands use (`--width 128 --height 64`)
-SAMPLE_SECONDS = 3.0
+SAMPLE_SECONDS = 2.0
 
 # The tiny UNet written as the released folder's diffusers config.
 UNET_CONFIG: dict[str, Any] = {
@@ -110,7 +110,7 @@ def _write_vexpress(root: Path, generator: torch.Generator) -> None:
 def _write_vae(root: Path, generator: torch.Generator) -> None:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(**TINY_VAE)
+    vae: Any = AutoencoderKL(**TINY_VAE)  # diffusers ships no type information
     randomise(vae, generator)
     vae.save_pretrained(root / "sd-vae-ft-mse")
 
