@@ -26,8 +26,8 @@ from pipecat.transports.base_transport import BaseTransport, TransportParams
 from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 
-from server.clients.pipecat import VExpressVideoService
-from server.clients.session_client import SessionOptions
+from vexpress_rt_client import SessionOptions
+from vexpress_rt_client.pipecat import VExpressVideoService
 
 GREETING = "Hello! I am a talking head made by vexpress-rt. Send me some text and I will say it."
 FPS = int(os.environ.get("VEXPRESS_FPS", "25"))

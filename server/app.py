@@ -43,6 +43,7 @@ from . import (
     frames_ws,
     limits,
     metrics,
+    proxy,
     recording,
     rtc,
     scrape,
@@ -194,8 +195,10 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
         )
     # Host and CORS checks: outermost, so errors carry them too
     origins = security.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)
+    # a trusted reverse proxy's scheme and client address first, so that every check and URL after it sees them
+    forwarded = proxy.middleware(proxy.parse_networks(config.trusted_proxy))
     app = web.Application(
-        middlewares=[origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
+        middlewares=[forwarded, origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
     )
     state = app[STATE] = ServerState(config=config, engine=pool, owns_engine=owns)
     state.metrics.attach(scrape.StateCollector(state))

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable
 
+from streaming.bench.demo_model import add_make_demo_model_command
 from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
-from .config import ServerConfig, add_serve_arguments
+from .config import ServerConfig, add_serve_arguments, unknown_variables
 from .present import add_present_command
 from .tools.camera import add_camera_command
 from .tools.push import add_push_command
@@ -47,6 +50,7 @@ else:
 EXTRA_COMMANDS.append(add_soak_command)  # N sessions for M minutes against a served app: latency, memory, fds, tasks
 EXTRA_COMMANDS.append(add_present_command)  # a script on a session pushed to RTMP/SRT/WHIP, from the command line
 EXTRA_COMMANDS.append(add_camera_command)  # a session as a virtual camera + microphone for video calls
+EXTRA_COMMANDS.append(add_make_demo_model_command)  # a tiny random model folder: every command on a CPU, no download
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -54,8 +58,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .rtc import restrict_host_addresses
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
+    for variable in unknown_variables(os.environ):
+        log.warning("%s is not a setting of vexpress-rt serve: ignored", variable)
     restrict_host_addresses(config.ice_host)  # unknown addresses: exit before loading anything
     tls = _tls_context(config)  # missing/mismatched certificate files: exit 2 before loading anything
+    busy = _port_problem(config.host, config.port)  # a busy port: exit 2 now, not after loading the model
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        return 2
     try:
         engine = build_pool(config)  # one engine per device (--devices)
     except WeightsError as exc:
@@ -69,6 +79,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _run(config, engine, tls)
     finally:
         engine.close()
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (bound and released at once, as aiohttp will bind it), or None."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"--host {host}: cannot resolve it ({exc.strerror})"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                hint = (
+                    "another server is running there: stop it or give another --port"
+                    if (exc.errno == errno.EADDRINUSE)
+                    else "check --host and --port"
+                )
+                return f"cannot listen on {host}:{port}: {exc.strerror} ({hint})"
+    return None
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:

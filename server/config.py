@@ -15,6 +15,7 @@ ICE servers are written as URLs, with TURN credentials in the user-info part, or
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import json
 import os
@@ -33,6 +34,7 @@ from vexpress_rt.styles import load_styles
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .outbound import parse_allow
+from .proxy import parse_networks
 from .security import is_loopback_host
 from .tts import parse_template
 
@@ -43,6 +45,28 @@ DEFAULT_AVATAR = DEFAULT_PORTRAIT  # package data of streaming (streaming/assets
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parents[1] / "web_client"
 MAX_TURN_TTL_S = 86400.0  # TURN credentials live a day at most (they cannot be revoked before their expiry)
 OUTPUT_MODES = ("on", "off", "api-key")
+
+
+# Flags that turn a setting off (`--no-admission` sets `admission` False): their variable works too.
+NEGATED_FLAGS = {"no_admission": "admission"}
+# VEXPRESS_* variables read by other parts of the project (the example bot, the tests, deploy/compose.yaml), not
+# by `serve`: not warned about.
+OTHER_VARIABLES = {"URL", "AVATAR_ID", "FIXTURES", "REFERENCE", "SOAK_S", "CHROMIUM", "ARTIFACTS", "WRITE_DOCS"}
+OTHER_VARIABLES |= {"CERT_DIR"}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`VEXPRESS_*` variables that name no setting, each with the closest setting's variable when one is close
+    (a typo, or a flag's spelling): what `serve` warns about at start-up instead of ignoring them silently."""
+    known = {f.name.upper() for f in fields(ServerConfig)} | {n.upper() for n in NEGATED_FLAGS} | OTHER_VARIABLES
+    out = []
+    for variable in sorted(environ):
+        name = variable[len(ENV_PREFIX) :]
+        if not variable.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name.replace("-", "_"), sorted(known), n=1, cutoff=0.75)
+        out.append(f"{variable} (did you mean {ENV_PREFIX}{close[0]}?)" if close else variable)
+    return out
 
 
 class ConfigError(InputError):
@@ -163,6 +187,7 @@ class ServerConfig:
     # access and limits (SECURITY.md); 0 turns a time limit off
     allowed_origin: list[str] = field(default_factory=list)  # browser origins besides the server's own; "*": any
     allowed_host: list[str] = field(default_factory=list)  # Host names the server answers to besides IPs, localhost
+    trusted_proxy: list[str] = field(default_factory=list)  # networks whose X-Forwarded-Proto/-For are believed
     insecure_no_auth: bool = False  # serve off loopback without an API key (refused otherwise)
     max_upload_mb: float = 20.0  # one upload (portrait image, audio file)
     max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
@@ -231,6 +256,10 @@ class ServerConfig:
             raise ConfigError("--api-key: every key must be a non-empty string")
         self.allowed_origin = [parse_origin(o) for o in self.allowed_origin]
         self.allowed_host = [h.strip().lower() for h in self.allowed_host if h.strip()]
+        try:
+            parse_networks(self.trusted_proxy)
+        except ValueError as exc:
+            raise ConfigError(f"--trusted-proxy {exc}") from None
         if self.api_key is None and not self.insecure_no_auth and not is_loopback_host(self.host):
             raise ConfigError(
                 f"--host {self.host} serves other machines: give --api-key (or VEXPRESS_API_KEY), or "
@@ -323,6 +352,10 @@ class ServerConfig:
                 values[f.name] = _convert(f.name, given)
             elif env is not None:
                 values[f.name] = _convert(f.name, env, from_env=True)
+        for flag, name in NEGATED_FLAGS.items():  # VEXPRESS_NO_ADMISSION=1, as the flag --no-admission
+            env = environ.get(ENV_PREFIX + flag.upper())
+            if name not in values and env is not None:
+                values[name] = not _convert(name, env, from_env=True)
         return cls(**values).validate()
 
     @classmethod
@@ -367,7 +400,7 @@ def _convert(name: str, value, from_env: bool = False):
         if name == "ice_host":
             items = _split_env_list(value) if from_env else value
             return [parse_ice_host(i) for i in items]
-        if name in ("allowed_origin", "allowed_host", "turn_url", "output_allow"):
+        if name in ("allowed_origin", "allowed_host", "turn_url", "output_allow", "trusted_proxy"):
             return _split_env_list(value) if from_env else list(value)
         if name == "api_key":  # several: the flag repeated, or in the variable separated by spaces/commas
             keys = _split_env_list(value) if from_env else ([value] if isinstance(value, str) else list(value))
@@ -423,6 +456,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "allowed_host",
         "a host name (host or host:port) clients reach the server by, repeatable; requests naming another Host are "
         "refused (DNS rebinding); IP addresses and localhost are always accepted; default: none",
+        action="append",
+    )
+    opt(
+        "trusted_proxy",
+        "a reverse proxy's address or network (CIDR), repeatable: its X-Forwarded-Proto/-For (or Forwarded) "
+        "headers are believed, so session URLs read https:// and wss:// behind it; default: none",
         action="append",
     )
     p.add_argument(
@@ -528,7 +567,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         const=False,
         default=None,
         help="admit up to --max_sessions even when the engine measures that it cannot keep up in real time "
-        f"(env {ENV_PREFIX}ADMISSION=0)",
+        f"(env {ENV_PREFIX}NO_ADMISSION=1, or {ENV_PREFIX}ADMISSION=0)",
     )
     opt("tls_cert", "serve HTTPS with this certificate (PEM, the chain after it); needs --tls-key; default: HTTP")
     opt("tls_key", "the private key (PEM, unencrypted) of --tls-cert")

@@ -102,12 +102,16 @@ async def list_styles(request: web.Request) -> web.Response:
     return web.json_response({"fields": list(STYLE_FIELDS), "styles": state.styles})
 
 
+MOTION_FIELDS = ("motion", "file")  # a multipart upload's file field
+KPS_FILE_MAGIC = (b"PK\x03\x04", b"\x80", b"\x93NUMPY")  # torch.save (zip; legacy pickle), numpy .npy
+
+
 async def create_motion(request: web.Request) -> web.Response:
     """The body: a kps.pth (the original's format), a .npy (N, 3, 2) of pixel key points, or a short video
     (MP4/MOV/WebM/MKV, at most MAX_VIDEO_S) whose face's key points are extracted here."""
     state = server_state(request)
     require_api_key(request, state.config.api_key)
-    data = await limits.read_body(request, limits.upload_bytes(state.config), "the motion file")
+    data = await _motion_upload(request, limits.upload_bytes(state.config))
     demuxer = video_demuxer(data)
     if demuxer is not None:
         sequence = await _video_sequence(state, data, demuxer)
@@ -120,7 +124,31 @@ async def create_motion(request: web.Request) -> web.Response:
     return web.json_response({"id": motion_id, "frames": len(sequence)}, status=201)
 
 
+async def _motion_upload(request: web.Request, limit: int) -> bytes:
+    """The raw body, or the file of a multipart form (`curl -F motion=@clip.mp4`): its field `motion` (or `file`)."""
+    if not request.content_type.startswith("multipart/"):
+        return await limits.read_body(request, limit, "the motion file")
+    try:
+        async for part in limits.form_parts(request):
+            if part.name in MOTION_FIELDS:
+                data = bytearray()
+                while chunk := await part.read_chunk():
+                    data += chunk
+                    if len(data) > limit:
+                        raise ApiError(
+                            413, f"the motion file is larger than {limit / 2**20:g} MiB", code="payload_too_large"
+                        )
+                return bytes(data)
+    except (ValueError, AssertionError) as exc:
+        raise ApiError(400, f"malformed multipart body: {exc}") from exc
+    raise ApiError(400, f"the form needs a file in the field {' or '.join(repr(f) for f in MOTION_FIELDS)}")
+
+
 def _kps_file_sequence(data: bytes) -> np.ndarray:
+    if not data.startswith(KPS_FILE_MAGIC):  # neither torch.save's zip or pickle nor .npy: say what is accepted
+        raise ApiError(
+            400, f"the motion file is not a kps.pth (torch.save), a .npy of key points or a video ({VIDEO_CONTAINERS})"
+        )
     suffix = ".npy" if data.startswith(b"\x93NUMPY") else ".pth"
     with tempfile.TemporaryDirectory(prefix="vexpress-motion-") as folder:
         path = Path(folder) / f"motion{suffix}"

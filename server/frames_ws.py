@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-import struct
-from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -25,18 +23,13 @@ from aiortc.mediastreams import MediaStreamError
 from PIL import Image
 
 from streaming.frames import AVFrame
+from vexpress_rt_client.frames import FLAG_SPEAKING, HEADER, MAGIC, VERSION, parse_frame  # noqa: F401  (parse_frame: re-exported)
 
 from .errors import ApiError
 from .limits import Verdict
 from .sockets import ENCODER_POOL, MessageLimit, SessionSockets, Tracked
 from .state import server_state, session_for
 
-MAGIC = b"VXRT"
-VERSION = 1
-FLAG_SPEAKING = 1
-# magic, version, flags, header size, frame index, pts (us), sample rate, samples, JPEG bytes, width, height,
-# utterance (0 while idle); little-endian, no padding: 44 bytes
-HEADER = struct.Struct("<4sBBHQqIIIHHI")
 DEFAULT_QUEUE_FRAMES = 12
 MAX_QUEUE_FRAMES = 250
 MAX_CLIENT_MESSAGE_BYTES = 1 << 16  # nothing is expected from the client: a larger message closes the socket (1009)
@@ -71,33 +64,6 @@ def pack_frame(frame: AVFrame, quality: int) -> bytes:
         frame.utterance or 0,
     )
     return header + jpeg + audio
-
-
-@dataclass
-class FrameMessage:
-    index: int
-    pts_us: int
-    speaking: bool
-    utterance: int
-    sample_rate: int
-    width: int
-    height: int
-    jpeg: bytes
-    audio: np.ndarray  # int16 (samples,)
-
-
-def parse_frame(data: bytes) -> FrameMessage:
-    """The inverse of `pack_frame` (what a consumer does); ValueError for anything else."""
-    if len(data) < HEADER.size:
-        raise ValueError(f"a frame message has at least {HEADER.size} bytes, got {len(data)}")
-    magic, version, flags, size, index, pts_us, rate, samples, jpeg_len, width, height, utt = HEADER.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
-        raise ValueError(f"not a version-{VERSION} frame message: {magic!r} v{version}")
-    if len(data) != size + jpeg_len + 2 * samples:
-        raise ValueError(f"frame message of {len(data)} bytes, its header says {size + jpeg_len + 2 * samples}")
-    jpeg = data[size : size + jpeg_len]
-    audio = np.frombuffer(data, dtype="<i2", count=samples, offset=size + jpeg_len)
-    return FrameMessage(index, pts_us, bool(flags & FLAG_SPEAKING), utt, rate, width, height, jpeg, audio)
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -29,11 +29,25 @@ from aiohttp import web
 
 from .app import create_app
 from .config import ConfigError, ServerConfig, add_serve_arguments
+from .errors import ApiError
+from .outputs.target import OutputSettings
 
 READY_TIMEOUT_S = 600.0
 LIVE_TIMEOUT_S = 30.0
 POLL_S = 0.25
 ENDED = ("finished", "stopped", "failed")
+# `serve` flags that mean nothing to the server `present` runs in this process (hidden from its --help)
+NOT_FOR_PRESENT = {
+    "host",
+    "port",
+    "tls_cert",
+    "tls_key",
+    "tls_self_signed",
+    "allowed_host",
+    "allowed_origin",
+    "insecure_no_auth",
+    "web_root",
+}
 
 
 class PresentError(Exception):
@@ -64,6 +78,9 @@ def add_present_command(sub) -> None:
     p.add_argument("--tail-s", type=float, default=1.0, help="and this long after it; default 1")
     p.add_argument("--report", help="write the final report (script and outputs, JSON) to this file")
     add_serve_arguments(p)
+    for action in p._actions:  # where the in-process server listens is fixed (127.0.0.1, a free port, HTTP)
+        if action.dest in NOT_FOR_PRESENT:
+            action.help = argparse.SUPPRESS
     p.set_defaults(func=cmd_present)
 
 
@@ -181,6 +198,10 @@ async def _present(args: argparse.Namespace, config: ServerConfig | None) -> int
             body["video_bitrate_kbps"] = args.video_bitrate_kbps
         if args.keyframe_interval_s is not None:
             body["keyframe_interval_s"] = args.keyframe_interval_s
+        try:  # a bad URL or protocol is refused here, before a session (or the model) is opened for it
+            OutputSettings.from_json(body)
+        except ApiError as exc:
+            raise PresentError(f"--to {url}: {exc.message}") from exc
         outputs.append(body)
     runner = None
     try:
@@ -227,4 +248,9 @@ def cmd_present(args: argparse.Namespace) -> int:
         return asyncio.run(_present(args, config))
     except PresentError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (aiohttp.ClientError, OSError) as exc:  # --server down, refused, or the connection dropped
+        print(
+            f"error: cannot reach the server at {args.server}: {exc} (is it running? check --server)", file=sys.stderr
+        )
         return 2

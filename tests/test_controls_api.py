@@ -9,6 +9,7 @@ import json
 import logging
 import time
 
+import aiohttp
 import av
 import numpy as np
 import pytest
@@ -16,8 +17,8 @@ from client_kit import Bot, bearer, create_session, delete_session, http, run, t
 from server_harness import ServerThread, call, make_config
 from skimage.data import astronaut
 
-from server.clients.session_client import AvatarSession, SessionOptions
 from vexpress_rt.styles import BUILT_IN
+from vexpress_rt_client import AvatarSession, SessionOptions
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(180)]
 
@@ -277,3 +278,13 @@ def test_video_uploads_without_a_face_too_long_or_not_a_video_are_refused(server
         assert long.status == 413 and "longer than 30 s" in long.json["error"]["message"], long.text
     text = call("POST", f"{server.url}/v1/motions", data=b"#EXTM3U\nhttp://example.com/a.ts\n")
     assert text.status == 400 and "or a video (MP4, MOV, WebM, MKV)" in text.json["error"]["message"], text.text
+    # a form upload (curl -F motion=@clip.mkv) is read as the file it carries, not as a kps.pth
+    form = aiohttp.FormData()
+    form.add_field("motion", _video(grey, container="matroska"), filename="clip.mkv", content_type="video/x-matroska")
+    multipart = call("POST", f"{server.url}/v1/motions", data=form)
+    assert multipart.status == 400 and "no face found" in multipart.json["error"]["message"], multipart.text
+    form = aiohttp.FormData()
+    form.add_field("file", b"hello", filename="notes.txt", content_type="text/plain")
+    other = call("POST", f"{server.url}/v1/motions", data=form)
+    message = other.json["error"]["message"]
+    assert other.status == 400 and "is not a kps.pth" in message and "weights_only" not in message, other.text

@@ -44,6 +44,10 @@ def server(tiny_engine):
     srv.stop()
 
 
+def _counter(metrics_text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in metrics_text.splitlines() if line.startswith(name + " ")))
+
+
 async def output_report(http, session: dict, output_id: str) -> dict:
     async with http.get(session["url"], headers=bearer(session["token"])) as r:
         assert r.status == 200
@@ -118,11 +122,28 @@ def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, t
                 assert r.status == 200
                 final = await r.json()
             await delete_session(http, session)
-            return created, live, before, metrics_text, dropped, back, final, frames_at_kill, frames_after, state_after
+            async with http.get(f"{server.url}/metrics") as r:
+                metrics_after = await r.text()
+            return (
+                created,
+                live,
+                before,
+                metrics_text,
+                dropped,
+                back,
+                final,
+                frames_at_kill,
+                frames_after,
+                state_after,
+                (metrics_after),
+            )
 
-    created, live, before, metrics_text, dropped, back, final, frames_at_kill, frames_after, state_after = run(
+    created, live, before, metrics_text, dropped, back, final, frames_at_kill, frames_after, state_after, after = run(
         main(), 200
     )
+    # the counters keep the frames of the output that was deleted: a counter never goes down
+    sent_before, sent_after = (_counter(m, "vexpress_output_frames_sent_total") for m in (metrics_text, after))
+    assert 0 < sent_before <= sent_after, (sent_before, sent_after)
     assert second is not None
     second.finish()
     got1, got2 = read_received(first.path), read_received(second.path)

@@ -50,9 +50,9 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from server.clients.pipecat import VExpressVideoService
-from server.clients.session_client import SessionOptions
 from vexpress_rt.media import resample_pcm
+from vexpress_rt_client import SessionOptions
+from vexpress_rt_client.pipecat import VExpressVideoService
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,8 +10,6 @@ fixture set, so loading the two files in the wrong order shows.
 
 from __future__ import annotations
 
-import json
-import math
 import shutil
 import subprocess
 import wave
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from streaming.bench.random_models import TINY_UNET, TINY_VAE, TINY_WAV2VEC2
+from streaming.bench.demo_model import write_model_folder
 
 # Bump when anything below changes what is written: the pytest cache is keyed by it, so a stale folder is rebuilt.
 BUILD_VERSION = "tiny-v5"
@@ -30,114 +28,15 @@ WIDTH, HEIGHT = 128, 64
 SPEECH_SECONDS = 1.3
 SAMPLE_RATE = 16000
 
-# The tiny shapes are defined once, beside the in-memory random models the benchmarks build; here they are written
-# as the released folder's config files.
-UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": TINY_UNET.attention_heads,
-    "block_out_channels": list(TINY_UNET.block_out_channels),
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": TINY_UNET.norm_num_groups,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-VAE_CONFIG = TINY_VAE
-WAV2VEC2_CONFIG = TINY_WAV2VEC2
-
-# The released checkpoint's processor settings (see the fixture README, 1.1).
-PREPROCESSOR_CONFIG = {
-    "do_normalize": True,
-    "feature_size": 1,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": False,
-    "sampling_rate": SAMPLE_RATE,
-}
-
 # Key points of the drawn portrait, (x, y) in the 128 x 64 frame: image-left eye, image-right eye, nose, mouth corners.
 REFERENCE_KPS = np.array([[52, 24], [76, 24], [64, 36], [55, 47], [73, 47]], dtype=np.float32)
 
-
-def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Overwrite every parameter with seeded values of a trained-like scale (buffers are left as built)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-            elif p.ndim == 1:  # normalisation gains
-                p.copy_(1 + torch.randn(p.shape, generator=generator) * 0.1)
-            else:
-                fan_in = math.prod(p.shape[1:]) if p.ndim > 1 else p.shape[0]
-                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
-
-
-def _fp16_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
-
-
-def _write_vexpress(root: Path, generator: torch.Generator) -> None:
-    from vexpress_rt.models import AudioProjection, DenoisingUNet, ReferenceNet, UNetConfig, VKpsGuider
-
-    cfg_path = root / "stable-diffusion-v1-5" / "unet" / "config.json"
-    cfg_path.parent.mkdir(parents=True)
-    cfg_path.write_text(json.dumps(UNET_CONFIG, indent=2))
-    cfg = UNetConfig.from_dict(UNET_CONFIG)
-    modules = {
-        "denoising_unet": DenoisingUNet(cfg),
-        "reference_net": ReferenceNet(cfg),
-        "v_kps_guider": VKpsGuider(embedding_channels=cfg.block_out_channels[0]),
-        "audio_projection": AudioProjection(dim=16, depth=4, dim_head=64, heads=12, embedding_dim=32, output_dim=768),
-    }
-    out = root / "v-express"
-    out.mkdir()
-    for name, module in modules.items():
-        _randomise(module, generator)
-        torch.save(_fp16_state(module), out / f"{name}.bin")
-    # motion_module.bin: the motion-module keys with other values (the sinusoidal PE buffers stay the same table).
-    unet = modules["denoising_unet"]
-    _randomise(unet, generator)
-    torch.save({k: v for k, v in _fp16_state(unet).items() if "motion_module" in k}, out / "motion_module.bin")
-
-
-def _write_vae(root: Path, generator: torch.Generator) -> None:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**VAE_CONFIG)
-    _randomise(vae, generator)
-    vae.save_pretrained(root / "sd-vae-ft-mse")
-
-
-def _write_wav2vec2(root: Path, generator: torch.Generator) -> None:
-    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
-
-    folder = root / "wav2vec2-base-960h"
-    config = Wav2Vec2Config(**WAV2VEC2_CONFIG, architectures=["Wav2Vec2ForCTC"])
-    model = Wav2Vec2ForCTC(config)
-    _randomise(model, generator)
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+# The model folder is written by the same code as `vexpress-rt make-demo-model` (streaming/bench/demo_model.py).
 
 
 def build_model_dir(root: Path, seed: int = SEED) -> Path:
     """Write the tiny model folder at `root` (which must not exist yet) in the released layout."""
-    root.mkdir(parents=True)
-    torch.manual_seed(seed)  # module constructors draw from the global generator; make the build repeatable
-    generator = torch.Generator().manual_seed(seed)
-    _write_vexpress(root, generator)
-    _write_vae(root, generator)
-    _write_wav2vec2(root, generator)
-    return root
+    return write_model_folder(root, seed)
 
 
 def portrait_image(size: int = 128) -> Image.Image:

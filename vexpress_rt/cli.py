@@ -1,4 +1,7 @@
-"""`vexpress-rt` command line: generate (the original inference.py), extract-kps, check-weights, download-weights.
+"""vexpress-rt: a real-time talking-head server on V-Express, and the original's offline commands.
+
+This module holds the model's commands (generate: the original inference.py; extract-kps; check-weights;
+download-weights); the layers above add theirs (serve, push, present, camera, bench, soak, make-demo-model).
 
 User errors (bad input, missing weights) print one message and exit with code 2, without a traceback.
 """
@@ -19,6 +22,7 @@ from .params import DEFAULTS, FIX_FACE, MAX_WINDOW, PROCEDURAL_MOTIONS, arg_type
 from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
 
 log = logging.getLogger("vexpress_rt")
+ORIGINAL_KPS_PATH = "./test_samples/emo/talk_emotion/kps.pth"  # the original's default (its sample folder)
 
 
 def _add_model_path_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +61,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--standard_audio_sampling_rate", type=int, default=16000)
     p.add_argument("--reference_image_path", default="./test_samples/emo/talk_emotion/ref.jpg")
     p.add_argument("--audio_path", default="./test_samples/emo/talk_emotion/aud.mp3")
-    p.add_argument("--kps_path", default="./test_samples/emo/talk_emotion/kps.pth", help='"" for none')
+    p.add_argument("--kps_path", default=ORIGINAL_KPS_PATH, help='driving key points (kps.pth); "" for none')
     p.add_argument("--output_path", default="./output/emo/talk_emotion.mp4")
     p.add_argument("--test_stage", default="stage_3", choices=("stage_1", "stage_2", "stage_3"))
     p.add_argument("--audio_embeddings_type", default="global", choices=("global",))
@@ -137,8 +141,10 @@ def _driving_kps(args: argparse.Namespace):
         return None
     if not Path(args.kps_path).is_file():
         if args.retarget_strategy == "fix_face":
-            # The original asserts here even though fix_face ignores the file; we only warn.
-            log.warning("--kps_path %s not found; fix_face does not use it", args.kps_path)
+            # The original asserts here even though fix_face ignores the file; we warn only about a path the user
+            # gave (the default names the original's sample folder, which nobody is expected to have).
+            if args.kps_path != ORIGINAL_KPS_PATH:
+                log.warning("--kps_path %s not found; fix_face does not use it", args.kps_path)
             return None
         raise InputError(f"--kps_path: file not found: {args.kps_path}")
     return load_kps_sequence(args.kps_path)
@@ -294,7 +300,10 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
 
 
 def _add_download_weights(sub) -> None:
-    p = sub.add_parser("download-weights", help="fetch the released weights from the HuggingFace hub")
+    p = sub.add_parser(
+        "download-weights",
+        help="fetch the released weights (tk93/V-Express, ~8 GB) and the TAESD live decoder from the HuggingFace hub",
+    )
     p.add_argument("--model_dir", default=DEFAULT_MODEL_DIR)
     p.add_argument("--repo_id", default="tk93/V-Express")
     p.add_argument("--revision", default=None)
@@ -315,7 +324,11 @@ def cmd_download_weights(args: argparse.Namespace) -> int:
 def build_parser(extra_commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
     """The model's commands; `extra_commands` (functions of the subparsers) add those of the layers above it
     (`server.cli` adds `serve` and `bench`), so that this package imports nothing of theirs."""
-    parser = argparse.ArgumentParser(prog="vexpress-rt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vexpress-rt",
+        description=__doc__.splitlines()[0],
+        epilog="No weights yet? `vexpress-rt make-demo-model` writes a tiny random model: every command on a CPU.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)

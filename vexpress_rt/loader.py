@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +105,19 @@ def load_audio_projection(path: Path) -> AudioProjection:
     return projection
 
 
+def _low_memory_loading() -> dict[str, bool]:
+    """diffusers loads with `low_cpu_mem_usage` only through `accelerate`, and without it prints a "pip install
+    accelerate" warning on every load; ask for the plain load explicitly when it is not installed."""
+    return {} if importlib.util.find_spec("accelerate") is not None else {"low_cpu_mem_usage": False}
+
+
 def load_vae(path: Path):
     from diffusers import AutoencoderKL
 
     if not (path / "config.json").is_file():
         raise WeightsError(f"VAE folder missing or incomplete (no config.json): {path}")
     try:
-        return AutoencoderKL.from_pretrained(path)
+        return AutoencoderKL.from_pretrained(path, **_low_memory_loading())
     except Exception as exc:
         raise WeightsError(f"cannot load the VAE from {path}: {exc}") from exc
 
@@ -122,7 +129,7 @@ def load_tiny_vae(path: Path):
     if not (path / "config.json").is_file():
         raise WeightsError(f"TAESD folder missing or incomplete (no config.json): {path}")
     try:
-        return AutoencoderTiny.from_pretrained(path).eval().requires_grad_(False)
+        return AutoencoderTiny.from_pretrained(path, **_low_memory_loading()).eval().requires_grad_(False)
     except Exception as exc:
         raise WeightsError(f"cannot load TAESD from {path}: {exc}") from exc
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -142,10 +143,21 @@ def download_plan(repo_id: str = HUB_REPO, revision: str | None = None, taesd_re
 
 def _snapshot(fetch: HubFetch, local_dir: Path) -> None:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    snapshot_download(
-        repo_id=fetch.repo_id, revision=fetch.revision, local_dir=local_dir, allow_patterns=list(fetch.patterns)
-    )
+    try:
+        snapshot_download(
+            repo_id=fetch.repo_id, revision=fetch.revision, local_dir=local_dir, allow_patterns=list(fetch.patterns)
+        )
+    except LocalEntryNotFoundError as exc:  # offline (HF_HUB_OFFLINE=1) or the hub unreachable
+        why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else "no network?"
+        raise WeightsError(
+            f"cannot reach the HuggingFace hub for {fetch.repo_id} ({why}): run download-weights where the hub is "
+            "reachable and copy the model folder here; to try the commands without the weights: "
+            "vexpress-rt make-demo-model"
+        ) from exc
+    except HfHubHTTPError as exc:  # reachable, but refused (no such repo or revision, rate limit, gated)
+        raise WeightsError(f"the HuggingFace hub refused {fetch.repo_id}: {str(exc).splitlines()[0]}") from exc
 
 
 def download_weights(

@@ -1,10 +1,3 @@
-"""Client-side integrations: code that runs in a bot's process and talks to a vexpress-rt server over its public
-API (HTTP + the bot and frames websockets), never in the server's process.
-
-| module | what |
-|---|---|
-| `session_client.py` | `AvatarSession`: open a session, push PCM16, interrupt, read events and paired frames, close |
-| `pipecat.py` | `VExpressVideoService`: a Pipecat frame processor (needs `pip install 'vexpress-rt[pipecat]'`) |
-
-Nothing here is imported by the server; `pipecat` is imported only by `server.clients.pipecat`.
+"""The old import paths of the client side, kept working: the client now lives in the top-level package
+`vexpress_rt_client` (importable in a bot project that has a `server.py` of its own), and these modules re-export it.
 """

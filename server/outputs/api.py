@@ -21,7 +21,7 @@ checks the target when it is added (400 `target_not_allowed`) and again at each 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiortc import RTCConfiguration
@@ -44,6 +44,28 @@ from .whip import WhipPublisher
 MAX_OUTPUTS = 4  # per session
 
 
+# The outputs' counters: (metric name, help, one publisher's value). Totals over every output ever run: those of
+# outputs removed or closed with their session are kept (OutputStore.retired), so that a counter never goes down.
+COUNTERS: tuple[tuple[str, str, Callable[[Publisher], int]], ...] = (
+    ("output_frames_sent_total", "Frames the outputs sent.", lambda p: p.figures.frames_sent),
+    (
+        "output_frames_dropped_total",
+        "Frames outputs dropped: the ingest was slower than real time.",
+        lambda p: p.dropped_frames,
+    ),
+    (
+        "output_frames_skipped_total",
+        "Frames that passed while an output was disconnected.",
+        lambda p: p.figures.frames_skipped,
+    ),
+    (
+        "output_reconnects_total",
+        "Times an output's ingest dropped and it reconnected.",
+        lambda p: p.figures.reconnects,
+    ),
+)
+
+
 class OutputStore:
     """Every session's outputs, by session id; a session's go when it closes."""
 
@@ -53,6 +75,7 @@ class OutputStore:
         self.rtc_config = rtc_config  # WHIP peer connections: the server's ICE servers
         self.outputs: dict[str, dict[str, Publisher]] = {}
         self.stopped_total = 0
+        self.retired: dict[str, int] = {}  # COUNTERS of outputs removed or closed with their session
 
     def check_caller(self, request: web.Request) -> None:
         """The operator's switch (--outputs): 403 when this request may not add outputs."""
@@ -105,11 +128,18 @@ class OutputStore:
         if publisher is not None:
             await publisher.stop()
             self.stopped_total += 1
+            self._retire([publisher])
         return publisher
+
+    def _retire(self, publishers: list[Publisher]) -> None:
+        for name, _, value in COUNTERS:
+            self.retired[name] = self.retired.get(name, 0) + sum(value(p) for p in publishers)
 
     def forget(self, session: ServerSession) -> None:
         """The session closed (its tasks, the publishers', are cancelled by its close)."""
-        self.stopped_total += len(self.outputs.pop(session.id, {}))
+        gone = list(self.outputs.pop(session.id, {}).values())
+        self.stopped_total += len(gone)
+        self._retire(gone)
 
 
 OUTPUTS = web.AppKey("outputs", OutputStore)
@@ -196,24 +226,7 @@ class OutputCollector(Collector):
         for kind, bps in sorted(rates.items()):
             bitrate.add_metric([kind], bps)
         yield bitrate
-        for name, doc, value in (
-            ("output_frames_sent_total", "Frames the outputs sent.", lambda p: p.figures.frames_sent),
-            (
-                "output_frames_dropped_total",
-                "Frames outputs dropped: the ingest was slower than real time.",
-                lambda p: p.dropped_frames,
-            ),
-            (
-                "output_frames_skipped_total",
-                "Frames that passed while an output was disconnected.",
-                lambda p: p.figures.frames_skipped,
-            ),
-            (
-                "output_reconnects_total",
-                "Times an output's ingest dropped and it reconnected.",
-                lambda p: p.figures.reconnects,
-            ),
-        ):
+        for name, doc, value in COUNTERS:
             family = CounterMetricFamily(PREFIX + name, doc)
-            family.add_metric([], sum(value(p) for p in publishers))
+            family.add_metric([], sum(value(p) for p in publishers) + self.store.retired.get(name, 0))
             yield family

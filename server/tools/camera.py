@@ -34,8 +34,9 @@ import aiohttp
 import numpy as np
 from PIL import Image
 
-from ..frames_ws import parse_frame
-from .virtual_devices import AudioSink, DeviceError, PulseAudioSink, VideoSink, VirtualCamera
+from vexpress_rt_client.frames import parse_frame
+
+from .virtual_devices import AudioSink, DeviceError, PulseAudioSink, VideoSink, VirtualCamera, check_devices
 
 DEFAULT_QUEUE_FRAMES = 4  # 160 ms at 25 fps: jitter of the network absorbed, latency bounded
 JITTER = 0.25  # of a period: a send this late is still on time (the OS woke us late); beyond, ticks are skipped
@@ -302,6 +303,9 @@ def cmd_camera(args: argparse.Namespace) -> int:
         except (NotImplementedError, RuntimeError):
             pass
         session_id, token = args.session, args.token or args.api_key
+        if session_id is not None and not token:
+            raise DeviceError("give --token (the session's) or --api-key")
+        check_devices(args.device, args.backend, mic=not args.no_mic)  # before a session is opened for them
         if session_id is None:
             session = await _open_session(server, args.api_key, args.avatar)
             session_id, token = session["id"], session["token"]

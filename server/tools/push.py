@@ -21,6 +21,8 @@ import numpy as np
 from vexpress_rt.errors import InputError
 from vexpress_rt.media import load_audio, resample_pcm
 
+from ..security import redact
+
 
 def add_push_command(sub) -> None:
     p = sub.add_parser(
@@ -179,5 +181,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
         print(f"error: the server refused the websocket: HTTP {exc.response.status_code} {body}", file=sys.stderr)
     except (InvalidURI, WebSocketException, OSError) as exc:
-        print(f"error: cannot connect to {args.url}: {exc}", file=sys.stderr)
+        # the session's token is a credential: not in the terminal's scrollback
+        print(f"error: cannot connect to {redact(args.url)}: {redact(str(exc))}", file=sys.stderr)
     return 2

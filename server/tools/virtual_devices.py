@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -27,6 +29,7 @@ MIC_SETUP = (
     "pactl load-module module-remap-source master=vexpress.monitor source_name=vexpress_mic "
     "source_properties=device.description=vexpress-rt-mic (pacat: apt-get install pulseaudio-utils)"
 )
+LOOPBACK_DEVICES = Path("/sys/devices/virtual/video4linux")
 MAX_PENDING_S = 0.5  # audio the sink may fall behind by before it is dropped (and counted)
 
 
@@ -46,6 +49,23 @@ class AudioSink(Protocol):
         """PCM16 mono samples; False when they were dropped because the sink is behind."""
 
     def close(self) -> None: ...
+
+
+def check_devices(device: str | None, backend: str | None, mic: bool) -> None:
+    """What can be checked before a session is opened for the devices (DeviceError with the setup line): pyvirtualcam,
+    on Linux a v4l2loopback camera (the named one, or any), and `pacat` for the microphone."""
+    try:
+        import pyvirtualcam  # noqa: F401  (only whether it is installed)
+    except ImportError as exc:
+        raise DeviceError("pyvirtualcam is not installed: pip install 'vexpress-rt[camera]'") from exc
+    if sys.platform.startswith("linux") and backend in (None, "v4l2loopback"):
+        loopbacks = sorted(LOOPBACK_DEVICES.glob("video*"))  # v4l2loopback's devices are virtual ones
+        if device is not None and not Path(device).exists():
+            raise DeviceError(f"no camera device {device}\nSet one up: {CAMERA_SETUP}")
+        if device is None and not loopbacks:
+            raise DeviceError(f"no virtual camera (no v4l2loopback device)\nSet one up: {CAMERA_SETUP}")
+    if mic and shutil.which("pacat") is None:
+        raise DeviceError(f"pacat not found; set up the virtual microphone: {MIC_SETUP} (or give --no-mic)")
 
 
 class VirtualCamera:

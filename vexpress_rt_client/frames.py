@@ -1,0 +1,45 @@
+"""The frames websocket's wire format (`GET /v1/sessions/{id}/frames`, schema in docs/websocket.md): one binary
+message per frame, a fixed 44-byte header + JPEG + the frame's PCM16 audio. The server packs it
+(server/frames_ws.py), clients parse it; both import it from here, so a client never imports the server.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"VXRT"
+VERSION = 1
+FLAG_SPEAKING = 1
+# magic, version, flags, header size, frame index, pts (us), sample rate, samples, JPEG bytes, width, height,
+# utterance (0 while idle); little-endian, no padding: 44 bytes
+HEADER = struct.Struct("<4sBBHQqIIIHHI")
+
+
+@dataclass
+class FrameMessage:
+    index: int
+    pts_us: int
+    speaking: bool
+    utterance: int
+    sample_rate: int
+    width: int
+    height: int
+    jpeg: bytes
+    audio: np.ndarray  # int16 (samples,)
+
+
+def parse_frame(data: bytes) -> FrameMessage:
+    """The inverse of `pack_frame` (what a consumer does); ValueError for anything else."""
+    if len(data) < HEADER.size:
+        raise ValueError(f"a frame message has at least {HEADER.size} bytes, got {len(data)}")
+    magic, version, flags, size, index, pts_us, rate, samples, jpeg_len, width, height, utt = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError(f"not a version-{VERSION} frame message: {magic!r} v{version}")
+    if len(data) != size + jpeg_len + 2 * samples:
+        raise ValueError(f"frame message of {len(data)} bytes, its header says {size + jpeg_len + 2 * samples}")
+    jpeg = data[size : size + jpeg_len]
+    audio = np.frombuffer(data, dtype="<i2", count=samples, offset=size + jpeg_len)
+    return FrameMessage(index, pts_us, bool(flags & FLAG_SPEAKING), utt, rate, width, height, jpeg, audio)
