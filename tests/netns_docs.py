@@ -28,7 +28,7 @@ from docs_blocks import REPO_ROOT, Block, all_blocks
 
 READY_TIMEOUT_S = 300.0
 BLOCK_TIMEOUT_S = 600.0
-INGEST = "rtmp://127.0.0.1:1935/live/show"  # the present recipe's rtmp://localhost/live/show
+INGEST = "rtmp://127.0.0.1:1935/live/show"  # the present recipe's rtmp://127.0.0.1/live/show
 
 # A fresh session and the demo speech as 20 ms PCM16 chunks, for the snippets that take them.
 _SESSION = """
@@ -203,7 +203,7 @@ def run(work: Path, report: dict) -> None:
             if not block.runs:
                 continue
             started = time.monotonic()
-            ingest = runner.ingest() if "--to rtmp://localhost/live/show" in block.text else None
+            ingest = runner.ingest() if "--to rtmp://127.0.0.1/live/show" in block.text else None
             rc, output = runner.shell(block) if block.language != "python" else runner.python(block)
             expected = SHELL_OUTPUT.get(_key(SHELL_OUTPUT, block) or "")
             ok = rc == 0 and (expected is None or expected in output)
