@@ -94,6 +94,8 @@ def motion_from_video(
                 if float(stream.duration * stream.time_base) > max_seconds + 0.05:
                     raise VideoTooLong(f"the video is longer than {max_seconds:g} s")
             _check_pixels(stream.codec_context.width, stream.codec_context.height, pixel_cap)  # before decoding
+            # And in the decoder: a frame larger than the header said is refused before it is allocated.
+            stream.codec_context.options = {"max_pixels": str(pixel_cap)}
             for frame in container.decode(stream):
                 if stop is not None and stop.is_set():
                     log.info("motion video: extraction stopped by its caller after %d frames", len(found))
