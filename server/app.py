@@ -9,6 +9,7 @@
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
 | PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
 | GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded motions (kps file or short video) |
+| DELETE /v1/motions/{id} | key | forget an uploaded motion (sessions following it keep their copy) |
 | POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token, view | WHEP viewers (`whep.py`) |
 | GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`), `view_url` |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
@@ -220,6 +221,7 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     r.add_get("/v1/styles", controls_api.list_styles)
     r.add_post("/v1/motions", controls_api.create_motion)
     r.add_get("/v1/motions", controls_api.list_motions)
+    r.add_delete("/v1/motions/{motion_id}", controls_api.delete_motion)
     r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
     r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
     whep_path, viewer_path = "/v1/sessions/{session_id}/whep", "/v1/sessions/{session_id}/whep/{viewer_id}"

@@ -191,6 +191,7 @@ class ServerConfig:
     insecure_no_auth: bool = False  # serve off loopback without an API key (refused otherwise)
     max_upload_mb: float = 20.0  # one upload (portrait image, audio file)
     max_image_pixels: int = 40_000_000  # width x height of an uploaded portrait, checked before decoding
+    motion_video_budget_s: float = 180.0  # time one motion video's key-point extraction may take
     max_sdp_bytes: int = 65536  # one SDP offer (JSON bodies: this plus 16 KiB)
     max_ws_message_bytes: int = 1 << 20  # one websocket message
     max_ws_messages_per_s: float = 500.0  # per websocket connection, bursts of 2 s' worth (server/limits.py)
@@ -271,6 +272,7 @@ class ServerConfig:
             "recordings_quota_mb",
             "max_upload_mb",
             "max_image_pixels",
+            "motion_video_budget_s",
             "max_sdp_bytes",
             "max_ws_message_bytes",
             "max_ws_messages_per_s",
@@ -390,6 +392,7 @@ _FLOATS |= {"max_control_changes_per_s"}  # server/controls_api.py
 _FLOATS |= {"tts_timeout_s"}  # script text items (server/tts.py)
 _INTS |= {"tts_max_procs", "max_speak_decodes"}  # server/tts.py, server/speak.py
 _FLOATS |= {"script_audio_mb", "decoded_audio_mb"}  # server/audio_file.py budgets
+_FLOATS |= {"motion_video_budget_s"}  # POST /v1/motions with a video (streaming/motion_video.py)
 
 
 def _convert(name: str, value, from_env: bool = False):
@@ -479,6 +482,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "max_image_pixels",
         "largest portrait in pixels (width x height), checked before decoding; default 40000000",
         type=int,
+    )
+    opt(
+        "motion_video_budget_s",
+        "time one motion video's key-point extraction may take before it is refused (413); default 180",
+        type=float,
     )
     opt("max_sdp_bytes", "largest SDP offer in bytes; default 65536", type=int)
     opt("max_ws_message_bytes", "largest websocket message in bytes; default 1048576", type=int)

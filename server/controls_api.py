@@ -1,28 +1,40 @@
-"""Live controls over HTTP: `PATCH /v1/sessions/{id}`, `GET /v1/styles`, `POST/GET /v1/motions`.
+"""Live controls over HTTP: `PATCH /v1/sessions/{id}`, `GET /v1/styles`, `POST/GET /v1/motions`,
+`DELETE /v1/motions/{id}`.
 
 A control change (from PATCH or the bot websocket's `control` message) names live fields of `GenerationParams`
 (`streaming.controls.LIVE_FIELDS`) and/or a `style`, whose fields come first and the request's own over them.
 It takes effect on the next frame made, ramped; the session's `control.applied` event names the frame it shows
 on. Motions are key-point sequences (`extract-kps` output, kps.pth or .npy, or extracted here from a short video)
-a session's `motion` names by id.
+a session's `motion` names by id. Uploads are parsed off the event loop: a key-point file with every size checked
+against the file before any copy (`vexpress_rt.kps.parse_kps_sequence`), a video in a worker thread within a pixel
+cap, a codec allow-list and a time budget, stopped when its client leaves (`streaming.motion_video`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import math
-import tempfile
+import threading
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
 from streaming.controls import LIVE_FIELDS
-from streaming.motion_video import MAX_VIDEO_S, VideoTooLong, motion_from_video
+from streaming.engine import MAX_MOTION_FRAMES
+from streaming.motion_video import (
+    MAX_VIDEO_S,
+    UnsupportedCodec,
+    VideoOverBudget,
+    VideoTooLarge,
+    VideoTooLong,
+    motion_from_video,
+)
 from streaming.session import StreamSession
 from vexpress_rt.errors import InputError, WeightsError
-from vexpress_rt.kps import load_kps_sequence
+from vexpress_rt.kps import parse_kps_sequence
 from vexpress_rt.params import shown
 from vexpress_rt.styles import STYLE_FIELDS
 
@@ -34,6 +46,9 @@ from .sniff import VIDEO_CONTAINERS, video_demuxer
 from .state import ServerState, json_body, server_state, session_for
 
 CONTROL_FIELDS = frozenset({*LIVE_FIELDS, "style"})
+CLIENT_CHECK_S = 0.2  # how often a motion video's extraction looks whether its client is still there
+
+log = logging.getLogger(__name__)
 
 
 def control_changes(state: ServerState, data: object) -> dict:
@@ -114,9 +129,9 @@ async def create_motion(request: web.Request) -> web.Response:
     data = await _motion_upload(request, limits.upload_bytes(state.config))
     demuxer = video_demuxer(data)
     if demuxer is not None:
-        sequence = await _video_sequence(state, data, demuxer)
+        sequence = await _video_sequence(request, state, data, demuxer)
     else:
-        sequence = _kps_file_sequence(data)
+        sequence = await _kps_file_sequence(data)
     try:
         motion_id = state.engine.add_motion(sequence[:, :3])
     except InputError as exc:
@@ -144,38 +159,90 @@ async def _motion_upload(request: web.Request, limit: int) -> bytes:
     raise ApiError(400, f"the form needs a file in the field {' or '.join(repr(f) for f in MOTION_FIELDS)}")
 
 
-def _kps_file_sequence(data: bytes) -> np.ndarray:
+async def _kps_file_sequence(data: bytes) -> np.ndarray:
     if not data.startswith(KPS_FILE_MAGIC):  # neither torch.save's zip or pickle nor .npy: say what is accepted
         raise ApiError(
             400, f"the motion file is not a kps.pth (torch.save), a .npy of key points or a video ({VIDEO_CONTAINERS})"
         )
-    suffix = ".npy" if data.startswith(b"\x93NUMPY") else ".pth"
-    with tempfile.TemporaryDirectory(prefix="vexpress-motion-") as folder:
-        path = Path(folder) / f"motion{suffix}"
-        path.write_bytes(data)
-        try:
-            return load_kps_sequence(path)  # weights_only, numpy allow-list: no code runs
-        except InputError as exc:
-            message = str(exc).replace(str(path), "the upload")
-            raise ApiError(400, f"{message}; or a video ({VIDEO_CONTAINERS})") from None
-
-
-async def _video_sequence(state: ServerState, data: bytes, demuxer: str) -> np.ndarray:
-    # Decoding and a face detection per frame take seconds: a worker thread, so the loop keeps serving sessions
-    # (the default pool, not the model device's executor).
+    # Off the loop: a valid file of the largest size takes a while to unpickle and copy.
     loop = asyncio.get_running_loop()
-    root = state.engine.config.insightface_root
+    parse = functools.partial(parse_kps_sequence, data, "the upload", MAX_MOTION_FRAMES)
     try:
-        with state.motion_videos:  # 503 beyond: each extraction holds a CPU core for seconds
-            return await loop.run_in_executor(
-                None, motion_from_video, data, demuxer, state.config.max_image_pixels, root, MAX_VIDEO_S
-            )
+        return await loop.run_in_executor(None, parse)  # weights_only, numpy allow-list: no code runs
+    except InputError as exc:
+        raise ApiError(400, f"{exc}; or a video ({VIDEO_CONTAINERS})") from None
+
+
+async def _video_sequence(request: web.Request, state: ServerState, data: bytes, demuxer: str) -> np.ndarray:
+    """Decoding and a face detection per frame take seconds: a worker thread (the default pool, not the model
+    device's executor), so the loop keeps serving sessions. Its place among the extractions at once (503 beyond:
+    each holds a CPU core) is held until the thread ends, and the thread stops at its next frame when the client
+    leaves or this request is cancelled."""
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    extract = functools.partial(
+        motion_from_video,
+        data,
+        demuxer,
+        state.config.max_image_pixels,
+        state.engine.config.insightface_root,
+        MAX_VIDEO_S,
+        state.config.motion_video_budget_s,
+        stop,
+    )
+    state.motion_videos.acquire()
+    try:
+        extraction = loop.run_in_executor(None, extract)
+    except BaseException:
+        state.motion_videos.release()
+        raise
+    extraction.add_done_callback(functools.partial(_extraction_ended, state))
+    try:
+        return await _unless_client_leaves(request, extraction, stop)
     except VideoTooLong as exc:
         raise ApiError(413, str(exc), code="payload_too_large") from None
+    except VideoOverBudget as exc:
+        raise ApiError(413, f"video: {exc}", code="payload_too_large") from None
+    except VideoTooLarge as exc:
+        raise ApiError(413, str(exc), code="image_too_large") from None
+    except UnsupportedCodec as exc:
+        raise ApiError(415, str(exc)) from None
     except InputError as exc:
         raise ApiError(400, f"video: {exc}") from None
     except WeightsError as exc:
         raise ApiError(503, f"no face detector available: {exc}", code="unavailable") from None
+    finally:
+        stop.set()  # done, failed, cancelled or the client left: a running extraction ends at its next frame
+
+
+async def _unless_client_leaves(request: web.Request, extraction: asyncio.Future, stop: threading.Event) -> np.ndarray:
+    # asyncio.wait, not await: cancelling this request must not mark the extraction done while its thread runs.
+    while not (await asyncio.wait({extraction}, timeout=CLIENT_CHECK_S))[0]:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stop.set()
+            log.info("motion video: the client left; its extraction stops at the next frame")
+            # What aiohttp raises in a handler whose client has gone: no response, no error logged.
+            raise asyncio.CancelledError
+    return extraction.result()
+
+
+def _extraction_ended(state: ServerState, extraction: asyncio.Future) -> None:
+    state.motion_videos.release()
+    if not extraction.cancelled():
+        # Retrieved here: a request whose client left never reads it (ExtractionStopped), and asyncio would log it.
+        extraction.exception()
+
+
+async def delete_motion(request: web.Request) -> web.Response:
+    """Forget an uploaded motion. Sessions following it keep their copy until they change `motion`; new sessions
+    and control changes can no longer name it (400 "no motion")."""
+    state = server_state(request)
+    require_api_key(request, state.config.api_key)
+    motion_id = request.match_info["motion_id"]
+    if not state.engine.remove_motion(motion_id):
+        raise ApiError(404, "no such motion")
+    return web.Response(status=204)
 
 
 async def list_motions(request: web.Request) -> web.Response:

@@ -17,6 +17,10 @@
 | portraits being registered at once | 4 (1 running) | 503 + Retry-After |
 | motion videos being extracted at once | 2 | 503 + Retry-After |
 | motion video length | 30 s (`streaming.motion_video.MAX_VIDEO_S`) | 413 `payload_too_large` |
+| motion video frames | 3840x2160 and `--max_image_pixels` (`MAX_VIDEO_PIXELS`) | 413 `image_too_large` |
+| motion video analysis time | `--motion_video_budget_s` 180 | 413 `payload_too_large` |
+| motion video codec | H.264, HEVC, VP8, VP9, AV1 (`VIDEO_CODECS`) | 415 |
+| key-point file frames | 9000 (`streaming.engine.MAX_MOTION_FRAMES`), checked before any copy | 400 |
 
 Session duration and idle time are enforced by `server/lifetime.py`.
 """
@@ -154,6 +158,15 @@ class PendingLimit:
         self.limit, self.what, self.count = limit, what, 0
 
     def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take a place (503 beyond); `release` gives it back. For work that may outlive the request awaiting it:
+        the place is held until the work itself ends."""
         if self.count >= self.limit:
             raise ApiError(
                 503,
@@ -162,9 +175,8 @@ class PendingLimit:
                 headers={"Retry-After": "5"},
             )
         self.count += 1
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         self.count -= 1
 
 

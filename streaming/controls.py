@@ -90,7 +90,8 @@ class LiveControls:
         self._motions = motions
         self._lock = threading.Lock()
         self._params = params
-        self._track = track_for(params, self._reference_kps, fps, motions)
+        self._held: dict[str, np.ndarray] = {}  # the uploaded motion followed now, by id
+        self._track = track_for(params, self._reference_kps, fps, self._holding_lookup(self._held))
         self._track_posed = self._is_posed(self._track)
         self._before: tuple[GenerationParams, MotionTrack] | None = None  # what a ramp blends from
         self._ramp_start = 0
@@ -116,16 +117,28 @@ class LiveControls:
             params = replace(self._params, **changes)  # validates
             if params.cfg != self._params.cfg:
                 raise InputError("guidance_scale cannot turn guidance on or off during a session (the batch shape)")
-            track = track_for(params, self._reference_kps, self._fps, self._motions)
+            held: dict[str, np.ndarray] = {}
+            track = track_for(params, self._reference_kps, self._fps, self._holding_lookup(held))
             # Blend from where the frames are: the old motion goes on, or a ramp in progress is held where it is.
             ramping = self._ramp(self._frame) < 1.0
             old_track = self._blend_track(self._frame) if ramping else self._track
             self._before = (self._blend_params(self._frame), old_track)
-            self._params, self._track = params, track
+            self._params, self._track, self._held = params, track, held
             self._track_posed = self._is_posed(track)
             self._ramp_start = self._frame
             self._version += 1
             return ControlChange(self._version, params)
+
+    def _holding_lookup(self, held: dict[str, np.ndarray]) -> MotionLookup:
+        """The motion lookup for a new track, noting into `held` what it returned. The motion this session follows
+        is kept here (ids name content), so one deleted or evicted from the server goes on for this session, through
+        other control changes, until `motion` names another."""
+
+        def lookup(motion_id: str) -> np.ndarray:
+            held[motion_id] = self._held[motion_id] if motion_id in self._held else self._motions(motion_id)
+            return held[motion_id]
+
+        return lookup
 
     def start_from_rest(self) -> None:
         """Generation starts from the idle clip (the portrait's own pose): fade from it into the motion."""

@@ -213,6 +213,10 @@ class DevicePool:
         """Every device keeps the motion (a session may be placed on any); the same id on each."""
         return [engine.add_motion(sequence) for engine in self.engines][0]
 
+    def remove_motion(self, motion_id: str) -> bool:
+        """Forget the motion on every device (False: unknown)."""
+        return any([engine.remove_motion(motion_id) for engine in self.engines])
+
     def motions(self) -> list[dict[str, Any]]:
         return self.engines[0].motions()
 

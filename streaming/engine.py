@@ -271,6 +271,12 @@ class Engine:
         """An uploaded motion's key points (KeyError: unknown)."""
         return self._motions[motion_id]
 
+    def remove_motion(self, motion_id: str) -> bool:
+        """Forget an uploaded motion (False: unknown). Sessions following it keep their copy (`LiveControls`);
+        new sessions and control changes can no longer name it."""
+        with self._lock:
+            return self._motions.pop(motion_id, None) is not None
+
     def motions(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{"id": k, "frames": len(v)} for k, v in self._motions.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -136,6 +137,64 @@ def test_npy_sequences(tmp_path: Path) -> None:
     torch.save([np.zeros((3, 2), np.float32), np.zeros((2, 2), np.float32)], tmp_path / "ragged.pth")
     with pytest.raises(InputError):
         load_kps_sequence(tmp_path / "ragged.pth")
+
+
+def test_a_kps_pth_claiming_more_than_it_holds_is_refused_before_any_copy(tmp_path: Path) -> None:
+    """Sizes, strides and records are checked against the file: a 1.5 KB file viewing one float as 50 M frames,
+    overlapping strides, deflated records (a zip bomb) and the legacy format are refused; real views load."""
+    expanded = tmp_path / "expanded.pth"
+    torch.save(torch.zeros(1).expand(50_000_000, 3, 2), expanded)
+    assert expanded.stat().st_size < 2000
+    with pytest.raises(InputError, match="50000000 key-point frames, more than the 9000 allowed"):
+        load_kps_sequence(expanded, max_frames=9000)
+    with pytest.raises(InputError, match="overlap"):  # without a frame limit the layout still gives it away
+        load_kps_sequence(expanded)
+    overlapping = tmp_path / "overlapping.pth"
+    torch.save(torch.as_strided(torch.zeros(6000), (1000, 3, 2), (1, 1, 1)), overlapping)
+    with pytest.raises(InputError, match="overlap"):
+        load_kps_sequence(overlapping)
+    torch.save([torch.zeros(1).expand(3, 2)] * 4, tmp_path / "expanded_rows.pth")
+    with pytest.raises(InputError, match="overlap"):
+        load_kps_sequence(tmp_path / "expanded_rows.pth")
+    torch.save([np.zeros((3, 2), np.float32)] * 10, tmp_path / "ten.pth")
+    with pytest.raises(InputError, match="10 key-point frames, more than the 9 allowed"):
+        load_kps_sequence(tmp_path / "ten.pth", max_frames=9)
+
+    deflated = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(tmp_path / "ten.pth") as stored, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for entry in stored.infolist():
+            out.writestr(entry.filename, stored.read(entry.filename))
+    with pytest.raises(InputError, match="compressed records are not accepted"):
+        load_kps_sequence(deflated)
+    torch.save(torch.zeros(4, 3, 2), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match="zip format"):
+        load_kps_sequence(tmp_path / "legacy.pth")
+
+    five = torch.arange(4 * 5 * 2, dtype=torch.float32).reshape(4, 5, 2)
+    torch.save(five[:, :3], tmp_path / "view.pth")  # a slice: strided, within its storage
+    np.testing.assert_array_equal(load_kps_sequence(tmp_path / "view.pth"), five[:, :3].numpy())
+
+
+def test_a_npy_header_is_checked_before_its_data(tmp_path: Path) -> None:
+    def claiming(frames: int, descr: str = "<f4") -> Path:
+        path = tmp_path / f"{frames}{descr[1:]}.npy"
+        with path.open("wb") as out:
+            header = {"descr": descr, "fortran_order": False, "shape": (frames, 3, 2)}
+            np.lib.format.write_array_header_1_0(out, header)
+            out.write(bytes(24))
+        return path
+
+    with pytest.raises(InputError, match="10000000000 key-point frames, more than the 9000 allowed"):
+        load_kps_sequence(claiming(10_000_000_000), max_frames=9000)
+    with pytest.raises(InputError, match="promises 1200000000 bytes of key points, the file holds 24"):
+        load_kps_sequence(claiming(50_000_000))
+    with pytest.raises(InputError, match="must be numbers, got dtype object"):
+        load_kps_sequence(claiming(1, "|O"))
+    with pytest.raises(InputError, match="must be numbers"):
+        load_kps_sequence(claiming(1, "<U100000000"))
+    fortran = np.asfortranarray(np.arange(4 * 3 * 2, dtype=np.float64).reshape(4, 3, 2))
+    np.save(tmp_path / "fortran.npy", fortran)
+    np.testing.assert_array_equal(load_kps_sequence(tmp_path / "fortran.npy"), fortran.astype(np.float32))
 
 
 def test_reference_kps_json_and_npy(tmp_path: Path) -> None:

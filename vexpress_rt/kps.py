@@ -7,9 +7,11 @@ images match it bit for bit.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,60 +101,176 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
-def _to_sequence_array(obj: Any, source: str) -> np.ndarray:
-    """What a kps file held (tensor, array, list of (3, 2) arrays / tensors) as float32 (N, 3, 2)."""
+NPY_MAGIC = b"\x93NUMPY"  # what a .npy file starts with
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6 (the original's kps.pth): a zip archive
+_MAX_ZIP_ENTRIES = 100_000  # a kps.pth holds a handful of records per frame at most
+
+
+def _describe_shape(shape: Sequence[int]) -> str:
+    """A shape for an error message, cut short: a hostile file may claim hundreds of dimensions."""
+    dims = [str(d) for d in shape[:4]]
+    return "(" + ", ".join(dims + (["..."] if len(shape) > 4 else [])) + ")"
+
+
+def _check_sequence_shape(shape: Sequence[int], source: str, max_frames: int | None) -> None:
+    """(N, 3, 2) or (N, 5, 2) with 1 <= N <= max_frames, checked before anything of that size exists."""
+    if len(shape) != 3 or shape[1] not in (3, 5) or shape[2] != 2:
+        raise InputError(f"{source}: expected key points of shape (N, 3, 2) or (N, 5, 2), got {_describe_shape(shape)}")
+    _check_frame_count(shape[0], source, max_frames)
+
+
+def _check_frame_count(frames: int, source: str, max_frames: int | None) -> None:
+    if frames == 0:
+        raise InputError(f"{source}: the key-point sequence is empty")
+    if max_frames is not None and frames > max_frames:
+        raise InputError(f"{source}: {frames} key-point frames, more than the {max_frames} allowed")
+
+
+def _check_tensor_layout(tensor: torch.Tensor, source: str) -> None:
+    """Refuse a tensor whose view claims more elements than its storage holds: expanded (stride 0) or overlapping
+    strides make a tiny file read as gigabytes once copied. A view of distinct elements within bounds (e.g. a
+    slice) is fine; this looks at sizes and strides only, nothing is read."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if size > 1)
+    span = 1  # elements covered by the dimensions so far, innermost first
+    for stride, size in dims:
+        if stride < span:
+            raise InputError(f"{source}: the key-point tensor's elements overlap (expanded or overlapping strides)")
+        span = stride * (size - 1) + span
+    last = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    if tensor.numel() and (last + 1) * tensor.element_size() > tensor.untyped_storage().nbytes():
+        raise InputError(f"{source}: the key-point tensor claims more elements than the file holds")
+
+
+def _row_array(row: Any, source: str) -> np.ndarray:
+    """One frame of a list-form sequence, its shape checked before it is converted (or kept)."""
+    if isinstance(row, torch.Tensor):
+        shape: tuple[int, ...] = tuple(row.shape)
+    elif isinstance(row, np.ndarray):
+        shape = row.shape
+    elif isinstance(row, (list, tuple)) and all(
+        isinstance(point, (list, tuple)) and len(point) == 2 and all(isinstance(v, (int, float)) for v in point)
+        for point in row
+    ):
+        shape = (len(row), 2)
+    else:
+        raise InputError(f"{source}: every key-point frame must be a (3, 2) array, got {type(row).__name__}")
+    if shape not in ((3, 2), (5, 2)):
+        raise InputError(f"{source}: every key-point frame must have shape (3, 2), got {_describe_shape(shape)}")
+    if isinstance(row, torch.Tensor):
+        _check_tensor_layout(row, source)
+        return row.detach().cpu().numpy()
+    return np.asarray(row)
+
+
+def _to_sequence_array(obj: Any, source: str, max_frames: int | None = None) -> np.ndarray:
+    """What a kps file held (tensor, array, list of (3, 2) arrays / tensors) as float32 (N, 3, 2).
+
+    Shapes, frame counts and tensor layouts are checked before anything is copied (see `parse_kps_sequence`)."""
     try:
         if isinstance(obj, torch.Tensor):
+            _check_sequence_shape(tuple(obj.shape), source, max_frames)
+            _check_tensor_layout(obj, source)
             arr = obj.detach().cpu().numpy()
         elif isinstance(obj, np.ndarray):
+            _check_sequence_shape(obj.shape, source, max_frames)
             arr = obj
         elif isinstance(obj, (list, tuple)):
-            rows = [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in obj]
-            if not rows:
-                raise InputError(f"{source}: the key-point sequence is empty")
-            arr = np.stack(rows)
+            _check_frame_count(len(obj), source, max_frames)
+            arr = np.stack([_row_array(row, source) for row in obj])
         else:
             raise InputError(f"{source}: expected a list of (3, 2) key-point arrays, got {type(obj).__name__}")
     except (ValueError, TypeError) as exc:
-        raise InputError(f"{source}: the key-point frames do not all have the same shape ({exc})") from exc
+        raise InputError(f"{source}: the key-point frames do not all have the same shape ({str(exc)[:200]})") from exc
     if arr.dtype.kind not in "fiu":
-        raise InputError(f"{source}: key points must be numbers, got dtype {arr.dtype}")
-    if arr.ndim != 3 or arr.shape[1] not in (3, 5) or arr.shape[2] != 2:
-        raise InputError(f"{source}: expected key points of shape (N, 3, 2) or (N, 5, 2), got {arr.shape}")
-    if arr.shape[0] == 0:
-        raise InputError(f"{source}: the key-point sequence is empty")
+        raise InputError(f"{source}: key points must be numbers, got dtype {arr.dtype.name}")
+    _check_sequence_shape(arr.shape, source, max_frames)
     arr = np.ascontiguousarray(arr[:, :3, :], dtype=np.float32)
     if not np.isfinite(arr).all():
         raise InputError(f"{source}: key points contain NaN or infinite values")
     return arr
 
 
-def load_kps_sequence(path: str | Path) -> np.ndarray:
-    """Load a driving key-point sequence as float32 (N, 3, 2).
-
-    Accepts the original's `kps.pth` (torch.save of a list of float32 (3, 2) numpy arrays, or a tensor) and
-    `.npy` arrays of shape (N, 3, 2) or (N, 5, 2). The .pth file is read with weights_only=True and a minimal
-    numpy allow-list, so a file holding anything else (arbitrary objects, code) is refused.
-    """
+def load_kps_sequence(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """Load a driving key-point sequence as float32 (N, 3, 2) from a file (see `parse_kps_sequence`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"key-point file not found: {path}")
-    if path.suffix.lower() == ".npy":
-        try:
-            obj: Any = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"cannot read key-point array {path}: {exc}") from exc
-        return _to_sequence_array(obj, str(path))
+    return parse_kps_sequence(path.read_bytes(), str(path), max_frames)
+
+
+def parse_kps_sequence(data: bytes, source: str = "the key-point file", max_frames: int | None = None) -> np.ndarray:
+    """A driving key-point sequence as float32 (N, 3, 2) from a file's bytes; `source` names it in errors.
+
+    Accepts the original's `kps.pth` (torch.save of a list of float32 (3, 2) numpy arrays, or a tensor) and
+    `.npy` arrays of shape (N, 3, 2) or (N, 5, 2), told apart by their first bytes. The .pth file is read with
+    weights_only=True and a minimal numpy allow-list, so a file holding anything else (arbitrary objects, code)
+    is refused. Nothing larger than the file is ever made: a .npy's header, a kps.pth's zip directory
+    (uncompressed records that fit in the file) and every tensor's shape and strides (no expanded or overlapping
+    views) are checked, with the frame count against `max_frames`, before any data is copied.
+    """
+    if data.startswith(NPY_MAGIC):
+        return _npy_sequence(data, source, max_frames)
+    if data.startswith(ZIP_MAGIC):
+        return _to_sequence_array(_torch_zip_object(data, source), source, max_frames)
+    raise InputError(
+        f"cannot read key-point file {source}: expected a kps.pth (torch.save's zip format, as `extract-kps` "
+        "writes) or a .npy array"
+    )
+
+
+def _npy_sequence(data: bytes, source: str, max_frames: int | None) -> np.ndarray:
+    """A .npy read header first: dtype, shape and data size are checked before the data is looked at."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise InputError(f"cannot read key-point array {source}: .npy format version {version} is not supported")
+    except ValueError as exc:
+        raise InputError(f"cannot read key-point array {source}: not a valid .npy header") from exc
+    if dtype.hasobject or dtype.kind not in "fiu":
+        raise InputError(f"{source}: key points must be numbers, got dtype {dtype.name}")
+    _check_sequence_shape(shape, source, max_frames)
+    count = math.prod(shape)
+    available = len(data) - stream.tell()
+    if count * dtype.itemsize > available:
+        raise InputError(
+            f"{source}: the .npy header promises {count * dtype.itemsize} bytes of key points, the file holds "
+            f"{available}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return _to_sequence_array(flat.reshape(shape, order="F" if fortran_order else "C"), source, max_frames)
+
+
+def _torch_zip_object(data: bytes, source: str) -> Any:
+    """torch.load of a kps.pth, after its zip directory shows only uncompressed records that fit in the file
+    (torch reads deflated records too: a small file would inflate to gigabytes)."""
+    refused = (
+        f"cannot read key-point file {source}: expected torch.save of a list of float32 (3, 2) numpy arrays "
+        "(the original kps.pth format) or of a tensor"
+    )
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise InputError(f"{refused}: not a readable zip archive") from exc
+    if len(entries) > _MAX_ZIP_ENTRIES:
+        raise InputError(f"{refused}: {len(entries)} records is too many")
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        raise InputError(f"{refused}: compressed records are not accepted (torch.save writes them uncompressed)")
+    if sum(entry.file_size for entry in entries) > len(data):
+        raise InputError(f"{refused}: its records claim more bytes than the file holds")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"cannot read key-point file {path}: expected torch.save of a list of float32 (3, 2) numpy "
-            f"arrays (the original kps.pth format) or a .npy array ({first_line})"
-        ) from exc
-    return _to_sequence_array(obj, str(path))
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message is a page of advice on loading untrusted files unsafely: not for an upload's sender
+        raise InputError(f"{refused}: it holds other objects") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:
+        raise InputError(f"{refused}: the file is damaged") from exc
 
 
 def save_kps_sequence(path: str | Path, seq: np.ndarray | Sequence[np.ndarray]) -> None:
