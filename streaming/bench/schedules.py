@@ -49,15 +49,15 @@ class Schedule:
 
 CANDIDATES = (
     Schedule("staggered", 4, 2, 0.2),  # the default before this measurement
-    Schedule("staggered", 4, 1, 0.2),
-    Schedule("staggered", 4, 2, 0.1),
-    Schedule("staggered", 3, 2, 0.1),
-    Schedule("staggered", 2, 2, 0.2),
-    Schedule("staggered", 2, 2, 0.1),
-    Schedule("staggered", 2, 1, 0.1),
+    Schedule("staggered", 4, 2, 0.0),
+    Schedule("staggered", 3, 2, 0.0),
     Schedule("staggered", 2, 4, 0.1),
-    Schedule("chunked", 2, 2, 0.1),
-    Schedule("chunked", 4, 2, 0.1),
+    Schedule("staggered", 2, 4, 0.0),
+    Schedule("staggered", 2, 3, 0.0),
+    Schedule("staggered", 2, 2, 0.0),
+    Schedule("staggered", 1, 2, 0.0),
+    Schedule("staggered", 1, 4, 0.0),
+    Schedule("chunked", 2, 4, 0.0, context_frames=2),
 )
 
 
