@@ -58,10 +58,13 @@ CANDIDATES = (
     Schedule("staggered", 1, 2, 0.0),
     Schedule("staggered", 1, 4, 0.0),
     Schedule("chunked", 2, 4, 0.0, context_frames=2),
+    Schedule("staggered", 2, 1, 0.0),
 )
 
 
-def measure(device: str, seconds: float, sessions: tuple[int, ...], candidates: tuple[Schedule, ...]) -> list[dict]:
+def measure(
+    device: str, seconds: float, sessions: tuple[int, ...], candidates: tuple[Schedule, ...]
+) -> list[dict[str, Any]]:
     rows = []
     for schedule in candidates:
         figures = engine_figures(
@@ -118,7 +121,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated candidate numbers (0-based) to run")
     parser.add_argument("--json", default=None, help="also write every figure to this file")
     args = parser.parse_args()
-    candidates = CANDIDATES
+    candidates: tuple[Schedule, ...] = CANDIDATES
     if args.only:
         candidates = tuple(CANDIDATES[int(i)] for i in args.only.split(","))
     load_before = os.getloadavg()

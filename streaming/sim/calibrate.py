@@ -53,7 +53,9 @@ def profile_from_bench(bench: dict[str, Any], decoders: dict[str, Any], name: st
     call = int(decoders.get("frames_per_call", 2))
     if "tiny" not in per_frame or "full" not in per_frame:
         raise ProfileError("the decoders JSON (`bench --decoders --json`) has no ms_per_frame for full and tiny")
-    tiny = {call: (per_frame["tiny"] * call, f"bench --decoders: TAESD, {call} frames per call")}
+    tiny: dict[float, tuple[float, str]] = {
+        call: (per_frame["tiny"] * call, f"bench --decoders: TAESD, {call} frames per call")
+    }
     full.setdefault(call, (per_frame["full"] * call, f"bench --decoders: VAE, {call} frames per call"))
     runs = gpu.get("runs") or []
     first = next((r for r in runs if r.get("sessions") == 1), None)

@@ -101,7 +101,8 @@ def mark(image: np.ndarray, label: str) -> np.ndarray:
     draw.rectangle([0, h - band, picture.width, h], fill=(200, 0, 0))
     font = ImageFont.load_default(size=max(8, int(band * 0.7)))
     draw.text((band // 4, h - band + band // 8), f"{MARK} ({label})", fill=(255, 255, 255), font=font)
-    return np.asarray(picture).copy()
+    marked: np.ndarray = np.asarray(picture).copy()
+    return marked
 
 
 def _enlarged(latent: torch.Tensor, width: int, height: int, label: str) -> torch.Tensor:
@@ -208,7 +209,8 @@ class SimulatedUNet(nn.Module):
         else:
             a = a.reshape(1, 1, 1, 1, 1)
         v = (a.sqrt() * sample.float() - target) / (1 - a).sqrt()  # DDIM's x0 = sqrt(a) x - sqrt(1-a) v = target
-        return v.to(sample.dtype)
+        out: torch.Tensor = v.to(sample.dtype)
+        return out
 
 
 class SimulatedDecoder(FrameDecoder):

@@ -94,8 +94,8 @@ class DeviceProfile:
         if not isinstance(data, dict):
             raise ProfileError(f"{where}: a profile is a JSON object")
         missing = [k for k in REQUIRED if k not in data]
-        decode = data.get("decode")
-        if not isinstance(decode, dict):
+        decode: dict[str, Any] = data.get("decode") or {}
+        if not isinstance(data.get("decode"), dict):
             missing.append("decode")
         else:
             missing += [f"decode.{d}" for d in DECODERS if d not in decode]
@@ -152,7 +152,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
             raise ProfileError(f"no profile file at {path}")
         text, where = path.read_text(), str(path)
     else:
-        shipped = resources.files("streaming.sim").joinpath("profiles", f"{name_or_path}.json")
+        shipped = resources.files("streaming.sim").joinpath("profiles").joinpath(f"{name_or_path}.json")
         if not shipped.is_file():
             raise ProfileError(f"no device profile named {name_or_path!r} (shipped: {', '.join(shipped_profiles())})")
         text, where = shipped.read_text(), f"profile {name_or_path}"
