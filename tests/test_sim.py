@@ -20,7 +20,9 @@ from client_kit import bearer, create_session, http, loopback_pc, loud_seconds, 
 from server_harness import ServerThread, make_config
 
 from server import marks
+from server.config import ConfigError, ServerConfig
 from server.engine_factory import build_simulated_engine
+from streaming.bench.gpu_bench import engine_figures
 from streaming.sim.calibrate import profile_from_bench
 from streaming.sim.device import SimulatedDevice, simulated_device
 from streaming.sim.profile import Curve, DeviceProfile, ProfileError, load_profile
@@ -128,6 +130,25 @@ def test_a_gpu_run_recalibrates_the_simulator(tmp_path):
         profile_from_bench(no_components, decoders, "gpu")
     with pytest.raises(ProfileError, match="tiny"):
         profile_from_bench(_gpu_bench_json(), {"ms_per_frame": {"full": 20.0}}, "gpu")
+
+
+def test_serve_refuses_an_unknown_profile_before_loading_anything():
+    ServerConfig(device="sim:h100").validate()
+    with pytest.raises(ConfigError, match="no device profile named 'nope'"):
+        ServerConfig(device="sim:nope").validate()
+    with pytest.raises(ConfigError, match="sim:nope"):
+        ServerConfig(devices="sim:h100,sim:nope").validate()
+
+
+def test_the_engine_bench_runs_on_the_simulated_device_and_says_so():
+    """`bench --gpu --device sim:h100`: the same session ramp, on the simulated device (figures are printed by the
+    command; here only that it runs and labels them)."""
+    out = engine_figures(device="sim:h100", sessions=(1,), seconds=2.0, components=False)
+    assert out["mode"] == "simulated" and out["simulated"]["profile"] == "h100"
+    assert out["device"].startswith("sim:h100 (simulated")
+    (run_1,) = out["runs"]
+    assert run_1["sessions"] == 1 and run_1["frames_generated"] > 0
+    assert out["simulated_device_busy_s"] > 0 and len(out["host_load_average"]) == 3
 
 
 # -- the stand-in calls --------------------------------------------------------------------------------------------
