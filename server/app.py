@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -125,7 +126,12 @@ async def info(request: web.Request) -> web.Response:
     state = server_state(request)
     cfg = state.config
     control = may_control(request, cfg)  # what only a key holder may see: the model's folder, the avatars
-    model = {"name": "V-Express", "device": str(state.engine.device)}  # the (first) device in use, not the flag
+    model: dict[str, Any] = {
+        "name": "V-Express",
+        "device": state.engine.device_name,
+    }  # the (first) device in use, not the flag
+    if state.engine.simulated is not None:  # sim:<profile>: no model runs, frames are marked (streaming/sim/)
+        model["simulated"] = state.engine.simulated
     if control:
         model["model_dir"] = str(cfg.model_dir)
     portraits = [avatars.avatar_json(a, state.default_avatar_id) for a in state.engine.avatars()] if control else None

@@ -28,6 +28,7 @@ from urllib.parse import unquote
 from streaming.decoder import DECODER_CHOICES
 from streaming.device_pool import parse_devices
 from streaming.portrait import DEFAULT_PORTRAIT
+from streaming.sim.profile import ProfileError, is_simulated, profile_of
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import DEFAULTS, arg_type, field_error
 from vexpress_rt.styles import load_styles
@@ -333,6 +334,12 @@ class ServerConfig:
                 parse_devices(self.devices)
             except ValueError as exc:
                 raise ConfigError(f"--devices {self.devices!r}: {exc}") from exc
+        for item in parse_devices(self.devices) if self.devices else [self.device]:
+            if is_simulated(item):
+                try:
+                    profile_of(item)
+                except ProfileError as exc:
+                    raise ConfigError(f"--device {item}: {exc}") from exc
         return self
 
     def avatar_kps_path(self) -> Path | None:
@@ -544,7 +551,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
     )
     opt("jpeg_quality", "JPEG quality (1-95) of the frames websocket; default 80", type=int)
-    opt("device", "cuda or cpu; default cuda (falls back to the CPU)")
+    opt(
+        "device",
+        "cuda or cpu; default cuda (falls back to the CPU); sim:h100 (or sim:<profile.json>): a simulated device for "
+        "design and tests, no model runs, frames marked SIMULATED (docs/simulator.md)",
+    )
     opt(
         "devices",
         "one model worker per device: all (every visible GPU), or a list such as cuda:0,cuda:1 (cpu,cpu: two CPU "

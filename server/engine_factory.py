@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from streaming.device_pool import DevicePool, device_names, parse_devices
+from streaming.sim.profile import is_simulated
 from vexpress_rt.errors import WeightsError
 from vexpress_rt.params import GenerationParams
 from vexpress_rt.weights import ModelPaths
@@ -50,7 +51,7 @@ def resolve_devices(config: ServerConfig) -> list[str]:
     if items == ["all"]:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         items = [f"cuda:{i}" for i in range(count)] or ["cuda"]  # "cuda" falls back to the CPU below
-    return [str(resolve_device(item)) for item in items]
+    return [item if is_simulated(item) else str(resolve_device(item)) for item in items]
 
 
 def build_pool(config: ServerConfig) -> DevicePool:
@@ -70,6 +71,8 @@ def build_engine(config: ServerConfig, device: str | None = None):
     from streaming.session import SessionConfig
     from vexpress_rt.loader import load_models
 
+    if is_simulated(device or config.device):
+        return build_simulated_engine(config, device or config.device)
     device = resolve_device(device or config.device)
     dtype = resolve_dtype(config.dtype, device)
     paths = ModelPaths.from_model_dir(config.model_dir)
@@ -91,4 +94,38 @@ def build_engine(config: ServerConfig, device: str | None = None):
             default_session=SessionConfig(fps=config.fps, params=GenerationParams(steps=config.steps), decoder=decoder),
         ),
         decoders,
+    )
+
+
+def build_simulated_engine(config: ServerConfig, device: str):
+    """The engine on a simulated device (`sim:h100`, streaming/sim/): no weights, the model's calls wait what the
+    profile measured, frames are the portrait marked "SIMULATED". For design and tests, never a product mode."""
+    from streaming.engine import Engine, EngineConfig
+    from streaming.session import SessionConfig
+    from streaming.sim.device import simulated_device
+
+    sim = simulated_device(device, config.width, config.height, None if config.dtype == "auto" else config.dtype)
+    decoder = "tiny" if config.decoder == "auto" else config.decoder
+    log.warning(
+        "SIMULATED device %s: no model runs; each call waits the time profile %r gives (%s, %s); frames are the "
+        "portrait marked SIMULATED",
+        sim.name,
+        sim.profile.name,
+        sim.profile.device,
+        sim.profile.source.get("measured", "source in the profile"),
+    )
+    return Engine(
+        sim.models(),
+        EngineConfig(
+            width=config.width,
+            height=config.height,
+            max_sessions=config.max_sessions,
+            cache_dir=None,  # nothing worth keeping: a simulated avatar is its picture
+            admission=config.admission,
+            pipelined=True,  # as on CUDA, the device it stands for
+            device_name=sim.name,
+            simulated=sim.describe(),
+            default_session=SessionConfig(fps=config.fps, params=GenerationParams(steps=config.steps), decoder=decoder),
+        ),
+        sim.decoders(),
     )

@@ -64,8 +64,9 @@ def mark_frame(frame: AVFrame, period: int) -> AVFrame:
     if frame.index % period == 0:
         mark = (chirp(frame.sample_rate) * 32767).astype(np.int16)
         audio = np.array(audio, copy=True)
-        n = min(len(mark), len(audio))
-        audio[:n] = mark[:n]
+        start = len(audio) - frame.samples_per_frame  # the frame's own audio (after a late reader's burst)
+        n = min(len(mark), len(audio) - start)
+        audio[start : start + n] = mark[:n]
     return replace(frame, image=stamp_index(frame.image, frame.index), audio=audio)
 
 

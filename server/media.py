@@ -92,7 +92,7 @@ class AudioRechunker:
 
     def push(self, frame: AVFrame) -> list[AudioPacket]:
         audio = np.asarray(frame.audio, dtype=np.int16).reshape(-1)
-        start = frame.index * len(audio)
+        start = frame.audio_start  # after a late reader's skip the audio begins with the skipped frames' (a burst)
         if self._position is None or self._rate != frame.sample_rate or start != self._position + len(self._buffer):
             self._buffer, self._position, self._rate = audio[:0], start, frame.sample_rate
         self._buffer = np.concatenate([self._buffer, audio])
@@ -283,7 +283,7 @@ class AvatarAudioTrack(PumpTrack):
             raise MediaStreamError
         while not self._packets:
             frame = await self._next_frame()
-            self._samples_per_frame = len(frame.audio)
+            self._samples_per_frame = frame.samples_per_frame
             self._packets.extend(self._rechunker.push(frame))
         packet = self._packets.popleft()
         await self._pump.wait(packet.position / self._samples_per_frame)

@@ -97,7 +97,7 @@ class Mp4Writer:
             self._mux(out, out.video.encode(video))
             self.frames += 1
             self.speech_frames += bool(frame.speaking)
-            position = pts * len(frame.audio)
+            position = (pts - frame.skipped_audio_frames) * frame.samples_per_frame  # a burst starts earlier
             end = self._pending_start + len(self._pending)
             audio = np.asarray(frame.audio, np.float32) / 32768.0
             if position > end:

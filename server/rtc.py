@@ -113,7 +113,7 @@ async def read_microphone(track: MediaStreamTrack, session, logger: logging.Logg
             if frame.format.is_planar:
                 pcm = pcm.T  # (channels, n) -> (n, channels)
             samples = np.ascontiguousarray(pcm).reshape(-1, channels)
-            session.push_audio(samples, frame.sample_rate, channels)
+            session.push_audio(samples, frame.sample_rate, channels, live=True)  # a live source: bounded lag
             frames += 1
     except MediaStreamError:
         logger.info("microphone track ended after %d frames", frames)

@@ -124,6 +124,10 @@ def _device_metrics(state: ServerState) -> Iterator[Metric]:
         "device_busy_fraction": ("Fraction of the last 10 s the device's worker computed.", lambda d: d.busy_fraction),
         "device_frames_generated": ("Frames the device's worker generated.", lambda d: d.frames_generated),
         "device_worker_errors": ("Sessions the device's worker failed.", lambda d: d.worker_errors),
+        "device_simulated": (
+            "1 when the device is simulated from a GPU profile (sim:<profile>): no model runs, frames are marked.",
+            lambda d: d.simulated,
+        ),
     }
     for name, (doc, read) in families.items():
         family = GaugeMetricFamily(PREFIX + name, doc, labels=["device"])

@@ -40,6 +40,7 @@ from .avatar import AvatarInfo
 from .decoder import FrameDecoder
 from .engine import CapacityError, Engine, EngineConfig
 from .session import SessionConfig, StreamSession
+from .sim.profile import is_simulated
 
 T = TypeVar("T")
 
@@ -69,10 +70,12 @@ def parse_devices(spec: str) -> list[str]:
     if items == ["all"]:
         return items
     for item in items:
+        if is_simulated(item):  # sim:<profile>: checked when the engine is built (streaming/sim/)
+            continue
         try:
             device = torch.device(item)
         except RuntimeError as exc:
-            raise ValueError(f"{item!r} is not a device (cuda, cuda:N or cpu)") from exc
+            raise ValueError(f"{item!r} is not a device (cuda, cuda:N, cpu or sim:<profile>)") from exc
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"{item!r}: only cuda and cpu devices serve sessions")
     return items
@@ -100,6 +103,7 @@ class DeviceStatus:
     busy_fraction: float
     frames_generated: int
     worker_errors: int
+    simulated: bool = False  # sim:<profile>: the model's calls only wait the profile's times (streaming/sim/)
 
     @property
     def state(self) -> str:
@@ -118,7 +122,7 @@ class DevicePool:
         if not engines:
             raise VExpressError("a device pool needs at least one engine")
         self.engines = list(engines)
-        self.names = list(names) if names else device_names([str(e.models.device) for e in self.engines])
+        self.names = list(names) if names else device_names([e.device_name for e in self.engines])
         if len(self.names) != len(self.engines):
             raise VExpressError("one name per engine")
         self._lock = threading.Lock()  # placement: check and open as one step
@@ -140,6 +144,16 @@ class DevicePool:
     def device(self) -> torch.device:
         """The first device: what /v1/info's `model.device` has always said."""
         return self.engines[0].models.device
+
+    @property
+    def device_name(self) -> str:
+        """The first device as /v1/info names it ("sim:h100" when simulated)."""
+        return self.engines[0].device_name
+
+    @property
+    def simulated(self) -> dict[str, Any] | None:
+        """The simulated device's description (profile and its source) when the engines run on one; else None."""
+        return self.engines[0].config.simulated
 
     @property
     def warm(self) -> bool:
@@ -291,7 +305,7 @@ class DevicePool:
             out.append(
                 DeviceStatus(
                     name=name,
-                    device=str(engine.models.device),
+                    device=engine.device_name,
                     healthy=self.healthy(engine),
                     warm=engine.warm,
                     admits=engine.can_admit(),
@@ -302,6 +316,7 @@ class DevicePool:
                     busy_fraction=round(worker.busy_fraction(), 3),
                     frames_generated=worker.frames_generated,
                     worker_errors=worker.errors,
+                    simulated=engine.config.simulated is not None,
                 )
             )
         return out

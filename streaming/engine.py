@@ -74,6 +74,9 @@ class EngineConfig:
     # CUDA devices, serial elsewhere (on a CPU both threads share the same cores)
     pipelined: bool | None = None
     default_session: SessionConfig = field(default_factory=SessionConfig)
+    # what the engine reports as its device ("sim:h100" on a simulated device, streaming/sim/); None: the models'
+    device_name: str | None = None
+    simulated: dict[str, Any] | None = None  # a simulated device's description (profile, source); None: a real one
 
 
 class Engine:
@@ -109,6 +112,11 @@ class Engine:
         self._graphs = _capture_backend(models.device, self.config.graphs)
         self.warm = False  # set by warm_up(): graphs captured, cost per batch size measured
         self.warmup: dict[str, Any] | None = None
+
+    @property
+    def device_name(self) -> str:
+        """The device as /v1/info, /metrics and logs name it: "cuda:0", "cpu", or "sim:h100" when simulated."""
+        return self.config.device_name or str(self.models.device)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -14,7 +14,8 @@ class AVFrame:
     """One video frame and exactly the 1/fps of audio it was generated from, on one clock.
 
     Frame `index` shows at `index / fps` seconds; its audio covers samples
-    `[index * len(audio), (index + 1) * len(audio))` of one continuous output stream: the same instant.
+    `[index * spf, (index + 1) * spf)` of one continuous output stream: the same instant (after a late reader's
+    skip, preceded by the skipped frames' audio: `skipped_audio_frames`).
     """
 
     index: int
@@ -24,10 +25,22 @@ class AVFrame:
     sample_rate: int
     speaking: bool
     utterance: int | None = None  # which utterance this frame plays, None while idle
+    # A late reader skipped the pictures of this many frame periods just before this frame; their speech audio is
+    # not lost: `audio` begins with it (a short burst), so it covers frames [index - skipped_audio_frames, index].
+    skipped_audio_frames: int = 0
 
     @property
     def pts(self) -> int:
         return self.index
+
+    @property
+    def samples_per_frame(self) -> int:
+        return len(self.audio) // (1 + self.skipped_audio_frames)
+
+    @property
+    def audio_start(self) -> int:
+        """The output stream's sample position where `audio` begins."""
+        return (self.index - self.skipped_audio_frames) * self.samples_per_frame
 
     @property
     def seconds(self) -> float:

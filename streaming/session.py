@@ -69,6 +69,9 @@ class SessionConfig:
     lookahead_s: float = 0.2  # wav2vec2 context after it
     jitter_frames: int = 2  # playback of an utterance starts this long after its first frames are ready
     max_buffer_s: float = 120.0  # pushed audio not yet played (a bot may push ahead of real time)
+    # live input (a microphone: push_audio(live=True)) never builds a backlog: past this lag the oldest pushed audio
+    # not yet in generation is dropped (counted: live_dropped_ms)
+    max_live_lag_s: float = 2.0
     max_ready_s: float = 1.0  # decoded frames waiting to play
     max_reader_lag_frames: int = 2  # a reader further behind than this skips frames
     blend_frames: int = 4  # cross-fade from the last speech frame into the idle loop
@@ -90,6 +93,8 @@ class SessionConfig:
             bad(f"output_sample_rate must be one of 16000, 24000, 32000, 44100, 48000, got {self.output_sample_rate}")
         if self.decoder not in DECODERS:
             bad(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if not self.max_live_lag_s > 0:
+            bad(f"max_live_lag_s must be positive, got {self.max_live_lag_s!r}")
 
     def denoiser_settings(self) -> DenoiserSettings:
         return DenoiserSettings.of(self.params)
@@ -211,6 +216,9 @@ class StreamSession:
         self.frames_out = 0
         self.speech_frames_out = 0
         self.dropped_frames = 0
+        self.skipped_speech_pictures = 0  # speech frames a late reader skipped: pictures only, their audio was sent
+        self.live_dropped_ms = 0.0  # live input dropped to keep the lag bounded (max_live_lag_s)
+        self._burst: list[np.ndarray] = []  # audio of frames whose pictures were skipped: sent with the next frame
         self.underruns = 0
         self.latencies_ms: deque[float] = deque(maxlen=2000)  # audio pushed -> frame ready
         self.latency_count = 0  # frames whose latency was recorded (latencies_ms keeps the last 2000)
@@ -261,7 +269,12 @@ class StreamSession:
             samples = sum(u.out_total - u.frames_played * self.samples_per_frame for u in self._utterances)
         return max(0.0, 1000.0 * samples / self.config.output_sample_rate)
 
-    def push_audio(self, pcm: PcmInput, sample_rate: int | None = None, channels: int | None = None) -> None:
+    def push_audio(
+        self, pcm: PcmInput, sample_rate: int | None = None, channels: int | None = None, live: bool = False
+    ) -> None:
+        """Audio in. `live`: a source that speaks in real time (a microphone): it keeps at most `max_live_lag_s`
+        pushed ahead of playback, dropping the oldest audio not yet in generation; other sources (a bot pushing
+        ahead of real time) may hold `max_buffer_s`."""
         self._check_open()
         self.last_input = self._now()
         rate = self.config.input_sample_rate if sample_rate is None else sample_rate
@@ -271,6 +284,8 @@ class StreamSession:
         # the resamplers (they would leak into the next push) nor open or end an utterance.
         samples = to_float_frames(pcm, chans)
         with self._lock:
+            if live and self.buffered_ms + 1000.0 * len(samples) / rate > 1000 * self.config.max_live_lag_s:
+                self._drop_backlog()
             if self.buffered_ms + 1000.0 * len(samples) / rate > 1000 * self.config.max_buffer_s:
                 raise InputError(
                     f"audio buffer full: more than {self.config.max_buffer_s:g} s pushed ahead of playback"
@@ -280,6 +295,35 @@ class StreamSession:
             utt.in_samples += len(samples)
             self._append_audio(utt, pcm16k, out, real=True)
         self.engine.wake()
+
+    def _drop_backlog(self) -> None:
+        """(Under the lock) live input fell behind: every utterance ends where its generation has reached (frames
+        already submitted still play); the audio pushed beyond is dropped, and the next push starts a new utterance
+        from the newest audio. An utterance with nothing submitted goes entirely."""
+        spf = self.samples_per_frame
+        rate = self.config.output_sample_rate
+        kept: deque[Utterance] = deque()
+        gone: list[Utterance] = []
+        for utt in self._utterances:
+            dropped = max(0, utt.out_total - utt.frames_submitted * spf)
+            if dropped == 0:
+                kept.append(utt)
+                continue
+            self.live_dropped_ms += 1000.0 * dropped / rate
+            if utt.frames_submitted == 0 and not utt.started:
+                gone.append(utt)  # nothing of it generated: it goes (its marks fire now, their audio is gone)
+                continue
+            utt.pcm16k.take(utt.pcm16k.size)
+            utt.out_audio.take(utt.out_audio.size)
+            utt.tokens.clear()
+            utt.out_total = utt.frames_submitted * spf
+            utt.real_samples = min(utt.real_samples, utt.out_total)
+            utt.frames_total = utt.frames_submitted
+            utt.ended = utt.features_ended = True
+            kept.append(utt)
+        self._utterances = kept
+        self._pending_marks += [name for u in gone for _, name in u.marks]
+        log.debug("session %s: live input behind; %.0f ms dropped so far", self.id, self.live_dropped_ms)
 
     def end_utterance(self) -> None:
         """The audio pushed so far is one utterance; its last partial frame is padded with silence."""
@@ -372,6 +416,10 @@ class StreamSession:
             index = self._next_index
             self._next_index += 1
             frame = self._speech_frame(index, now, events) or self._idle_frame(index, events)
+            if self._burst:  # the speech audio of the frames just skipped, before this frame's own
+                frame.audio = np.concatenate([*self._burst, frame.audio])
+                frame.skipped_audio_frames = len(self._burst)
+                self._burst = []
             # The lids follow the head: a generated frame's own pose points, the portrait's on the idle clip.
             eyes = self.avatar.encoded.reference_kps
             if self._showing_live and self._last_kps is not None:
@@ -413,6 +461,8 @@ class StreamSession:
             "frames_out": self.frames_out,
             "speech_frames_out": self.speech_frames_out,
             "dropped_frames": self.dropped_frames,
+            "skipped_speech_pictures": self.skipped_speech_pictures,  # their audio was sent (a burst)
+            "live_dropped_ms": round(self.live_dropped_ms, 1),  # live input dropped to keep its lag bounded
             "underruns": self.underruns,
             "ready_frames": self.ready_frames,
             "buffered_ms": round(self.buffered_ms, 1),
@@ -479,8 +529,8 @@ class StreamSession:
         if end_features:
             tokens += [t.tokens for t in utt.features.end()]
         with self._lock:
-            if epoch != self._epoch:
-                return None
+            if epoch != self._epoch or not any(u is utt for u in self._utterances):
+                return None  # interrupted, or its audio dropped (live input behind) while the features ran
             utt.tokens += tokens
             utt.features_ended |= end_features
             n = self.denoiser_settings.new_frames
@@ -717,21 +767,39 @@ class StreamSession:
         return AVFrame(index, self.time_base, image, self._silence, self.config.output_sample_rate, False, None)
 
     def _skip(self, count: int) -> list[Event]:
-        """The reader fell behind: drop what would have played in the missed frame periods."""
+        """The reader fell behind: skip the pictures of the missed frame periods, never their speech: the audio of
+        the speech frames skipped goes out with the next frame (a short burst the receiver's jitter buffer
+        absorbs), counted in `skipped_speech_pictures`."""
+        events: list[Event] = []
+        first = self._next_index
         self._next_index += count
         self.dropped_frames += count
-        for _ in range(count):
+        burst: list[np.ndarray] = []
+        for k in range(count):
             if self._ready:
                 sf = self._ready.popleft()
                 utt = self._utterance(sf.payload.utterance)
                 if utt is not None:
+                    if not utt.started:
+                        utt.started = True
+                        self._live_idle.clear()
+                        events += self._set_state(SessionState.SPEAKING, first + k)
+                        events.append(Event("playback.started", {"utterance": utt.id}, first + k))
                     utt.frames_played += 1
+                    played = utt.frames_played * self.samples_per_frame
+                    while utt.marks and utt.marks[0][0] <= played:
+                        events.append(Event("mark", {"name": utt.marks.popleft()[1]}, first + k))
+                burst.append(sf.payload.audio)
+                self._show_generated(sf)  # the face continues from the last frame skipped
+                self.skipped_speech_pictures += 1
             elif self._live_idle:
                 self._live_idle.popleft()
             else:
                 break
+        if burst:  # the rest of the missed periods were silent
+            self._burst = burst + [self._silence] * (count - len(burst))
         self._idle_pos += count
-        return []
+        return events
 
     def _set_state(self, state: SessionState, index: int | None = None) -> list[Event]:
         if state == self._state:

@@ -304,11 +304,79 @@ def test_latency_bookkeeping_stays_flat_on_a_fake_clock_with_a_slow_reader(engin
 
 
 def _assert_clean_stream_indices_with_gaps(run: Run) -> None:
-    """A reader that skips sees its indices jump forward (never back), each frame well formed."""
+    """A reader that skips sees its indices jump forward (never back), each frame well formed; a frame after a
+    skip of speech carries the skipped frames' audio before its own."""
     indices = [f.index for f in run.frames]
     assert all(b > a for a, b in zip(indices, indices[1:]))
     for f in run.frames:
-        assert f.image.shape == (H, W, 3) and f.audio.shape == (run.spf,)
+        assert f.image.shape == (H, W, 3) and f.audio.shape == ((1 + f.skipped_audio_frames) * run.spf,)
+
+
+def _output_audio(run: Run) -> np.ndarray:
+    """The output stream's audio as a receiver assembles it: each frame's audio at its position."""
+    end = max(f.audio_start + len(f.audio) for f in run.frames)
+    out = np.zeros(end, np.int16)
+    for f in run.frames:
+        out[f.audio_start : f.audio_start + len(f.audio)] = f.audio
+    return out
+
+
+def test_a_late_reader_skips_pictures_but_never_speech(engine, avatar, tiny_speech):
+    """A reader that misses frame periods during speech (a loaded CPU) skips their pictures; their audio goes out
+    with the next frame (a burst), so the receiver hears the whole utterance, and the skip is counted."""
+    pcm, _, duration, expected = _case_input("16k-float", tiny_speech)
+    missed = 10
+    with Run(engine, avatar) as run:
+        run.tick()
+        run.session.push_audio(pcm)  # a bot: the whole utterance at once
+        run.session.end_utterance()
+        while len(run.speech()) < 5:
+            run.tick()
+        for _ in range(missed):
+            run.tick(read=False)  # the reader is stalled for 10 frame periods
+        run.play_until_idle(extra=3)
+    _assert_clean_stream_indices_with_gaps(run)
+    after = [f for f in run.frames if f.skipped_audio_frames]
+    skipped = run.session.dropped_frames  # the missed periods beyond the reader's allowed lag
+    assert len(after) == 1 and after[0].skipped_audio_frames == skipped >= missed - 2
+    assert run.session.skipped_speech_pictures == skipped
+    assert run.session.stats()["skipped_speech_pictures"] == skipped
+    first = run.speech()[0]
+    audio = _output_audio(run)[first.audio_start :]
+    np.testing.assert_array_equal(audio[: len(expected)], expected)  # every sample of the utterance, in place
+    assert len(run.speech()) + skipped == math.ceil(round(duration * run.fps, 6))
+    finished = run.of_type("playback.finished")[0]
+    assert abs(finished.data["position_ms"] - 1000 * duration) <= 1000 / run.fps
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_live_input_keeps_a_bounded_lag_a_bot_keeps_its_allowance(engine, avatar, tiny_speech, live):
+    """The engine stops generating for 8 s (slower than real time) while audio arrives in real time. A live
+    microphone keeps at most max_live_lag_s pushed ahead of playback (the oldest dropped, counted), and once the
+    engine catches up the avatar plays the newest audio; a bot pushing over the websocket keeps all of it."""
+    seconds, step = 8.0, 640  # 40 ms pushes, one per frame period
+    pcm = np.tile(tiny_speech, math.ceil(seconds * 16000 / len(tiny_speech)))[: int(seconds * 16000)]
+    with Run(engine, avatar) as run:
+        session = run.session
+        buffered = []
+        for start in range(0, len(pcm), step):
+            session.push_audio(pcm[start : start + step], live=live)
+            run.tick(pump=False)  # the worker makes nothing meanwhile
+            buffered.append(session.buffered_ms)
+        if not live:
+            assert max(buffered) >= 1000 * seconds - 100  # the bot's audio is all kept (up to max_buffer_s)
+            assert session.stats()["live_dropped_ms"] == 0
+            return
+        lag = 1000 * session.config.max_live_lag_s
+        assert max(buffered) <= lag + 40  # never more than the bound (plus the push that crossed it)
+        assert session.stats()["live_dropped_ms"] >= 1000 * seconds - lag - 100
+        for start in range(0, 16000, step):  # one more second, the engine keeping up again
+            session.push_audio(tiny_speech[start : start + step], live=True)
+            run.tick()
+        session.end_utterance()
+        run.play_until_idle(limit=200)
+    played_s = len(run.speech()) / run.fps
+    assert 1.0 <= played_s <= 1.0 + session.config.max_live_lag_s + 0.2  # the newest audio, not the 8 s backlog
 
 
 # -- 4: idle -----------------------------------------------------------------------------------------------------------

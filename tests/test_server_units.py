@@ -256,6 +256,20 @@ def test_rechunker_restarts_after_a_missing_frame():
         np.testing.assert_array_equal(p.samples, (np.arange(p.position, p.position + 960) % 30000).astype(np.int16))
 
 
+def test_rechunker_places_a_late_readers_burst_where_its_audio_belongs():
+    """After a late reader's skip, a frame carries the skipped frames' audio before its own (a burst): the packets
+    keep the stream's positions, continuous with the audio before, nothing moved in time, nothing lost."""
+    r = AudioRechunker()
+    frames = _frames(6, 1600)
+    burst = frames[5]
+    burst.audio = np.concatenate([frames[2].audio, frames[3].audio, frames[4].audio, burst.audio])
+    burst.skipped_audio_frames = 3  # frames 2-4: pictures skipped, their audio sent with frame 5
+    packets = [p for f in frames[:2] + [burst] for p in r.push(f)]
+    assert [p.position for p in packets] == [960 * k for k in range(6 * 1600 // 960)]
+    for p in packets:
+        np.testing.assert_array_equal(p.samples, (np.arange(p.position, p.position + 960) % 30000).astype(np.int16))
+
+
 def test_frame_queue_drops_oldest_and_counts():
     async def main():
         q = FrameQueue(3)

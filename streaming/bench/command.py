@@ -44,6 +44,7 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
     p.add_argument("--new_frames", type=int, default=None)
     p.add_argument("--context_frames", type=int, default=None)
     p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--lookahead", type=float, default=None, help="wav2vec2 lookahead in seconds (default 0.2)")
     p.add_argument("--width", type=int, default=None, help="frame width (default 128; 512 with --gpu or --decoders)")
     p.add_argument("--height", type=int, default=None, help="frame height (default 64; 512 with --gpu or --decoders)")
     p.add_argument("--strategies", action="store_true", help="also compare chunked and staggered windows")
@@ -74,7 +75,12 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
     p.add_argument("--blink_photos", default=None, help="with --blink: a folder of more face photos to measure")
     g = p.add_argument_group("--gpu: the whole engine on a device, N concurrent real-time sessions")
     g.add_argument("--gpu", action="store_true", help="measure the engine end to end on --device (default CUDA)")
-    g.add_argument("--device", default="cuda", help="cuda (default) or cpu (tiny size: a quick check of the path)")
+    g.add_argument(
+        "--device",
+        default="cuda",
+        help="cuda (default), cpu (tiny size: a quick check of the path) or sim:h100 (a simulated device: each model "
+        "call waits what the profile measured on that GPU; streaming/sim/)",
+    )
     g.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     g.add_argument(
         "--model_size",
@@ -115,7 +121,9 @@ def _session_config(args: argparse.Namespace) -> SessionConfig:
     from vexpress_rt.params import GenerationParams
 
     names = ("steps", "strategy", "new_frames", "context_frames")
-    return SessionConfig(fps=args.fps, params=GenerationParams.from_dict({k: getattr(args, k) for k in names}))
+    lookahead = {} if args.lookahead is None else {"lookahead_s": args.lookahead}
+    params = GenerationParams.from_dict({k: getattr(args, k) for k in names})
+    return SessionConfig(fps=args.fps, params=params, **lookahead)
 
 
 def flops_figures(cfg: SessionConfig) -> dict[str, Any]:
@@ -333,6 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "fps": cfg.fps,
             **{k: getattr(cfg.params, k) for k in ("steps", "strategy", "new_frames", "context_frames")},
             "guidance_scale": cfg.params.guidance_scale,
+            "lookahead_s": cfg.lookahead_s,
         }
     }
     if args.gpu:

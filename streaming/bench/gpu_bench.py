@@ -15,6 +15,7 @@ figures at the first two session counts from the same run, for the side-by-side.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -34,6 +35,8 @@ from ..device import synchronize
 from ..engine import Engine, EngineConfig
 from ..portrait import load_default_portrait
 from ..session import SessionConfig
+from ..sim.device import simulated_device
+from ..sim.profile import is_simulated
 from ..stage_timer import StageTimer
 from ..unet_runner import CaptureBackend, CudaGraphBackend, EagerUNet, GraphedUNet, RerunBackend
 from .speech import speech
@@ -93,6 +96,10 @@ def engine_figures(
     the engine's default, pipelined on CUDA); `serial` runs the main engine pipelined and adds the serial worker's
     figures at the first two session counts (`serial` key); `idle_motion` adds `bench --idle_motion`'s figures on
     the main engine (`idle_motion` key)."""
+    if is_simulated(str(device)):
+        return simulated_figures(
+            str(device), dtype, width, height, sessions, seconds, session_config, max_batch, pipelined
+        )
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
@@ -149,6 +156,54 @@ def engine_figures(
     return out
 
 
+def simulated_figures(
+    device: str,
+    dtype: str,
+    width: int,
+    height: int,
+    sessions: tuple[int, ...],
+    seconds: float,
+    session_config: SessionConfig | None,
+    max_batch: int,
+    pipelined: bool | None,
+) -> dict[str, Any]:
+    """The same engine run on a simulated device (`sim:h100`, streaming/sim/): every model call waits the time the
+    profile measured on the GPU; the rest is this machine's real code (whose CPU load is in the figures)."""
+    sim = simulated_device(device, width, height, dtype)
+    cfg = session_config or SessionConfig()
+    out: dict[str, Any] = {
+        "device": f"{sim.name} (simulated from profile {sim.profile.name}: {sim.profile.device})",
+        "simulated": sim.describe(),
+        "dtype": dtype,
+        "model": "none (simulated device)",
+        "width": width,
+        "height": height,
+        "seconds_per_run": seconds,
+        "model_load_s": 0.0,
+        "decoder": cfg.decoder,
+        "host_load_average": list(os.getloadavg()),
+    }
+    figures = _engine_figures(
+        sim.models(),
+        sim.decoders(),
+        cfg,
+        width,
+        height,
+        sessions,
+        seconds,
+        max_batch,
+        None,
+        True if pipelined is None else pipelined,
+        engine_extra={"device_name": sim.name, "simulated": sim.describe()},
+    )
+    figures.pop("_avatar", None)
+    out.update(figures)
+    out["mode"] = "simulated"
+    out["simulated_device_busy_s"] = sim.timeline.busy_s
+    out["host_load_average_after"] = list(os.getloadavg())
+    return out
+
+
 def _engine_figures(
     models: VExpressModels,
     decoders: dict[str, FrameDecoder],
@@ -161,6 +216,7 @@ def _engine_figures(
     graphs: bool | None,
     pipelined: bool | None,
     idle_motion: bool = False,
+    engine_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One engine on the loaded models: register the default portrait, warm up (graphs captured, cost per batch
     measured), then the session ramp."""
@@ -176,6 +232,7 @@ def _engine_figures(
             graphs=graphs,
             pipelined=pipelined,
             default_session=cfg,
+            **(engine_extra or {}),
         ),
         decoders,
     )
