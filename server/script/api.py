@@ -10,7 +10,8 @@
 The body is `multipart/form-data` with the script as JSON in the field `script` (items.py) and each audio item's
 file in the field it names (`{"audio": "intro"}` -> the field `intro`; the whole upload at most `--max_upload_mb`),
 or, with text, pause and mark items only, the script as an `application/json` body. Audio files are checked and
-decoded like `/speak`'s (audio_file.py, sniff.py); the server fetches no URLs. Items are decoded (text items spoken
+decoded like `/speak`'s (audio_file.py, sniff.py); a script names no URL to fetch (the only outbound
+connections are live outputs, under server/outbound.py's policy: SECURITY.md). Items are decoded (text items spoken
 by `--tts-command`, tts.py) shortly before they play, within the script's byte budget (`--script_audio_mb`, part of
 the server's `--decoded_audio_mb`); a script with text items is refused (503) while every TTS process slot is busy.
 The one-script-per-session slot is reserved before the body is read: a concurrent POST gets 409.
