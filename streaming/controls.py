@@ -26,7 +26,7 @@ from vexpress_rt.errors import InputError
 from vexpress_rt.motion import MotionTrack, fixed_track, procedural_track, sequence_track
 from vexpress_rt.params import FIX_FACE, MOTION_ID, GenerationParams
 
-from .device import upload
+from .device import device_values
 
 RAMP_FRAMES = 6  # a live change blends in over this many frames (0.24 s at 25 fps)
 POSE_FADE_FRAMES = 8  # speech starting from the (fix_face) idle clip moves into the motion over this many frames
@@ -42,9 +42,8 @@ MotionLookup = Callable[[str], np.ndarray]  # an uploaded motion's key-point seq
 def frame_rows(weights: list[dict[str, float]], pose: torch.Tensor) -> dict[str, torch.Tensor]:
     """The UNet's per-frame inputs of F frames: each weight as float32 (F,), the pose features (F, C0, h, w);
     on the pose's device (the model's)."""
-    # one pinned upload for both weights, without waiting for the device (streaming/device.py: upload)
-    table = upload(np.array([[w[name] for name in UNET_WEIGHTS] for w in weights], np.float32), pose.device)
-    rows = {name: table[:, i] for i, name in enumerate(UNET_WEIGHTS)}
+    # made on the device, without waiting for it (streaming/device.py)
+    rows = {name: device_values([w[name] for w in weights], pose.device) for name in UNET_WEIGHTS}
     rows[POSE] = pose
     return rows
 

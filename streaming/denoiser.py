@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from vexpress_rt.loader import VExpressModels, make_scheduler
@@ -30,7 +29,7 @@ from vexpress_rt.params import DEFAULTS, GenerationParams, window_frames
 
 from .avatar import PreEncodedAvatar
 from .controls import POSE, constant_rows
-from .device import noise_generator, upload
+from .device import device_values, noise_generator
 from .unet_runner import CaptureBackend, EagerUNet, GraphBank, GraphedUNet
 
 
@@ -278,7 +277,7 @@ class StreamDenoiser:
             # the unconditional rows keep their job's weights
             batch = {name: torch.cat([torch.zeros_like(v) if name == POSE else v, v]) for name, v in batch.items()}
         if s.cfg:  # uploaded before the UNet call is launched: made after it, the host would wait for the call
-            scale = upload(np.array([j.params.guidance_scale for j in jobs], np.float32), device)
+            scale = device_values([j.params.guidance_scale for j in jobs], device)
         v = self.unet(x, t, tokens, refs, **batch)
         if s.cfg:
             v_uncond, v_cond = v.chunk(2)

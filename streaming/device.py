@@ -70,3 +70,12 @@ def upload(array: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def device_values(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A few Python numbers as a 1-D tensor made on `device` by fill kernels: no host tensor, no copy from
+    pageable memory (`torch.tensor(..., device=cuda)` waits for everything queued on the stream)."""
+    first = values[0]
+    if all(v == first for v in values):  # the usual case: one value for every frame or row
+        return torch.full((len(values),), first, device=device, dtype=dtype)
+    return torch.stack([torch.full((), v, device=device, dtype=dtype) for v in values])
