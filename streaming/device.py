@@ -53,8 +53,8 @@ def bind_thread(device: torch.device) -> None:
 
 def release_cached_memory() -> None:
     """Give the allocator's cached blocks back (after running out of memory), never during a graph capture."""
-    if torch.cuda.is_available():
-        with CAPTURE_LOCK:
+    with CAPTURE_LOCK:
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
