@@ -35,13 +35,13 @@ def test_the_blocker_makes_the_server_unimportable():
 def test_the_bench_runs_without_the_server_packages():
     """`python -m streaming.bench --gpu --device cpu` (the path gpu_check.sh runs, at tiny size): the engine on
     the CPU, one session, every figure; nothing of `server` imported."""
-    args = ["--gpu", "--device", "cpu", "--dtype", "fp32", "--json", "--sessions", "1", "--seconds", "0.5"]
+    args = ["--gpu", "--device", "cpu", "--dtype", "fp32", "--json", "--sessions", "1", "--seconds", "1.5"]
     args += ["--no_components", "--width", "128", "--height", "64", "--max_batch", "1"]
     done = _run([sys.executable, "-m", "streaming.bench", *args], timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     gpu = json.loads(done.stdout.strip().splitlines()[-1])["gpu"]
     assert gpu["device"] == "cpu" and gpu["runs"][0]["sessions"] == 1
-    assert gpu["runs"][0]["delivered_fps_per_session"] > 0
+    assert gpu["runs"][0]["frames_generated"] > 0  # the CPU is far from real time: frames made, not fps
 
 
 def test_gpu_check_runs_end_to_end_and_skips_without_cuda(tmp_path):
