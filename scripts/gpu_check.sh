@@ -3,6 +3,8 @@
 # `bench --gpu --json --eager` (+ a new_frames=1 run with the serial worker beside the pipelined one), write
 # everything to OUT_DIR. Every part is bounded; the whole finishes in about 10 minutes.
 # Without CUDA it ends quickly: the gpu tests skip and the bench prints {"skipped": "no CUDA device"}.
+# The bench runs as `python -m streaming.bench` (= `vexpress-rt bench`): the GPU machine has no aiortc or
+# prometheus_client, which `python -m server` imports (tests/test_gpu_env.py runs this script without them).
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -37,13 +39,13 @@ rc=$?; echo "pytest -m gpu: rc=$rc ($(tail -n 1 "$out/pytest_gpu.log"))"
 
 # CUDA graphs and the pipelined worker (the defaults) with the eager engine beside them, from the same run; then
 # idling with a head motion (live idle frames) beside fix_face on the same engine.
-timeout 300 "$py" -m server bench --gpu --json --eager --idle_motion ${BENCH_ARGS:-} >"$out/bench_gpu.json" 2>"$out/bench_gpu.log"
+timeout 300 "$py" -m streaming.bench --gpu --json --eager --idle_motion ${BENCH_ARGS:-} >"$out/bench_gpu.json" 2>"$out/bench_gpu.log"
 rc=$?; echo "bench --gpu --json --eager: rc=$rc"
 [ "$rc" -eq 0 ] || { status=1; tail -n 5 "$out/bench_gpu.log"; }
 
 # The lower-latency schedule (one new frame per call, docs/streaming.md), where the per-call host work weighs
 # most: 1 and 2 sessions, pipelined worker, then the serial one from the same run (`serial` key).
-timeout 150 "$py" -m server bench --gpu --json --new_frames 1 --sessions 1,2 --seconds 8 --no_components --serial \
+timeout 150 "$py" -m streaming.bench --gpu --json --new_frames 1 --sessions 1,2 --seconds 8 --no_components --serial \
     >"$out/bench_gpu_n1.json" 2>"$out/bench_gpu_n1.log"
 rc=$?; echo "bench --gpu --new_frames 1 --serial: rc=$rc"
 [ "$rc" -eq 0 ] || { status=1; tail -n 5 "$out/bench_gpu_n1.log"; }

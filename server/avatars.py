@@ -144,7 +144,8 @@ async def delete_avatar(request: web.Request) -> web.Response:
     _avatar_or_404(state, avatar_id)
     if avatar_id == state.default_avatar_id:
         raise ApiError(409, "the default avatar cannot be deleted")
-    state.engine.remove_avatar(avatar_id)
+    # on the executor: releasing its cached inputs takes the model lock, held for a whole worker call
+    await asyncio.get_running_loop().run_in_executor(state.executor, state.engine.remove_avatar, avatar_id)
     return web.Response(status=204)
 
 

@@ -16,6 +16,8 @@ import torch
 
 from vexpress_rt.loader import VExpressModels
 
+from .device import upload
+
 SAMPLE_RATE = 16000
 HOP = 320  # wav2vec2 feature stride (samples); receptive field 400
 FIELD = 400
@@ -106,7 +108,9 @@ class IncrementalAudioFeatures:
         start_sample -= start_sample % HOP
         span = self._samples[start_sample - self._offset :]
         values = self.models.feature_extractor(span, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_values"]
-        hidden = self.models.audio_encoder(values.to(self.models.device, self.models.dtype)).last_hidden_state[0]
+        # every upload here pinned and non-blocking (streaming/device.py): a pageable copy would wait for the UNet
+        # call the worker launched before this session's features
+        hidden = self.models.audio_encoder(upload(values, self.models.device, self.models.dtype)).last_hidden_state[0]
         hidden = hidden.float()
         base = start_sample // HOP
         # Offline, a clip of L frames has 2L tokens and zeros after them.
@@ -119,11 +123,11 @@ class IncrementalAudioFeatures:
         i0 = np.clip(floor.astype(np.int64) - base, 0, hidden.shape[0] - 1)
         i1 = np.minimum(i0 + 1, hidden.shape[0] - 1)
         # The weights rounded to float32 from float64, as a Python-float scalar multiply does per row.
-        w0 = torch.from_numpy((1 - (src - floor)).astype(np.float32)).to(hidden.device)[:, None]
-        w1 = torch.from_numpy((src - floor).astype(np.float32)).to(hidden.device)[:, None]
-        index = torch.from_numpy(np.stack([i0, i1])).to(hidden.device)
+        weights = upload(np.stack([1 - (src - floor), src - floor]).astype(np.float32), hidden.device)
+        w0, w1 = weights[0][:, None], weights[1][:, None]
+        index = upload(np.stack([i0, i1]), hidden.device)
         rows = hidden[index[0]] * w0 + hidden[index[1]] * w1
-        rows = torch.where(torch.from_numpy(real).to(hidden.device)[:, None], rows, torch.zeros_like(rows))
+        rows = torch.where(upload(real, hidden.device)[:, None], rows, torch.zeros_like(rows))
         rows = rows.to(self.models.dtype)
         width = TOKENS_PER_FRAME * (2 * self.pad + 1)
         windows = rows.unfold(0, width, TOKENS_PER_FRAME).transpose(1, 2)[: len(frames)]

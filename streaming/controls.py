@@ -26,6 +26,8 @@ from vexpress_rt.errors import InputError
 from vexpress_rt.motion import MotionTrack, fixed_track, procedural_track, sequence_track
 from vexpress_rt.params import FIX_FACE, MOTION_ID, GenerationParams
 
+from .device import device_values
+
 RAMP_FRAMES = 6  # a live change blends in over this many frames (0.24 s at 25 fps)
 POSE_FADE_FRAMES = 8  # speech starting from the (fix_face) idle clip moves into the motion over this many frames
 UNET_WEIGHTS = ("reference_attention_weight", "audio_attention_weight")  # fields the UNet takes per frame
@@ -40,9 +42,8 @@ MotionLookup = Callable[[str], np.ndarray]  # an uploaded motion's key-point seq
 def frame_rows(weights: list[dict[str, float]], pose: torch.Tensor) -> dict[str, torch.Tensor]:
     """The UNet's per-frame inputs of F frames: each weight as float32 (F,), the pose features (F, C0, h, w);
     on the pose's device (the model's)."""
-    rows = {
-        name: torch.tensor([w[name] for w in weights], dtype=torch.float32, device=pose.device) for name in UNET_WEIGHTS
-    }
+    # made on the device, without waiting for it (streaming/device.py)
+    rows = {name: device_values([w[name] for w in weights], pose.device) for name in UNET_WEIGHTS}
     rows[POSE] = pose
     return rows
 

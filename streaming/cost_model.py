@@ -21,6 +21,46 @@ EMA = 0.2  # weight of a new measurement
 
 
 @dataclass(frozen=True)
+class Span:
+    """A stretch of device work, in seconds on one clock (device events on CUDA, the wall clock elsewhere)."""
+
+    start: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+    def overlap(self, other: Span) -> float:
+        return max(0.0, min(self.end, other.end) - max(self.start, other.start))
+
+
+class PipelinedCost:
+    """The device time one call of the pipelined worker costs, from its recorded spans. The decode of call i
+    (finisher stream) runs while the UNet of call i+1 runs (worker stream): adding both spans counts the overlap
+    twice, and admission would refuse sessions the device can serve. A call costs the interval since the previous
+    UNet call completed (its UNet span when the device had idled between), plus the share of a decode that
+    overlapped no UNet work. A decode's overlap is known once the next UNet call is done, so call i is charged the
+    non-overlapping share of call i-1's decode (the pipeline's steady state: consecutive calls alike); the first
+    call, with nothing before it, its whole decode. Fed in order (the finisher's one thread)."""
+
+    def __init__(self) -> None:
+        self._last_unet_end: float | None = None
+        self._last_decode: Span | None = None
+
+    def call(self, unet: Span, decode: Span) -> float:
+        begin = unet.start if self._last_unet_end is None else max(unet.start, self._last_unet_end)
+        unet_s = unet.end - begin
+        previous = self._last_decode
+        if previous is None:
+            decode_s = decode.seconds
+        else:
+            decode_s = previous.seconds - previous.overlap(Span(begin, unet.end))
+        self._last_unet_end, self._last_decode = unet.end, decode
+        return unet_s + max(0.0, decode_s)
+
+
+@dataclass(frozen=True)
 class Demand:
     """One session's load: its denoiser settings and frames per second."""
 

@@ -29,8 +29,8 @@ from vexpress_rt.params import DEFAULTS, GenerationParams, window_frames
 
 from .avatar import PreEncodedAvatar
 from .controls import POSE, constant_rows
-from .device import noise_generator
-from .unet_runner import CaptureBackend, EagerUNet, GraphedUNet
+from .device import device_values, noise_generator
+from .unet_runner import CaptureBackend, EagerUNet, GraphBank, GraphedUNet
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,11 @@ class ChunkJob:
 
 
 class StreamDenoiser:
-    def __init__(self, models: VExpressModels, settings: DenoiserSettings, graphs: CaptureBackend | None = None):
-        """`graphs`: replay the UNet windows from captured graphs (streaming/unet_runner.py); None: eager."""
+    def __init__(
+        self, models: VExpressModels, settings: DenoiserSettings, graphs: CaptureBackend | GraphBank | None = None
+    ):
+        """`graphs`: replay the UNet windows from captured graphs (streaming/unet_runner.py: the engine's shared
+        bank, or a backend with a bank of its own); None: eager."""
         self.models = models
         self.settings = settings
         self.device = models.device
@@ -273,10 +276,11 @@ class StreamDenoiser:
             t = t.repeat(2) if t.ndim else t
             # the unconditional rows keep their job's weights
             batch = {name: torch.cat([torch.zeros_like(v) if name == POSE else v, v]) for name, v in batch.items()}
+        if s.cfg:  # uploaded before the UNet call is launched: made after it, the host would wait for the call
+            scale = device_values([j.params.guidance_scale for j in jobs], device)
         v = self.unet(x, t, tokens, refs, **batch)
         if s.cfg:
             v_uncond, v_cond = v.chunk(2)
-            scale = torch.tensor([j.params.guidance_scale for j in jobs], dtype=torch.float32, device=device)
             v = v_uncond + (scale.reshape(-1, 1, 1, 1, 1) * (v_cond - v_uncond).float()).to(v.dtype)
         return v
 

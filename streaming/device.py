@@ -3,6 +3,8 @@ copy of frames to the host."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -33,3 +35,47 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     copied.record(torch.cuda.current_stream(tensor.device))
     copied.synchronize()
     return host.numpy()
+
+
+# One graph capture at a time in the whole process, and no cached-memory release during one: a capture on one
+# device while another thread captures (another engine's warm-up) or empties the allocator's cache trips the
+# caching allocator's assertions (streaming/unet_runner.py takes it around every capture).
+CAPTURE_LOCK = threading.RLock()
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the current CUDA device of the calling thread (every thread that touches CUDA calls it
+    first): a new thread starts on device 0, where its default stream, events and allocations would go."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def release_cached_memory() -> None:
+    """Give the allocator's cached blocks back (after running out of memory), never during a graph capture."""
+    with CAPTURE_LOCK:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def upload(array: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host array on `device` without waiting for the device: on CUDA through pinned memory with
+    `non_blocking=True` (a copy from pageable memory, or `torch.tensor(..., device=cuda)`, waits for everything
+    queued on the stream: the host could not queue the next turn while the device runs this one). The caching
+    host allocator keeps the pinned buffer until the copy is done."""
+    host = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+    if dtype is not None:
+        host = host.to(dtype)  # on the host: a cast inside a host-to-device copy goes through pageable memory
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def device_values(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A few Python numbers as a 1-D tensor made on `device` by fill kernels: no host tensor, no copy from
+    pageable memory (`torch.tensor(..., device=cuda)` waits for everything queued on the stream)."""
+    first = values[0]
+    if all(v == first for v in values):  # the usual case: one value for every frame or row
+        return torch.full((len(values),), first, device=device, dtype=dtype)
+    return torch.stack([torch.full((), v, device=device, dtype=dtype) for v in values])

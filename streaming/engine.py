@@ -24,12 +24,12 @@ from .audio_features import IncrementalAudioFeatures
 from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, Avatar, AvatarInfo, AvatarStore, PreEncodedAvatar
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
-from .device import synchronize, to_host
+from .device import bind_thread, synchronize, to_host
 from .portrait import prepare_portrait
 from .pose import PoseFeatures
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
-from .unet_runner import CaptureBackend, CudaGraphBackend, RerunBackend, bucket_for
+from .unet_runner import MAX_GRAPH_FRAMES, CudaGraphBackend, GraphBank, RerunBackend, bucket_for, graph_buckets
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,19 @@ log = logging.getLogger(__name__)
 MAX_DENOISERS = 16  # cached denoisers (one per distinct settings); beyond, those no session uses are dropped
 MAX_MOTIONS = 64  # uploaded key-point sequences kept (the oldest go first)
 MAX_MOTION_FRAMES = 9000  # 5 minutes at 30 fps
+IDLE_DECODE_FRAMES = 8  # frames of the idle clip decoded per call
 
 
-def _capture_backend(device: torch.device, graphs: bool | None) -> CaptureBackend | None:
+def _graph_bank(device: torch.device, graphs: bool | None, max_batch: int) -> GraphBank | None:
     """CUDA graphs on a CUDA device unless switched off; `graphs=True` elsewhere reruns the captured function
-    (the graph path's bookkeeping, for tests); otherwise eager."""
+    (the graph path's bookkeeping, for tests); otherwise eager. One bank per engine: its runners share the
+    reference slots and the capture policy (captured at warm-up, sealed for serving)."""
     device = torch.device(device)
     if graphs is False or (graphs is None and device.type != "cuda"):
         return None
-    return CudaGraphBackend(device) if device.type == "cuda" else RerunBackend()
+    if device.type == "cuda":
+        return GraphBank(CudaGraphBackend(device), graph_buckets(max_batch), MAX_GRAPH_FRAMES)
+    return GraphBank(RerunBackend(), graph_buckets(max_batch))
 
 
 class CapacityError(VExpressError):
@@ -70,6 +74,9 @@ class EngineConfig:
     realtime_margin: float = 0.9  # admit while the estimated worker load stays below this fraction
     insightface_root: str | None = None
     graphs: bool | None = None  # UNet windows replayed from CUDA graphs; None: on CUDA devices, eager elsewhere
+    # settings whose graphs the warm-up captures at every batch bucket (besides the default session's); once warm,
+    # any other settings run eagerly: no graph is captured while serving
+    graph_settings: tuple[DenoiserSettings, ...] = ()
     # decode, host copy and delivery on a second thread, overlapping the next turn (streaming/finisher.py); None: on
     # CUDA devices, serial elsewhere (on a CPU both threads share the same cores)
     pipelined: bool | None = None
@@ -109,7 +116,7 @@ class Engine:
         self.poses = PoseFeatures(models)  # per-frame pose features of the sessions' motions
         # device time per stage: nothing measured unless the benchmark installs a StageTimer
         self.stages: NoStageTimer | StageTimer = NoStageTimer()
-        self._graphs = _capture_backend(models.device, self.config.graphs)
+        self._graphs = _graph_bank(models.device, self.config.graphs, self.config.max_batch)
         self.warm = False  # set by warm_up(): graphs captured, cost per batch size measured
         self.warmup: dict[str, Any] | None = None
 
@@ -134,6 +141,7 @@ class Engine:
     def add_avatar(self, image: Image.Image, kps: np.ndarray | None = None, name: str | None = None) -> AvatarInfo:
         """Pre-encode a portrait (blocking: run it in an executor). Not a tight crop? It is cropped around the
         face. Raises InputError for pictures without a usable face."""
+        bind_thread(self.models.device)  # an executor's thread: its CUDA work goes to this engine's device
         cfg = self.config
         portrait, portrait_kps = prepare_portrait(image, cfg.width, cfg.height, kps, cfg.insightface_root)
         with self.model_lock:
@@ -207,45 +215,60 @@ class Engine:
         stacked = torch.stack(latents[:total], dim=1)
         frames = {}
         for name in self.decoders:
-            with self.model_lock:
-                frames[name] = self.decode(stacked.transpose(0, 1), name)
+            # In chunks, outside the model lock (decoders are only read, as the pipelined worker's finisher reads
+            # them): one call of 50 frames of the full VAE under the lock stalled every live session ~0.75 s
+            # and peaked ~20 GB on a GPU
+            chunks = [
+                self.decode(stacked[:, first : first + IDLE_DECODE_FRAMES].transpose(0, 1), name)
+                for first in range(0, total, IDLE_DECODE_FRAMES)
+            ]
+            frames[name] = np.concatenate(chunks)
         return frames, stacked
 
     @torch.no_grad()
     def warm_up(self, avatar_id: str | None = None) -> dict[str, Any]:
-        """Before serving: run the default settings' call (UNet + decode) at every batch size the worker will use
-        (its buckets up to `max_batch`) on a registered avatar, twice each: the first captures the graphs (or
-        warms up the eager path), the second is measured and calibrates the admission cost model. Idempotent;
-        bounded by len(buckets) x 2 calls. Returns what it did (seconds, call ms per batch)."""
+        """Before serving: run the call (UNet + decode) of the default settings and of `graph_settings` at every
+        batch size the worker will use (its buckets up to `max_batch`) on a registered avatar, twice each: the
+        first captures the graphs (or warms up the eager path), the second is measured and calibrates the
+        admission cost model. Then the graph bank is sealed: a call that finds no graph runs eagerly, never
+        capturing on the serving path. Idempotent; bounded by settings x buckets x 2 calls. Returns what it did
+        (seconds, call ms per batch of the default settings)."""
         if self.warmup is not None:
             return self.warmup
+        bind_thread(self.models.device)  # an executor's thread: its CUDA work goes to this engine's device
         avatar = self._avatars[avatar_id] if avatar_id else next(iter(self._avatars.values()))
         cfg = self.config.default_session
-        settings = cfg.denoiser_settings()
-        denoiser = self.denoiser(settings)
+        default = cfg.denoiser_settings()
+        allowed = [default, *(s for s in self.config.graph_settings if s != default)]
         silence = self.silence_tokens_for(cfg.fps)
-        n = settings.new_frames
         batches = sorted({bucket_for(b) or b for b in range(1, self.worker.max_batch + 1)})
         started = time.perf_counter()
-        call_ms = {}
-        for batch in batches:
-            states = [denoiser.new_state(avatar.encoded, seed=i, silence=silence) for i in range(batch)]
-            latents = avatar.encoded.latent.to(self.models.device, self.models.dtype).expand(batch * n, -1, -1, -1)
-            for _ in range(2):
-                jobs = [
-                    ChunkJob(state, avatar.encoded, silence[None].expand(n, -1, -1), [None] * n, cfg.params)
-                    for state in states
-                ]
-                with self.model_lock:
-                    t0 = time.perf_counter()
-                    denoiser.run(jobs)
-                    self.decode(latents, cfg.decoder)  # ends with the host copy: the device is done
-                    seconds = time.perf_counter() - t0
-            self.worker.record_chunk(settings, batch, seconds)
-            call_ms[batch] = round(1000 * seconds, 2)
+        call_ms: dict[int, float] = {}
+        for settings in allowed:
+            denoiser = self.denoiser(settings)
+            n = settings.new_frames
+            for batch in batches:
+                states = [denoiser.new_state(avatar.encoded, seed=i, silence=silence) for i in range(batch)]
+                latents = avatar.encoded.latent.to(self.models.device, self.models.dtype).expand(batch * n, -1, -1, -1)
+                for _ in range(2):
+                    jobs = [
+                        ChunkJob(state, avatar.encoded, silence[None].expand(n, -1, -1), [None] * n, cfg.params)
+                        for state in states
+                    ]
+                    with self.model_lock:
+                        t0 = time.perf_counter()
+                        denoiser.run(jobs)
+                        self.decode(latents, cfg.decoder)  # ends with the host copy: the device is done
+                        seconds = time.perf_counter() - t0
+                self.worker.record_chunk(settings, batch, seconds)
+                if settings == default:
+                    call_ms[batch] = round(1000 * seconds, 2)
+        if self._graphs is not None:
+            self._graphs.seal()
         self.warmup = {
             "warmup_s": round(time.perf_counter() - started, 2),
             "graphs": self._graphs is not None,
+            "graphs_captured": self._graphs.backend.captures if self._graphs is not None else 0,
             "settings": cfg.params.to_dict(),
             "call_ms_by_batch": call_ms,
         }

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .cost_model import Span
+from .device import bind_thread
+
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.05  # how often a waiting `submit` or `drain` looks at the clock and the stop flag
@@ -44,6 +47,17 @@ class DeviceClock:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self._origin = self.mark() if self.cuda else None  # spans on CUDA: seconds since this event
+
+    def at(self, mark: Mark) -> float:
+        """Seconds of `mark` on this clock (on CUDA: waits until the device has passed it)."""
+        if self._origin is None or self._origin.event is None or mark.event is None:
+            return mark.wall
+        mark.event.synchronize()
+        return float(self._origin.event.elapsed_time(mark.event)) / 1000.0
+
+    def span(self, start: Mark, end: Mark) -> Span:
+        return Span(self.at(start), self.at(end))
 
     def mark(self) -> Mark:
         if not self.cuda:
@@ -82,7 +96,8 @@ class Finisher:
         self._in_flight = 0  # submitted and not finished (queued + the one running)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # high priority: the decode of frames sessions wait for goes before the next UNet call's kernels
+        self._stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
         self.errors = 0  # work that raised (the worker's own work catches what it can; this is the last guard)
 
     @property
@@ -136,6 +151,7 @@ class Finisher:
             self._stopping = False
 
     def _loop(self) -> None:
+        bind_thread(self.device)  # its events, copies and allocations on the engine's device, not cuda:0
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:

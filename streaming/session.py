@@ -641,7 +641,7 @@ class StreamSession:
         epoch that was interrupted since, or of a closed session, are dropped."""
         # Here, on the worker thread: reading a device tensor waits for the device, which the event loop that
         # calls read_frame() must never do.
-        nearest = [self._nearest_idle(latent) for _, _, latent in frames]
+        nearest = self._nearest_idle([latent for _, _, latent in frames])
         with self._lock:
             # On the session's clock, which stamped the audio and paces playback (a caller-given clock and the
             # worker's monotonic one must not mix: latencies and play_after would be meaningless).
@@ -732,11 +732,16 @@ class StreamSession:
         self._idle_pos = self._last_idle_pos
         self._blend = (self._last_image, 0)
 
-    def _nearest_idle(self, latent: torch.Tensor) -> int:
-        """The idle clip frame closest to a speech frame's latent (worker thread: this waits for the device)."""
-        idle = self.avatar.idle_latents.to(latent)
-        distance = (idle - latent[:, None]).flatten(2).pow(2).sum(dim=(0, 2))
-        return int(distance.argmin())
+    def _nearest_idle(self, latents: list[torch.Tensor]) -> list[int]:
+        """The idle clip frame closest to each speech frame's latent: one search and one read for the whole
+        chunk (worker or finisher thread: the read waits for the device), distances in float32 (fp16 sums of
+        squares overflow)."""
+        if not latents:
+            return []
+        idle = self.avatar.idle_latents.to(latents[0].device, torch.float32)  # (4, n, h, w)
+        frames = torch.stack(latents).to(torch.float32)  # (F, 4, h, w)
+        distance = (idle[None] - frames[:, :, None]).flatten(3).pow(2).sum(dim=(1, 3))  # (F, n)
+        return [int(i) for i in distance.argmin(dim=1).tolist()]
 
     def _idle_frame(self, index: int, events: list[Event]) -> AVFrame:
         """A frame while nothing is spoken: a live idle frame when the pose follows a motion (the last one held

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 
 from vexpress_rt.models.attention import KeyValue
 
+from .device import CAPTURE_LOCK
+
 BUCKETS = (1, 2, 4, 8)  # batch sizes a graph is captured for; a batch is padded up to the next one
+# bucket x window frames of the largest graph on CUDA (the default settings with guidance at bucket 8: 8 x 8)
+MAX_GRAPH_FRAMES = 64
 COMPOSITIONS_KEPT = 2  # batched K/V kept by the eager runner (a composition changes when a session comes or goes)
 
 
@@ -40,6 +45,16 @@ RowInputs = dict[str, torch.Tensor | float]  # named per-row (B, ...) inputs, pa
 def bucket_for(n: int, buckets: Sequence[int] = BUCKETS) -> int | None:
     """The smallest bucket that holds n rows; None when n is larger than every bucket."""
     return next((b for b in sorted(buckets) if b >= n), None)
+
+
+def graph_buckets(max_batch: int) -> tuple[int, ...]:
+    """The buckets an engine of `max_batch` windows per call needs: powers of two up to twice it (guidance
+    doubles the batch), at least BUCKETS."""
+    buckets, b = set(BUCKETS), 1
+    while b < 2 * max_batch:
+        b *= 2
+        buckets.add(b)
+    return tuple(sorted(buckets))
 
 
 def _groups(refs: Refs) -> list[Reference | None]:
@@ -103,6 +118,8 @@ class EagerUNet:
 
 
 class CaptureBackend(Protocol):
+    captures: int  # graphs captured so far (tests and the warm-up report read it)
+
     def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Record `fn` (which reads and writes only static tensors) and return a replay that redoes it and
         returns the same output tensor."""
@@ -121,28 +138,35 @@ class RerunBackend:
         return fn
 
 
-class CudaGraphBackend:
-    """torch.cuda.CUDAGraph capture: warm-up calls on a side stream (lazy initialisation, kernel choices), then
-    one capture into a memory pool shared by all graphs of the device (they never run concurrently: one worker)."""
+class CudaCalls:
+    """The torch.cuda calls a capture makes, in one place: a CPU test passes its own to watch on which device
+    and stream each one happens (tests/test_unet_runner.py); the GPU tests run these."""
 
-    def __init__(self, device: torch.device, warmup_calls: int = 2):
-        self.device = torch.device(device)
-        self.warmup_calls = warmup_calls
-        self.pool = torch.cuda.graph_pool_handle()
-        self.captures = 0
+    def resolve(self, device: torch.device) -> torch.device:
+        """`cuda` -> `cuda:<current>`: a backend always names its device's index."""
+        device = torch.device(device)
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
-    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_calls):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+    def on_device(self, device: torch.device) -> AbstractContextManager[Any]:
+        return torch.cuda.device(device)
+
+    def new_stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def on_stream(self, stream: Any) -> AbstractContextManager[Any]:
+        return torch.cuda.stream(stream)
+
+    def new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def record(self, fn: Callable[[], torch.Tensor], pool: Any, stream: Any) -> Callable[[], torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the server's other threads may touch CUDA (e.g. copies) while the worker captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        # thread_local: the server's other threads may touch CUDA (e.g. the finisher's copies) meanwhile
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             out = fn()
-        self.captures += 1
 
         def replay() -> torch.Tensor:
             graph.replay()
@@ -151,48 +175,63 @@ class CudaGraphBackend:
         return replay
 
 
-class _Graph:
-    """One captured window shape at one bucket: its static inputs and its replay."""
+class CudaGraphBackend:
+    """torch.cuda.CUDAGraph capture on the backend's own device: warm-up calls on its own capture stream (lazy
+    initialisation, kernel choices), then one capture into a memory pool shared by all graphs of the device
+    (they never run concurrently: one worker). Everything happens inside `torch.cuda.device(device)` and under
+    the process-wide CAPTURE_LOCK: PyTorch's shared default capture stream lives on device 0, so an engine on
+    cuda:1 capturing there records nothing and replays a stale output forever; two devices warming up at once
+    would share it too."""
 
-    def __init__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, rows: dict[str, torch.Tensor]):
-        self.x, self.t, self.tokens = x, t, tokens
-        self.rows = rows  # the named per-row inputs, (bucket, ...) each
-        self.replay: Callable[[], torch.Tensor] | None = None
+    def __init__(self, device: torch.device, warmup_calls: int = 2, cuda: CudaCalls | None = None):
+        self.cuda = cuda or CudaCalls()
+        self.device = self.cuda.resolve(device)
+        self.warmup_calls = warmup_calls
+        with self.cuda.on_device(self.device):
+            self.stream = self.cuda.new_stream(self.device)  # the capture stream, on this backend's device
+            self.pool = self.cuda.new_pool()
+        self.captures = 0
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        with CAPTURE_LOCK, self.cuda.on_device(self.device):
+            current = self.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)
+            with self.cuda.on_stream(self.stream):
+                for _ in range(self.warmup_calls):
+                    fn()
+            current.wait_stream(self.stream)
+            replay = self.cuda.record(fn, self.pool, self.stream)
+            current.wait_stream(self.stream)
+            self.captures += 1
+        return replay
 
 
-class GraphedUNet:
-    """UNet windows replayed from captured graphs: one per (window shape, timestep layout, batch bucket, per-row
-    input shapes), captured on first use (or by the engine's warm-up) and reused. A batch is padded up to its
-    bucket; the padding rows compute on whatever their buffers hold and are dropped (rows of a UNet batch never
-    mix).
+class GraphBank:
+    """What the graph runners of one engine share (one runner per denoiser settings): the capture backend, one
+    bank of per-row reference K/V slots (~370 MB at 512x512 for 8 rows: once per engine, not once per settings
+    combination), and the capture policy. Graphs are captured while the bank is open (start-up: the engine's
+    warm-up captures every bucket of its allow-listed settings); once `seal`ed, a call with no graph runs
+    eagerly: a capture (a device sync, two eager warm-up calls, the capture) never happens on the serving path,
+    where it would stall every session. `max_frames` caps bucket x window frames of a graph (the graph pool keeps
+    its largest capture's memory: a 32-frame window at bucket 8 would reserve 15-20 GB); larger calls run eagerly."""
 
-    The inputs of a call are copied into the graph's static buffers, the named per-row ones (attention weights,
-    pose features: whatever the denoiser hands over) without the runner knowing what they mean. The per-row
-    reference K/V live in slots shared by every graph (graph b reads slots [:b]); row i reads slot i, which is
-    rewritten only when the reference in row i changes, so a replay always computes with the references of the
-    rows it serves. Batches larger than the largest bucket run eagerly."""
-
-    def __init__(
-        self,
-        unet: torch.nn.Module,
-        backend: CaptureBackend,
-        buckets: Sequence[int] = BUCKETS,
-    ):
-        self.unet = unet
+    def __init__(self, backend: CaptureBackend, buckets: Sequence[int] = BUCKETS, max_frames: int | None = None):
         self.backend = backend
         self.buckets = tuple(sorted(buckets))
-        self.eager = EagerUNet(unet)
-        self._graphs: dict[tuple[object, ...], _Graph] = {}
-        self._slot_refs: list[Reference | None] = [None] * self.buckets[-1]
-        self._slot_filled = [False] * self.buckets[-1]
+        self.max_frames = max_frames
+        self.sealed = False
+        self.eager_calls = 0  # calls that ran eagerly for want of a graph (sealed, too large, too many rows)
+        size = self.buckets[-1]
+        self._slot_refs: list[Reference | None] = [None] * size
+        self._slot_filled = [False] * size
         self._kv: dict[str, KeyValue] | None = None
         self.slot_copies = 0  # rows whose reference was copied into a slot (a test and the bench read it)
 
-    @property
-    def graphs(self) -> int:
-        return len(self._graphs)
+    def seal(self) -> None:
+        self.sealed = True
 
-    def _fill_slots(self, refs: Refs) -> dict[str, KeyValue]:
+    def fill_slots(self, refs: Refs) -> dict[str, KeyValue]:
+        """Row i's reference in slot i (rewritten only when the row's reference changed); all slots."""
         if self._kv is None:
             like = next(r for r in refs if r is not None)
             size = self.buckets[-1]
@@ -215,30 +254,83 @@ class GraphedUNet:
         return self._kv
 
     def forget(self, ref: Reference) -> None:
-        """Release `ref` (a deleted avatar): slots keep copies of its K/V, never the avatar itself, once it is gone."""
         for i, slot_ref in enumerate(self._slot_refs):
             if slot_ref is ref:
                 self._slot_refs[i], self._slot_filled[i] = None, False  # rewritten by the next row that uses slot i
+
+
+class _Graph:
+    """One captured window shape at one bucket: its static inputs and its replay."""
+
+    def __init__(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, rows: dict[str, torch.Tensor]):
+        self.x, self.t, self.tokens = x, t, tokens
+        self.rows = rows  # the named per-row inputs, (bucket, ...) each
+        self.replay: Callable[[], torch.Tensor] | None = None
+
+
+class GraphedUNet:
+    """UNet windows replayed from captured graphs: one per (window shape, timestep layout, batch bucket, per-row
+    input shapes), captured on first use while its `GraphBank` is open (the engine's warm-up) and reused. A batch
+    is padded up to its bucket; the padding rows compute on whatever their buffers hold and are dropped (rows of
+    a UNet batch never mix).
+
+    The inputs of a call are copied into the graph's static buffers, the named per-row ones (attention weights,
+    pose features: whatever the denoiser hands over) without the runner knowing what they mean. The per-row
+    reference K/V live in the bank's slots, shared by every graph of every runner of the engine (graph b reads
+    slots [:b]; callers take turns under the engine's model lock); row i reads slot i, which is rewritten only
+    when the reference in row i changes, so a replay always computes with the references of the rows it serves.
+    Calls with no graph and a sealed bank, batches larger than the largest bucket and graphs over the bank's
+    frame cap run eagerly."""
+
+    def __init__(self, unet: torch.nn.Module, graphs: CaptureBackend | GraphBank, buckets: Sequence[int] = BUCKETS):
+        """`graphs`: the engine's shared bank, or a capture backend (a bank of its own with `buckets`)."""
+        self.unet = unet
+        self.bank = graphs if isinstance(graphs, GraphBank) else GraphBank(graphs, buckets)
+        self.buckets = self.bank.buckets
+        self.eager = EagerUNet(unet)
+        self._graphs: dict[tuple[object, ...], _Graph] = {}
+
+    @property
+    def backend(self) -> CaptureBackend:
+        return self.bank.backend
+
+    @property
+    def graphs(self) -> int:
+        return len(self._graphs)
+
+    @property
+    def slot_copies(self) -> int:
+        return self.bank.slot_copies
+
+    def forget(self, ref: Reference) -> None:
+        """Release `ref` (a deleted avatar): slots keep copies of its K/V, never the avatar itself, once it is gone."""
+        self.bank.forget(ref)
         self.eager.forget(ref)
 
-    def _graph(
-        self, bucket: int, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, rows: dict[str, torch.Tensor]
-    ) -> _Graph:
-        per_frame = t.ndim > 0
+    @staticmethod
+    def _key(
+        bucket: int, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, rows: dict[str, torch.Tensor]
+    ) -> tuple[object, ...]:
         row_shapes = tuple((name, tuple(v.shape[1:]), v.dtype) for name, v in sorted(rows.items()))
-        key = (bucket, tuple(x.shape[1:]), per_frame, tuple(tokens.shape[1:]), x.dtype, row_shapes)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            return graph
+        return (bucket, tuple(x.shape[1:]), t.ndim > 0, tuple(tokens.shape[1:]), x.dtype, row_shapes)
+
+    def _capture(
+        self,
+        bucket: int,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        tokens: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        slots: dict[str, KeyValue],
+    ) -> _Graph:
         frames = x.shape[2]
         graph = _Graph(
             x.new_zeros((bucket, *x.shape[1:])),
-            t.new_zeros((bucket * frames,)) if per_frame else t.new_zeros(()),
+            t.new_zeros((bucket * frames,)) if t.ndim > 0 else t.new_zeros(()),
             tokens.new_zeros((bucket * frames, *tokens.shape[1:])),
             {name: v.new_zeros((bucket, *v.shape[1:])) for name, v in rows.items()},
         )
-        assert self._kv is not None  # filled before the first graph
-        kv = {name: (k[:bucket], v[:bucket]) for name, (k, v) in self._kv.items()}
+        kv = {name: (k[:bucket], v[:bucket]) for name, (k, v) in slots.items()}
 
         def forward() -> torch.Tensor:
             v: torch.Tensor = self.unet(graph.x, graph.t, graph.tokens, kv, **graph.rows)
@@ -247,8 +339,7 @@ class GraphedUNet:
         graph.x.copy_(x[:1].expand_as(graph.x))  # capture on sane values (the padding rows keep them)
         for name, value in rows.items():
             graph.rows[name].copy_(value[:1].expand_as(graph.rows[name]))
-        graph.replay = self.backend.capture(forward)
-        self._graphs[key] = graph
+        graph.replay = self.bank.backend.capture(forward)
         return graph
 
     def __call__(
@@ -256,12 +347,19 @@ class GraphedUNet:
     ) -> torch.Tensor:
         """v for the n windows x (n, 4, T, h, w); t a scalar or per frame (n*T,); tokens (n*T, q, d); `rows`
         the named per-row tensors (n, ...) the UNet takes by keyword."""
-        n = x.shape[0]
+        n, bank = x.shape[0], self.bank
         bucket = bucket_for(n, self.buckets)
-        if bucket is None:
-            return self.eager(x, t, tokens, refs, **rows)
-        self._fill_slots(refs)
-        graph = self._graph(bucket, x, t, tokens, rows)
+        key = None if bucket is None else self._key(bucket, x, t, tokens, rows)
+        graph = self._graphs.get(key) if key is not None else None
+        if graph is None:
+            too_big = bucket is None or (bank.max_frames is not None and bucket * x.shape[2] > bank.max_frames)
+            if too_big or bank.sealed:
+                bank.eager_calls += 1
+                return self.eager(x, t, tokens, refs, **rows)
+        slots = bank.fill_slots(refs)
+        if graph is None:
+            assert bucket is not None and key is not None
+            graph = self._graphs[key] = self._capture(bucket, x, t, tokens, rows, slots)
         graph.x[:n].copy_(x)
         if t.ndim:
             graph.t[: t.shape[0]].copy_(t)

@@ -24,8 +24,9 @@ import torch
 
 from vexpress_rt.loader import VExpressModels
 
-from .cost_model import CostModel, Demand
+from .cost_model import CostModel, Demand, PipelinedCost
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+from .device import bind_thread, release_cached_memory
 from .finisher import DeviceClock, Finisher, Mark
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
@@ -39,9 +40,10 @@ OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def _release_memory(exc: BaseException) -> None:
-    """After the device ran out of memory, give the cached blocks back before the next try."""
-    if isinstance(exc, OUT_OF_MEMORY) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """After the device ran out of memory, give the cached blocks back before the next try (never during another
+    engine's graph capture: `release_cached_memory` waits for it)."""
+    if isinstance(exc, OUT_OF_MEMORY):
+        release_cached_memory()
 
 
 class WorkerEngine(Protocol):
@@ -71,6 +73,7 @@ class ModelWorker:
         self.chunks = 0
         self._busy: deque[tuple[float, float]] = deque(maxlen=512)  # (end time, seconds busy)
         self.costs = CostModel()  # seconds per call by settings and batch size: what admission control reads
+        self._pipeline_cost = PipelinedCost()  # pipelined calls' cost from their spans (the finisher's thread)
         # per chunk: trigger, ready, compute (for the bench)
         self.chunk_log: deque[dict[str, Any]] = deque(maxlen=10000)
         self.compute_log: deque[tuple[float, float]] = deque(maxlen=20000)  # (start, end) of model compute
@@ -105,6 +108,7 @@ class ModelWorker:
         self._wake.set()
 
     def _loop(self) -> None:
+        bind_thread(self.engine.models.device)  # a new thread starts on cuda:0, whatever the engine's device
         while not self._stop.is_set():
             self._wake.wait(timeout=0.02)
             self._wake.clear()
@@ -187,7 +191,8 @@ class ModelWorker:
         unet_done: Mark,
     ) -> None:
         """On the finisher's thread (its CUDA stream queued behind the UNet call): decode, copy, deliver. The
-        cost recorded is the UNet's span plus the decode's, device time on CUDA, as the serial call measures it."""
+        cost recorded is device time on CUDA, the overlap of this decode with the next UNet call counted once
+        (`PipelinedCost`)."""
         try:
             for out in outputs:  # read on this thread's stream: the allocator must not reuse them before it is done
                 for _, latent in out:
@@ -197,7 +202,8 @@ class ModelWorker:
             # Without the model lock: the decoders are only read (it serialises the UNet runners' buffers), and
             # holding it would wait for the next call the worker is launching.
             images = self._decode(items, outputs, nullcontext())
-            seconds = self._clock.seconds(start, unet_done) + self._clock.seconds(begin, self._clock.mark())
+            decoded = self._clock.span(begin, self._clock.mark())
+            seconds = self._pipeline_cost.call(self._clock.span(start, unet_done), decoded)
             self._deliver(settings, items, outputs, images, seconds)
         except Exception:  # as a failed serial turn: counted and logged, the worker goes on
             self.errors += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streaming.cost_model import CostModel, Demand
+from streaming.cost_model import CostModel, Demand, PipelinedCost, Span
 from streaming.denoiser import DenoiserSettings
 
 DEFAULT = DenoiserSettings(steps=4, new_frames=2, strategy="staggered")  # 12.5 calls per second at 25 fps
@@ -55,3 +55,30 @@ def test_audio_features_count_per_session():
     model = _model({1: 0.040, 2: 0.056})
     model.record_features(0.004)
     assert _load(model, 2) == pytest.approx(0.056 * 12.5 + 2 * 0.004 * 12.5)
+
+
+def _pipelined(spans: list[tuple[tuple[float, float], tuple[float, float]]]) -> list[float]:
+    """Costs of consecutive pipelined calls from their recorded (UNet, decode) spans, in ms."""
+    cost = PipelinedCost()
+    return [round(1000 * cost.call(Span(*u), Span(*d)), 3) for u, d in spans]
+
+
+def test_pipelined_calls_count_the_decode_overlap_once():
+    """Saturated: UNet calls of 40 ms back to back, each call's 30 ms decode entirely under the next UNet call.
+    The device makes a call every 40 ms; the old account (UNet span + decode span) said 70 ms and refused
+    sessions the card serves."""
+    spans = [((0.040 * i, 0.040 * (i + 1)), (0.040 * (i + 1), 0.040 * (i + 1) + 0.030)) for i in range(4)]
+    assert _pipelined(spans) == [70.0, 40.0, 40.0, 40.0]  # the first call has no UNet to hide its decode
+
+
+def test_pipelined_decode_longer_than_the_next_unet_call_counts_what_sticks_out():
+    """A 50 ms decode beside 40 ms UNet calls: 10 ms of each decode overlaps nothing."""
+    spans = [((0.050 * i, 0.050 * i + 0.040), (0.050 * i + 0.040, 0.050 * i + 0.090)) for i in range(3)]
+    assert _pipelined(spans)[1:] == [50.0, 50.0]
+
+
+def test_idle_time_between_pipelined_calls_is_not_cost():
+    """Not saturated: a 40 ms UNet call every 100 ms and a 20 ms decode after it (overlapping nothing): each call
+    costs 60 ms of device time, not the 100 ms between UNet completions."""
+    spans = [((0.1 * i, 0.1 * i + 0.040), (0.1 * i + 0.040, 0.1 * i + 0.060)) for i in range(3)]
+    assert _pipelined(spans) == [60.0, 60.0, 60.0]

@@ -757,3 +757,65 @@ def test_latency_from_audio_arrival_stays_flat_on_the_real_clock(engine, avatar,
     # would add about 500 ms over these 8 s); bounded: the lag a viewer notices stays under 2 s.
     assert np.median(last) <= np.median(first) + 1.5 * 1000 / fps, (first, last)
     assert np.percentile(latencies, 95) < 2000
+
+
+# -- graphs while serving, the idle clip's decode (issue 28) ----------------------------------------------------------
+def test_after_warm_up_no_settings_combination_captures_a_graph(tiny_models, portrait, tiny_speech):
+    """The warm-up captures every bucket of the allow-listed settings and seals the engine's graph bank: a
+    session with settings nobody warmed up (a client's choice) is served eagerly, and no capture stalls the
+    others. Every runner shares the one slot bank."""
+    warmed = GenerationParams(steps=2, new_frames=1)
+    engine = Engine(
+        tiny_models,
+        _engine_config(graphs=True, max_batch=2, graph_settings=(SessionConfig(params=warmed).denoiser_settings(),)),
+    )
+    try:
+        info = engine.add_avatar(*portrait)
+        report = engine.warm_up(info.id)
+        captured = report["graphs_captured"]
+        assert captured >= 4  # two settings x buckets 1 and 2
+        for params in (GenerationParams(steps=3), warmed):
+            session = engine.open_session(info.id, SessionConfig(params=params))
+            session.push_audio(tiny_speech[:8000])
+            session.end_utterance()
+            made = engine.worker.frames_generated
+            for _ in range(40):  # bounded: until this session's frames come
+                engine.worker.turn()
+                if engine.worker.frames_generated > made:
+                    break
+            assert engine.worker.frames_generated > made
+            session.close()
+        backend = engine.denoiser(SessionConfig(params=warmed).denoiser_settings()).unet.backend
+        assert backend.captures == captured  # nothing captured while serving
+        runners = [engine.denoiser(SessionConfig(params=p).denoiser_settings()).unet for p in (TWO_STEPS, warmed)]
+        assert runners[0].bank is runners[1].bank
+        assert runners[0].bank.eager_calls > 0  # the 3-step session ran eagerly
+    finally:
+        engine.close()
+
+
+def test_the_idle_clip_decodes_in_chunks_outside_the_model_lock(tiny_models, portrait):
+    """Registering a portrait decodes its idle clip (16 frames here) at most 8 frames per call, without the
+    model lock: a worker call can take it meanwhile (one call of 50 full-VAE frames under the lock stalled every
+    session ~0.75 s on a GPU and peaked ~20 GB)."""
+    engine = Engine(tiny_models, _engine_config())
+    sizes: list[int] = []
+    other_job_ran: list[bool] = []
+    decode = engine.decode
+
+    def watched_decode(latents, decoder=None):
+        sizes.append(latents.shape[0])
+        took = engine.model_lock.acquire(timeout=1.0)  # what the worker does for its next call
+        other_job_ran.append(took)
+        if took:
+            engine.model_lock.release()
+        return decode(latents, decoder)
+
+    engine.decode = watched_decode
+    try:
+        info = engine.add_avatar(*portrait)
+    finally:
+        engine.close()
+    assert sum(sizes) == 16 and max(sizes) <= 8
+    assert all(other_job_ran)
+    assert engine.avatar(info.id).idle_frames["full"].shape[0] == 16

@@ -143,3 +143,90 @@ def test_the_pipelined_worker_is_the_cuda_default_and_makes_the_serial_frames(cu
             engine.close()
     assert images[None].shape == images[False].shape == (20, 128, 128, 3)
     assert np.abs(images[None].astype(int) - images[False].astype(int)).max() <= 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_cuda_graphs_on_the_second_gpu_replay_the_eager_frames():
+    """Graphs captured for a model on cuda:1, from a thread whose current device is cuda:0 (nobody called
+    set_device): the backend captures on its own device and stream, so replays equal eager calls (with PyTorch's
+    shared capture stream of device 0 the graph recorded nothing and every replay returned the capture's output)."""
+    import threading
+
+    from streaming.bench.random_models import random_models
+    from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+    from streaming.engine import Engine, EngineConfig
+    from streaming.portrait import load_default_portrait
+    from streaming.unet_runner import CudaGraphBackend, GraphBank
+
+    m = random_models("tiny", device="cuda:1", dtype=torch.float16)
+    engine = Engine(m, EngineConfig(width=128, height=128, admission=False, graphs=False))
+    avatar = engine.store.get_or_encode(*_portrait_128(load_default_portrait), 128, 128)
+    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2)
+    silence = engine.silence_tokens_for(25)
+    frames: list[torch.Tensor] = []
+
+    def run(graphs) -> None:
+        denoiser = StreamDenoiser(m, settings, graphs)
+        states = [denoiser.new_state(avatar, seed=i, silence=silence) for i in range(3)]
+        out = []
+        for turn in range(3):
+            g = torch.Generator("cuda:1").manual_seed(turn)
+            tokens = torch.randn(2, *silence.shape, device="cuda:1", generator=g).to(m.dtype)
+            jobs = [ChunkJob(s, avatar, tokens, [(turn, k) for k in range(2)]) for s in states]
+            out += [lat.float().cpu() for job_out in denoiser.run(jobs) for _, lat in job_out]
+        frames.append(torch.stack(out))
+
+    for graphs in (None, GraphBank(CudaGraphBackend("cuda:1"))):
+        thread = threading.Thread(target=run, args=(graphs,))  # a new thread: current device cuda:0
+        thread.start()
+        thread.join(300)
+    assert len(frames) == 2
+    torch.testing.assert_close(frames[1], frames[0], atol=2e-2, rtol=2e-2)
+    assert not torch.equal(frames[1][:6], frames[1][-6:])  # replays follow their inputs, not a stale output
+
+
+def _portrait_128(load):
+    from streaming.portrait import prepare_portrait
+
+    image, kps = load()
+    return prepare_portrait(image, 128, 128, kps, None)
+
+
+def test_a_worker_turn_never_waits_for_the_device(cuda_models, monkeypatch):
+    """The pipelined worker's turn (audio features, controls, the UNet call) under
+    torch.cuda.set_sync_debug_mode("error"): any hidden host sync (a pageable upload, torch.tensor(...,
+    device=cuda), .item()) raises. The finisher's work (decode, host copy: syncs by design) is held back and run
+    after the mode is reset."""
+    from streaming.engine import Engine, EngineConfig
+    from streaming.portrait import load_default_portrait
+    from streaming.session import SessionConfig
+    from vexpress_rt.params import GenerationParams
+
+    engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False, pipelined=True))
+    held = []
+    finisher = engine.worker._finisher
+    submit = finisher.submit
+    try:
+        info = engine.add_avatar(*load_default_portrait())
+        engine.warm_up(info.id)
+        for cfg in (False, True):
+            session = engine.open_session(info.id, SessionConfig(params=GenerationParams(steps=2, cfg=cfg)))
+            t = np.arange(32000) / 16000
+            session.push_audio((8000 * np.sin(2 * np.pi * 150 * t)).astype(np.int16))
+            assert engine.worker.turn()  # caches filled (silence tokens, pose), eager paths warmed
+            assert engine.worker.drain(30)
+            monkeypatch.setattr(finisher, "submit", lambda run, ready, timeout=60.0: held.append(run) or True)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                worked = [engine.worker.turn() for _ in range(3)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            monkeypatch.setattr(finisher, "submit", submit)
+            assert any(worked) and engine.worker.errors == 0
+            for run in held:
+                run()
+            held.clear()
+            session.close()
+    finally:
+        engine.close()

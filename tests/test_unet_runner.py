@@ -4,13 +4,27 @@ use them; the results must equal the eager UNet's for the same inputs."""
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
 
 from streaming.avatar import PreEncodedAvatar
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
-from streaming.unet_runner import EagerUNet, GraphedUNet, RerunBackend, bucket_for
+from streaming.device import CAPTURE_LOCK, release_cached_memory
+from streaming.unet_runner import (
+    CudaCalls,
+    CudaGraphBackend,
+    EagerUNet,
+    GraphBank,
+    GraphedUNet,
+    RerunBackend,
+    bucket_for,
+    graph_buckets,
+)
 from vexpress_rt.params import GenerationParams
 
 H, W, T = 8, 16, 4  # latent size of a 128x64 frame, window frames
@@ -193,3 +207,148 @@ def test_sessions_of_different_strengths_share_one_unet_call(tiny_models, avatar
     for b, a in zip(batched, alone):  # a batch of 3 (or 6) rows runs other CPU kernel blockings than 1 (or 2):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)  # float noise only (test_engine allows 2 levels)
     assert not torch.allclose(alone[0], alone[2])  # the strength reaches the attention
+
+
+# -- capture discipline: which device and stream a capture happens on (a CUDA-free stand-in for torch.cuda) --------
+class _WatchedCuda(CudaCalls):
+    """torch.cuda as the backend calls it, with CPU stand-ins that remember the current device and stream: each
+    capture records (current device, the stream it captured on, the device that stream was made on, whether the
+    process-wide capture lock was held, captures running at once)."""
+
+    def __init__(self) -> None:
+        self.current: list[torch.device] = [torch.device("cuda", 0)]  # a new thread's current device
+        self.stream_device: dict[int, torch.device] = {}
+        self.records: list[dict[str, object]] = []
+        self.running = 0
+
+    def resolve(self, device):
+        device = torch.device(device)
+        return device if device.index is not None else torch.device("cuda", 0)
+
+    def on_device(self, device):
+        watched = self
+
+        class _On:
+            def __enter__(self):
+                watched.current.append(torch.device(device))
+
+            def __exit__(self, *exc):
+                watched.current.pop()
+
+        return _On()
+
+    def new_stream(self, device):
+        stream = _Stream()
+        self.stream_device[id(stream)] = self.current[-1]
+        return stream
+
+    def current_stream(self, device):
+        return _Stream()
+
+    def on_stream(self, stream):
+        return nullcontext()
+
+    def new_pool(self):
+        return object()
+
+    def record(self, fn, pool, stream):
+        self.running += 1
+        time.sleep(0.05)  # long enough for a second thread's capture to overlap, were it not locked out
+        self.records.append(
+            {
+                "device": self.current[-1],
+                "stream_device": self.stream_device.get(id(stream)),
+                "locked": _lock_held(),
+                "at_once": self.running,
+            }
+        )
+        out = fn()
+        self.running -= 1
+        return lambda: out
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _lock_held() -> bool:
+    """Whether some thread holds the process-wide capture lock (it is re-entrant: try from another thread)."""
+    took: list[bool] = []
+    probe = threading.Thread(target=lambda: took.append(CAPTURE_LOCK.acquire(blocking=False)))
+    probe.start()
+    probe.join()
+    if took[0]:
+        CAPTURE_LOCK.release()
+    return not took[0]
+
+
+def test_each_backend_captures_on_its_own_device_and_stream_one_capture_at_a_time():
+    """Two engines' backends on cuda:0 and cuda:1 warming up at once (two threads): each capture happens with
+    its backend's device current, on a capture stream made on that device (not PyTorch's shared default capture
+    stream of device 0), under the process-wide lock, never two at once."""
+    cuda = _WatchedCuda()
+    backends = [CudaGraphBackend(f"cuda:{i}", warmup_calls=1, cuda=cuda) for i in (0, 1)]
+    assert backends[0].stream is not backends[1].stream
+    threads = [
+        threading.Thread(target=lambda b=b: [b.capture(lambda: torch.zeros(1)) for _ in range(2)]) for b in backends
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(cuda.records) == 4
+    assert sorted(str(r["device"]) for r in cuda.records) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert all(r["stream_device"] == r["device"] for r in cuda.records)
+    assert all(r["locked"] and r["at_once"] == 1 for r in cuda.records)
+    assert [b.captures for b in backends] == [2, 2]
+
+
+def test_releasing_cached_memory_waits_for_a_capture():
+    """`release_cached_memory` (after an out-of-memory) takes the capture lock: it cannot empty the allocator's
+    cache in the middle of another thread's capture."""
+    order: list[str] = []
+    with CAPTURE_LOCK:
+        releaser = threading.Thread(target=lambda: (release_cached_memory(), order.append("released")))
+        releaser.start()
+        time.sleep(0.1)
+        order.append("capture done")
+    releaser.join()
+    assert order == ["capture done", "released"]
+
+
+# -- capture policy: captured at warm-up, sealed for serving, one slot bank -------------------------------------------
+@torch.no_grad()
+def test_a_sealed_bank_runs_unwarmed_shapes_eagerly_and_captures_nothing(tiny_models, avatars):
+    """After the warm-up (bank sealed), a new batch bucket runs eagerly with the same result: no capture on the
+    serving path."""
+    a, b, _ = avatars
+    bank = GraphBank(RerunBackend())
+    graphed = GraphedUNet(tiny_models.denoising_unet, bank)
+    x, t, tokens = _inputs(tiny_models, 1, seed=1)
+    graphed(x, t, tokens, [a], **_weights([a]))
+    bank.seal()
+    x, t, tokens = _inputs(tiny_models, 2, seed=2)
+    out = graphed(x, t, tokens, [a, b], **_weights([a, b]))
+    torch.testing.assert_close(out, _eager_rows(tiny_models, x, t, tokens, [a, b]))
+    assert bank.backend.captures == 1 and graphed.graphs == 1 and bank.eager_calls == 1
+
+
+@torch.no_grad()
+def test_graphs_over_the_frame_cap_run_eagerly(tiny_models, avatars):
+    """bucket x window frames above the bank's cap is never captured (the graph pool would keep its memory)."""
+    a, b, _ = avatars
+    bank = GraphBank(RerunBackend(), max_frames=2 * T)
+    graphed = GraphedUNet(tiny_models.denoising_unet, bank)
+    for n in (1, 2, 3):  # buckets 1, 2 fit; 3 rows pad to bucket 4: 4 x T frames, over the cap
+        refs = [a, b, a][:n]
+        x, t, tokens = _inputs(tiny_models, n, seed=n)
+        torch.testing.assert_close(
+            graphed(x, t, tokens, refs, **_weights(refs)), _eager_rows(tiny_models, x, t, tokens, refs)
+        )
+    assert bank.backend.captures == 2 and bank.eager_calls == 1
+
+
+def test_buckets_cover_guidance_at_every_max_batch():
+    assert graph_buckets(4) == (1, 2, 4, 8)
+    assert graph_buckets(6) == (1, 2, 4, 8, 16)  # guidance doubles 6 windows to 12 rows
