@@ -264,7 +264,8 @@ def static_like(value: torch.Tensor, bucket: int) -> torch.Tensor:
     a frame-major view (B, C0, T, h, w) of a (B, T, C0, h, w) stack: a contiguous static buffer made every replay
     copy them strided into it, and the graph copy them back to frame-major inside the UNet; in value's own layout
     the first is a plain copy and the UNet's frame-major view is free."""
-    order = sorted(range(value.ndim), key=lambda d: (-value.stride(d), d))  # dims from outermost in memory
+    strides = value.stride()
+    order = sorted(range(value.ndim), key=lambda d: (-strides[d], d))  # dims from outermost in memory
     shape = (bucket, *value.shape[1:])
     stored = value.new_zeros([shape[d] for d in order])
     return stored.permute([order.index(d) for d in range(value.ndim)])
