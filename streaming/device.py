@@ -27,14 +27,23 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     """A device tensor as a host array. On CUDA: copied into pinned memory without blocking, then waiting for that
     copy's event only, not for the whole device (the finisher's copy must not wait for the next UNet call the
     worker has launched meanwhile on another stream). Elsewhere the tensor's own memory (no copy on the CPU)."""
-    if tensor.device.type != "cuda":
-        return tensor.cpu().numpy()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    return to_host_all([tensor])[0]
+
+
+def to_host_all(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Several device tensors as host arrays, as `to_host`, behind one wait: the copies are queued in order on
+    the current stream and one event after the last covers them all (e.g. the frames and their finite flags)."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [tensor.cpu().numpy() for tensor in tensors]
+    hosts = []
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        hosts.append(host)
     copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(tensor.device))
+    copied.record(torch.cuda.current_stream(tensors[0].device))
     copied.synchronize()
-    return host.numpy()
+    return [host.numpy() for host in hosts]
 
 
 # One graph capture at a time in the whole process, and no cached-memory release during one: a capture on one

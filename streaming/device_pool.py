@@ -55,6 +55,7 @@ SUMMED_STATS = frozenset(
         "frames_generated",
         "worker_errors",
         "worker_batch_retries",
+        "decode_fp32_fallback_frames",
         "dropped_frames",
         "underruns",
         "ready_frames",

@@ -24,7 +24,7 @@ from .audio_features import IncrementalAudioFeatures
 from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, Avatar, AvatarInfo, AvatarStore, PreEncodedAvatar
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
-from .device import bind_thread, synchronize, to_host
+from .device import bind_thread, synchronize, to_host, to_host_all
 from .portrait import prepare_portrait
 from .pose import PoseFeatures
 from .session import SessionConfig, StreamSession
@@ -382,6 +382,8 @@ class Engine:
             "frames_generated": self.worker.frames_generated,
             "worker_errors": self.worker.errors,  # sessions the worker failed (each ended with an error event)
             "worker_batch_retries": self.worker.batch_retries,
+            # half-precision frames with non-finite pixels, decoded again in float32 (streaming/decoder.py)
+            "decode_fp32_fallback_frames": sum(d.fallback.frames for d in self.decoders.values()),
             "worker_busy_fraction": round(self.worker.busy_fraction(), 3),
             "estimated_load": self.worker.estimated_load([s.config for s in sessions]),
             "latency_p50_ms": float(np.percentile(lat, 50)),
@@ -431,6 +433,10 @@ class Engine:
         session's)."""
         frame_decoder = self.decoders[decoder or self.config.default_session.decoder]
         with self.stages("decode"):
-            images = frame_decoder.images(latents)
+            images, finite = frame_decoder.checked_images(latents)
         with self.stages("host_copy"):
-            return to_host(images)
+            if finite is None:
+                return to_host(images)
+            frames, finite_on_host = to_host_all([images, finite])  # the flags ride with the frames: no extra sync
+        # a half-precision frame with NaN/inf pixels (black otherwise): decoded again in float32, counted
+        return frame_decoder.repair(latents, frames, finite_on_host)

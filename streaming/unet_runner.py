@@ -259,6 +259,18 @@ class GraphBank:
                 self._slot_refs[i], self._slot_filled[i] = None, False  # rewritten by the next row that uses slot i
 
 
+def static_like(value: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Zeros of `value`'s shape with `bucket` rows, laid out in memory as `value` is. The pose features arrive as
+    a frame-major view (B, C0, T, h, w) of a (B, T, C0, h, w) stack: a contiguous static buffer made every replay
+    copy them strided into it, and the graph copy them back to frame-major inside the UNet; in value's own layout
+    the first is a plain copy and the UNet's frame-major view is free."""
+    strides = value.stride()
+    order = sorted(range(value.ndim), key=lambda d: (-strides[d], d))  # dims from outermost in memory
+    shape = (bucket, *value.shape[1:])
+    stored = value.new_zeros([shape[d] for d in order])
+    return stored.permute([order.index(d) for d in range(value.ndim)])
+
+
 class _Graph:
     """One captured window shape at one bucket: its static inputs and its replay."""
 
@@ -328,7 +340,7 @@ class GraphedUNet:
             x.new_zeros((bucket, *x.shape[1:])),
             t.new_zeros((bucket * frames,)) if t.ndim > 0 else t.new_zeros(()),
             tokens.new_zeros((bucket * frames, *tokens.shape[1:])),
-            {name: v.new_zeros((bucket, *v.shape[1:])) for name, v in rows.items()},
+            {name: static_like(v, bucket) for name, v in rows.items()},
         )
         kv = {name: (k[:bucket], v[:bucket]) for name, (k, v) in slots.items()}
 

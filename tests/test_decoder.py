@@ -7,6 +7,7 @@ temporary `taesd/` folder; no test reaches the hub.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import shutil
@@ -26,6 +27,7 @@ from streaming.session import SessionConfig
 from vexpress_rt.cli import main
 from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.params import GenerationParams
+from vexpress_rt.pipeline import VAE_SCALE
 from vexpress_rt.weights import TAESD_FILES, TAESD_REPO, download_plan, download_weights
 
 # The released TAESD has 64 channels everywhere; 8 keeps the CPU tests quick with the same structure.
@@ -82,7 +84,6 @@ def test_decoders_stay_on_the_models_device(name):
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from streaming.bench.flops import SD_VAE_CONFIG
-    from vexpress_rt.pipeline import VAE_SCALE
 
     with torch.device("meta"):
         vae = AutoencoderKL(**SD_VAE_CONFIG) if name == "full" else AutoencoderTiny()
@@ -313,3 +314,32 @@ def test_a_decoder_the_server_lacks_is_refused(tiny_models):
     assert full_only.sessions() == []
     with pytest.raises(Exception, match="default session decoder 'tiny' is not loaded"):
         Engine(tiny_models, EngineConfig(default_session=SessionConfig(decoder="tiny")))
+
+
+# -- half precision: non-finite frames decoded again in float32 ------------------------------------------------------
+def test_half_precision_non_finite_frames_fall_back_to_float32(tiny_models, caplog):
+    """In fp16 an activation past 65504 becomes inf, then NaN in the next GroupNorm, and the frame went out black.
+    The engine reads a per-frame finite flag with the frames' host copy and decodes those frames again in float32
+    (one log line, counted in the stats); the other frames are the half-precision ones, unchanged."""
+    half = FrameDecoder("full", copy.deepcopy(tiny_models.vae).half(), VAE_SCALE)
+    float32 = FrameDecoder("full", copy.deepcopy(half.vae).float(), VAE_SCALE)  # the same (rounded) weights
+    latents = torch.randn(3, 4, 8, 16, generator=torch.Generator().manual_seed(2))
+    latents[1] *= 1e4  # fits fp16, but the first convolution's output does not
+    images, finite = half.checked_images(latents)
+    assert finite is not None and finite.tolist() == [True, False, True]
+    with torch.no_grad():
+        assert not torch.isfinite(half.vae.decode(latents[1:2].half() / VAE_SCALE).sample).all()  # the old frame
+    assert float32.checked_images(latents)[1] is None  # float32 decoders skip the check
+    engine = Engine(tiny_models, EngineConfig(width=128, height=64, admission=False), {"full": half})
+    try:
+        with caplog.at_level(logging.WARNING, logger="streaming.decoder"):
+            frames = engine.decode(latents)
+            again = engine.decode(latents[1:2])
+        assert frames.shape == (3, 64, 128, 3) and frames.dtype == np.uint8
+        assert np.array_equal(frames[1], float32(latents[1:2])[0]) and frames[1].std() > 0
+        assert np.array_equal(frames[[0, 2]], half(latents[[0, 2]]))
+        assert np.array_equal(again[0], frames[1])
+        assert engine.stats()["decode_fp32_fallback_frames"] == 2
+        assert len([r for r in caplog.records if "float32" in r.getMessage()]) == 1  # logged once
+    finally:
+        engine.close()

@@ -230,3 +230,42 @@ def test_a_worker_turn_never_waits_for_the_device(cuda_models, monkeypatch):
             session.close()
     finally:
         engine.close()
+
+
+def test_motion_attention_past_the_grid_limit_on_cuda(monkeypatch):
+    """16 rows at 512x512 attend over 65536 temporal sequences in one motion-module call: past the 65535 grid
+    blocks of the fused kernels. Sliced (MAX_ATTENTION_BATCH), it runs and gives the numbers of smaller slices."""
+    from vexpress_rt.models import attention
+    from vexpress_rt.models.motion_module import TemporalAttention
+
+    torch.manual_seed(0)
+    module = TemporalAttention(dim=64, heads=8).to("cuda", torch.float16).eval()
+    x = torch.randn(16 * 8, 64 * 64, 64, device="cuda", dtype=torch.float16)  # 16 rows x 8 frames, 64x64 latent
+    with torch.no_grad():
+        out = module(x, 8)
+        monkeypatch.setattr(attention, "MAX_ATTENTION_BATCH", 4096)
+        smaller = module(x, 8)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, smaller)
+
+
+def test_half_precision_vae_nan_frames_fall_back_to_float32_on_cuda():
+    """On CUDA the finite flags ride with the frames' pinned copy; an overflowing frame is decoded again in
+    float32 and counted, the others stay the half-precision frames."""
+    from streaming.bench.random_models import random_models
+    from streaming.decoder import FrameDecoder
+    from streaming.engine import Engine, EngineConfig
+    from vexpress_rt.pipeline import VAE_SCALE
+
+    models = random_models("tiny", device="cuda", dtype=torch.float16)
+    half = FrameDecoder("full", models.vae, VAE_SCALE)
+    latents = torch.randn(3, 4, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    latents[1] *= 1e4  # fits fp16; the first convolution's output does not
+    engine = Engine(models, EngineConfig(width=128, height=128, admission=False), {"full": half})
+    try:
+        frames = engine.decode(latents)
+        assert engine.stats()["decode_fp32_fallback_frames"] == 1
+        assert np.array_equal(frames[[0, 2]], half(latents[[0, 2]]))
+        assert frames[1].std() > 0
+    finally:
+        engine.close()

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from streaming import finisher as finisher_module
+from streaming import worker as worker_module
 from streaming.decoder import FrameDecoder
+from streaming.device import bind_thread
 from streaming.engine import Engine, EngineConfig
 from streaming.finisher import DeviceClock, Finisher
 from streaming.session import SessionConfig
@@ -256,3 +259,42 @@ def test_the_finisher_keeps_order_holds_one_call_and_survives_a_failing_one():
         finisher.stop()
     assert done == [0, 2] and finisher.errors == 1 and finisher.in_flight == 0
     assert not [t for t in threading.enumerate() if t.name == "test-finisher" and t.is_alive()]
+
+
+def test_bind_thread_makes_the_engines_cuda_device_current(monkeypatch):
+    """A new thread starts on cuda:0: its stream, events and allocations would go there for an engine on cuda:1
+    (and a graph captured there records nothing). `bind_thread` sets the engine's device; elsewhere nothing."""
+    set_to: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", set_to.append)
+    bind_thread(torch.device("cuda:1"))
+    bind_thread(torch.device("cpu"))
+    bind_thread(torch.device("meta"))
+    assert set_to == [torch.device("cuda:1")]
+
+
+def test_the_worker_and_finisher_threads_bind_the_engines_device_first(tiny_models, monkeypatch):
+    """Each thread that touches the device binds it before its first work: the worker's loop and the finisher's."""
+    bound: list[tuple[str, torch.device]] = []
+    ran: list[str] = []
+
+    def record(device: torch.device) -> None:
+        bound.append((threading.current_thread().name, torch.device(device)))
+
+    monkeypatch.setattr(worker_module, "bind_thread", record)
+    monkeypatch.setattr(finisher_module, "bind_thread", record)
+    engine = _engine(tiny_models, pipelined=True)
+    finisher = Finisher(tiny_models.device, name="test-bound-finisher")
+    try:
+        engine.start()
+        deadline = time.monotonic() + WAIT_S
+        while not bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert finisher.submit(
+            lambda: ran.append(f"ran after {len(bound)} bindings"), DeviceClock(tiny_models.device).mark()
+        )
+        assert finisher.drain(WAIT_S)
+    finally:
+        finisher.stop()
+        engine.close()
+    assert bound == [("vexpress-model-worker", tiny_models.device), ("test-bound-finisher", tiny_models.device)]
+    assert ran == ["ran after 2 bindings"]  # the finisher bound its device before running the work

@@ -24,6 +24,7 @@ from streaming.unet_runner import (
     RerunBackend,
     bucket_for,
     graph_buckets,
+    static_like,
 )
 from vexpress_rt.params import GenerationParams
 
@@ -352,3 +353,19 @@ def test_graphs_over_the_frame_cap_run_eagerly(tiny_models, avatars):
 def test_buckets_cover_guidance_at_every_max_batch():
     assert graph_buckets(4) == (1, 2, 4, 8)
     assert graph_buckets(6) == (1, 2, 4, 8, 16)  # guidance doubles 6 windows to 12 rows
+
+
+def test_the_pose_static_buffer_keeps_the_frame_major_layout():
+    """The pose features reach the runner as a (B, C0, T, h, w) view of a frame-major stack. Their static buffer
+    has that layout, so the copy into it is a plain one and the UNet's frame-major view of it needs no copy
+    (a contiguous buffer cost two strided copies per replay)."""
+    stack = torch.randn(3, 4, 2, 8, 16)  # (B, T, C0, h, w) as the denoiser stacks it
+    pose = stack.transpose(1, 2)  # (B, C0, T, h, w): the UNet's view
+    static = static_like(pose, bucket=4)
+    assert static.shape == (4, 2, 4, 8, 16) and not static.any()
+    assert static.stride() == (4 * 2 * 8 * 16, 8 * 16, 2 * 8 * 16, 16, 1)  # frame-major, like the stack
+    static[:3].copy_(pose)
+    frame_major = static.transpose(1, 2)  # what the UNet reads (vexpress_rt/models/unet.py)
+    assert frame_major.is_contiguous() and torch.equal(frame_major[:3], stack)
+    contiguous = torch.randn(2, 3, 5)
+    assert static_like(contiguous, 4).is_contiguous()  # other rows keep the usual layout

@@ -222,10 +222,10 @@ class SimulatedDecoder(FrameDecoder):
         return device
 
     @torch.no_grad()
-    def images(self, latents: torch.Tensor) -> torch.Tensor:
+    def checked_images(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         sim = self.sim
         sim.timeline.run(sim.profile.decode_s(self.name, latents.shape[0], sim.width, sim.height))
-        return sim.portraits.pictures(latents, sim.width, sim.height)
+        return sim.portraits.pictures(latents, sim.width, sim.height), None
 
 
 class SimulatedDevice:

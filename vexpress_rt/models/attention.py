@@ -61,9 +61,21 @@ class Attention(nn.Module):
 
 
 SHORT_SEQUENCES = 1024  # query x key length below which plain matmuls beat the fused CPU kernel
+# Sequences per attention call at most. The fused CUDA kernels put the batch in a grid dimension limited to 65535
+# blocks; the motion modules attend over batch x H x W sequences (16 rows at 512x512: 16 x 64 x 64 = 65536), so
+# larger batches run in slices of this many (the same math: sequences are independent).
+MAX_ATTENTION_BATCH = 32768
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over (B, heads, N, d), in slices of at most MAX_ATTENTION_BATCH sequences."""
+    if q.shape[0] <= MAX_ATTENTION_BATCH:
+        return _attend_slice(q, k, v)
+    slices = zip(q.split(MAX_ATTENTION_BATCH), k.split(MAX_ATTENTION_BATCH), v.split(MAX_ATTENTION_BATCH))
+    return torch.cat([_attend_slice(*qkv) for qkv in slices])
+
+
+def _attend_slice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention. On the CPU, very short sequences (the motion modules: thousands of 8-frame sequences)
     run faster as two batched matmuls than through the fused kernel's per-sequence overhead; same math."""
     if q.is_cuda or q.shape[-2] * k.shape[-2] > SHORT_SEQUENCES:

@@ -139,10 +139,12 @@ class DenoisingTransformerBlock(_TransformerBlock):
 
 
 def _weighted(weight: float | torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """weight * out. A per-row float32 weight multiplies in float32 and rounds once to out's dtype: the same
-    numbers as a Python float weight (which a half-precision product also applies in float32)."""
+    """weight * out, in out's dtype. A per-row weight (B*F, 1, 1) is cast, not the attention output: a float32
+    copy of every half-precision attention output cost two extra passes over it. On CUDA the half product is
+    computed in float32 and rounded once, so it differs from a Python float weight only by the weight's own
+    rounding to half (float32: the same numbers)."""
     if isinstance(weight, torch.Tensor):
-        return (out.float() * weight).to(out.dtype)
+        return out * weight.to(out.dtype)
     return weight * out
 
 
