@@ -39,31 +39,19 @@ from aiohttp import web
 from streaming.device_pool import DevicePool
 from streaming.engine import Engine
 
-from . import (
-    avatars,
-    controls_api,
-    frames_ws,
-    limits,
-    metrics,
-    proxy,
-    recording,
-    rtc,
-    scrape,
-    security,
-    session_api,
-    sockets,
-    speak,
-    viewer,
-    webrtc,
-    whep,
-    ws,
-)
-from .config import ServerConfig
-from .engine_factory import build_pool
+from . import metrics
+from .access import limits, origins, proxy
+from .api import avatars, controls, scrape, sessions, speak
+from .api.session_features import SESSION_FEATURES
+from .api.state import RETRY_AFTER_S, STATE, ServerState, may_control, server_state
 from .errors import ApiError, error_middleware
 from .outputs import api as outputs
+from .outputs import recording
 from .script import api as script
-from .state import RETRY_AFTER_S, STATE, ServerState, may_control, server_state
+from .serving.engine_factory import build_pool
+from .settings.config import ServerConfig
+from .webrtc import peer, publisher, viewer, whep
+from .websockets import bot, frames, sockets
 
 log = logging.getLogger("server")
 
@@ -182,7 +170,7 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     """The application. Without `engine`, one per device is built from `config` (loads the weights) and closed at
     cleanup; a given engine (or pool of them) must be started by the caller and stays the caller's to close."""
     config.validate()
-    rtc.restrict_host_addresses(config.ice_host)
+    peer.restrict_host_addresses(config.ice_host)
     # The event loop shares the process (and the GIL) with the engine's model worker thread: a short switch
     # interval keeps the loop's wake-ups on time (at the default 5 ms, frames were dropped under load).
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
@@ -191,8 +179,8 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
         engine = build_pool(config)
         engine.start()
     pool = engine if isinstance(engine, DevicePool) else DevicePool([engine])
-    security.install_log_redaction()  # ?token= never reaches the access log
-    if config.insecure_no_auth and not config.api_key and not security.is_loopback_host(config.host):
+    origins.install_log_redaction()  # ?token= never reaches the access log
+    if config.insecure_no_auth and not config.api_key and not origins.is_loopback_host(config.host):
         log.warning(
             "\n%s\nINSECURE: serving on %s with NO API KEY (--insecure-no-auth): anyone who reaches this port can\n"
             "register portraits, open sessions and read server information. Give --api-key.\n%s",
@@ -201,14 +189,22 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
             "!" * 100,
         )
     # Host and CORS checks: outermost, so errors carry them too
-    origins = security.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)
+    origin_policy = origins.OriginPolicy(config.allowed_origin, config.host, config.allowed_host)
     # a trusted reverse proxy's scheme and client address first, so that every check and URL after it sees them
     forwarded = proxy.middleware(proxy.parse_networks(config.trusted_proxy))
     app = web.Application(
-        middlewares=[forwarded, origins.middleware(), error_middleware], client_max_size=limits.upload_bytes(config)
+        middlewares=[forwarded, origin_policy.middleware(), error_middleware],
+        client_max_size=limits.upload_bytes(config),
     )
     state = app[STATE] = ServerState(config=config, engine=pool, owns_engine=owns)
     state.metrics.attach(scrape.StateCollector(state))
+    # what each feature adds to POST/GET /v1/sessions (api/session_features.py)
+    app[SESSION_FEATURES] = (
+        publisher.SESSION_FEATURE,
+        recording.SESSION_FEATURE,
+        outputs.SESSION_FEATURE,
+        script.SESSION_FEATURE,
+    )
     r = app.router
     r.add_get("/", index)
     r.add_get("/view/{session_id}", viewer.viewer_page)
@@ -220,16 +216,16 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     r.add_get("/v1/avatars", avatars.list_avatars)
     r.add_get("/v1/avatars/{avatar_id}", avatars.get_avatar)
     r.add_delete("/v1/avatars/{avatar_id}", avatars.delete_avatar)
-    r.add_post("/v1/sessions", session_api.create_session)
-    r.add_get("/v1/sessions/{session_id}", session_api.get_session)
-    r.add_delete("/v1/sessions/{session_id}", session_api.delete_session)
-    r.add_patch("/v1/sessions/{session_id}", controls_api.patch_session)
-    r.add_get("/v1/styles", controls_api.list_styles)
-    r.add_post("/v1/motions", controls_api.create_motion)
-    r.add_get("/v1/motions", controls_api.list_motions)
-    r.add_delete("/v1/motions/{motion_id}", controls_api.delete_motion)
-    r.add_post("/v1/sessions/{session_id}/interrupt", session_api.interrupt_session)
-    r.add_post("/v1/sessions/{session_id}/offer", webrtc.session_offer)
+    r.add_post("/v1/sessions", sessions.create_session)
+    r.add_get("/v1/sessions/{session_id}", sessions.get_session)
+    r.add_delete("/v1/sessions/{session_id}", sessions.delete_session)
+    r.add_patch("/v1/sessions/{session_id}", controls.patch_session)
+    r.add_get("/v1/styles", controls.list_styles)
+    r.add_post("/v1/motions", controls.create_motion)
+    r.add_get("/v1/motions", controls.list_motions)
+    r.add_delete("/v1/motions/{motion_id}", controls.delete_motion)
+    r.add_post("/v1/sessions/{session_id}/interrupt", sessions.interrupt_session)
+    r.add_post("/v1/sessions/{session_id}/offer", publisher.session_offer)
     whep_path, viewer_path = "/v1/sessions/{session_id}/whep", "/v1/sessions/{session_id}/whep/{viewer_id}"
     r.add_post(whep_path, whep.whep_offer)
     r.add_options(whep_path, whep.endpoint_options)
@@ -237,9 +233,9 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
     r.add_delete(viewer_path, whep.whep_delete)
     r.add_options(viewer_path, whep.resource_options)
     whep.setup(app)
-    r.add_post("/offer", webrtc.legacy_offer)
-    r.add_get("/v1/sessions/{session_id}/ws", ws.bot_socket)
-    r.add_get("/v1/sessions/{session_id}/frames", frames_ws.frames_socket)
+    r.add_post("/offer", publisher.legacy_offer)
+    r.add_get("/v1/sessions/{session_id}/ws", bot.bot_socket)
+    r.add_get("/v1/sessions/{session_id}/frames", frames.frames_socket)
     r.add_post("/v1/sessions/{session_id}/speak", speak.speak)
     speak.setup(app)  # the decoded-audio budget, shared with scripts
     recording_path = "/v1/sessions/{session_id}/recording"

@@ -21,11 +21,11 @@ from streaming.bench.demo_model import add_make_demo_model_command
 from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
-from .config import ServerConfig, add_serve_arguments, unknown_variables
-from .present import add_present_command
-from .tools.camera import add_camera_command
-from .tools.push import add_push_command
-from .tools.soak import add_soak_command
+from .commands.camera import add_camera_command
+from .commands.present import add_present_command
+from .commands.push import add_push_command
+from .commands.soak import add_soak_command
+from .settings.config import ServerConfig, add_serve_arguments, unknown_variables
 
 log = logging.getLogger("server")
 
@@ -54,8 +54,8 @@ EXTRA_COMMANDS.append(add_make_demo_model_command)  # a tiny random model folder
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .engine_factory import build_pool, weights_report
-    from .rtc import restrict_host_addresses
+    from .serving.engine_factory import build_pool, weights_report
+    from .webrtc.peer import restrict_host_addresses
 
     config = ServerConfig.from_args(args, os.environ)  # ConfigError: one line, exit code 2
     for variable in unknown_variables(os.environ):
@@ -106,8 +106,8 @@ def _port_problem(host: str, port: int) -> str | None:
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     """`--tls-cert/--tls-key`, or a fresh self-signed certificate (its fingerprint printed), or None (HTTP)."""
-    from .rtc import local_addresses
-    from .tls import self_signed_context, served_names, ssl_context
+    from .serving.tls import self_signed_context, served_names, ssl_context
+    from .webrtc.peer import local_addresses
 
     if config.tls_cert and config.tls_key:
         return ssl_context(config.tls_cert, config.tls_key)

@@ -89,7 +89,7 @@ class ServerMetrics:
         self._turn_seen = 0.0  # end of the last worker turn observed
 
     def attach(self, collector: Collector) -> None:
-        """Read the server at each scrape through `collector` (server/scrape.py), with the process collector."""
+        """Read the server at each scrape through `collector` (server/api/scrape.py), with the process collector."""
         self.registry.register(collector)
         self.registry.register(_PROCESS)
 

@@ -26,8 +26,8 @@ from aiortc.mediastreams import MediaStreamError
 from multidict import CIMultiDict
 from PIL import Image
 
-from server import marks
-from server.frames_ws import parse_frame
+from server.media import marks
+from server.websockets.frames import parse_frame
 
 UNHANDLED = ("Traceback", "Error handling request", "Unhandled exception", "unhandled error", "Task exception")
 

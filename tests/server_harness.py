@@ -15,9 +15,9 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from server.api.state import STATE
 from server.app import create_app
-from server.config import ServerConfig
-from server.state import STATE
+from server.settings.config import ServerConfig
 
 TEST_SIZE = {"width": 128, "height": 64}
 

@@ -452,7 +452,7 @@ def test_a_client_that_stops_reading_its_events_is_disconnected(monkeypatch):
     behind a send stuck on a full socket; past the limit the connection is closed (1008)."""
     from types import SimpleNamespace
 
-    from server import ws as bot_ws
+    from server.websockets import bot as bot_ws
 
     monkeypatch.setattr(bot_ws, "MAX_PENDING_EVENTS", 5)
 

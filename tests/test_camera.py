@@ -19,7 +19,7 @@ from client_kit import bearer, create_session, delete_session, http, wav_bytes
 from server_harness import ServerThread, make_config
 
 from server import cli
-from server.tools.camera import CameraFrame, FramePacer, MonotonicClock, StreamInfo, run_camera
+from server.commands.camera import CameraFrame, FramePacer, MonotonicClock, StreamInfo, run_camera
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from server_harness import ServerThread, call, make_config
 
-from server.config import ConfigError, ServerConfig, add_serve_arguments
+from server.settings.config import ConfigError, ServerConfig, add_serve_arguments
 from streaming.decoder import FrameDecoder, load_decoders
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig

@@ -27,9 +27,9 @@ from netns_browser import run_driver_in_netns
 from server_harness import ServerThread, make_config
 
 from server import cli
-from server.config import ConfigError, ServerConfig
-from server.tls import make_self_signed, served_names, ssl_context
-from server.turn import session_ice_servers, turn_credentials
+from server.serving.tls import make_self_signed, served_names, ssl_context
+from server.settings.config import ConfigError, ServerConfig
+from server.webrtc.turn import session_ice_servers, turn_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
@@ -60,7 +60,7 @@ def test_tls_flags_and_env():
 @pytest.mark.parametrize("case", ["missing", "mismatched", "not_pem", "only_cert"])
 def test_serve_refuses_bad_certificates_before_loading(case, tmp_path, capsys, monkeypatch):
     """Exit 2 with one clear line, before the model loads or the port opens."""
-    monkeypatch.setattr("server.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
+    monkeypatch.setattr("server.serving.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
     cert, key = _write_pair(tmp_path, "a", ["127.0.0.1"])
     _, other_key = _write_pair(tmp_path, "b", ["127.0.0.1"])
     argv = {
@@ -197,7 +197,7 @@ def test_turn_flags_and_session_servers():
 @pytest.mark.parametrize("ttl", ["86401", "1e9", "0"])
 def test_serve_refuses_a_turn_ttl_out_of_bounds(ttl, tmp_path, capsys, monkeypatch):
     """--turn_ttl_s above a day (or not positive): exit 2 with one clear line, before the model loads."""
-    monkeypatch.setattr("server.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
+    monkeypatch.setattr("server.serving.engine_factory.build_pool", lambda cfg: pytest.fail("the engine was built"))
     for var in [v for v in os.environ if v.startswith("VEXPRESS_")]:
         monkeypatch.delenv(var)
     argv = ["--turn-secret", "s3cret", "--turn-url", "turn:127.0.0.1:3478", "--turn_ttl_s", ttl]

@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.api.state import STATE
 from server.app import create_app
-from server.config import ServerConfig
-from server.state import STATE
+from server.settings.config import ServerConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"

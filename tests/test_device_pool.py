@@ -14,7 +14,7 @@ import pytest
 from client_kit import bearer, create_session, http, run, wait_for
 from server_harness import ServerThread, call, make_config
 
-from server.config import ConfigError, ServerConfig
+from server.settings.config import ConfigError, ServerConfig
 from streaming import avatar as avatar_module
 from streaming.denoiser import StreamDenoiser
 from streaming.device_pool import DevicePool, device_names, parse_devices

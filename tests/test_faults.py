@@ -32,7 +32,7 @@ from client_kit import (
 )
 from server_harness import ServerThread, make_config
 
-from server.sockets import OPEN_SOCKETS
+from server.websockets.sockets import OPEN_SOCKETS
 from streaming.denoiser import StreamDenoiser
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from server_harness import ServerThread, call, make_config
 
-from server.config import ServerConfig, unknown_variables
+from server.settings.config import ServerConfig, unknown_variables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -38,10 +38,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from server_harness import ServerThread, call, make_config
 
-from server.avatars import decode_image
+from server.api.avatars import decode_image
+from server.api.sessions import SESSION_FIELDS
 from server.errors import ApiError
-from server.frames_ws import MAX_CLIENT_MESSAGE_BYTES
-from server.session_api import SESSION_FIELDS
+from server.websockets.frames import MAX_CLIENT_MESSAGE_BYTES
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
 

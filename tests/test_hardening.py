@@ -12,8 +12,8 @@ import av
 import numpy as np
 import pytest
 from client_kit import mp3_bytes, voiced_pcm16, wav_bytes
+from server.media.pump.audio_file import decode_audio_bytes
 
-from server.audio_file import decode_audio_bytes
 from server.errors import ApiError
 
 
@@ -264,7 +264,7 @@ def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engin
 
 # -- 4. off loopback a key is required; the server answers only to Host names it was configured for ----------------
 def test_serving_off_loopback_needs_an_api_key_or_an_explicit_insecure_flag():
-    from server.config import ConfigError, ServerConfig
+    from server.settings.config import ConfigError, ServerConfig
 
     with pytest.raises(ConfigError, match="--api-key"):
         ServerConfig(host="0.0.0.0").validate()
@@ -357,7 +357,7 @@ def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine,
     from client_kit import bearer
     from server_harness import ServerThread, call, make_config
 
-    from server.recording import RECORDINGS
+    from server.outputs.recording import RECORDINGS
 
     server = ServerThread(make_config(recording_dir=str(tmp_path), recordings_quota_mb=0.005), tiny_engine).start()
     try:
@@ -399,7 +399,7 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
     from PIL import Image
     from server_harness import ServerThread, call, make_config
 
-    from server.avatars import decode_image
+    from server.api.avatars import decode_image
 
     server = ServerThread(make_config(max_image_pixels=40_000_000, max_upload_mb=5), tiny_engine).start()
     big = image_bytes(Image.new("RGB", (6324, 6324), "grey"), "PNG")

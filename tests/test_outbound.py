@@ -1,4 +1,4 @@
-"""Where live outputs may connect (server/outbound.py, server/outputs/): the real server on loopback, pushed at
+"""Where live outputs may connect (server/access/outbound.py, server/outputs/): the real server on loopback, pushed at
 stand-in "internal" services on 127.0.0.1 (a metadata-like HTTP service, a TCP service with a banner, a WHIP endpoint
 that redirects, one that answers 600 MiB, a TLS ingest with a self-signed certificate, an ingest that drops each
 publisher after accepting it).
@@ -24,9 +24,9 @@ from client_kit import RtmpIngest, bearer, create_session, delete_session, free_
 from client_kit import http as open_http
 from server_harness import ServerThread, make_config
 
-from server.config import ConfigError, ServerConfig
 from server.outputs.target import protocol_available
-from server.tls import make_self_signed
+from server.serving.tls import make_self_signed
+from server.settings.config import ConfigError, ServerConfig
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
 

@@ -41,7 +41,7 @@ from server_harness import ServerThread, make_config
 
 from server.errors import ApiError
 from server.script.items import parse_script
-from server.tts import TtsCommand
+from server.script.tts import TtsCommand
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(300)]
 

@@ -28,7 +28,7 @@ from client_kit import http as open_http
 from netns_browser import start_serve, stop
 from server_harness import ServerThread, make_config
 
-from server.speak import AUDIO_DECODING
+from server.api.speak import AUDIO_DECODING
 
 pytestmark = [pytest.mark.timeout(600)]
 

@@ -32,8 +32,8 @@ from PIL import Image
 from server_harness import ServerThread, call, make_config
 from yarl import URL
 
-from server import auth
-from server.config import ConfigError, IceServer, ServerConfig
+from server.access import auth
+from server.settings.config import ConfigError, IceServer, ServerConfig
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
 

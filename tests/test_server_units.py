@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from server import marks, metrics, rtc
-from server.auth import require_api_key, require_session_token, same_secret
-from server.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
+from server import metrics
+from server.access.auth import require_api_key, require_session_token, same_secret
+from server.access.limits import MessageRate, Verdict
 from server.errors import ApiError
-from server.limits import MessageRate, Verdict
-from server.media import AudioRechunker, FrameQueue
+from server.media import marks
+from server.media.pump import AudioRechunker, FrameQueue
+from server.settings.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
+from server.webrtc import peer as rtc
 from streaming.frames import AVFrame
 
 

@@ -19,9 +19,9 @@ from aiortc.mediastreams import MediaStreamError
 from client_kit import bearer, create_session, http, loopback_pc, loud_seconds, run, voiced_pcm16, wait_for, wav_of
 from server_harness import ServerThread, make_config
 
-from server import marks
-from server.config import ConfigError, ServerConfig
-from server.engine_factory import build_simulated_engine
+from server.media import marks
+from server.serving.engine_factory import build_simulated_engine
+from server.settings.config import ConfigError, ServerConfig
 from streaming.bench.gpu_bench import engine_figures
 from streaming.sim.calibrate import profile_from_bench
 from streaming.sim.device import SimulatedDevice, simulated_device

@@ -26,11 +26,12 @@ from client_kit import (
 from PIL import Image
 from server_harness import ServerThread, make_config
 
-from server import lifetime, metrics
-from server.config import DEFAULT_AVATAR
-from server.sockets import OPEN_SOCKETS
-from server.tools import soak as soak_module
-from server.tools.soak import load_speech, run_soak
+from server import metrics
+from server.commands import soak as soak_module
+from server.commands.soak import load_speech, run_soak
+from server.session import lifetime
+from server.settings.config import DEFAULT_AVATAR
+from server.websockets.sockets import OPEN_SOCKETS
 from streaming import engine as engine_module
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]

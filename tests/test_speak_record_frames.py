@@ -31,7 +31,7 @@ from client_kit import http as open_http
 from PIL import Image
 from server_harness import ServerThread, make_config
 
-from server.frames_ws import HEADER, parse_frame
+from server.websockets.frames import HEADER, parse_frame
 from vexpress_rt.media import resample_pcm
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
@@ -297,7 +297,7 @@ def test_recordings_expire_and_are_removed_at_shutdown(tiny_engine):
 
     try:
         expired, data, gone, kept = run(main())
-        from server.recording import RECORDINGS
+        from server.outputs.recording import RECORDINGS
 
         path = srv.app[RECORDINGS].recordings[kept["id"]].path
         folder_files = sorted(p.name for p in path.parent.iterdir())

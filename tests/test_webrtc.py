@@ -27,7 +27,7 @@ from aiortc.rtp import RtcpSrPacket
 from client_kit import spoken_wav
 from server_harness import ServerThread, make_config
 
-from server import marks
+from server.media import marks
 from vexpress_rt.media import load_audio, resample_pcm
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from server_harness import ServerThread, make_config
 
 from server.errors import ApiError
-from server.whep import parse_sdpfrag
+from server.webrtc.whep import parse_sdpfrag
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
 

@@ -1,6 +1,6 @@
 """The frames websocket's wire format (`GET /v1/sessions/{id}/frames`, schema in docs/websocket.md): one binary
 message per frame, a fixed 44-byte header + JPEG + the frame's PCM16 audio. The server packs it
-(server/frames_ws.py), clients parse it; both import it from here, so a client never imports the server.
+(server/websockets/frames.py), clients parse it; both import it from here, so a client never imports the server.
 """
 
 from __future__ import annotations

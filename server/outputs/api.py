@@ -14,7 +14,7 @@ ingest)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt;
 Reports never show a URL's stream key (the last path segment), query or credentials.
 
 Who may add one: `--outputs on` (default: any session token holder), `api-key` (requests with an API key only:
-403 `outputs_need_api_key`), `off` (403 `outputs_disabled`). Where to: the outbound policy (server/outbound.py)
+403 `outputs_need_api_key`), `off` (403 `outputs_disabled`). Where to: the outbound policy (server/access/outbound.py)
 checks the target when it is added (400 `target_not_allowed`) and again at each connection.
 """
 
@@ -28,14 +28,15 @@ from aiortc import RTCConfiguration
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import rtc
-from ..auth import has_api_key
-from ..config import ServerConfig
+from ..access.auth import has_api_key
+from ..access.outbound import OutboundPolicy, OutboundRefused
+from ..api.session_features import SessionFeature
+from ..api.state import STATE, json_body, session_for
 from ..errors import ApiError
 from ..metrics import PREFIX
-from ..outbound import OutboundPolicy, OutboundRefused
-from ..sessions import ServerSession
-from ..state import STATE, json_body, session_for
+from ..session.served import ServerSession
+from ..settings.config import ServerConfig
+from ..webrtc import peer as rtc
 from .ingest import IngestPublisher
 from .publisher import Publisher
 from .target import OutputSettings
@@ -160,14 +161,30 @@ async def check_request(request: web.Request, settings: list[OutputSettings]) ->
         await store.check_target(one)
 
 
-def add_for(app: web.Application, session: ServerSession, settings: OutputSettings) -> Publisher:
-    """Push `session` to one more output (`POST /v1/sessions` with `"outputs"`, checked by `check_request`)."""
-    return app[OUTPUTS].add(session, settings)
+async def _check_pushes(request: web.Request, pushes: object) -> list[OutputSettings]:
+    """`POST /v1/sessions` with `"outputs"`: pushed from the start, checked before the session opens."""
+    if pushes is None:
+        return []
+    if not isinstance(pushes, list) or len(pushes) > MAX_OUTPUTS:
+        raise ApiError(400, f"outputs must be a list of at most {MAX_OUTPUTS} outputs")
+    settings = [OutputSettings.from_json(o) for o in pushes]
+    if settings:
+        await check_request(request, settings)
+    return settings
 
 
-def session_fields(app: web.Application, session: ServerSession) -> dict:
+async def _start_pushes(request: web.Request, session: ServerSession, settings: list[OutputSettings]) -> dict:
+    if not settings:
+        return {}
+    return {"outputs": [request.app[OUTPUTS].add(session, one).report() for one in settings]}
+
+
+def _shown(app: web.Application, session: ServerSession) -> dict:
     """What `GET /v1/sessions/{id}` shows of the session's outputs."""
     return {"outputs": [p.report() for p in app[OUTPUTS].of(session.id)]}
+
+
+SESSION_FEATURE = SessionFeature("outputs", "outputs", _check_pushes, _start_pushes, _shown)
 
 
 async def add_output(request: web.Request) -> web.Response:
@@ -182,7 +199,7 @@ async def add_output(request: web.Request) -> web.Response:
 
 async def list_outputs(request: web.Request) -> web.Response:
     session = session_for(request)
-    return web.json_response(session_fields(request.app, session))
+    return web.json_response(_shown(request.app, session))
 
 
 async def delete_output(request: web.Request) -> web.Response:

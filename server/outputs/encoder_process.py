@@ -23,7 +23,7 @@ import subprocess
 import sys
 from typing import IO, Any
 
-from ..mp4_writer import EncodeSpec, Mp4Writer
+from .mp4_writer import EncodeSpec, Mp4Writer
 
 HEADER = struct.Struct("<I")
 CLOSE_TIMEOUT_S = 10.0

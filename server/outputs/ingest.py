@@ -5,7 +5,7 @@ audio leave with the same timestamp, as in a recording.
 Encoding runs in a child process per connection (encoder_process.py: PyAV holds the GIL while it connects), fed
 from a thread of the output's own (never the event loop, never the model worker); each connection starts its
 timestamps at 0 (an ingest takes a reconnect as a new stream). The connection itself is the server's: each attempt
-resolves and checks the target (server/outbound.py); RTMP(S) goes through relay.py (connected, TLS verified,
+resolves and checks the target (server/access/outbound.py); RTMP(S) goes through relay.py (connected, TLS verified,
 before any child starts: a dead or refused target costs no process); SRT is opened by FFmpeg at the checked
 address.
 """
@@ -19,10 +19,10 @@ from aiortc.mediastreams import MediaStreamError
 
 from streaming.frames import AVFrame
 
-from ..mp4_writer import EncodeSpec
-from ..outbound import OutboundPolicy
-from ..sessions import ServerSession
+from ..access.outbound import OutboundPolicy
+from ..session.served import ServerSession
 from .encoder_process import EncoderProcess
+from .mp4_writer import EncodeSpec
 from .publisher import OutputFailure, Publisher
 from .relay import IngestRelay, RelayError
 from .target import OutputSettings

@@ -9,7 +9,7 @@ any state ──(DELETE, the session ends)──► stopped
 Back-off: each failure doubles the wait (1 s to 60 s), whether or not the connection went live meanwhile; only a
 connection that stayed live for `STABLE_LIVE_S` starts again from 1 s. So an ingest that accepts and then drops
 gets an encoder process every minute at most, not every second. Each connection checks the target again with the
-outbound policy (server/outbound.py): a name that now resolves to a refused address is refused.
+outbound policy (server/access/outbound.py): a name that now resolves to a refused address is refused.
 
 What reports and logs say of a failure is a fixed reason (`OutputFailure.reason`: "not allowed", "could not
 connect", "http 403"...), never a remote reply, a socket's or FFmpeg's message: an output must not read back
@@ -27,8 +27,8 @@ import collections
 import time
 from dataclasses import dataclass
 
-from ..outbound import Endpoint, OutboundPolicy, OutboundRefused
-from ..sessions import ServerSession
+from ..access.outbound import Endpoint, OutboundPolicy, OutboundRefused
+from ..session.served import ServerSession
 from .target import OutputSettings
 
 BACKOFF_FIRST_S = 1.0

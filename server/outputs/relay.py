@@ -1,7 +1,7 @@
 """The network side of an RTMP/RTMPS output, made by the server, not by FFmpeg.
 
 The encoder child (encoder_process.py) speaks RTMP to a listener on 127.0.0.1 that accepts that one connection;
-this relay has already connected to the address the outbound policy checked (server/outbound.py), over TLS for
+this relay has already connected to the address the outbound policy checked (server/access/outbound.py), over TLS for
 rtmps:// (certificate and host name verified unless the output opts out; SNI is the URL's host name), and copies
 the bytes both ways. Why: PyAV opens an output with no protocol options, so FFmpeg could neither be told which
 address to use (it would resolve the name again), nor to verify a certificate, nor be limited to a protocol list.
@@ -18,7 +18,7 @@ import contextlib
 import ssl
 import struct
 
-from ..outbound import Endpoint
+from ..access.outbound import Endpoint
 from .target import OutputSettings
 
 CONNECT_TIMEOUT_S = 10.0

@@ -4,7 +4,7 @@ A URL is refused unless it is printable ASCII without spaces (no tab, newline or
 FFmpeg or a log would read differently from Python), has no fragment, and, for SRT, only caller-side query keys
 (no `mode=listener`/`rendezvous`, no local address or port: an output never makes the server listen). What is kept
 is the URL rebuilt from its parsed parts (`url`), and that, never the text the client sent, is what the server
-connects to. Where it may connect is server/outbound.py's call.
+connects to. Where it may connect is server/access/outbound.py's call.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ viewers get) in a send-only offer, `POST` as `application/sdp`, the answer in th
 `Location`; `DELETE` of that resource when the output stops. A connection that fails or closes is made again with
 back-off (publisher.py). Encoding runs where aiortc runs it (its encoder threads), not on the model worker.
 
-Outbound rules (server/outbound.py): the endpoint's host is resolved and checked at each connection and the HTTP
+Outbound rules (server/access/outbound.py): the endpoint's host is resolved and checked at each connection and the HTTP
 request goes to that address (a resolver that answers only it; Host and TLS SNI stay the URL's name; https is
 verified unless the output opts out). No redirect is followed. The answer must be `201`, `application/sdp`, at most
 `--max_sdp_bytes`, read no further; its ICE candidates on refused addresses are dropped before aiortc sees them.
@@ -22,9 +22,9 @@ import av
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from ..media import AvatarAudioTrack, AvatarVideoTrack
-from ..outbound import Endpoint, OutboundPolicy, OutboundRefused
-from ..sessions import ServerSession
+from ..access.outbound import Endpoint, OutboundPolicy, OutboundRefused
+from ..media.pump import AvatarAudioTrack, AvatarVideoTrack
+from ..session.served import ServerSession
 from .publisher import OutputFailure, Publisher
 from .target import DEFAULT_PORTS, OutputSettings, shown
 

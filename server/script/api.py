@@ -7,14 +7,14 @@
 | `POST /v1/sessions/{id}/script/{action}` | pause, resume, skip, stop: 200 with its report; 409 when not allowed |
 | `DELETE /v1/sessions/{id}/script` | stop it |
 
-The body is `multipart/form-data` with the script as JSON in the field `script` (items.py) and each audio item's
-file in the field it names (`{"audio": "intro"}` -> the field `intro`; the whole upload at most `--max_upload_mb`),
-or, with text, pause and mark items only, the script as an `application/json` body. Audio files are checked and
-decoded like `/speak`'s (audio_file.py, sniff.py); a script names no URL to fetch (the only outbound
-connections are live outputs, under server/outbound.py's policy: SECURITY.md). Items are decoded (text items spoken
-by `--tts-command`, tts.py) shortly before they play, within the script's byte budget (`--script_audio_mb`, part of
-the server's `--decoded_audio_mb`); a script with text items is refused (503) while every TTS process slot is busy.
-The one-script-per-session slot is reserved before the body is read: a concurrent POST gets 409.
+The body is `multipart/form-data` with the script as JSON in the field `script` (items.py) and each audio item's file
+in the field it names (`{"audio": "intro"}` -> the field `intro`; the whole upload at most `--max_upload_mb`), or,
+with text, pause and mark items only, the script as an `application/json` body. Audio files are checked and decoded
+like `/speak`'s (media/audio_file.py, access/sniff.py); a script names no URL to fetch (the only outbound connections
+are live outputs, under server/access/outbound.py's policy: SECURITY.md). Items are decoded (text items spoken by
+`--tts-command`, tts.py) shortly before they play, within the script's byte budget (`--script_audio_mb`, part of the
+server's `--decoded_audio_mb`); a script with text items is refused (503) while every TTS process slot is busy. The
+one-script-per-session slot is reserved before the body is read: a concurrent POST gets 409.
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ from aiohttp import web
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import GenerationParams
 
-from .. import limits
-from ..audio_file import ByteBudget, DecodedFile, decode_off_loop
-from ..controls_api import control_changes
+from ..access import limits
+from ..access.sniff import audio_demuxer
+from ..api.controls import control_changes
+from ..api.session_features import SessionFeature
+from ..api.speak import AUDIO_DECODING
+from ..api.state import STATE, ServerState, json_body, server_state, session_for
 from ..errors import ApiError
-from ..sessions import ServerSession
-from ..sniff import audio_demuxer
-from ..speak import AUDIO_DECODING
-from ..state import STATE, ServerState, json_body, server_state, session_for
-from ..tts import TtsCommand
+from ..media.audio_file import ByteBudget, DecodedFile, decode_off_loop
+from ..session.served import ServerSession
 from .items import MAX_SCRIPT_S, ScriptItem, parse_script
 from .runner import ScriptRunner
+from .tts import TtsCommand
 
 ACTIONS = ("pause", "resume", "skip", "stop")
 
@@ -75,10 +76,13 @@ def setup(app: web.Application) -> None:
     state.sessions.add_close_listener(store.forget)
 
 
-def session_fields(app: web.Application, session: ServerSession) -> dict:
+def _shown(app: web.Application, session: ServerSession) -> dict:
     """What `GET /v1/sessions/{id}` shows of the session's script."""
     runner = app[SCRIPTS].scripts.get(session.id)
     return {"script": runner.report() if runner is not None else None}
+
+
+SESSION_FEATURE = SessionFeature("script", shown=_shown)
 
 
 async def _read_upload(request: web.Request, limit: int) -> tuple[object, dict[str, bytes]]:

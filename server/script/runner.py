@@ -32,8 +32,8 @@ import numpy as np
 from streaming.frames import Event
 from vexpress_rt.errors import InputError
 
-from ..audio_file import BudgetExceeded, DecodedFile
-from ..sessions import ServerSession
+from ..media.audio_file import BudgetExceeded, DecodedFile
+from ..session.served import ServerSession
 from .items import ScriptItem, ScriptSpec
 
 LEAD_S = 3.0  # audio pushed ahead of playback

@@ -1,0 +1,1 @@
+"""Commands beside `serve`: `present`, `push`, `soak`, `camera` (and its virtual devices)."""

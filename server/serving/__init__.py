@@ -1,0 +1,1 @@
+"""Running the server: building the engine from the settings, TLS."""

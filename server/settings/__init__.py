@@ -1,0 +1,1 @@
+"""The server's settings: `vexpress-rt serve` flags, `VEXPRESS_*` variables, defaults, validation."""

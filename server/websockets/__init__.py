@@ -1,0 +1,1 @@
+"""The websockets: the voice-bot socket (`/ws`), the frames socket (`/frames`), and what they share."""
