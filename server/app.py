@@ -7,23 +7,23 @@
 | POST /v1/avatars, GET /v1/avatars, GET/DELETE /v1/avatars/{id} | key | portraits (pre-encoded on upload) |
 | POST /v1/sessions | key | a session: id, token and its URLs |
 | GET/DELETE /v1/sessions/{id}, POST .../offer, .../interrupt | token | the session, its WebRTC publisher |
-| PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`controls_api.py`) |
+| PATCH /v1/sessions/{id} | token | change live controls: strength, style, motion, blink rate (`api/controls.py`) |
 | GET /v1/styles; POST/GET /v1/motions | -; key | expression styles; uploaded motions (kps file or short video) |
 | DELETE /v1/motions/{id} | key | forget an uploaded motion (sessions following it keep their copy) |
-| POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token, view | WHEP viewers (`whep.py`) |
-| GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `viewer.py`), `view_url` |
+| POST/OPTIONS /v1/sessions/{id}/whep, PATCH/DELETE/OPTIONS .../whep/{viewer} | token, view | WHEP (`webrtc/whep.py`) |
+| GET /view/{id}?token= | - | the chromeless viewer page (OBS browser source; `webrtc/viewer.py`), `view_url` |
 | POST /offer | key | aiortc-example compatible: a session on the default avatar, answered at once |
-| GET /v1/sessions/{id}/ws | token | the bot websocket (`ws.py`: PCM16 in, JSON control and playback events) |
-| GET /v1/sessions/{id}/frames | token | every frame as JPEG + PCM16 with timestamps (`frames_ws.py`) |
-| POST /v1/sessions/{id}/speak | token | an audio file said as one utterance (`speak.py`) |
-| POST/DELETE/GET /v1/sessions/{id}/recording | token | MP4 recording of the session (`recording.py`) |
+| GET /v1/sessions/{id}/ws | token | the bot websocket (`websockets/bot.py`: PCM16 in, JSON controls and events) |
+| GET /v1/sessions/{id}/frames | token | every frame as JPEG + PCM16 with timestamps (`websockets/frames.py`) |
+| POST /v1/sessions/{id}/speak | token | an audio file said as one utterance (`api/speak.py`) |
+| POST/DELETE/GET /v1/sessions/{id}/recording | token | MP4 recording of the session (`outputs/recording.py`) |
 | POST/GET /v1/sessions/{id}/outputs, DELETE .../outputs/{output} | token | push to RTMP/SRT/WHIP (`outputs/`) |
 | POST/GET/DELETE /v1/sessions/{id}/script, POST .../script/{action} | token | play a script (`script/`) |
 
 "key": the API key when the server has one (else open); "token": the session's token or the API key; "view": also
 the session's view-only token (`view_url`), refused (403) everywhere else.
-Each group of routes has its handlers in its own module (`avatars`, `session_api`, `webrtc`, `ws`, `frames_ws`,
-`speak`, `recording`), sharing the state and request helpers of `state.py`; this module builds the route table.
+Each group of routes has its handlers in the folder that owns it (README: the server's folders), sharing the
+state and request helpers of `api/state.py`; this module builds the route table and lists the session features.
 Websocket schemas: docs/websocket.md.
 """
 

@@ -9,7 +9,7 @@
   DELETEs and POSTs a new offer. With an `If-Match` that is neither `*` nor the resource's `ETag`: 412.
 * `DELETE` resource: 200, also for a viewer whose connection already ended (the resource's end, not a 404).
 * `OPTIONS` endpoint or resource: 204 with `Allow` and `Accept-Post`/`Accept-Patch`; with `Origin` and
-  `Access-Control-Request-Method`, the CORS preflight (`security.py`).
+  `Access-Control-Request-Method`, the CORS preflight (`access/origins.py`).
 
 Credentials: the session's token, its view-only token (`view_url`: a viewer page can watch, nothing more) or the API
 key. The `Link` TURN credentials expire with the session (`turn.py`).
