@@ -54,6 +54,7 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor, FrameProcessorSetup
 
+from . import wire
 from .session import AvatarSession, SessionLost, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -279,10 +280,10 @@ class VExpressVideoService(FrameProcessor):
         try:
             async for event in self._session.events():
                 kind = event.get("type")
-                if kind == "mark" and event.get("name") == self._pending_mark:
+                if kind == wire.MARK and event.get("name") == self._pending_mark:
                     self._cutoff = int(event.get("frame", self._cutoff))
                     self._pending_mark = None
-                elif kind == "error":
+                elif kind == wire.ERROR:
                     # With a `frame`, the session is ending (engine or lifetime error): the sockets close next and
                     # the loss is reported then; without, a message was refused and the session goes on.
                     await self.push_error(f"vexpress-rt error {event.get('code')}: {event.get('message')}")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import aiohttp
 
+from . import wire
 from .frames import FrameMessage, parse_frame
 
 
@@ -102,10 +103,10 @@ class AvatarSession:
                 self.info = await r.json()
             auth = {"Authorization": f"Bearer {self.info['token']}"}
             self._bot = bot = await self._http.ws_connect(self.info["ws_url"], headers=auth, heartbeat=10.0)
-            self.ready = await self._first_json(bot, "session.ready")
+            self.ready = await self._first_json(bot, wire.SESSION_READY)
             params = {"quality": str(self.options.jpeg_quality)} if self.options.jpeg_quality else {}
             self._frames = frames = await self._http.ws_connect(self.info["frames_url"], headers=auth, params=params)
-            self.stream = await self._first_json(frames, "stream.start")
+            self.stream = await self._first_json(frames, wire.STREAM_START)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError, ValueError) as exc:
             await self.close()
             raise SessionLost(f"could not open a session on {self.url}: {exc!r}") from exc
@@ -151,18 +152,18 @@ class AvatarSession:
         await self._send(lambda ws: ws.send_bytes(pcm16))
 
     async def end_utterance(self) -> None:
-        await self._send_json({"type": "audio.end"})
+        await self._send_json(wire.message(wire.AUDIO_END))
 
     async def interrupt(self) -> None:
-        await self._send_json({"type": "interrupt"})
+        await self._send_json(wire.message(wire.INTERRUPT))
 
     async def mark(self, name: str) -> None:
-        await self._send_json({"type": "mark", "name": name})
+        await self._send_json(wire.message(wire.MARK, name=name))
 
     async def control(self, **fields: object) -> None:
         """Change live controls (strength, style, motion, blink rate; docs/controls.md): `control.accepted` and then
         `control.applied` (the frame it took effect on) come through `events()`."""
-        await self._send_json({"type": "control", **fields})
+        await self._send_json(wire.message(wire.CONTROL, **fields))
 
     async def _send_json(self, message: dict) -> None:
         await self._send(lambda ws: ws.send_str(json.dumps(message)))

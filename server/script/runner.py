@@ -171,7 +171,7 @@ class ScriptRunner:
         return round(self._offset / audio.sample_rate, 3) if audio is not None else 0.0
 
     def _tell(self, kind: str, **data) -> None:
-        self.session.notify({"type": f"script.{kind}", "script_id": self.id, **data})
+        self.session.notify({"type": f"script.{kind}", "script_id": self.id, **data})  # wire.SCRIPT_STATE / SCRIPT_ITEM
 
     def _set_state(self, state: str) -> None:
         if state != self.state:

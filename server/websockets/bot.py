@@ -26,6 +26,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import shown
+from vexpress_rt_client import wire
 
 from ..access.limits import Verdict
 from ..api.controls import apply_control, control_rate_refusal
@@ -100,7 +101,7 @@ class BotConnection:
 
     def error(self, code: str, message: str) -> None:
         self.errors += 1
-        self.send({"type": "error", "code": code, "message": message})
+        self.send(wire.message(wire.ERROR, code=code, message=message))
 
     def _on_event(self, event) -> None:
         """The session's listener: any thread."""
@@ -115,7 +116,7 @@ class BotConnection:
 
     def _deliver(self, message: dict) -> None:
         self.send(message)
-        if message["type"] == "state" and message.get("state") == "closed":
+        if message["type"] == wire.STATE and message.get("state") == "closed":
             self._queue.put_nowait(_CLOSE)
 
     async def _sender(self) -> None:
@@ -131,14 +132,14 @@ class BotConnection:
             await asyncio.sleep(BUFFER_TICK_S)
             buffered = round(self.engine_session.buffered_ms, 1)
             if buffered != last and (buffered > 0 or last > 0):
-                self.send({"type": "buffer", "buffered_ms": buffered})
+                self.send(wire.message(wire.BUFFER, buffered_ms=buffered))
                 last = buffered
 
     def ready_message(self) -> dict:
         es = self.engine_session
         cfg = es.config
         return {
-            "type": "session.ready",
+            "type": wire.SESSION_READY,
             "session_id": self.session.id,
             "avatar_id": es.avatar_id,
             "fps": cfg.fps,
@@ -184,39 +185,38 @@ class BotConnection:
         kind = message["type"]
         es = self.engine_session
         try:
-            if kind == "audio.end":
+            if kind == wire.AUDIO_END:
                 es.end_utterance()
-            elif kind == "interrupt":
+            elif kind == wire.INTERRUPT:
                 es.interrupt()
                 self.session.log.info("interrupted by the bot")
-            elif kind == "mark":
+            elif kind == wire.MARK:
                 name = message.get("name")
                 if not isinstance(name, str) or not 0 < len(name) <= MAX_MARK_NAME:
                     self.error("invalid_message", f'"mark" needs a "name": a string of 1 to {MAX_MARK_NAME} characters')
                     return
                 es.mark(name)
-            elif kind == "ping":
-                pong = {"type": "pong"}
+            elif kind == wire.PING:
+                pong = wire.message(wire.PONG)
                 if "id" in message:
                     pong["id"] = message["id"]
                 self.send(pong)
-            elif kind == "control":
+            elif kind == wire.CONTROL:
                 refusal = control_rate_refusal(server_state(self.request), self.session, "ws")
                 if refusal is not None:
                     self.error("rate_limited", refusal[0])
                     return
                 fields = {k: v for k, v in message.items() if k not in ("type", "id")}
-                reply = {"type": "control.accepted", **apply_control(server_state(self.request), es, fields)}
+                reply = {"type": wire.CONTROL_ACCEPTED, **apply_control(server_state(self.request), es, fields)}
                 if "id" in message:
                     reply["id"] = message["id"]
                 self.send(reply)
-            elif kind == "session.close":
+            elif kind == wire.SESSION_CLOSE:
                 await server_state(self.request).sessions.close(self.session.id, "closed by the bot (session.close)")
             else:
                 self.error(
                     "unknown_type",
-                    f"unknown message type {shown(kind)}; expected audio.end, interrupt, mark, control, ping or "
-                    "session.close",
+                    f"unknown message type {shown(kind)}; expected {', '.join(wire.CLIENT_MESSAGES)}",
                 )
         except InputError as exc:
             self.error("invalid_message", str(exc))

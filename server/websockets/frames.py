@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError
 from PIL import Image
 
 from streaming.frames import AVFrame
+from vexpress_rt_client import wire
 from vexpress_rt_client.frames import FLAG_SPEAKING, HEADER, MAGIC, VERSION, parse_frame  # noqa: F401  (parse_frame: re-exported)
 
 from ..access.limits import Verdict
@@ -128,7 +129,7 @@ async def frames_socket(request: web.Request) -> web.WebSocketResponse:
             try:
                 await ws.send_json(
                     {
-                        "type": "stream.start",
+                        "type": wire.STREAM_START,
                         "session_id": session.id,
                         "fps": es.config.fps,
                         "width": es.width,

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import WSCloseCode, web
 
 from streaming.frames import Event
+from vexpress_rt_client import wire
 
 from ..access.limits import MessageRate, Verdict
 from ..api.state import server_state
@@ -88,7 +89,7 @@ class MessageLimit:
         )
 
     def _error(self, detail: str) -> dict:
-        return {"type": "error", "code": "rate_limited", "message": f"{self.rate.describe()}: {detail}"}
+        return {"type": wire.ERROR, "code": "rate_limited", "message": f"{self.rate.describe()}: {detail}"}
 
 
 class Tracked:
