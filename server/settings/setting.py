@@ -124,7 +124,9 @@ def table(cls: type) -> tuple[Setting, ...]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        declared: Setting = f.metadata["setting"]
+        declared = f.metadata.get("setting")
+        if not isinstance(declared, Setting):
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with setting(default, help, ...)")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         out.append(dataclasses.replace(declared, name=f.name, kind=_kind(hints[f.name]), default=default))
     return tuple(out)
