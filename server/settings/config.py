@@ -66,7 +66,6 @@ OTHER_VARIABLES |= {"CERT_DIR"}
 
 # Each field: setting(default, --help text, doc=README row text (None: the row above), check=..., ...). The order
 # is README's.
-_ANY = "any of them is accepted"
 
 
 @dataclass
@@ -180,7 +179,7 @@ class ServerConfig:
     )
     api_key: str | list[str] | None = setting(  # one key, or several (--api-key repeated)
         None,
-        f"require this key (Authorization: Bearer or X-API-Key) on control endpoints; repeatable ({_ANY})",
+        "require this key (Authorization: Bearer or X-API-Key) on control endpoints; repeatable (any is accepted)",
         doc="when set, required as `Authorization: Bearer <key>` or `X-API-Key: <key>` on control endpoints (any "
         "of the keys)",
         check=v.api_keys,
