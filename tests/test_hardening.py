@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 from client_kit import mp3_bytes, voiced_pcm16, wav_bytes
-from server.media.pump.audio_file import decode_audio_bytes
+from server.media.audio_file import decode_audio_bytes
 
 from server.errors import ApiError
 
