@@ -1,4 +1,4 @@
-"""`VExpressVideoService` in a real Pipecat pipeline against a real `python -m server serve` on 127.0.0.1.
+"""`VExpressVideoService` in a real Pipecat pipeline against the server as `serve` runs it, on 127.0.0.1.
 
 The pipeline is the framework's own (`PipelineWorker`, `WorkerRunner`): a TTS stand-in (espeak-ng speech queued as
 `TTSStartedFrame`, 20 ms `TTSAudioRawFrame`s at 22.05 kHz, `TTSStoppedFrame`), the service, and a sink processor that
@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +30,7 @@ import tiny_model
 from client_kit import Bot, Frames, create_session, delete_session, free_port
 from client_kit import http as open_http
 from conftest import skip_or_fail
+from netns_browser import start_serve, stop, wait_ready
 from pipecat.frames.frames import (
     ErrorFrame,
     Frame,
@@ -49,6 +45,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
+from server_harness import ServerThread, make_config
 
 from vexpress_rt.media import resample_pcm
 from vexpress_rt_client import SessionOptions
@@ -67,57 +64,15 @@ TEXT = "Hello there. This is a test of the streaming avatar, speaking through a 
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
-class Served:
-    """`python -m server serve` (the `vexpress-rt serve` command) on a free 127.0.0.1 port, tiny model."""
-
-    def __init__(self, model_dir: Path, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [
-            sys.executable, "-m", "server", "serve", "--model_dir", str(model_dir),
-            "--host", "127.0.0.1", "--port", str(self.port), "--ice-host", "127.0.0.1",
-            "--width", str(WIDTH), "--height", str(HEIGHT), "--fps", str(FPS), "--steps", str(STEPS),
-            "--no_admission",
-        ]  # fmt: skip
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"server not ready after {SERVER_START_TIMEOUT_S} s:\n{self.log()}")
-            time.sleep(0.25)
-
-    def log(self, n: int = 3000) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")[-n:]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+def served_config(model_dir: Path):
+    """What `vexpress-rt serve --model_dir ... --fps 25 --steps 1 --no_admission --device cpu` serves."""
+    return make_config(model_dir=str(model_dir), fps=FPS, steps=STEPS, admission=False, device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    served = Served(model_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+def server(model_dir):
+    """The server as `serve` runs it (server/serving/inprocess.py; the engine built from the settings), in a thread."""
+    served = ServerThread(served_config(model_dir), None).start()
     yield served
     served.stop()
 
@@ -371,13 +326,17 @@ def test_interruption_stops_speech_within_a_frame(server, speech):
 
 
 def test_server_gone_ends_pipeline_with_error(model_dir, tmp_path, speech):
-    served = Served(model_dir, tmp_path / "serve.log")
+    """A server process killed (SIGKILL: no goodbye on any socket) mid-utterance."""
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    served = start_serve(model_dir, port, log, "--fps", str(FPS), "--steps", str(STEPS))
 
     async def main():
-        bot = await Bot_.start(served.url, frame_timeout_s=3.0)
+        bot = await Bot_.start(url, frame_timeout_s=3.0)
         try:
             await bot.say(speech)
-            served.kill()
+            served.send_signal(signal.SIGKILL)
+            served.wait(timeout=10)
             killed = time.monotonic()
             await asyncio.wait_for(asyncio.shield(bot.run), 20)  # ends by itself: no EndFrame queued here
             return bot, time.monotonic() - killed
@@ -386,9 +345,10 @@ def test_server_gone_ends_pipeline_with_error(model_dir, tmp_path, speech):
                 bot.run.cancel()
 
     try:
+        wait_ready(url, served, log, SERVER_START_TIMEOUT_S)
         bot, took = asyncio.run(asyncio.wait_for(main(), 120))
     finally:
-        served.stop()
+        stop(served)
     print(f"\n[pipecat] server killed: pipeline ended after {took:.2f} s with {[e.error for e in bot.errors]}")
     assert any(e.processor is bot.service and "vexpress-rt" in e.error for e in bot.errors), bot.errors
     assert not bot.service.is_usable
