@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import skip_or_fail
+from kit.skips import skip_or_fail
 from PIL import Image
 
 from vexpress_rt.blink import BlinkSchedule, blink_video, close_eyes, eye_boxes

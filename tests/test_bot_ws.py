@@ -19,20 +19,12 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from client_kit import (
-    FPS,
-    OUT_RATE,
-    SPF,
-    Bot,
-    Frames,
-    create_session,
-    delete_session,
-    played_audio,
-    run,
-    tone,
-)
-from client_kit import http as open_http
-from server_harness import ServerThread, make_config
+from kit.http_calls import create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.media_synth import FPS, OUT_RATE, SPF, tone
+from kit.served import server_fixture
+from kit.waits import run
+from kit.ws_clients import Bot, Frames, played_audio
 
 from server.cli import main
 from vexpress_rt.media import resample_pcm
@@ -42,11 +34,7 @@ pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
 FRAME_MS = 1000 / FPS
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture()
 
 
 def test_handshake_auth_ready_and_ping(server):

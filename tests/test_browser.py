@@ -25,14 +25,24 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from client_kit import spoken_wav
-from netns_browser import CHROMIUM, CHROMIUM_FLAGS, FPS, HEIGHT, WIDTH, free_port, start_serve, stop, tail, wait_ready
+from kit.media_synth import spoken_wav
+from kit.netns_browser import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    FPS,
+    HEIGHT,
+    WIDTH,
+    free_port,
+    start_serve,
+    stop,
+    tail,
+    wait_ready,
+)
 
 from vexpress_rt.styles import BUILT_IN
 
 pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 45
 CONNECT_TIMEOUT_S = 20
 WARMUP_S = 3.0  # after the first frame: the start (first model runs, buffers settling) is not what is measured

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from client_kit import bearer, create_session, delete_session, http, wav_bytes
-from server_harness import ServerThread, make_config
+from kit.http_calls import bearer, create_session, delete_session, http
+from kit.media_synth import wav_bytes
 
 from server import cli
 from server.commands.camera import CameraFrame, FramePacer, MonotonicClock, StreamInfo, run_camera
@@ -171,10 +171,10 @@ def test_pacing_on_the_real_clock():
 
 
 @pytest.mark.fixtures
-def test_camera_from_a_live_session(tiny_engine):
+def test_camera_from_a_live_session(serve):
     """A real server's frames websocket into recording devices: the session's size and fps, each frame with its
     1/fps of audio, the speech said through the API reaching the microphone."""
-    server = ServerThread(make_config(), tiny_engine).start()
+    server = serve()
     opened: dict = {}
 
     def open_video(info: StreamInfo):
@@ -201,10 +201,7 @@ def test_camera_from_a_live_session(tiny_engine):
             await delete_session(c, s)
             return stats, seconds
 
-    try:
-        stats, seconds = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    stats, seconds = asyncio.run(asyncio.wait_for(main(), 60))
     info, camera, mic = opened["video"], opened["camera"], opened["mic"]
     assert (info.width, info.height, info.fps, info.sample_rate) == (128, 64, 25, 48000)
     assert camera.closed and mic.closed
@@ -217,27 +214,24 @@ def test_camera_from_a_live_session(tiny_engine):
 
 
 @pytest.mark.fixtures
-def test_camera_command_without_a_device_says_how_to_set_one_up(tiny_engine, capsys):
-    server = ServerThread(make_config(), tiny_engine).start()
+def test_camera_command_without_a_device_says_how_to_set_one_up(capsys, serve):
+    server = serve()
 
     async def open_one():
         async with http() as c:
             return await create_session(c, server.url)
 
-    try:
-        s = asyncio.run(open_one())
-        argv = ["camera", "--server", server.url, "--session", s["id"], "--token", s["token"], "--no-mic"]
-        code = cli.main([*argv, "--backend", "v4l2loopback"])
-        err = capsys.readouterr().err
-        no_token = cli.main(["camera", "--server", server.url, "--session", s["id"]])
-        err_token = capsys.readouterr().err
-        # Without --session it would open one: the missing camera is found first, and no session is opened for it
-        before = len(server.state.sessions)
-        opened = cli.main(["camera", "--server", server.url, "--no-mic", "--backend", "v4l2loopback"])
-        captured = capsys.readouterr()
-        after = len(server.state.sessions)
-    finally:
-        server.stop()
+    s = asyncio.run(open_one())
+    argv = ["camera", "--server", server.url, "--session", s["id"], "--token", s["token"], "--no-mic"]
+    code = cli.main([*argv, "--backend", "v4l2loopback"])
+    err = capsys.readouterr().err
+    no_token = cli.main(["camera", "--server", server.url, "--session", s["id"]])
+    err_token = capsys.readouterr().err
+    # Without --session it would open one: the missing camera is found first, and no session is opened for it
+    before = len(server.state.sessions)
+    opened = cli.main(["camera", "--server", server.url, "--no-mic", "--backend", "v4l2loopback"])
+    captured = capsys.readouterr()
+    after = len(server.state.sessions)
     assert code == 2 and "no virtual camera" in err and "modprobe v4l2loopback" in err, err
     assert no_token == 2 and "--token" in err_token, err_token
     assert opened == 2 and "no virtual camera" in captured.err and captured.out == "", captured

@@ -19,6 +19,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from kit.paths import REPO_ROOT
 
 from vexpress_rt.cli import build_parser
 from vexpress_rt.kps import load_reference_kps
@@ -26,7 +27,6 @@ from vexpress_rt.media import resample_pcm
 from vexpress_rt.motion import motion_sequence
 from vexpress_rt.params import DEFAULTS, field_error
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CPUS = os.cpu_count() or 1
 WORKERS = min(4, CPUS)
 THREADS_PER_RUN = max(1, CPUS // WORKERS)

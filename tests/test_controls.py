@@ -5,11 +5,11 @@ and make the frames they make alone."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from kit.paths import REPO_ROOT
 from PIL import Image
 
 from streaming.controls import POSE, POSE_FADE_FRAMES, RAMP_FRAMES
@@ -24,7 +24,7 @@ from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import kps_features
 
 W, H = 128, 64
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = REPO_ROOT / "docs"
 
 
 @pytest.fixture(scope="module")

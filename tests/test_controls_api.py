@@ -13,8 +13,11 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from client_kit import Bot, bearer, create_session, delete_session, http, run, tone
-from server_harness import ServerThread, call, make_config
+from kit.http_calls import bearer, create_session, delete_session, http
+from kit.media_synth import tone
+from kit.served import call, server_fixture
+from kit.waits import run
+from kit.ws_clients import Bot
 from skimage.data import astronaut
 
 from vexpress_rt.styles import BUILT_IN
@@ -30,11 +33,7 @@ def styles_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine, styles_file):
-    srv = ServerThread(make_config(styles=str(styles_file)), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture(lambda request: {"styles": str(request.getfixturevalue("styles_file"))})
 
 
 def test_styles_are_listed_and_a_session_picks_one_and_overrides_a_field(server):

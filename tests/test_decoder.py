@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kit.served import call
 from PIL import Image
-from server_harness import ServerThread, call, make_config
 
 from server.settings.config import ConfigError, ServerConfig, add_serve_arguments
 from streaming.decoder import FrameDecoder, load_decoders
@@ -287,9 +287,9 @@ def test_sessions_on_both_decoders_share_unet_calls(engine, avatar, decoders, ti
         assert np.array_equal(images, decoders[name](latents)), name
 
 
-def test_server_session_decoder_field(engine, avatar):
+def test_server_session_decoder_field(engine, avatar, serve):
     engine.start()
-    srv = ServerThread(make_config(), engine).start()
+    srv = serve(engine=engine)
     try:
         info = call("GET", srv.url + "/v1/info").json
         assert info["decoder"] == "tiny" and sorted(info["decoders"]) == ["full", "tiny"]

@@ -22,16 +22,17 @@ import time
 from pathlib import Path
 
 import pytest
-from client_kit import bearer, create_session, delete_session, http, spoken_wav, viewer_offer
-from netns_browser import run_driver_in_netns
-from server_harness import ServerThread, make_config
+from kit.aiortc_viewer import viewer_offer
+from kit.http_calls import bearer, create_session, delete_session, http
+from kit.media_synth import spoken_wav
+from kit.netns_browser import run_driver_in_netns
+from kit.served import make_config
 
 from server import cli
 from server.serving.tls import make_self_signed, served_names, ssl_context
 from server.settings.config import ConfigError, ServerConfig
 from server.webrtc.turn import session_ice_servers, turn_credentials
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -207,11 +208,11 @@ def test_serve_refuses_a_turn_ttl_out_of_bounds(ttl, tmp_path, capsys, monkeypat
     assert ServerConfig.from_env({}, turn_secret="s", turn_url=["turn:h:3478"], turn_ttl_s=86400).turn_ttl_s == 86400
 
 
-def test_turn_credentials_end_with_their_session(tiny_engine):
+def test_turn_credentials_end_with_their_session(serve):
     """A session's TURN credentials expire at --turn_ttl_s or at the end of the session's --max_session_s,
     whichever comes first: in the creation reply and in the WHEP answer's Link header."""
     config = make_config(turn_secret="s3cret", turn_url=["turn:127.0.0.1:3478"], turn_ttl_s=3600, max_session_s=600)
-    server = ServerThread(config, tiny_engine).start()
+    server = serve(config=config)
 
     async def main():
         async with http() as c:
@@ -226,11 +227,8 @@ def test_turn_credentials_end_with_their_session(tiny_engine):
             await delete_session(c, s)
             return s, opened, link
 
-    try:
-        s, opened, link = asyncio.run(asyncio.wait_for(main(), 60))
-        unlimited = session_ice_servers(dataclasses.replace(config, max_session_s=0), "s1")
-    finally:
-        server.stop()
+    s, opened, link = asyncio.run(asyncio.wait_for(main(), 60))
+    unlimited = session_ice_servers(dataclasses.replace(config, max_session_s=0), "s1")
     turn = next(i for i in s["ice_servers"] if i.get("username"))
     expiry = int(turn["username"].split(":")[0])
     assert opened + 590 <= expiry <= opened + 600, (expiry - opened, turn)

@@ -14,12 +14,13 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kit.paths import REPO_ROOT
 
 from server.api.state import STATE
 from server.app import create_app
 from server.settings.config import ServerConfig
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = REPO_ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 # the oldest Kubernetes release still in wide use, and the newest the validator knows
 VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())

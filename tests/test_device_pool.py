@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from client_kit import bearer, create_session, http, run, wait_for
-from server_harness import ServerThread, call, make_config
+from kit.http_calls import bearer, create_session, http
+from kit.served import ServerThread, call, make_config
+from kit.waits import run, wait_for
 
 from server.settings.config import ConfigError, ServerConfig
 from streaming import avatar as avatar_module
@@ -65,26 +66,24 @@ def _worker_threads() -> int:
     return sum(t.name == "vexpress-model-worker" for t in threading.enumerate())
 
 
-def test_serve_devices_cpu_cpu_runs_one_engine_per_device(model_dir):
+def test_serve_devices_cpu_cpu_runs_one_engine_per_device(model_dir, serve):
     """`serve --devices cpu,cpu`: the app builds one engine per device, each with its own weights and worker, and
     /readyz and /v1/info list both, ready once both are warm."""
     config = make_config(model_dir=str(model_dir), devices="cpu,cpu", dtype="fp32", admission=False)
     workers_before = _worker_threads()
-    server = ServerThread(config, None).start()  # no engine: create_app builds (and owns) the pool
+    server = serve(engine=None, config=config)  # no engine: the in-process server builds (and owns) the pool
     # (admission off: the tiny model on a shared CPU is slower than real time, /readyz would say "full")
-    try:
-        pool = server.state.engine
-        assert pool.names == ["cpu#0", "cpu#1"]
-        first, second = pool.engines
-        assert first.models is not second.models and first.worker is not second.worker
-        ready = call("GET", f"{server.url}/readyz")
-        assert ready.status == 200, ready.text
-        assert [(d["name"], d["state"]) for d in ready.json["devices"]] == [("cpu#0", "ready"), ("cpu#1", "ready")]
-        assert all(d["headroom"] is not None for d in ready.json["devices"]), "warm-up measured every device"
-        info = call("GET", f"{server.url}/v1/info").json
-        assert len(info["devices"]) == 2
-    finally:
-        server.stop()
+    pool = server.state.engine
+    assert pool.names == ["cpu#0", "cpu#1"]
+    first, second = pool.engines
+    assert first.models is not second.models and first.worker is not second.worker
+    ready = call("GET", f"{server.url}/readyz")
+    assert ready.status == 200, ready.text
+    assert [(d["name"], d["state"]) for d in ready.json["devices"]] == [("cpu#0", "ready"), ("cpu#1", "ready")]
+    assert all(d["headroom"] is not None for d in ready.json["devices"]), "warm-up measured every device"
+    info = call("GET", f"{server.url}/v1/info").json
+    assert len(info["devices"]) == 2
+    server.stop()
     assert _worker_threads() == workers_before, "the server closed the pool it built (its workers stopped)"
 
 
@@ -183,12 +182,18 @@ def test_a_failed_device_ends_its_sessions_and_the_other_serves(model_dir, tiny_
             s.push_audio(pcm)
             s.end_utterance()
         on_bad = [s for s in sessions if s.engine is bad]
-        assert run(wait_for(lambda: all(s.closed for s in on_bad) and not pool.healthy(bad), 60.0))
+        run(
+            wait_for(
+                lambda: all(s.closed for s in on_bad) and not pool.healthy(bad),
+                60.0,
+                "the bad device's sessions closed",
+            )
+        )
         for s in on_bad:
             errors = [e for e in events[s.id] if e.type == "error"]
             assert errors and errors[0].data["code"] == "model_error", events[s.id]
             assert "illegal memory access" in errors[0].data["message"]
-        assert run(wait_for(lambda: good.worker.frames_generated > frames0, 60.0)), "the healthy device serves on"
+        run(wait_for(lambda: good.worker.frames_generated > frames0, 60.0, "the healthy device serving on"))
         assert not any(e.type == "error" for s in sessions if s.engine is good for e in events[s.id])
         # new sessions go to the healthy device although it is the busier one
         assert pool.device_of(pool.open_session(avatar_id).id) == "cpu#0"
@@ -242,8 +247,14 @@ def test_server_reports_per_device_and_stays_ready_while_one_is_healthy(
         for session in doomed:  # two failed sessions in a row mark the device failed
             session.push_audio(_speech_pcm16(tiny_speech))
             session.end_utterance()
-        assert run(wait_for(lambda: all(s.closed for s in doomed) and not pool.healthy(pool.engines[1]), 60.0))
-        assert run(wait_for(lambda: len(server.state.sessions) == 1, 10.0)), "the failed device's session ended"
+        run(
+            wait_for(
+                lambda: all(s.closed for s in doomed) and not pool.healthy(pool.engines[1]),
+                60.0,
+                "the failed device's sessions closed",
+            )
+        )
+        run(wait_for(lambda: len(server.state.sessions) == 1, 10.0, "the failed device's session ended"))
         gone = call("GET", f"{server.url}/v1/sessions/{bad['id']}", headers=bearer(bad["token"]))
         assert gone.status == 404, gone.text
         ready = call("GET", f"{server.url}/readyz")
@@ -277,7 +288,7 @@ def test_every_device_failed_is_not_live(model_dir, tiny_portrait, tiny_speech, 
             session = pool.open_session(avatar_id)
             session.push_audio(_speech_pcm16(tiny_speech))
             session.end_utterance()
-            assert run(wait_for(lambda s=session: s.closed, 60.0))
+            run(wait_for(lambda s=session: s.closed, 60.0, "the session closed"))
         ready = call("GET", f"{server.url}/readyz")
         assert ready.status == 503 and ready.json["status"] == "failed", ready.text
         assert call("GET", f"{server.url}/healthz").status == 503

@@ -1,4 +1,4 @@
-"""The README and docs work as written: every shell and Python block runs (tests/netns_docs.py) or says why not.
+"""The README and docs work as written: every shell and Python block runs (tests/kit/netns_docs.py) or says why not.
 
 The run happens in a loopback-only network namespace with the demo model (`vexpress-rt make-demo-model`, the
 tour's first command), so `localhost:8080` and the RTMP ingest on `localhost:1935` are exactly the documented
@@ -15,8 +15,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import skip_or_fail
-from docs_blocks import DOC_FILES, REPO_ROOT, all_blocks
+from kit.docs_blocks import DOC_FILES, all_blocks
+from kit.paths import KIT, REPO_ROOT, pythonpath
+from kit.skips import skip_or_fail
 
 pytestmark = pytest.mark.timeout(900)
 RUN_TIMEOUT_S = 720
@@ -24,7 +25,7 @@ RUN_TIMEOUT_S = 720
 
 def test_every_doc_is_covered_and_stands_alone():
     docs = {f"docs/{p.name}" for p in (REPO_ROOT / "docs").glob("*.md")}
-    assert docs <= set(DOC_FILES), f"not in tests/docs_blocks.DOC_FILES: {sorted(docs - set(DOC_FILES))}"
+    assert docs <= set(DOC_FILES), f"not in tests/kit/docs_blocks.DOC_FILES: {sorted(docs - set(DOC_FILES))}"
     for file in DOC_FILES:
         text = (REPO_ROOT / file).read_text(encoding="utf-8")
         assert "../shared" not in text, f"{file} names a file outside the repository"
@@ -45,9 +46,9 @@ def test_the_docs_run_as_written(tmp_path):
         skip_or_fail("a loopback-only network namespace needs root and unshare (util-linux)")
     if shutil.which("jq") is None or shutil.which("curl") is None:
         skip_or_fail("the README's recipes use curl and jq")
-    driver = REPO_ROOT / "tests" / "netns_docs.py"
+    driver = KIT / "netns_docs.py"
     script = f"ip link set lo up && exec '{sys.executable}' '{driver}' '{tmp_path}' --timeout {RUN_TIMEOUT_S - 30}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=pythonpath())  # the checkout and the kit (the driver imports it)
     proc = subprocess.Popen(
         ["unshare", "-n", "bash", "-c", script],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env, start_new_session=True,

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from kit.fake_clock import FakeClock
 from PIL import Image
 
 from streaming.denoiser import StreamDenoiser
@@ -91,14 +92,6 @@ def no_open_sessions(request):
         for session in leftover:
             session.close()
         assert not leftover, "a test left sessions open"
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class Run:

@@ -8,14 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from server_harness import ServerThread, call, make_config
+from kit.paths import REPO_ROOT
+from kit.served import ServerThread, call
 
 from server.settings.config import ServerConfig, unknown_variables
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
@@ -50,18 +49,12 @@ def _urls(server: ServerThread, headers: dict) -> dict:
     [{"X-Forwarded-Proto": "https"}, {"Forwarded": "for=203.0.113.7;proto=https"}],
     ids=["x-forwarded", "rfc7239"],
 )
-def test_session_urls_are_https_behind_a_trusted_proxy_only(tiny_engine, header):
-    trusted = ServerThread(make_config(trusted_proxy=["127.0.0.0/8"]), tiny_engine).start()
-    try:
-        behind = _urls(trusted, header)
-        direct = _urls(trusted, {})
-    finally:
-        trusted.stop()
-    untrusted = ServerThread(make_config(trusted_proxy=["10.0.0.0/8"]), tiny_engine).start()
-    try:
-        spoofed = _urls(untrusted, header)
-    finally:
-        untrusted.stop()
+def test_session_urls_are_https_behind_a_trusted_proxy_only(header, serve):
+    trusted = serve(trusted_proxy=["127.0.0.0/8"])
+    behind = _urls(trusted, header)
+    direct = _urls(trusted, {})
+    untrusted = serve(trusted_proxy=["10.0.0.0/8"])
+    spoofed = _urls(untrusted, header)
     for name in ("url", "view_url", "whep_url"):
         assert behind[name].startswith("https://"), behind
         assert direct[name].startswith("http://") and spoofed[name].startswith("http://"), (direct, spoofed)
@@ -171,7 +164,7 @@ def test_make_demo_model_writes_a_folder_that_checks_and_loads(tmp_path):
 
 
 def test_push_connection_error_does_not_print_the_token(tmp_path):
-    from tiny_model import synthetic_voice, write_wav
+    from kit.tiny_model import synthetic_voice, write_wav
 
     wav = write_wav(tmp_path / "a.wav", synthetic_voice(0.5))
     done = _cli("push", "ws://127.0.0.1:9/v1/sessions/s1/ws?token=SECRET-TOKEN-123", "--audio", str(wav))

@@ -17,26 +17,24 @@ from collections import Counter
 
 import aiohttp
 import pytest
-from client_kit import (
-    Bystander,
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kit.aiortc_viewer import viewer_offer
+from kit.http_calls import (
     avatar_form,
     bearer,
     create_session,
     delete_session,
     http,
-    image_bytes,
-    longest_gap,
-    mp3_bytes,
     unhandled_records,
-    viewer_offer,
-    wav_bytes,
     ws_messages,
     ws_url,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from kit.media_synth import image_bytes, longest_gap, mp3_bytes, wav_bytes
+from kit.served import call, server_fixture
+from kit.waits import run
+from kit.ws_clients import Bystander
 from PIL import Image
-from server_harness import ServerThread, call, make_config
 
 from server.api.avatars import decode_image
 from server.api.sessions import SESSION_FIELDS
@@ -55,11 +53,12 @@ TRIED: Counter = Counter()
 EVENT_TYPES = {"session.ready", "playback.started", "playback.finished", "mark", "state", "buffer", "pong", "error"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(max_sessions=6, max_ws_message_bytes=8192, max_buffer_s=5.0), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture({"max_sessions": 6, "max_ws_message_bytes": 8192, "max_buffer_s": 5.0})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_tried():
+    yield
     print(f"\nfuzz inputs tried: {dict(TRIED)} (total {sum(TRIED.values())})")
 
 
@@ -82,10 +81,6 @@ def clean_log(caplog, bystander):
     assert not bad, "\n".join(bad)
 
 
-def _run(coro, timeout: float = 60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 def _healthy(server) -> None:
     """After the storm: a new session opens, reads back, and its websocket answers a ping."""
 
@@ -101,7 +96,7 @@ def _healthy(server) -> None:
             await delete_session(c, s)
             return got
 
-    got = _run(main())
+    got = run(main())
     assert {"type": "pong", "id": "health"} in got, got
     assert len(server.state.sessions) == 1  # only the bystander
 
@@ -351,7 +346,7 @@ def test_fuzz_offer_and_whep(server, clean_log, real_offer, data):
                 await delete_session(c, {"id": legacy[1]["session_id"], "token": legacy[1]["token"]}, server.url)
             return offer, whep, legacy
 
-    offer, whep, legacy = _run(main())
+    offer, whep, legacy = run(main())
     assert offer[0] in (200, 400, 413), (sdp[:300], offer)
     assert whep[0] in (201, 400, 413), (sdp[:300], whep)
     assert legacy[0] in (200, 400, 413), (sdp[:300], legacy)
@@ -390,7 +385,7 @@ def test_fuzz_bot_websocket(server, clean_log, messages):
             finally:
                 await delete_session(c, s)
 
-    got = _run(main())
+    got = run(main())
     closed = [m for m in got if not isinstance(m, dict)]
     assert not closed, f"the socket closed: {closed} after {[str(m)[:80] for m in messages]}"
     for m in got:
@@ -419,7 +414,7 @@ def test_fuzz_frames_websocket(server, clean_log, messages):
             finally:
                 await delete_session(c, s)
 
-    got, code = _run(main())
+    got, code = run(main())
     frames = [m for m in got if isinstance(m, bytes)]
     # What the client sends is ignored, unless a message is over the frames websocket's limit: then (only then)
     # the socket closes with 1009; otherwise the frames flow
@@ -459,7 +454,7 @@ def test_corrupt_and_truncated_audio_files(server, clean_log):
                         pass
             await delete_session(c, s)
 
-    _run(main(), timeout=120)
+    run(main(), timeout=120)
     print(f"\ncorrupt audio files: {dict(statuses)}")
     assert statuses[400] + statuses[415] >= 4
 
@@ -473,7 +468,7 @@ def long_session(server):
         async with http() as c:
             return await create_session(c, server.url)
 
-    session = _run(open_())
+    session = run(open_())
     served = server.state.sessions.get(session["id"])
     yield session, served
     call("DELETE", session["url"], headers=bearer(session["token"]))

@@ -8,10 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BLOCKER = REPO / "tests" / "gpu_env"
+from kit.paths import KIT, REPO_ROOT
+
+REPO = REPO_ROOT
+BLOCKER = KIT / "gpu_env"
 
 
 def _gpu_env() -> dict[str, str]:

@@ -11,10 +11,10 @@ import io
 import av
 import numpy as np
 import pytest
-from client_kit import mp3_bytes, voiced_pcm16, wav_bytes
-from server.media.audio_file import decode_audio_bytes
+from kit.media_synth import mp3_bytes, voiced_pcm16, wav_bytes
 
 from server.errors import ApiError
+from server.media.audio_file import decode_audio_bytes
 
 
 # -- 1. speak opens only allow-listed audio containers, from memory ------------------------------------------------
@@ -75,7 +75,7 @@ def test_speak_decodes_every_allowed_container(make):
 
 
 def test_speak_refuses_images_and_text_with_415():
-    from client_kit import image_bytes
+    from kit.media_synth import image_bytes
     from PIL import Image
 
     for data in (image_bytes(Image.new("RGB", (64, 64)), "PNG"), b"hello world, not audio at all"):
@@ -235,15 +235,15 @@ class SlowPortraitEngine:
 
 
 @pytest.mark.fixtures
-def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engine):
+def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engine, serve):
     import threading
     import time
 
-    from server_harness import ServerThread, call, make_config
+    from kit.served import call
 
     gate = threading.Event()
     started = time.perf_counter()
-    server = ServerThread(make_config(), SlowPortraitEngine(tiny_engine, gate)).start(wait_ready=False)
+    server = serve(engine=SlowPortraitEngine(tiny_engine, gate), wait_ready=False)
     try:
         up_s = time.perf_counter() - started
         health, ready = call("GET", f"{server.url}/healthz"), call("GET", f"{server.url}/readyz")
@@ -259,7 +259,6 @@ def test_healthz_answers_while_the_default_portrait_is_still_encoding(tiny_engin
         assert call("GET", f"{server.url}/readyz").json["status"] == "ready"
     finally:
         gate.set()
-        server.stop()
 
 
 # -- 4. off loopback a key is required; the server answers only to Host names it was configured for ----------------
@@ -283,49 +282,42 @@ def test_the_serve_command_refuses_to_start_off_loopback_without_a_key(capsys):
 
 
 @pytest.mark.fixtures
-def test_a_host_header_the_server_was_not_configured_for_is_refused(tiny_engine):
+def test_a_host_header_the_server_was_not_configured_for_is_refused(serve):
     """DNS rebinding: a page on evil.example, re-pointed at the server, is "same origin" for the browser."""
-    from server_harness import ServerThread, call, make_config
+    from kit.served import call
 
-    server = ServerThread(make_config(allowed_host=["avatars.example"]), tiny_engine).start()
-    try:
-        port = server.url.rsplit(":", 1)[1]
-        rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
-        assert call("GET", f"{server.url}/v1/info", headers=rebound).status == 403
-        assert call("POST", f"{server.url}/v1/sessions", headers=rebound, json={}).status == 403
-        assert call("GET", f"{server.url}/v1/info", headers={"Host": f"evil.example:{port}"}).status == 403
-        configured = {"Host": f"avatars.example:{port}", "Origin": f"http://avatars.example:{port}"}
-        assert call("GET", f"{server.url}/v1/info", headers=configured).status == 200
-        assert call("GET", f"{server.url}/v1/info", headers={"Host": f"localhost:{port}"}).status == 200
-        assert call("GET", f"{server.url}/healthz").status == 200
-    finally:
-        server.stop()
+    server = serve(allowed_host=["avatars.example"])
+    port = server.url.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    assert call("GET", f"{server.url}/v1/info", headers=rebound).status == 403
+    assert call("POST", f"{server.url}/v1/sessions", headers=rebound, json={}).status == 403
+    assert call("GET", f"{server.url}/v1/info", headers={"Host": f"evil.example:{port}"}).status == 403
+    configured = {"Host": f"avatars.example:{port}", "Origin": f"http://avatars.example:{port}"}
+    assert call("GET", f"{server.url}/v1/info", headers=configured).status == 200
+    assert call("GET", f"{server.url}/v1/info", headers={"Host": f"localhost:{port}"}).status == 200
+    assert call("GET", f"{server.url}/healthz").status == 200
 
 
 # -- 10. what an anonymous caller sees; where ?token= works; the recordings' disk quota ------------------------------
 @pytest.mark.fixtures
-def test_info_shows_avatars_and_model_folder_only_to_key_holders_and_the_real_device(tiny_engine):
-    from server_harness import ServerThread, call, make_config
+def test_info_shows_avatars_and_model_folder_only_to_key_holders_and_the_real_device(tiny_engine, serve):
+    from kit.served import call
 
-    server = ServerThread(make_config(api_key="k3y", device="cuda"), tiny_engine).start()
-    try:
-        anonymous = call("GET", f"{server.url}/v1/info").json
-        keyed = call("GET", f"{server.url}/v1/info", headers={"X-API-Key": "k3y"}).json
-    finally:
-        server.stop()
+    server = serve(api_key="k3y", device="cuda")
+    anonymous = call("GET", f"{server.url}/v1/info").json
+    keyed = call("GET", f"{server.url}/v1/info", headers={"X-API-Key": "k3y"}).json
     assert "avatars" not in anonymous and "model_dir" not in anonymous["model"], anonymous
     assert str(tiny_engine.models.device) == "cpu" and anonymous["model"]["device"] == "cpu"  # not the flag's cuda
     assert keyed["avatars"] and keyed["model"]["model_dir"]
 
 
 @pytest.mark.fixtures
-def test_query_tokens_work_on_websockets_and_media_only(tiny_engine):
+def test_query_tokens_work_on_websockets_and_media_only(serve):
     import asyncio
 
-    from client_kit import create_session, delete_session, http, ws_url
-    from server_harness import ServerThread, make_config
+    from kit.http_calls import create_session, delete_session, http, ws_url
 
-    server = ServerThread(make_config(), tiny_engine).start()
+    server = serve()
 
     async def main():
         async with http() as c:
@@ -342,39 +334,33 @@ def test_query_tokens_work_on_websockets_and_media_only(tiny_engine):
             await delete_session(c, s)
             return get_status, post_status, media_status
 
-    try:
-        get_status, post_status, media_status = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    get_status, post_status, media_status = asyncio.run(asyncio.wait_for(main(), 60))
     assert (get_status, post_status) == (401, 401)
     assert media_status == 404
 
 
 @pytest.mark.fixtures
-def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tiny_engine, tmp_path):
+def test_recordings_stop_at_the_disk_quota_and_new_ones_are_refused(tmp_path, serve):
     import time
 
-    from client_kit import bearer
-    from server_harness import ServerThread, call, make_config
+    from kit.http_calls import bearer
+    from kit.served import call
 
     from server.outputs.recording import RECORDINGS
 
-    server = ServerThread(make_config(recording_dir=str(tmp_path), recordings_quota_mb=0.005), tiny_engine).start()
-    try:
-        s = call("POST", f"{server.url}/v1/sessions", json={"record": True}).json
-        auth = bearer(s["token"])
-        recording = server.app[RECORDINGS].recordings[s["id"]]
-        deadline = time.monotonic() + 60
-        while recording.state == "recording" and time.monotonic() < deadline:
-            time.sleep(0.2)  # it must stop on its own, the session still open
-        assert server.state.sessions.get(s["id"]) is not None
-        done = call("DELETE", s["recording_url"], headers=auth).json
-        other = call("POST", f"{server.url}/v1/sessions", json={}).json
-        again = call("POST", other["recording_url"], headers=bearer(other["token"]))
-        call("DELETE", s["url"], headers=auth)
-        call("DELETE", other["url"], headers=bearer(other["token"]))
-    finally:
-        server.stop()
+    server = serve(recording_dir=str(tmp_path), recordings_quota_mb=0.005)
+    s = call("POST", f"{server.url}/v1/sessions", json={"record": True}).json
+    auth = bearer(s["token"])
+    recording = server.app[RECORDINGS].recordings[s["id"]]
+    deadline = time.monotonic() + 60
+    while recording.state == "recording" and time.monotonic() < deadline:
+        time.sleep(0.2)  # it must stop on its own, the session still open
+    assert server.state.sessions.get(s["id"]) is not None
+    done = call("DELETE", s["recording_url"], headers=auth).json
+    other = call("POST", f"{server.url}/v1/sessions", json={}).json
+    again = call("POST", other["recording_url"], headers=bearer(other["token"]))
+    call("DELETE", s["url"], headers=auth)
+    call("DELETE", other["url"], headers=bearer(other["token"]))
     assert "quota" in done.get("stop_reason", ""), done
     assert again.status == 507 and again.json["error"]["code"] == "recordings_quota", again.text
 
@@ -384,7 +370,7 @@ HOSTILE_UPLOADS = 4
 
 
 @pytest.mark.fixtures
-def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_engine):
+def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(serve):
     """40 MP flat PNGs (132 KB each) with key points that are no face: each is decoded, then refused. Decoding ran on
     the event loop and stalled every session's frames for as long as one decode takes, once per upload.
 
@@ -395,13 +381,15 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
     off the loop, scheduling noise may make one odd long gap, not one per upload."""
     import time
 
-    from client_kit import Bystander, avatar_form, frame_gaps, image_bytes
+    from kit.http_calls import avatar_form
+    from kit.media_synth import frame_gaps, image_bytes
+    from kit.served import call
+    from kit.ws_clients import Bystander
     from PIL import Image
-    from server_harness import ServerThread, call, make_config
 
     from server.api.avatars import decode_image
 
-    server = ServerThread(make_config(max_image_pixels=40_000_000, max_upload_mb=5), tiny_engine).start()
+    server = serve(max_image_pixels=40_000_000, max_upload_mb=5)
     big = image_bytes(Image.new("RGB", (6324, 6324), "grey"), "PNG")
     decode_s = float("inf")
     for _ in range(2):  # what the old code held the loop for, per upload
@@ -419,7 +407,6 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
         time.sleep(0.5)
     finally:
         arrivals = bystander.stop()
-        server.stop()
     calm_gaps, attack_gaps = frame_gaps(arrivals[:calm]), frame_gaps(arrivals[calm - 1 :])
     bound = max(0.5 * decode_s, max(calm_gaps))
     stalls = sorted((g for g in attack_gaps if g > bound), reverse=True)
@@ -434,13 +421,14 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(tiny_
 
 # -- 9. limits hold under concurrent requests; a session whose frames stop is closed -------------------------------
 @pytest.mark.fixtures
-def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(tiny_engine):
+def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(serve):
     import asyncio
 
-    from client_kit import avatar_form, bearer, create_session, delete_session, http, image_bytes, viewer_offer
-    from server_harness import ServerThread, make_config
+    from kit.aiortc_viewer import viewer_offer
+    from kit.http_calls import avatar_form, bearer, create_session, delete_session, http
+    from kit.media_synth import image_bytes
 
-    server = ServerThread(make_config(max_viewers=2, max_avatars=2), tiny_engine).start()  # the default is one
+    server = serve(max_viewers=2, max_avatars=2)  # the default is one
 
     async def main():
         async with http(timeout=120) as c:
@@ -469,60 +457,53 @@ def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(tiny_engine):
                         pass
             return offers, [status for status, _ in uploads], viewers
 
-    try:
-        offers, uploads, viewers = asyncio.run(asyncio.wait_for(main(), 150))
-    finally:
-        server.stop()
+    offers, uploads, viewers = asyncio.run(asyncio.wait_for(main(), 150))
     assert sorted(offers) == [201, 201, 429, 429, 429, 429] and viewers == 2, (offers, viewers)
     assert sorted(uploads) == [201, 409, 409, 409], uploads
 
 
 @pytest.mark.fixtures
-def test_a_session_whose_frames_stop_is_closed(tiny_engine):
+def test_a_session_whose_frames_stop_is_closed(serve):
     import time
 
-    from client_kit import bearer
-    from server_harness import ServerThread, call, make_config
+    from kit.http_calls import bearer
+    from kit.served import call
 
-    server = ServerThread(make_config(), tiny_engine).start()
-    try:
-        s = call("POST", f"{server.url}/v1/sessions", json={}).json
-        engine_session = server.state.sessions.get(s["id"]).engine_session
+    server = serve()
+    s = call("POST", f"{server.url}/v1/sessions", json={}).json
+    engine_session = server.state.sessions.get(s["id"]).engine_session
 
-        def broken_read_frame():
-            raise RuntimeError("the device went away")
+    def broken_read_frame():
+        raise RuntimeError("the device went away")
 
-        engine_session.read_frame = broken_read_frame  # the fault: reading the engine fails
-        assert (
-            call(
-                "POST",
-                f"{s['url']}/speak",
-                data=wav_bytes(0.5),
-                headers={**bearer(s["token"]), "Content-Type": "audio/wav"},
-            ).status
-            == 202
-        )  # starts the frame pump
-        deadline = time.monotonic() + 10
-        while server.state.sessions.get(s["id"]) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.state.sessions.get(s["id"]) is None, "the session outlived its frame pump"
-        assert call("GET", s["url"], headers=bearer(s["token"])).status == 404
-    finally:
-        server.stop()
+    engine_session.read_frame = broken_read_frame  # the fault: reading the engine fails
+    assert (
+        call(
+            "POST",
+            f"{s['url']}/speak",
+            data=wav_bytes(0.5),
+            headers={**bearer(s["token"]), "Content-Type": "audio/wav"},
+        ).status
+        == 202
+    )  # starts the frame pump
+    deadline = time.monotonic() + 10
+    while server.state.sessions.get(s["id"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.state.sessions.get(s["id"]) is None, "the session outlived its frame pump"
+    assert call("GET", s["url"], headers=bearer(s["token"])).status == 404
 
 
 # -- 6. marks are bounded per utterance -------------------------------------------------------------------------
 @pytest.mark.fixtures
-def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine):
+def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(serve):
     import asyncio
 
-    from client_kit import create_session, delete_session, http, ws_messages, ws_url
-    from server_harness import ServerThread, make_config
+    from kit.http_calls import create_session, delete_session, http, ws_messages, ws_url
 
     from streaming.session import MAX_MARKS_PER_UTTERANCE
 
     # 1000+ marks at once are over the message rate's burst (--max_ws_messages_per_s): raise it, this is about marks
-    server = ServerThread(make_config(max_ws_messages_per_s=5000), tiny_engine).start()
+    server = serve(max_ws_messages_per_s=5000)
 
     async def main():
         async with http() as c:
@@ -537,10 +518,7 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
             await delete_session(c, s)
             return got
 
-    try:
-        got = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    got = asyncio.run(asyncio.wait_for(main(), 60))
     errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
     assert len(errors) == 5 and all("too many marks" in e["message"] for e in errors), errors[:2]
     assert {"type": "pong", "id": "after"} in got
@@ -548,14 +526,14 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(tiny_engine
 
 # -- 8. websockets per session are bounded, refusals counted ---------------------------------------------------------
 @pytest.mark.fixtures
-def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
+def test_websockets_per_session_are_bounded_and_refusals_counted(serve):
     import asyncio
 
     import aiohttp
-    from client_kit import create_session, delete_session, http, ws_url
-    from server_harness import ServerThread, call, make_config
+    from kit.http_calls import create_session, delete_session, http, ws_url
+    from kit.served import call
 
-    server = ServerThread(make_config(max_frames_sockets=2, max_bot_sockets=1), tiny_engine).start()
+    server = serve(max_frames_sockets=2, max_bot_sockets=1)
 
     async def main():
         async with http() as c:
@@ -576,28 +554,25 @@ def test_websockets_per_session_are_bounded_and_refusals_counted(tiny_engine):
             await delete_session(c, s)
             return len(opened), refused
 
-    try:
-        opened, refused = asyncio.run(asyncio.wait_for(main(), 60))
-        metrics = call("GET", f"{server.url}/metrics").text
-    finally:
-        server.stop()
+    opened, refused = asyncio.run(asyncio.wait_for(main(), 60))
+    metrics = call("GET", f"{server.url}/metrics").text
     assert opened == 3 and refused == [("frames", 429), ("frames", 429), ("ws", 429), ("ws", 429)], refused
     assert 'vexpress_websockets_refused_total{kind="frames"} 2' in metrics
     assert 'vexpress_websockets_refused_total{kind="bot"} 2' in metrics
 
 
 @pytest.mark.fixtures
-def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_engine):
+def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(serve):
     """Tiny messages cost the loop ~100 us each: beyond --max_ws_messages_per_s (bursts of 2 s' worth) a connection's
     messages are dropped with an `error` event `rate_limited`, and one that keeps flooding is closed with 1008, on
     both websockets; the session goes on (a well-behaved bot connects and is answered)."""
     import asyncio
 
     import aiohttp
-    from client_kit import create_session, delete_session, http, ws_messages, ws_url
-    from server_harness import ServerThread, call, make_config
+    from kit.http_calls import create_session, delete_session, http, ws_messages, ws_url
+    from kit.served import call
 
-    server = ServerThread(make_config(max_ws_messages_per_s=50), tiny_engine).start()  # bursts of 100
+    server = serve(max_ws_messages_per_s=50)  # bursts of 100
 
     async def flood(ws) -> tuple[list, int | None]:
         for i in range(600):
@@ -620,11 +595,8 @@ def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_eng
             await delete_session(c, s)
             return bot, frames, calm_got
 
-    try:
-        (bot_got, bot_code), (frames_got, frames_code), calm_got = asyncio.run(asyncio.wait_for(main(), 90))
-        metrics = call("GET", f"{server.url}/metrics").text
-    finally:
-        server.stop()
+    (bot_got, bot_code), (frames_got, frames_code), calm_got = asyncio.run(asyncio.wait_for(main(), 90))
+    metrics = call("GET", f"{server.url}/metrics").text
     for got in (bot_got, frames_got):
         errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
         assert errors and all(e["code"] == "rate_limited" for e in errors), got[-3:]
@@ -641,14 +613,13 @@ def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(tiny_eng
 
 
 @pytest.mark.fixtures
-def test_a_nested_multipart_part_is_a_400_not_a_500(tiny_engine):
+def test_a_nested_multipart_part_is_a_400_not_a_500(serve):
     """A form part that is itself multipart/mixed reached `read_chunk` of a reader that has none (500, an
     unhandled AttributeError): portraits and speak refuse it as a malformed body."""
     import aiohttp
-    from client_kit import bearer, create_session, delete_session, http
-    from server_harness import ServerThread, make_config
+    from kit.http_calls import bearer, create_session, delete_session, http
 
-    server = ServerThread(make_config(), tiny_engine).start()
+    server = serve()
 
     def nested(field: str) -> aiohttp.MultipartWriter:
         inner = aiohttp.MultipartWriter("mixed")
@@ -667,9 +638,6 @@ def test_a_nested_multipart_part_is_a_400_not_a_500(tiny_engine):
             await delete_session(c, s)
             return avatar, speak
 
-    try:
-        avatar, speak = asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    avatar, speak = asyncio.run(asyncio.wait_for(main(), 60))
     for status, body in (avatar, speak):
         assert status == 400 and "nested multipart" in body["error"]["message"], (status, body)

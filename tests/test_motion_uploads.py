@@ -19,8 +19,9 @@ import av
 import numpy as np
 import pytest
 import torch
-from client_kit import bearer
-from server_harness import ServerThread, call, make_config
+from kit.http_calls import bearer
+from kit.served import call, server_fixture
+from kit.waits import wait_until
 from skimage.data import astronaut
 
 from streaming.engine import MAX_MOTION_FRAMES
@@ -33,11 +34,7 @@ AUTH = bearer(KEY)
 RSS_GROWTH_LIMIT = 64 * 2**20  # what a refused file may add to the server's peak memory
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(api_key=[KEY]), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture({"api_key": [KEY]})
 
 
 # -- hostile key-point files ---------------------------------------------------------------------------------------
@@ -190,20 +187,17 @@ def test_large_motion_video_frames_are_scaled_down_before_detection_and_points_c
     assert at_large[:, :, 0].max() > 1000  # in the video's pixels, not the detector's
 
 
-def test_a_motion_video_over_its_time_budget_is_refused_after_the_budget(tiny_engine):
+def test_a_motion_video_over_its_time_budget_is_refused_after_the_budget(serve):
     """With --motion_video_budget_s 1, a 60-frame clip (~20 s of detection here) is a 413 after about 1 s plus
     one frame; e423af2 analysed it whole and took it."""
-    srv = ServerThread(make_config(api_key=[KEY], motion_video_budget_s=1.0), tiny_engine).start()
-    try:
-        started = time.perf_counter()
-        slow = call("POST", f"{srv.url}/v1/motions", data=_video([_face()] * 60), headers=AUTH)
-        took = time.perf_counter() - started
-        print(f"60-frame video under a 1 s budget answered in {took:.2f} s")
-        assert slow.status == 413, slow.text
-        assert "took more than 1 s" in slow.json["error"]["message"], slow.text
-        assert srv.state.motion_videos.count == 0
-    finally:
-        srv.stop()
+    srv = serve(api_key=[KEY], motion_video_budget_s=1.0)
+    started = time.perf_counter()
+    slow = call("POST", f"{srv.url}/v1/motions", data=_video([_face()] * 60), headers=AUTH)
+    took = time.perf_counter() - started
+    print(f"60-frame video under a 1 s budget answered in {took:.2f} s")
+    assert slow.status == 413, slow.text
+    assert "took more than 1 s" in slow.json["error"]["message"], slow.text
+    assert srv.state.motion_videos.count == 0
 
 
 def _post_then_leave(url: str, body: bytes) -> socket.socket:
@@ -218,26 +212,17 @@ def _post_then_leave(url: str, body: bytes) -> socket.socket:
     return sock
 
 
-def _wait_for(condition, timeout: float, what: str) -> float:
-    started = time.perf_counter()
-    while not condition():
-        if time.perf_counter() - started > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
-    return time.perf_counter() - started
-
-
 def test_a_motion_video_extraction_stops_when_its_client_leaves(server):
     """A 300-frame clip (~100 s of detection here) whose client hangs up: its worker thread ends within a few
     frames, and its place among the extractions at once (2) is free again. At e423af2 it ran to the end."""
     state = server.state
     sock = _post_then_leave(server.url, _video([_face()] * 300))
     try:
-        _wait_for(lambda: state.motion_videos.count == 1, 10, "the extraction started")
+        wait_until(lambda: state.motion_videos.count == 1, 10, "the extraction started")
         time.sleep(0.5)
     finally:
         sock.close()
-    stopped = _wait_for(lambda: state.motion_videos.count == 0, 5, "the extraction's thread ended")
+    stopped = wait_until(lambda: state.motion_videos.count == 0, 5, "the extraction's thread ended")
     print(f"extraction stopped {stopped:.2f} s after the client left")
     # And the extraction slots are what they were: two uploads at once are still taken.
     faceless = [np.full((128, 128, 3), 120, np.uint8)] * 2

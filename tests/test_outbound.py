@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from client_kit import RtmpIngest, bearer, create_session, delete_session, free_port, run
-from client_kit import http as open_http
-from server_harness import ServerThread, make_config
+from kit.http_calls import bearer, create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.paths import KIT
+from kit.rtmp_receiver import RtmpIngest
+from kit.served import server_fixture
+from kit.waits import free_port, run
 
 from server.outputs.target import protocol_available
 from server.serving.tls import make_self_signed
@@ -34,20 +37,12 @@ SECRET = "internal-secret-7f3a"  # what the stand-in services answer: it must ne
 ALLOW_LOOPBACK = ["127.0.0.1"]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    """The default policy: public addresses only."""
-    srv = ServerThread(make_config(), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture()  # the default policy: public addresses only
 
 
-@pytest.fixture(scope="module")
-def allowing(tiny_engine):
-    """An operator who allows loopback (the tests' stand-ins and ingests live there)."""
-    srv = ServerThread(make_config(output_allow=ALLOW_LOOPBACK), tiny_engine).start()
-    yield srv
-    srv.stop()
+allowing = server_fixture(
+    {"output_allow": ALLOW_LOOPBACK}, name="allowing"
+)  # an operator who allows loopback (stand-ins, ingests)
 
 
 async def post_output(http, session: dict, body: dict, headers: dict | None = None) -> tuple[int, dict]:
@@ -127,9 +122,9 @@ def test_internal_targets_are_refused_when_added(server):
     assert open_sessions == 1  # the refused creation opened no session (the one open is the test's)
 
 
-def test_an_allow_rule_with_a_port_allows_that_port_only(tiny_engine):
+def test_an_allow_rule_with_a_port_allows_that_port_only(serve):
     allowed, other = free_port(), free_port()
-    srv = ServerThread(make_config(output_allow=[f"127.0.0.1:{allowed}"]), tiny_engine).start()
+    srv = serve(output_allow=[f"127.0.0.1:{allowed}"])
 
     async def main():
         async with open_http(60) as http:
@@ -139,10 +134,7 @@ def test_an_allow_rule_with_a_port_allows_that_port_only(tiny_engine):
             await delete_session(http, session)
             return ok, refused
 
-    try:
-        ok, refused = run(main())
-    finally:
-        srv.stop()
+    ok, refused = run(main())
     assert ok[0] == 201
     assert refused[0] == 400 and refused[1]["error"]["code"] == "target_not_allowed"
     env = ServerConfig.from_env({"VEXPRESS_OUTPUT_ALLOW": "127.0.0.1:1935, 10.0.0.0/8", "VEXPRESS_OUTPUTS": "off"})
@@ -154,10 +146,10 @@ def test_an_allow_rule_with_a_port_allows_that_port_only(tiny_engine):
 
 
 # -- item 1: the operator's switch -----------------------------------------------------------------------------------
-def test_the_outputs_switch_turns_them_off_or_restricts_them_to_api_keys(tiny_engine):
+def test_the_outputs_switch_turns_them_off_or_restricts_them_to_api_keys(serve):
     url = "rtmp://a.rtmp.example.com/live/key"
-    off = ServerThread(make_config(outputs="off"), tiny_engine).start()
-    keyed = ServerThread(make_config(outputs="api-key", api_key="operator-key"), tiny_engine).start()
+    off = serve(outputs="off")
+    keyed = serve(outputs="api-key", api_key="operator-key")
 
     async def main():
         async with open_http(60) as http:
@@ -174,11 +166,7 @@ def test_the_outputs_switch_turns_them_off_or_restricts_them_to_api_keys(tiny_en
                 assert r.status == 204
             return switched_off, off_at_creation, with_token, with_key
 
-    try:
-        switched_off, off_at_creation, with_token, with_key = run(main())
-    finally:
-        off.stop()
-        keyed.stop()
+    switched_off, off_at_creation, with_token, with_key = run(main())
     assert switched_off[0] == 403 and switched_off[1]["error"]["code"] == "outputs_disabled"
     assert off_at_creation[0] == 403 and off_at_creation[1]["error"]["code"] == "outputs_disabled"
     assert with_token[0] == 403 and with_token[1]["error"]["code"] == "outputs_need_api_key"
@@ -464,7 +452,7 @@ def test_an_ingest_that_drops_after_accepting_gets_ever_longer_waits(allowing):
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).with_name("rtmp_ingest.py")),
+            str(KIT / "rtmp_ingest.py"),
             f"rtmp://127.0.0.1:{port}/live/k",
             "-",
             "--drop-after",

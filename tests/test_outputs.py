@@ -14,21 +14,13 @@ import time
 
 import numpy as np
 import pytest
-from client_kit import (
-    FPS,
-    RtmpIngest,
-    WhipReceiver,
-    bearer,
-    create_session,
-    delete_session,
-    free_port,
-    loud_seconds,
-    read_received,
-    run,
-    wav_of,
-)
-from client_kit import http as open_http
-from server_harness import ServerThread, make_config
+from kit.http_calls import bearer, create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.media_synth import FPS, loud_seconds, wav_of
+from kit.rtmp_receiver import RtmpIngest, read_received
+from kit.served import server_fixture
+from kit.waits import free_port, run
+from kit.whip_receiver import WhipReceiver
 
 from server.outputs.target import protocol_available
 
@@ -37,11 +29,7 @@ pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 AV_OFFSET_MS = 80  # the bound (the project's target is one frame, 40 ms)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(mark_frames=True, output_allow=["127.0.0.1"]), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture({"mark_frames": True, "output_allow": ["127.0.0.1"]})
 
 
 def _counter(metrics_text: str, name: str) -> float:

@@ -8,8 +8,8 @@ import gc
 
 import pytest
 from aiortc import RTCPeerConnection
-from client_kit import bearer, create_session, delete_session, http, viewer_offer
-from server_harness import ServerThread, make_config
+from kit.aiortc_viewer import viewer_offer
+from kit.http_calls import bearer, create_session, delete_session, http
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 
@@ -21,8 +21,8 @@ def _peer_connections() -> int:
     return sum(1 for o in gc.get_objects() if type(o) is RTCPeerConnection)
 
 
-def test_failed_and_abandoned_offers_leak_nothing(tiny_engine):
-    server = ServerThread(make_config(max_sessions=2, max_viewers=4), tiny_engine).start()
+def test_failed_and_abandoned_offers_leak_nothing(serve):
+    server = serve(max_sessions=2, max_viewers=4)
 
     async def server_counts(session_id: str) -> tuple[int, int, int]:
         session = server.state.sessions.get(session_id)
@@ -54,10 +54,7 @@ def test_failed_and_abandoned_offers_leak_nothing(tiny_engine):
             await delete_session(c, s)
             return before, after, pcs_before, pcs_after
 
-    try:
-        before, after, pcs_before, pcs_after = asyncio.run(asyncio.wait_for(main(), 180))
-    finally:
-        server.stop()
+    before, after, pcs_before, pcs_after = asyncio.run(asyncio.wait_for(main(), 180))
     assert after[0] == before[0] == 0, f"frame pump subscribers: {before[0]} before, {after[0]} after"
     assert after[1] == before[1] == 0, f"peer connections held by the session: {after[1]}"
     assert after[2] <= before[2] + 2, f"tasks on the server loop: {before[2]} before, {after[2]} after"

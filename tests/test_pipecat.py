@@ -26,11 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny_model
-from client_kit import Bot, Frames, create_session, delete_session, free_port
-from client_kit import http as open_http
-from conftest import skip_or_fail
-from netns_browser import start_serve, stop, wait_ready
+from kit import tiny_model
+from kit.http_calls import create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.netns_browser import start_serve, stop, wait_ready
+from kit.paths import REPO_ROOT
+from kit.served import ServerThread, make_config
+from kit.skips import skip_or_fail
+from kit.waits import free_port
+from kit.ws_clients import Bot, Frames
 from pipecat.frames.frames import (
     ErrorFrame,
     Frame,
@@ -45,7 +49,6 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
-from server_harness import ServerThread, make_config
 
 from vexpress_rt.media import resample_pcm
 from vexpress_rt_client import SessionOptions
@@ -53,7 +56,6 @@ from vexpress_rt_client.pipecat import VExpressVideoService
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT, FPS, STEPS = 128, 64, 25, 1
 OUT_RATE = 48000
 SPF = OUT_RATE // FPS

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from kit.fake_clock import FakeClock
 
 from streaming import finisher as finisher_module
 from streaming import worker as worker_module
@@ -29,14 +30,6 @@ from vexpress_rt.pipeline import VAE_SCALE
 W, H = 128, 64
 THREADS = ("vexpress-model-worker", "vexpress-finisher")
 WAIT_S = 20.0  # bound on every wait below
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0):
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _engine(models, pipelined: bool, decoders=None) -> Engine:

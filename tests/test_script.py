@@ -22,22 +22,14 @@ import wave
 import aiohttp
 import numpy as np
 import pytest
-from client_kit import (
-    FPS,
-    Bot,
-    RtmpIngest,
-    bearer,
-    create_session,
-    delete_session,
-    free_port,
-    loud_seconds,
-    read_received,
-    run,
-    wav_of,
-)
-from client_kit import http as open_http
-from conftest import IN_CI
-from server_harness import ServerThread, make_config
+from kit.http_calls import bearer, create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.media_synth import FPS, loud_seconds, wav_of
+from kit.rtmp_receiver import RtmpIngest, read_received
+from kit.served import server_fixture
+from kit.skips import IN_CI
+from kit.waits import free_port, run
+from kit.ws_clients import Bot
 
 from server.errors import ApiError
 from server.script.items import parse_script
@@ -55,11 +47,12 @@ def espeak():
         pytest.fail("espeak-ng is not installed (apt-get install espeak-ng)") if IN_CI else pytest.skip("no espeak-ng")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine, espeak):
-    srv = ServerThread(make_config(mark_frames=True, tts_command=TTS, output_allow=["127.0.0.1"]), tiny_engine).start()
-    yield srv
-    srv.stop()
+def _settings(request: pytest.FixtureRequest) -> dict:
+    request.getfixturevalue("espeak")  # the TTS command needs espeak-ng (a skip, a failure in CI)
+    return {"mark_frames": True, "tts_command": TTS, "output_allow": ["127.0.0.1"]}
+
+
+server = server_fixture(_settings)
 
 
 def test_script_items_are_validated():

@@ -23,16 +23,19 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from client_kit import bearer, create_session, delete_session, free_port, run, wav_of
-from client_kit import http as open_http
-from netns_browser import start_serve, stop
-from server_harness import ServerThread, make_config
+from kit.http_calls import bearer, create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.media_synth import wav_of
+from kit.netns_browser import start_serve, stop
+from kit.paths import KIT
+from kit.served import make_config
+from kit.waits import free_port, run
 
 from server.api.speak import AUDIO_DECODING
 
 pytestmark = [pytest.mark.timeout(600)]
 
-FAKE_TTS = Path(__file__).with_name("fake_tts.py")
+FAKE_TTS = KIT / "fake_tts.py"
 
 
 def tts_processes() -> int:
@@ -72,11 +75,11 @@ def record_dir(tmp_path) -> Path:
 
 
 # -- 3. TTS processes: killed and reaped on every exit path, bounded for the whole server ------------------------------
-def test_stopped_scripts_leave_no_tts_processes(tiny_engine, record_dir):
+def test_stopped_scripts_leave_no_tts_processes(record_dir, serve):
     """10 rounds: a script whose text item runs a slow TTS command (it would sleep 120 s), ended while the command
     runs by DELETE of the script, its `stop` action or DELETE of the session. Before: each round left its process
     running (10 after 10 rounds)."""
-    server = ServerThread(make_config(tts_command=tts_command("slow", record_dir)), tiny_engine).start()
+    server = serve(tts_command=tts_command("slow", record_dir))
     ends = ("DELETE script", "stop", "DELETE session")
 
     async def main():
@@ -104,18 +107,15 @@ def test_stopped_scripts_leave_no_tts_processes(tiny_engine, record_dir):
             print(f"\nTTS processes after each round {counts}; {left} after 10 rounds, {tts_processes()} 5 s later")
         return counts
 
-    try:
-        counts = run(main(), 300)
-    finally:
-        server.stop()
+    counts = run(main(), 300)
     assert counts == [0] * 10  # gone (killed and reaped) by the time the stop, DELETE or close answered
 
 
-def test_tts_processes_are_bounded_for_the_whole_server(tiny_engine, record_dir):
+def test_tts_processes_are_bounded_for_the_whole_server(record_dir, serve):
     """`--tts_max_procs 1`: while one script's TTS command runs, a script with a text item on another session gets
     503 + Retry-After (a script without one is not refused); the process count never passes 1."""
     config = make_config(tts_command=tts_command("slow", record_dir), tts_max_procs=1)
-    server = ServerThread(config, tiny_engine).start()
+    server = serve(config=config)
     peak = [0]
 
     async def main():
@@ -140,10 +140,7 @@ def test_tts_processes_are_bounded_for_the_whole_server(tiny_engine, record_dir)
                 await delete_session(http, session)
             return replies
 
-    try:
-        replies = run(main(), 120)
-    finally:
-        server.stop()
+    replies = run(main(), 120)
     print(f"\nwith --tts_max_procs 1: {[(s, retry) for s, retry, _ in replies]}; at most {peak[0]} TTS processes")
     assert [(s, retry) for s, retry, _ in replies[:2]] == [(503, "5"), (503, "5")]
     assert replies[0][2]["error"]["code"] == "busy" and "--tts_max_procs" in replies[0][2]["error"]["message"]
@@ -152,9 +149,9 @@ def test_tts_processes_are_bounded_for_the_whole_server(tiny_engine, record_dir)
 
 
 # -- 14. a text is spoken as written: no placeholder in it is replaced ------------------------------------------------
-def test_a_tts_text_is_passed_literally(tiny_engine, record_dir):
+def test_a_tts_text_is_passed_literally(record_dir, serve):
     """Before: the text "{out}" reached the command as the output file's path (two-pass substitution)."""
-    server = ServerThread(make_config(tts_command=tts_command("speak", record_dir)), tiny_engine).start()
+    server = serve(tts_command=tts_command("speak", record_dir))
     texts = ["{out}", "say {text} and {out}", "{{out}}"]
 
     async def main():
@@ -174,20 +171,17 @@ def test_a_tts_text_is_passed_literally(tiny_engine, record_dir):
             await delete_session(http, session)
             return final
 
-    try:
-        final = run(main(), 180)
-    finally:
-        server.stop()
+    final = run(main(), 180)
     received = [p.read_text() for p in sorted(record_dir.iterdir(), key=lambda p: int(p.stem))]
     print(f"\nsent {texts}, the TTS command received {received}; script {final}")
     assert final == "finished" and received == texts
 
 
 # -- 5. one script per session, even when six POSTs race with slow bodies ---------------------------------------------
-def test_six_concurrent_slow_posts_start_one_script(tiny_engine):
+def test_six_concurrent_slow_posts_start_one_script(serve):
     """Six POSTs of a script to one session at once, each body trickling in over a second. Before: all six got 201
     (the check ran before the body was read) and the replaced runners kept running."""
-    server = ServerThread(make_config(), tiny_engine).start()
+    server = serve()
     body = json.dumps({"items": [{"pause_s": 5.0}, {"mark": "end"}]}).encode()
 
     async def slow_body():
@@ -212,10 +206,7 @@ def test_six_concurrent_slow_posts_start_one_script(tiny_engine):
             await delete_session(http, session)
             return replies, runners, current
 
-    try:
-        replies, runners, current = run(main(), 120)
-    finally:
-        server.stop()
+    replies, runners, current = run(main(), 120)
     statuses = sorted(status for status, _ in replies)
     print(f"\nsix slow POSTs: {statuses}; script tasks running {len(runners)}")
     assert statuses == [201] + [409] * 5
@@ -226,11 +217,11 @@ def test_six_concurrent_slow_posts_start_one_script(tiny_engine):
 
 
 # -- 4. decoded audio: the engine's rate, mono, budgeted, released -----------------------------------------------------
-def test_a_script_holds_its_items_within_its_byte_budget(tiny_engine):
+def test_a_script_holds_its_items_within_its_byte_budget(serve):
     """`--script_audio_mb 0.5` (5.4 s of 48 kHz mono int16): two 3 s items do not fit at once, so the second is
     decoded after the first has played and both play; an 8 s item alone is larger than the budget and fails its
     script with the reason. The server's budget is all given back after each script."""
-    server = ServerThread(make_config(script_audio_mb=0.5), tiny_engine).start()
+    server = serve(script_audio_mb=0.5)
     tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(3 * 16000) / 16000)).astype(np.float32)
 
     def form(items: list, files: dict[str, np.ndarray]) -> aiohttp.FormData:
@@ -263,10 +254,7 @@ def test_a_script_holds_its_items_within_its_byte_budget(tiny_engine):
             await delete_session(http, session)
             return two, big, held_after_two, held_after_big
 
-    try:
-        two, big, held_two, held_big = run(main(), 240)
-    finally:
-        server.stop()
+    two, big, held_two, held_big = run(main(), 240)
     print(
         f"\n--script_audio_mb 0.5: two 3 s items {two['state']} {[i['state'] for i in two['items']]}; an 8 s item "
         f"{big['state']}: {big['error']}; server budget held after each {held_two}, {held_big} bytes"

@@ -7,7 +7,7 @@ import time
 
 import aiohttp
 import pytest
-from server_harness import ServerThread, call, make_config
+from kit.served import call, server_fixture
 
 from vexpress_rt.errors import InputError
 from vexpress_rt.params import GenerationParams, field_error
@@ -15,11 +15,7 @@ from vexpress_rt.params import GenerationParams, field_error
 pytestmark = pytest.mark.fixtures
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture()
 
 
 def _create(srv, body=None, **kw):
@@ -282,55 +278,47 @@ def test_metrics(server):
     call("DELETE", f"{server.url}/v1/sessions/{session['id']}", headers=_bearer(session["token"]))
 
 
-def test_capacity_readyz_and_retry_after(tiny_engine):
-    srv = ServerThread(make_config(max_sessions=1), tiny_engine).start()
-    try:
-        first = _create(srv)
-        assert first.status == 201
-        ready = call("GET", f"{srv.url}/readyz")
-        assert ready.status == 503 and int(ready.headers["Retry-After"]) > 0 and ready.json["status"] == "full"
-        second = _create(srv)
-        assert second.status == 503 and int(second.headers["Retry-After"]) > 0
-        assert second.json["error"]["code"] == "capacity"
-        assert call("POST", f"{srv.url}/offer", json={"sdp": "v=0\r\nm=video 9 x\r\n", "type": "offer"}).status == 503
-        call("DELETE", f"{srv.url}/v1/sessions/{first.json['id']}", headers=_bearer(first.json["token"]))
-        assert call("GET", f"{srv.url}/readyz").status == 200
-        assert _create(srv).status == 201  # left open: the shutdown closes it
-        open_ids = [s.id for s in srv.state.sessions]
-    finally:
-        srv.stop()
+def test_capacity_readyz_and_retry_after(tiny_engine, serve):
+    srv = serve(max_sessions=1)
+    first = _create(srv)
+    assert first.status == 201
+    ready = call("GET", f"{srv.url}/readyz")
+    assert ready.status == 503 and int(ready.headers["Retry-After"]) > 0 and ready.json["status"] == "full"
+    second = _create(srv)
+    assert second.status == 503 and int(second.headers["Retry-After"]) > 0
+    assert second.json["error"]["code"] == "capacity"
+    assert call("POST", f"{srv.url}/offer", json={"sdp": "v=0\r\nm=video 9 x\r\n", "type": "offer"}).status == 503
+    call("DELETE", f"{srv.url}/v1/sessions/{first.json['id']}", headers=_bearer(first.json["token"]))
+    assert call("GET", f"{srv.url}/readyz").status == 200
+    assert _create(srv).status == 201  # left open: the shutdown closes it
+    open_ids = [s.id for s in srv.state.sessions]
+    srv.stop()
     assert open_ids and all(tiny_engine.get_session(sid) is None for sid in open_ids)
 
 
-def test_api_key(tiny_engine):
-    srv = ServerThread(make_config(api_key="s3cret"), tiny_engine).start()
-    try:
-        assert call("GET", f"{srv.url}/healthz").status == 200
-        assert call("GET", f"{srv.url}/v1/info").json["auth"] == {"api_key": True}
-        for headers in ({}, {"X-API-Key": "wrong"}, _bearer("wrong")):
-            refused = _create(srv, headers=headers)
-            assert refused.status == 401, headers
-        assert call("GET", f"{srv.url}/v1/avatars").status == 401
-        assert _create(srv, params={"token": "s3cret"}).status == 401  # the key only travels in headers
-        made = _create(srv, headers={"X-API-Key": "s3cret"})
-        assert made.status == 201
-        other = _create(srv, headers=_bearer("s3cret")).json
-        url = f"{srv.url}/v1/sessions/{made.json['id']}"
-        assert call("GET", url, headers=_bearer(made.json["token"])).status == 200  # its token
-        assert call("GET", url, headers={"X-API-Key": "s3cret"}).status == 200  # or the key
-        assert call("GET", url, headers=_bearer(other["token"])).status == 401  # not another session's token
-    finally:
-        srv.stop()
+def test_api_key(serve):
+    srv = serve(api_key="s3cret")
+    assert call("GET", f"{srv.url}/healthz").status == 200
+    assert call("GET", f"{srv.url}/v1/info").json["auth"] == {"api_key": True}
+    for headers in ({}, {"X-API-Key": "wrong"}, _bearer("wrong")):
+        refused = _create(srv, headers=headers)
+        assert refused.status == 401, headers
+    assert call("GET", f"{srv.url}/v1/avatars").status == 401
+    assert _create(srv, params={"token": "s3cret"}).status == 401  # the key only travels in headers
+    made = _create(srv, headers={"X-API-Key": "s3cret"})
+    assert made.status == 201
+    other = _create(srv, headers=_bearer("s3cret")).json
+    url = f"{srv.url}/v1/sessions/{made.json['id']}"
+    assert call("GET", url, headers=_bearer(made.json["token"])).status == 200  # its token
+    assert call("GET", url, headers={"X-API-Key": "s3cret"}).status == 200  # or the key
+    assert call("GET", url, headers=_bearer(other["token"])).status == 401  # not another session's token
 
 
-def test_session_nobody_connects_to_is_closed(tiny_engine):
-    srv = ServerThread(make_config(connect_timeout_s=0.3), tiny_engine).start()
-    try:
-        session = _create(srv).json
-        deadline = time.monotonic() + 10
-        while srv.state.sessions.get(session["id"]) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert srv.state.sessions.get(session["id"]) is None
-        assert tiny_engine.get_session(session["id"]) is None
-    finally:
-        srv.stop()
+def test_session_nobody_connects_to_is_closed(tiny_engine, serve):
+    srv = serve(connect_timeout_s=0.3)
+    session = _create(srv).json
+    deadline = time.monotonic() + 10
+    while srv.state.sessions.get(session["id"]) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.state.sessions.get(session["id"]) is None
+    assert tiny_engine.get_session(session["id"]) is None

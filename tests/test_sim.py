@@ -16,8 +16,11 @@ import pytest
 import torch
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from client_kit import bearer, create_session, http, loopback_pc, loud_seconds, run, voiced_pcm16, wait_for, wav_of
-from server_harness import ServerThread, make_config
+from kit.aiortc_viewer import loopback_pc
+from kit.http_calls import bearer, create_session, http
+from kit.media_synth import loud_seconds, voiced_pcm16, wav_of
+from kit.served import ServerThread, make_config
+from kit.waits import run, wait_for
 
 from server.media import marks
 from server.serving.engine_factory import build_simulated_engine
@@ -225,13 +228,15 @@ def test_the_server_on_the_simulated_device_serves_512x512_frames_with_their_aud
                 assert r.status == 201, await r.text()
                 answer = await r.text()
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            assert await wait_for(lambda: len(video) >= 5, 20), "no video from the server"
+            await wait_for(lambda: len(video) >= 5, 20, "video from the server")
             wav = wav_of(np.frombuffer(voiced_pcm16(2.0), "<i2").astype(np.float32) / 32768.0)
             async with client.post(session["speak_url"], data=wav, headers=bearer(session["token"])) as r:
                 assert r.status in (200, 202), await r.text()
             first = len(video)
             # until the 2 s of speech and some idle after it have come through (bounded; a loaded machine is slow)
-            await wait_for(lambda: sum(len(a) for a in audio) >= 48000 * 4.0, 40)
+            await wait_for(
+                lambda: sum(len(a) for a in audio) >= 48000 * 4.0, 40, "4 s of audio (the speech and idle after it)"
+            )
             count = len(video) - first
             for task in tasks:
                 task.cancel()

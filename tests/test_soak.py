@@ -12,19 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from client_kit import (
-    bearer,
-    connect_viewer,
-    create_session,
-    delete_session,
-    http,
-    voiced_pcm16,
-    wait_for,
-    ws_messages,
-    ws_url,
-)
+from kit.aiortc_viewer import connect_viewer
+from kit.http_calls import bearer, create_session, delete_session, http, ws_messages, ws_url
+from kit.media_synth import voiced_pcm16
+from kit.served import make_config, server_fixture
+from kit.waits import wait_for
 from PIL import Image
-from server_harness import ServerThread, make_config
 
 from server import metrics
 from server.commands import soak as soak_module
@@ -39,11 +32,7 @@ pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 WARMUP, SESSIONS, AT_ONCE = 20, 200, 4
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(max_sessions=8), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture({"max_sessions": 8})
 
 
 def _figures(server) -> dict:
@@ -67,7 +56,7 @@ async def _one(c, server, i: int) -> str:
     try:
         if kind == "webrtc":
             pc, seen, _ = await connect_viewer(c, s)
-            assert await wait_for(lambda: seen.video >= 3, 20), "no frames"
+            await wait_for(lambda: seen.video >= 3, 20, "frames for the WebRTC viewer")
             await seen.stop()
             await pc.close()
         elif kind == "bot":
@@ -98,10 +87,12 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
     async def main():
         async with http() as c:
             await cycles(0, WARMUP, c)
-            assert await wait_for(lambda: not len(server.state.sessions), 10), "warm-up sessions still open"
+            await wait_for(lambda: not len(server.state.sessions), 10, "the warm-up sessions closed")
             base = await asyncio.to_thread(_figures, server)
             kinds = await cycles(WARMUP, SESSIONS, c)
-            await wait_for(lambda: not len(server.state.sessions) and not tiny_engine.sessions(), 15)
+            await wait_for(
+                lambda: not len(server.state.sessions) and not tiny_engine.sessions(), 15, "every session closed"
+            )
             await asyncio.sleep(1.0)
             return base, await asyncio.to_thread(_figures, server), kinds
 
@@ -187,7 +178,7 @@ def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
                 shape = {"strategy": "chunked", "context_frames": i % 16, "new_frames": 1 + i // 16}
                 s = await create_session(c, server.url, {**shape, "audio_attention_weight": 1.0 + i / 100})
                 session = tiny_engine.get_session(s["id"])
-                assert await wait_for(lambda es=session: es._stream is not None, 5), f"session {i} ({shape}) never ran"
+                await wait_for(lambda es=session: es._stream is not None, 5, f"session {i} ({shape}) running")
                 if session.denoiser_settings in tiny_engine._denoisers:
                     built.add(session.denoiser_settings)
                 await delete_session(c, s)

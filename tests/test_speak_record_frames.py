@@ -11,25 +11,19 @@ import io
 import socket
 import time
 import wave
+from pathlib import Path
 
 import aiohttp
 import av
 import numpy as np
 import pytest
-from client_kit import (
-    FPS,
-    OUT_RATE,
-    SPF,
-    Bot,
-    Frames,
-    create_session,
-    delete_session,
-    pcm16,
-    run,
-)
-from client_kit import http as open_http
+from kit.http_calls import create_session, delete_session
+from kit.http_calls import http as open_http
+from kit.media_synth import FPS, OUT_RATE, SPF, pcm16
+from kit.served import server_fixture
+from kit.waits import run
+from kit.ws_clients import Bot, Frames
 from PIL import Image
-from server_harness import ServerThread, make_config
 
 from server.websockets.frames import HEADER, parse_frame
 from vexpress_rt.media import resample_pcm
@@ -38,12 +32,11 @@ pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("recordings")
-    srv = ServerThread(make_config(recording_dir=str(folder)), tiny_engine).start()
-    srv.recording_dir = folder
-    yield srv
-    srv.stop()
+def recording_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("recordings")
+
+
+server = server_fixture(lambda request: {"recording_dir": str(request.getfixturevalue("recording_dir"))})
 
 
 def auth(session: dict) -> dict:
@@ -271,11 +264,11 @@ def test_recording_from_creation_lasts_speech_plus_idle(server, tiny_speech):
     assert summary["speech_frames"] == speech_frames + underruns and idle_frames >= 0.9 * FPS
     assert abs(loud_rec - loud_src) <= 3  # the speech is in the recording's audio, and nothing else is loud
     assert later["video_frames"] >= 0.5 * FPS and later["video_codec"] == "h264"
-    assert not list(server.recording_dir.glob(f"{session['id']}*.mp4.tmp"))
+    assert not list(Path(server.config.recording_dir).glob(f"{session['id']}*.mp4.tmp"))
 
 
-def test_recordings_expire_and_are_removed_at_shutdown(tiny_engine):
-    srv = ServerThread(make_config(recording_retention_s=1.5), tiny_engine).start()  # a temporary folder
+def test_recordings_expire_and_are_removed_at_shutdown(serve):
+    srv = serve(recording_retention_s=1.5)  # a temporary folder
 
     async def record(http, stop_after: float) -> tuple[dict, bytes]:
         session = await create_session(http, srv.url, {"record": True})
@@ -295,15 +288,13 @@ def test_recordings_expire_and_are_removed_at_shutdown(tiny_engine):
             kept, _ = await record(http, 0.3)
             return expired, data, gone, kept
 
-    try:
-        expired, data, gone, kept = run(main())
-        from server.outputs.recording import RECORDINGS
+    expired, data, gone, kept = run(main())
+    from server.outputs.recording import RECORDINGS
 
-        path = srv.app[RECORDINGS].recordings[kept["id"]].path
-        folder_files = sorted(p.name for p in path.parent.iterdir())
-        assert path.is_file()
-    finally:
-        srv.stop()
+    path = srv.app[RECORDINGS].recordings[kept["id"]].path
+    folder_files = sorted(p.name for p in path.parent.iterdir())
+    assert path.is_file()
+    srv.stop()  # the shutdown removes the recordings and their temporary folder (below)
     assert data[4:8] == b"ftyp" and gone == 404
     assert folder_files == [path.name]  # the expired one was deleted
     assert not path.exists() and not path.parent.exists()  # shutdown: the file and the temporary folder

@@ -13,23 +13,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-from client_kit import spoken_wav
-from netns_browser import run_driver_in_netns
-from server_harness import ServerThread, call, make_config
+from kit.media_synth import spoken_wav
+from kit.netns_browser import run_driver_in_netns
+from kit.served import call
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
 SPEECH = "Good evening. Here is the news, read by the avatar, with its lips in time with its voice."
 
 
-def test_viewer_page_is_served_without_a_referrer(tiny_engine):
+def test_viewer_page_is_served_without_a_referrer(serve):
     """The page itself: static, no-cache, no Referer (its URL holds the token); its script next to it."""
-    server = ServerThread(make_config(), tiny_engine).start()
-    try:
-        page = call("GET", f"{server.url}/view/s0123?token=abc")
-        script = call("GET", f"{server.url}/view.js")
-    finally:
-        server.stop()
+    server = serve()
+    page = call("GET", f"{server.url}/view/s0123?token=abc")
+    script = call("GET", f"{server.url}/view.js")
     assert page.status == 200 and page.headers["Content-Type"].startswith("text/html")
     assert page.headers["Referrer-Policy"] == "no-referrer" and "../view.js" in page.text
     assert "<video" in page.text and "controls" not in page.text.split("<video", 1)[1].split(">", 1)[0]

@@ -24,8 +24,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtp import RtcpSrPacket
-from client_kit import spoken_wav
-from server_harness import ServerThread, make_config
+from kit.media_synth import spoken_wav
+from kit.served import server_fixture
 
 from server.media import marks
 from vexpress_rt.media import load_audio, resample_pcm
@@ -44,11 +44,7 @@ def speech_wav(tmp_path_factory):
     return spoken_wav(wav, SPEECH, words_per_minute=175)  # espeak-ng's own speed
 
 
-@pytest.fixture(scope="module")
-def server(tiny_engine):
-    srv = ServerThread(make_config(mark_frames=True), tiny_engine).start()
-    yield srv
-    srv.stop()
+server = server_fixture({"mark_frames": True})
 
 
 class WavMicrophone(MediaStreamTrack):

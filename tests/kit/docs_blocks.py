@@ -1,6 +1,6 @@
 """The code blocks of the README and docs/*.md, as the docs test runs them.
 
-A ```bash (or ```sh) block is shell commands, a ```python block a snippet; both are run (tests/netns_docs.py) unless
+A ```bash (or ```sh) block is shell commands, a ```python block a snippet; both are run (tests/kit/netns_docs.py) unless
 an HTML comment right above the block says why not: `<!-- not-run: reason -->`. Blocks in other languages (json,
 yaml, nginx, caddyfile, plain) are data and configuration shown to the reader, not run.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from kit.paths import REPO_ROOT
+
 # The order they run in: the README's tour makes the demo model and starts the server the docs after it use.
 DOC_FILES = ("README.md", "docs/websocket.md", "docs/controls.md", "docs/blink.md", "docs/streaming.md")
 DOC_FILES += ("docs/deploy.md", "docs/gpu.md", "docs/parity.md", "docs/simulator.md", "SECURITY.md")

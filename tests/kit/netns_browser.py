@@ -1,7 +1,7 @@
 """Run `vexpress-rt serve` over HTTPS (and a TURN server, in relay mode) plus headless Chromium, inside a network
-namespace that has only loopback; print one JSON report. Used by tests/test_deploy.py, which starts it as
+namespace that has only loopback; print one JSON report. Used by tests/server/test_deploy.py, which starts it as
 
-    unshare -n bash -c 'ip link set lo up; exec python tests/netns_browser.py --mode https ...'
+    unshare -n bash -c 'ip link set lo up; exec python tests/kit/netns_browser.py --mode https ...'
 
 so nothing it opens can reach or be reached from outside this machine (TESTING.md). Modes:
   https  `serve --tls-self-signed`; Chromium with --ignore-certificate-errors opens https://127.0.0.1:PORT/,
@@ -28,7 +28,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from kit.paths import KIT, REPO_ROOT, pythonpath
+from kit.waits import free_port
+
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu",
@@ -81,12 +83,6 @@ WHEP_VIEWER_JS = """async (relay) => {
 }"""
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -127,7 +123,7 @@ def start_serve(model_dir: str | Path, port: int, log_path: Path, *extra: str) -
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        PYTHONPATH=pythonpath(),
     )
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
@@ -300,7 +296,7 @@ def main() -> int:
 
 # -- the test side: run a driver (this file or netns_viewer.py) in a loopback-only namespace ------------------------
 def run_driver_in_netns(driver: str, args: list[str], timeout_s: float) -> dict:
-    """`tests/<driver>` with `args` inside `unshare -n` (only `lo`), bounded by `timeout_s`; its REPORT line.
+    """`tests/kit/<driver>` with `args` inside `unshare -n` (only `lo`), bounded by `timeout_s`; its REPORT line.
     Skips (fails in CI, see conftest) where Chromium, Playwright, root or unshare is missing."""
     import pytest
 
@@ -309,11 +305,12 @@ def run_driver_in_netns(driver: str, args: list[str], timeout_s: float) -> dict:
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a loopback-only network namespace needs root and unshare (util-linux)")
-    command = [sys.executable, str(REPO_ROOT / "tests" / driver), *args, "--timeout", str(int(timeout_s) - 20)]
+    command = [sys.executable, str(KIT / driver), *args, "--timeout", str(int(timeout_s) - 20)]
     script = "ip link set lo up && exec " + " ".join(f"'{a}'" for a in command)
+    env = dict(os.environ, PYTHONPATH=pythonpath())  # the driver imports the kit
     proc = subprocess.Popen(
         ["unshare", "-n", "bash", "-c", script],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, start_new_session=True, env=env,
     )  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)

@@ -1,7 +1,7 @@
 """The chromeless viewer page in headless Chromium, inside a loopback-only network namespace; prints one JSON report.
-Used by tests/test_viewer.py, which starts it as
+Used by tests/server/test_viewer.py, which starts it as
 
-    unshare -n bash -c 'ip link set lo up; exec python tests/netns_viewer.py ...'
+    unshare -n bash -c 'ip link set lo up; exec python tests/kit/netns_viewer.py ...'
 
 Steps: `vexpress-rt serve` (tiny model, ICE on 127.0.0.1); a session made over the HTTP API, as a presenter's
 script would; Chromium opens the session's view_url (its view-only token) with &bg=transparent (the page trickles
@@ -22,18 +22,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from netns_browser import (
-    CHROMIUM,
-    CHROMIUM_FLAGS,
-    free_port,
-    report_bounded,
-    start_serve,
-    stop,
-    tail,
-    wait_ready,
-)
+from kit.netns_browser import CHROMIUM, CHROMIUM_FLAGS, report_bounded, start_serve, stop, tail, wait_ready
+from kit.waits import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VIEWPORT = {"width": 320, "height": 240}  # the portrait fills rows 40-199; rows 0-39 and 200-239 are outside it
 
 

@@ -1,10 +1,10 @@
 """Run every runnable code block of the README and docs as written, in a loopback-only network namespace.
 
-    unshare -n bash -c 'ip link set lo up && exec python tests/netns_docs.py WORKDIR --timeout 600'
+    unshare -n bash -c 'ip link set lo up && exec python tests/kit/netns_docs.py WORKDIR --timeout 600'
 
 In the namespace the documented addresses are free and mean this machine only: `vexpress-rt serve` listens on
-localhost:8080 as the tour says, an RTMP ingest (tests/rtmp_ingest.py) on localhost:1935 stands in for the media
-server of the `present` recipe. Blocks run in document order in one working folder (tests/docs_blocks.py says which
+localhost:8080 as the tour says, an RTMP ingest (tests/kit/rtmp_ingest.py) on localhost:1935 stands in for the media
+server of the `present` recipe. Blocks run in document order in one working folder (tests/kit/docs_blocks.py says which
 and why not): shell blocks with bash (`-e -o pipefail`; a `vexpress-rt serve` line is started in the background
 and waited for until /readyz answers), Python blocks with python. Where a snippet only defines a function, the
 CHECKS below call it the way its text says, and check what a reader would see. Prints one `REPORT {json}` line.
@@ -24,7 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from docs_blocks import REPO_ROOT, Block, all_blocks
+from kit.docs_blocks import Block, all_blocks
+from kit.paths import KIT, pythonpath
 
 READY_TIMEOUT_S = 300.0
 BLOCK_TIMEOUT_S = 600.0
@@ -124,7 +125,7 @@ class Runner:
         self.work = work
         self.env = dict(
             os.environ,
-            PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+            PYTHONPATH=pythonpath(),
             PYTHONUNBUFFERED="1",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
@@ -175,7 +176,7 @@ class Runner:
         return done.returncode, done.stdout + done.stderr
 
     def ingest(self) -> subprocess.Popen:
-        script = REPO_ROOT / "tests" / "rtmp_ingest.py"
+        script = KIT / "rtmp_ingest.py"
         proc = subprocess.Popen(
             [sys.executable, str(script), INGEST, str(self.work / "show.flv")],
             cwd=self.work, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

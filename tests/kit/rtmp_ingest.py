@@ -1,12 +1,12 @@
 """A real RTMP ingest for the tests: FFmpeg's RTMP server mode (through PyAV, `listen=1`) accepts one publisher and
 copies every packet it receives into an FLV file, as a media server records a live stream.
 
-    python tests/rtmp_ingest.py rtmp://127.0.0.1:PORT/live/KEY out.flv
+    python tests/kit/rtmp_ingest.py rtmp://127.0.0.1:PORT/live/KEY out.flv
 
 It prints `listening` before it waits, `receiving <streams>` once a publisher connected, and `ended <packets>` when
 the publisher went away (then exits 0). Killed, it leaves what it flushed so far (packets are flushed as they come).
 
-    python tests/rtmp_ingest.py rtmp://127.0.0.1:PORT/live/KEY - --drop-after 0.3
+    python tests/kit/rtmp_ingest.py rtmp://127.0.0.1:PORT/live/KEY - --drop-after 0.3
 
 A hostile ingest instead: it accepts each publisher, reads for 0.3 s, drops it and listens again, printing
 `accepted <monotonic seconds>` for each (until killed).
