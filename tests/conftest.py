@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from kit import tiny_model
 from kit.paths import REPO_ROOT
-from kit.served import Servers
 from kit.skips import CI_ALLOWED_SKIP_REASONS, IN_CI, skip_or_fail
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,6 +144,8 @@ def tiny_engine(tiny_models):
 def serve(request):
     """Servers started in a test, stopped after it: `serve(max_sessions=2)` is a started `ServerThread` over
     `tiny_engine` with the tests' settings (kit/served.py); `serve(engine=pool, ...)` over another engine."""
+    from kit.served import Servers  # here, not above: the GPU machine's tests run without the server's dependencies
+
     servers = Servers(lambda: request.getfixturevalue("tiny_engine"))
     yield servers.start
     servers.stop_all()

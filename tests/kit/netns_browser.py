@@ -1,5 +1,5 @@
 """Run `vexpress-rt serve` over HTTPS (and a TURN server, in relay mode) plus headless Chromium, inside a network
-namespace that has only loopback; print one JSON report. Used by tests/server/test_deploy.py, which starts it as
+namespace that has only loopback; print one JSON report. Used by tests/server/serving/test_deploy.py, which starts it as
 
     unshare -n bash -c 'ip link set lo up; exec python tests/kit/netns_browser.py --mode https ...'
 

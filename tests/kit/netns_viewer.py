@@ -1,5 +1,5 @@
 """The chromeless viewer page in headless Chromium, inside a loopback-only network namespace; prints one JSON report.
-Used by tests/server/test_viewer.py, which starts it as
+Used by tests/server/webrtc/test_viewer.py, which starts it as
 
     unshare -n bash -c 'ip link set lo up; exec python tests/kit/netns_viewer.py ...'
 

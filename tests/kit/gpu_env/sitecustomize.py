@@ -1,8 +1,8 @@
 """The GPU machine's environment (../shared/docs/GPU.md), made from this one: imports of what it lacks fail.
 
 On PYTHONPATH, Python imports this module at start-up (before any project code) and installs a finder that
-raises ImportError for the packages below, as on a machine where they are not installed. tests/test_gpu_env.py
-runs the bench and scripts/gpu_check.sh under it.
+raises ImportError for the packages below, as on a machine where they are not installed.
+tests/streaming/bench/test_gpu_env.py runs the bench and scripts/gpu_check.sh under it.
 """
 
 import sys

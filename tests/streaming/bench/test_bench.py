@@ -61,7 +61,7 @@ def test_engine_bench_skips_cleanly_without_cuda():
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: tests/test_gpu.py and scripts/gpu_check.sh measure it")
+        pytest.skip("a CUDA device is present: tests/streaming/test_gpu.py and scripts/gpu_check.sh measure it")
     assert engine_figures(device="cuda") == {"skipped": "no CUDA device"}
 
 

@@ -1,5 +1,5 @@
 """The GPU machine's environment (../shared/docs/GPU.md) rebuilt from this one: aiortc, websockets and
-prometheus_client blocked at import (tests/gpu_env/sitecustomize.py), no CUDA device. The bench and
+prometheus_client blocked at import (tests/kit/gpu_env/sitecustomize.py), no CUDA device. The bench and
 scripts/gpu_check.sh must run there: a GPU run that dies at import costs the whole lent machine."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """WHEP by the book (issue 15 item 5): a viewer that trickles its candidates with PATCH (RFC 8840 fragments),
 ICE restarts refused with 422, If-Match/ETag, DELETE of a viewer that already left, OPTIONS and CORS.
 
-The client is aiortc on 127.0.0.1 (`client_kit.trickle_viewer`): its offer goes out without candidates, and the
+The client is aiortc on 127.0.0.1 (`kit.aiortc_viewer.trickle_viewer`): its offer goes out without candidates, and the
 candidates follow in a PATCH before the client even applies the answer, so the server's side of the connection has
 no way to the viewer but the trickled candidates (checked on the server's ICE transport).
 """

@@ -1,7 +1,7 @@
 """Deploying (issue 17): HTTPS on `serve` (--tls-cert/--tls-key, --tls-self-signed) and TURN REST API credentials.
 
 Fast unit tests of the flags, the certificate and the credentials; then end to end in headless Chromium, run by
-tests/netns_browser.py inside a loopback-only network namespace (`unshare -n`, as root): the page over
+tests/kit/netns_browser.py inside a loopback-only network namespace (`unshare -n`, as root): the page over
 https://127.0.0.1, the fake microphone, the avatar's video and audio, a wss:// websocket on the same port.
 """
 

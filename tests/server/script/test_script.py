@@ -4,8 +4,8 @@ events on the bot websocket.
 
 Durations are measured on the engine's frame clock: each item's first and last frame come from the script's
 progress (`started_frame`, `done_frame`), and the ingest's recording must hold those frames (their barcodes,
-`--mark_frames`) without a gap. A/V offset: as in tests/test_outputs.py (chirp time minus the time of the frame
-whose barcode names it). Figures are printed (`pytest -s`).
+`--mark_frames`) without a gap. A/V offset: as in tests/server/outputs/test_outputs.py (chirp time minus the time of
+the frame whose barcode names it). Figures are printed (`pytest -s`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ real server: TTS processes are killed and reaped however a script ends and are b
 file that expands (a 192 kHz 7.1 FLAC of silence) costs the server little while it plays and nothing once its
 session is gone; six slow POSTs race for one session's script slot; a text "{out}" is spoken as written.
 
-The TTS command is a small Python script (tests/fake_tts.py) that records the text it was given and sleeps or writes
+The TTS command is a small Python script (tests/kit/fake_tts.py) that records the text it was given and sleeps or writes
 a short WAV. Processes are counted from /proc by the script's path in their command line; memory is the server
 process's VmRSS (/proc/<pid>/status). Figures are printed (`pytest -s`).
 """
@@ -39,7 +39,7 @@ FAKE_TTS = KIT / "fake_tts.py"
 
 
 def tts_processes() -> int:
-    """Processes of tests/fake_tts.py alive on this machine (zombies included: a child nobody reaped)."""
+    """Processes of tests/kit/fake_tts.py alive on this machine (zombies included: a child nobody reaped)."""
     count = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

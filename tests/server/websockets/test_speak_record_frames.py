@@ -1,7 +1,7 @@
 """Speak-a-file, MP4 recording and the frames websocket, with real clients over loopback (tiny model, CPU).
 
-Like tests/test_bot_ws.py, nothing here depends on the tiny model keeping up with real time. Figures are printed
-(`pytest -s`).
+Like tests/server/websockets/test_bot_ws.py, nothing here depends on the tiny model keeping up with real time.
+Figures are printed (`pytest -s`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The chromeless viewer page for OBS (issue 15 item 3), in headless Chromium inside a loopback-only network
-namespace (tests/netns_viewer.py): /view/{id}?token=... plays the session over WHEP with trickle ICE, without
+namespace (tests/kit/netns_viewer.py): /view/{id}?token=... plays the session over WHEP with trickle ICE, without
 controls, with sound (the avatar's speech after `POST .../speak` reaches the page), transparent or key-coloured
 outside the portrait, comes back by itself when the server ends its viewer, and leaves (DELETE) when the page
 goes away.
