@@ -33,7 +33,7 @@ from kit.netns_browser import start_serve, stop, wait_ready
 from kit.paths import REPO_ROOT
 from kit.served import ServerThread, make_config
 from kit.skips import skip_or_fail
-from kit.waits import free_port
+from kit.waits import free_port, run
 from kit.ws_clients import Bot, Frames
 from pipecat.frames.frames import (
     ErrorFrame,
@@ -275,7 +275,7 @@ def test_speech_comes_out_paired_in_sync_and_whole(server, speech):
         bare = await bare_client_latency(server.url, resample_pcm(speech[None] / 32768, TTS_RATE, 16000)[0] * 32768)
         return sent, first, pairs, bare
 
-    sent, first, pairs, bare = asyncio.run(asyncio.wait_for(main(), 240))
+    sent, first, pairs, bare = run(main(), 240)
     speech_frames = speech_pairs(pairs)
     expected = len(speech) / TTS_RATE * FPS
     corr, lag = correlation(speech, np.concatenate([p.audio for p in speech_frames]))
@@ -314,7 +314,7 @@ def test_interruption_stops_speech_within_a_frame(server, speech):
             if not bot.run.done():
                 bot.run.cancel()
 
-    before, after = asyncio.run(asyncio.wait_for(main(), 240))
+    before, after = run(main(), 240)
     spoken_after = [p for p in after if p.speaking]
     print(
         f"\n[pipecat] interrupted after {len(speech_pairs(before))} speech frames; after the InterruptionFrame: "
@@ -348,7 +348,7 @@ def test_server_gone_ends_pipeline_with_error(model_dir, tmp_path, speech):
 
     try:
         wait_ready(url, served, log, SERVER_START_TIMEOUT_S)
-        bot, took = asyncio.run(asyncio.wait_for(main(), 120))
+        bot, took = run(main(), 120)
     finally:
         stop(served)
     print(f"\n[pipecat] server killed: pipeline ended after {took:.2f} s with {[e.error for e in bot.errors]}")
@@ -373,7 +373,7 @@ def test_unreachable_server_ends_pipeline_with_error():
         await asyncio.wait_for(runner.run(), 20)
         return service, errors
 
-    service, errors = asyncio.run(asyncio.wait_for(main(), 60))
+    service, errors = run(main(), 60)
     assert any(e.processor is service and "could not open a session" in e.error for e in errors), errors
 
 

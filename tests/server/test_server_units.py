@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
+from kit.waits import run
 
 from server import metrics
 from server.access.auth import require_api_key, require_session_token, same_secret
@@ -113,7 +114,7 @@ def test_ice_host_restriction_connects_two_peers_on_loopback():
 
     rtc.restrict_host_addresses(["127.0.0.1"])
     try:
-        state_a, state_b, candidates = asyncio.run(asyncio.wait_for(main(), 20))
+        state_a, state_b, candidates = run(main(), 20)
     finally:
         rtc.restrict_host_addresses(None)
     assert (state_a, state_b) == ("connected", "connected")

@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 from kit.media_synth import mp3_bytes, voiced_pcm16, wav_bytes
+from kit.waits import run
 
 from server.errors import ApiError
 from server.media.audio_file import decode_audio_bytes
@@ -313,7 +314,6 @@ def test_info_shows_avatars_and_model_folder_only_to_key_holders_and_the_real_de
 
 @pytest.mark.fixtures
 def test_query_tokens_work_on_websockets_and_media_only(serve):
-    import asyncio
 
     from kit.http_calls import create_session, delete_session, http, ws_url
 
@@ -334,7 +334,7 @@ def test_query_tokens_work_on_websockets_and_media_only(serve):
             await delete_session(c, s)
             return get_status, post_status, media_status
 
-    get_status, post_status, media_status = asyncio.run(asyncio.wait_for(main(), 60))
+    get_status, post_status, media_status = run(main(), 60)
     assert (get_status, post_status) == (401, 401)
     assert media_status == 404
 
@@ -422,7 +422,6 @@ def test_a_bystander_keeps_its_frames_while_hostile_portraits_are_uploaded(serve
 # -- 9. limits hold under concurrent requests; a session whose frames stop is closed -------------------------------
 @pytest.mark.fixtures
 def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(serve):
-    import asyncio
 
     from kit.aiortc_viewer import viewer_offer
     from kit.http_calls import avatar_form, bearer, create_session, delete_session, http
@@ -457,7 +456,7 @@ def test_concurrent_offers_and_uploads_cannot_exceed_their_limits(serve):
                         pass
             return offers, [status for status, _ in uploads], viewers
 
-    offers, uploads, viewers = asyncio.run(asyncio.wait_for(main(), 150))
+    offers, uploads, viewers = run(main(), 150)
     assert sorted(offers) == [201, 201, 429, 429, 429, 429] and viewers == 2, (offers, viewers)
     assert sorted(uploads) == [201, 409, 409, 409], uploads
 
@@ -496,7 +495,6 @@ def test_a_session_whose_frames_stop_is_closed(serve):
 # -- 6. marks are bounded per utterance -------------------------------------------------------------------------
 @pytest.mark.fixtures
 def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(serve):
-    import asyncio
 
     from kit.http_calls import create_session, delete_session, http, ws_messages, ws_url
 
@@ -518,7 +516,7 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(serve):
             await delete_session(c, s)
             return got
 
-    got = asyncio.run(asyncio.wait_for(main(), 60))
+    got = run(main(), 60)
     errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
     assert len(errors) == 5 and all("too many marks" in e["message"] for e in errors), errors[:2]
     assert {"type": "pong", "id": "after"} in got
@@ -527,7 +525,6 @@ def test_marks_beyond_the_bound_get_an_error_and_the_session_goes_on(serve):
 # -- 8. websockets per session are bounded, refusals counted ---------------------------------------------------------
 @pytest.mark.fixtures
 def test_websockets_per_session_are_bounded_and_refusals_counted(serve):
-    import asyncio
 
     import aiohttp
     from kit.http_calls import create_session, delete_session, http, ws_url
@@ -554,7 +551,7 @@ def test_websockets_per_session_are_bounded_and_refusals_counted(serve):
             await delete_session(c, s)
             return len(opened), refused
 
-    opened, refused = asyncio.run(asyncio.wait_for(main(), 60))
+    opened, refused = run(main(), 60)
     metrics = call("GET", f"{server.url}/metrics").text
     assert opened == 3 and refused == [("frames", 429), ("frames", 429), ("ws", 429), ("ws", 429)], refused
     assert 'vexpress_websockets_refused_total{kind="frames"} 2' in metrics
@@ -566,7 +563,6 @@ def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(serve):
     """Tiny messages cost the loop ~100 us each: beyond --max_ws_messages_per_s (bursts of 2 s' worth) a connection's
     messages are dropped with an `error` event `rate_limited`, and one that keeps flooding is closed with 1008, on
     both websockets; the session goes on (a well-behaved bot connects and is answered)."""
-    import asyncio
 
     import aiohttp
     from kit.http_calls import create_session, delete_session, http, ws_messages, ws_url
@@ -595,7 +591,7 @@ def test_websocket_floods_are_rate_limited_closed_with_1008_and_counted(serve):
             await delete_session(c, s)
             return bot, frames, calm_got
 
-    (bot_got, bot_code), (frames_got, frames_code), calm_got = asyncio.run(asyncio.wait_for(main(), 90))
+    (bot_got, bot_code), (frames_got, frames_code), calm_got = run(main(), 90)
     metrics = call("GET", f"{server.url}/metrics").text
     for got in (bot_got, frames_got):
         errors = [m for m in got if isinstance(m, dict) and m.get("type") == "error"]
@@ -638,6 +634,6 @@ def test_a_nested_multipart_part_is_a_400_not_a_500(serve):
             await delete_session(c, s)
             return avatar, speak
 
-    avatar, speak = asyncio.run(asyncio.wait_for(main(), 60))
+    avatar, speak = run(main(), 60)
     for status, body in (avatar, speak):
         assert status == 400 and "nested multipart" in body["error"]["message"], (status, body)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from kit.http_calls import bearer, create_session, delete_session, http
 from kit.media_synth import wav_bytes
+from kit.waits import run
 
 from server import cli
 from server.commands.camera import CameraFrame, FramePacer, MonotonicClock, StreamInfo, run_camera
@@ -201,7 +202,7 @@ def test_camera_from_a_live_session(serve):
             await delete_session(c, s)
             return stats, seconds
 
-    stats, seconds = asyncio.run(asyncio.wait_for(main(), 60))
+    stats, seconds = run(main(), 60)
     info, camera, mic = opened["video"], opened["camera"], opened["mic"]
     assert (info.width, info.height, info.fps, info.sample_rate) == (128, 64, 25, 48000)
     assert camera.closed and mic.closed

@@ -16,7 +16,7 @@ from kit.aiortc_viewer import connect_viewer
 from kit.http_calls import bearer, create_session, delete_session, http, ws_messages, ws_url
 from kit.media_synth import voiced_pcm16
 from kit.served import make_config, server_fixture
-from kit.waits import wait_for
+from kit.waits import run, wait_for
 from PIL import Image
 
 from server import metrics
@@ -96,7 +96,7 @@ def test_200_sessions_leave_nothing_behind(server, tiny_engine):
             await asyncio.sleep(1.0)
             return base, await asyncio.to_thread(_figures, server), kinds
 
-    base, end, kinds = asyncio.run(asyncio.wait_for(main(), 200))
+    base, end, kinds = run(main(), 200)
     served = {k: kinds.count(k) for k in set(kinds)}
     print(f"\n{SESSIONS} sessions {served}: after warm-up {base}, at the end {end}")
     assert len(server.state.sessions) == 0 and not tiny_engine.sessions()
@@ -184,6 +184,6 @@ def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
                 await delete_session(c, s)
         return built
 
-    built = asyncio.run(asyncio.wait_for(main(), 60))
+    built = run(main(), 60)
     assert len(built) == 2 * engine_module.MAX_DENOISERS + 4  # every shape got its denoiser...
     assert len(tiny_engine._denoisers) <= engine_module.MAX_DENOISERS  # ... and the engine kept at most this many

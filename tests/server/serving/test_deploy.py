@@ -27,6 +27,7 @@ from kit.http_calls import bearer, create_session, delete_session, http
 from kit.media_synth import spoken_wav
 from kit.netns_browser import run_driver_in_netns
 from kit.served import make_config
+from kit.waits import run
 
 from server import cli
 from server.serving.tls import make_self_signed, served_names, ssl_context
@@ -116,7 +117,6 @@ def test_self_signed_certificate_names_and_key(tmp_path):
 def test_aiohttp_serves_with_the_context_and_clients_verify_it(tmp_path):
     """The context `serve` gives aiohttp's TCPSite answers HTTPS; a client that trusts the certificate verifies it for
     https://127.0.0.1 (an IP subjectAltName) and refuses it for a name it was not made for."""
-    import asyncio
     import socket
     import urllib.request
 
@@ -227,7 +227,7 @@ def test_turn_credentials_end_with_their_session(serve):
             await delete_session(c, s)
             return s, opened, link
 
-    s, opened, link = asyncio.run(asyncio.wait_for(main(), 60))
+    s, opened, link = run(main(), 60)
     unlimited = session_ice_servers(dataclasses.replace(config, max_session_s=0), "s1")
     turn = next(i for i in s["ice_servers"] if i.get("username"))
     expiry = int(turn["username"].split(":")[0])

@@ -12,6 +12,7 @@ import time
 import pytest
 from kit.paths import REPO_ROOT
 from kit.served import ServerThread, call
+from kit.waits import free_port
 
 from server.settings.config import ServerConfig, unknown_variables
 
@@ -117,9 +118,7 @@ def test_download_weights_without_the_hub_is_one_line(tmp_path):
 def test_present_with_no_server_there_is_one_line(tmp_path):
     script = tmp_path / "show.yaml"
     script.write_text("items:\n  - pause_s: 0.5\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     done = _cli("present", str(script), "--to", "rtmp://127.0.0.1/live/x", "--server", f"http://127.0.0.1:{port}")
     line = _one_line_error(done)
     assert f"http://127.0.0.1:{port}" in line and "--server" in line, line

@@ -10,6 +10,7 @@ import pytest
 from aiortc import RTCPeerConnection
 from kit.aiortc_viewer import viewer_offer
 from kit.http_calls import bearer, create_session, delete_session, http
+from kit.waits import run
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 
@@ -54,7 +55,7 @@ def test_failed_and_abandoned_offers_leak_nothing(serve):
             await delete_session(c, s)
             return before, after, pcs_before, pcs_after
 
-    before, after, pcs_before, pcs_after = asyncio.run(asyncio.wait_for(main(), 180))
+    before, after, pcs_before, pcs_after = run(main(), 180)
     assert after[0] == before[0] == 0, f"frame pump subscribers: {before[0]} before, {after[0]} after"
     assert after[1] == before[1] == 0, f"peer connections held by the session: {after[1]}"
     assert after[2] <= before[2] + 2, f"tasks on the server loop: {before[2]} before, {after[2]} after"

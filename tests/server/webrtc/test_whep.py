@@ -17,7 +17,7 @@ from kit.aiortc_viewer import apply_answer, trickle_viewer, viewer_offer
 from kit.http_calls import bearer, create_session, delete_session, http
 from kit.sdp_frag import TRICKLE_TYPE, sdpfrag
 from kit.served import ServerThread, server_fixture
-from kit.waits import wait_for
+from kit.waits import run, wait_for
 
 from server.errors import ApiError
 from server.webrtc.whep import parse_sdpfrag
@@ -93,7 +93,7 @@ def test_trickling_viewer_connects_through_its_patched_candidates(server):
             await delete_session(c, s)
             return before, after
 
-    before, after = asyncio.run(asyncio.wait_for(main(), 90))
+    before, after = run(main(), 90)
     assert before == [], f"the offer had no candidates, yet the server knew {before}"
     assert after and {(c.ip, c.type) for c in after} == {("127.0.0.1", "host")}
 
@@ -128,7 +128,7 @@ def test_ice_restart_is_refused_and_the_viewer_plays_on(server):
             await delete_session(c, s)
             return status, body
 
-    status, body = asyncio.run(asyncio.wait_for(main(), 90))
+    status, body = run(main(), 90)
     assert status == 422 and body["error"]["code"] == "ice_restart_unsupported", body
     assert "POST a new offer" in body["error"]["message"]
 
@@ -162,7 +162,7 @@ def test_patch_checks_etag_type_token_and_candidates(server):
             await delete_session(c, s)
             return out
 
-    out = asyncio.run(asyncio.wait_for(main(), 60))
+    out = run(main(), 60)
     assert out == {
         "stale etag": 412,
         "wrong type": 415,
@@ -198,7 +198,7 @@ def test_delete_of_a_viewer_that_already_left_ends_the_resource(server):
             await delete_session(c, s)
             return left, statuses
 
-    left, statuses = asyncio.run(asyncio.wait_for(main(), 60))
+    left, statuses = run(main(), 60)
     assert left, "the server did not notice the viewer leave"
     assert statuses == [200, 404], "DELETE of a viewer that left answers its end; after that it is gone"
 
@@ -238,7 +238,7 @@ def test_options_cors_and_link_headers(server):
             await delete_session(c, s)
             return s, out
 
-    s, out = asyncio.run(asyncio.wait_for(main(), 60))
+    s, out = run(main(), 60)
     status, allow, accept_post = out["endpoint"]
     assert status == 204 and "POST" in allow and accept_post == "application/sdp"
     status, allow, accept_patch = out["resource"]
