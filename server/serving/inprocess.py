@@ -71,6 +71,7 @@ class InProcessServer:
     async def start(self) -> str:
         """Build the app (and the engine when none was given), listen; the URL. The default portrait registers and
         the engine warms up in the background afterwards (`/readyz`, `ready()`)."""
+        self.config.validate()  # ConfigError before any weights are loaded
         engine = self.engine
         if engine is None:
             engine = self._owned = build_pool(self.config)  # WeightsError when the model folder is incomplete

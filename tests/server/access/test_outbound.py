@@ -40,9 +40,8 @@ ALLOW_LOOPBACK = ["127.0.0.1"]
 server = server_fixture()  # the default policy: public addresses only
 
 
-allowing = server_fixture(
-    {"output_allow": ALLOW_LOOPBACK}, name="allowing"
-)  # an operator who allows loopback (stand-ins, ingests)
+# an operator who allows loopback (the tests' stand-ins and ingests live there)
+allowing = server_fixture({"output_allow": ALLOW_LOOPBACK}, name="allowing")
 
 
 async def post_output(http, session: dict, body: dict, headers: dict | None = None) -> tuple[int, dict]:
