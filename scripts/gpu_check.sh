@@ -4,7 +4,7 @@
 # everything to OUT_DIR. Every part is bounded; the whole finishes in about 10 minutes.
 # Without CUDA it ends quickly: the gpu tests skip and the bench prints {"skipped": "no CUDA device"}.
 # The bench runs as `python -m streaming.bench` (= `vexpress-rt bench`): the GPU machine has no aiortc or
-# prometheus_client, which `python -m server` imports (tests/test_gpu_env.py runs this script without them).
+# prometheus_client, which `python -m server` imports (tests/streaming/bench/test_gpu_env.py runs this script without them).
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -32,7 +32,7 @@ print(json.dumps({"torch": torch.__version__, "cuda": cuda,
 PY
 echo "env: $(cat "$out/env.json" 2>/dev/null)"
 
-timeout 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$out/pytest_gpu.xml" \
+timeout 150 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/streaming/test_gpu.py --junitxml="$out/pytest_gpu.xml" \
     >"$out/pytest_gpu.log" 2>&1
 rc=$?; echo "pytest -m gpu: rc=$rc ($(tail -n 1 "$out/pytest_gpu.log"))"
 [ "$rc" -eq 0 ] || status=1

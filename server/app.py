@@ -48,7 +48,6 @@ from .errors import ApiError, error_middleware
 from .outputs import api as outputs
 from .outputs import recording
 from .script import api as script
-from .serving.engine_factory import build_pool
 from .settings.config import ServerConfig
 from .webrtc import peer, publisher, viewer, whep
 from .websockets import bot, frames, sockets
@@ -162,22 +161,16 @@ async def _close_sessions(app: web.Application) -> None:
 async def _release(app: web.Application) -> None:
     state = app[STATE]
     state.executor.shutdown(wait=False, cancel_futures=True)
-    if state.owns_engine:
-        state.engine.close()
 
 
-def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) -> web.Application:
-    """The application. Without `engine`, one per device is built from `config` (loads the weights) and closed at
-    cleanup; a given engine (or pool of them) must be started by the caller and stays the caller's to close."""
+def create_app(config: ServerConfig, engine: Engine | DevicePool) -> web.Application:
+    """The application over `engine` (or a pool of them), started by the caller and the caller's to close (the
+    in-process server, server/serving/inprocess.py, builds one from `config` when it is given none)."""
     config.validate()
     peer.restrict_host_addresses(config.ice_host)
     # The event loop shares the process (and the GIL) with the engine's model worker thread: a short switch
     # interval keeps the loop's wake-ups on time (at the default 5 ms, frames were dropped under load).
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-    owns = engine is None
-    if engine is None:
-        engine = build_pool(config)
-        engine.start()
     pool = engine if isinstance(engine, DevicePool) else DevicePool([engine])
     origins.install_log_redaction()  # ?token= never reaches the access log
     if config.insecure_no_auth and not config.api_key and not origins.is_loopback_host(config.host):
@@ -196,7 +189,7 @@ def create_app(config: ServerConfig, engine: Engine | DevicePool | None = None) 
         middlewares=[forwarded, origin_policy.middleware(), error_middleware],
         client_max_size=limits.upload_bytes(config),
     )
-    state = app[STATE] = ServerState(config=config, engine=pool, owns_engine=owns)
+    state = app[STATE] = ServerState(config=config, engine=pool)
     state.metrics.attach(scrape.StateCollector(state))
     # what each feature adds to POST/GET /v1/sessions (api/session_features.py)
     app[SESSION_FEATURES] = (

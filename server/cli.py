@@ -129,13 +129,9 @@ def _run(config: ServerConfig, engine, tls: ssl.SSLContext | None = None) -> int
 
 
 async def _serve(config: ServerConfig, engine, tls: ssl.SSLContext | None = None) -> int:
-    from aiohttp import web
+    from .serving.inprocess import InProcessServer
 
-    from .app import create_app
-
-    app = create_app(config, engine=engine)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()  # starts registering the default avatar in the background (/readyz: starting)
+    server = InProcessServer(config, engine, tls)  # starts registering the default avatar in the background
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,16 +139,10 @@ async def _serve(config: ServerConfig, engine, tls: ssl.SSLContext | None = None
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
-    try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=tls)
-        await site.start()
-        shown = "localhost" if config.host in ("0.0.0.0", "::") else config.host
-        scheme = "https" if tls is not None else "http"
-        print(f"vexpress-rt serving on {scheme}://{shown}:{config.port}/ (Ctrl+C to stop)", flush=True)
+    async with server:
+        print(f"vexpress-rt serving on {server.url}/ (Ctrl+C to stop)", flush=True)
         await stop.wait()
         log.info("stopping")
-    finally:
-        await runner.cleanup()
     return 0
 
 

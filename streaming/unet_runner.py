@@ -140,7 +140,7 @@ class RerunBackend:
 
 class CudaCalls:
     """The torch.cuda calls a capture makes, in one place: a CPU test passes its own to watch on which device
-    and stream each one happens (tests/test_unet_runner.py); the GPU tests run these."""
+    and stream each one happens (tests/streaming/test_unet_runner.py); the GPU tests run these."""
 
     def resolve(self, device: torch.device) -> torch.device:
         """`cuda` -> `cuda:<current>`: a backend always names its device's index."""

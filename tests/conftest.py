@@ -8,24 +8,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import tiny_model
+from kit import tiny_model
+from kit.paths import REPO_ROOT
+from kit.skips import CI_ALLOWED_SKIP_REASONS, IN_CI, skip_or_fail
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("VEXPRESS_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "vexpress-tiny"))
 REFERENCE = Path(os.environ.get("VEXPRESS_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# The only skips CI accepts: hardware this machine does not have, and opt-in long runs.
-CI_ALLOWED_SKIP_REASONS = ("CUDA", "VEXPRESS_SOAK_S")
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip locally; in CI a missing prerequisite is a failure, so a broken CI image cannot pass by skipping."""
-    if IN_CI:
-        pytest.fail(f"CI=true and {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -147,3 +138,14 @@ def tiny_engine(tiny_models):
     engine.start()
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def serve(request):
+    """Servers started in a test, stopped after it: `serve(max_sessions=2)` is a started `ServerThread` over
+    `tiny_engine` with the tests' settings (kit/served.py); `serve(engine=pool, ...)` over another engine."""
+    from kit.served import Servers  # here, not above: the GPU machine's tests run without the server's dependencies
+
+    servers = Servers(lambda: request.getfixturevalue("tiny_engine"))
+    yield servers.start
+    servers.stop_all()

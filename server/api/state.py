@@ -36,7 +36,6 @@ RETRY_AFTER_S = 5
 class ServerState:
     config: ServerConfig
     engine: DevicePool  # one engine per device (a single engine is a pool of one)
-    owns_engine: bool
     sessions: SessionRegistry = field(default_factory=SessionRegistry)
     default_avatar_id: str | None = None  # None while the default portrait is being registered
     startup_task: asyncio.Task | None = None

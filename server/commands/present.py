@@ -25,11 +25,10 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-from aiohttp import web
 
-from ..app import create_app
 from ..errors import ApiError
 from ..outputs.target import OutputSettings
+from ..serving.inprocess import InProcessServer
 from ..settings.config import ConfigError, ServerConfig, add_serve_arguments
 
 READY_TIMEOUT_S = 600.0
@@ -203,10 +202,11 @@ async def _present(args: argparse.Namespace, config: ServerConfig | None) -> int
         except ApiError as exc:
             raise PresentError(f"--to {url}: {exc.message}") from exc
         outputs.append(body)
-    runner = None
+    here = None  # the server run in this process (builds, starts and closes the engine), without --server
     try:
         if config is not None:
-            base, runner = await _serve_here(config)
+            here = InProcessServer(config, host="127.0.0.1", port=0)
+            base = await here.start()
             keys = [config.api_key] if isinstance(config.api_key, str) else list(config.api_key or [])
         else:
             base, keys = args.server, list(args.api_key or [])
@@ -216,23 +216,13 @@ async def _present(args: argparse.Namespace, config: ServerConfig | None) -> int
             await presenter.wait_ready()
             report, final = await presenter.run(script, files, outputs, args.lead_in_s, args.tail_s)
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if here is not None:
+            await here.stop()
     done = {"type": "present.done", "script": report, "outputs": final}
     _print(done)
     if args.report:
         Path(args.report).write_text(json.dumps(done, indent=1))
     return 0 if report["state"] == "finished" else 2
-
-
-async def _serve_here(config: ServerConfig) -> tuple[str, web.AppRunner]:
-    app = create_app(config)  # builds and starts the engine (closed at cleanup)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return f"http://127.0.0.1:{port}", runner
 
 
 def cmd_present(args: argparse.Namespace) -> int:

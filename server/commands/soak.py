@@ -25,7 +25,6 @@ import gc
 import json
 import logging
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..serving.inprocess import ServerThread
 
 log = logging.getLogger("server.soak")
 
@@ -143,33 +143,14 @@ def load_speech(path: str | None) -> np.ndarray:
 
 
 # -- the server, in a thread of its own ------------------------------------------------------------------------------
-class _Server:
+class _Server(ServerThread):
+    """The served app on a thread of its own (server/serving/inprocess.py), and what the soak reads of it."""
+
     def __init__(self, config, engine):
-        self.config, self.engine = config, engine
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="soak-server", daemon=True)
+        super().__init__(config, engine, name="soak-server")
 
-    def call(self, coro, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> str:
-        from aiohttp import web
-
-        from ..api.state import STATE
-        from ..app import create_app
-
-        self.thread.start()
-
-        async def up():
-            self.app = create_app(self.config, engine=self.engine)
-            self.runner = web.AppRunner(self.app, handle_signals=False)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            return site._server.sockets[0].getsockname()[1]
-
-        self.url = f"http://127.0.0.1:{self.call(up())}"
-        self.state = self.app[STATE]
+    def start(self) -> str:  # type: ignore[override]
+        super().start(wait_ready=False)  # wait_ready() below measures the wait, over HTTP as a client sees it
         return self.url
 
     def wait_ready(self, timeout_s: float) -> float:
@@ -201,14 +182,8 @@ class _Server:
 
         figures = self.call(snap())
         figures["sessions_open"] = len(self.state.sessions)
-        figures["engine_sessions"] = len(self.engine.sessions())
+        figures["engine_sessions"] = len(self.state.engine.sessions())
         return figures
-
-    def stop(self) -> None:
-        self.call(self.runner.cleanup(), timeout=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 # -- clients ---------------------------------------------------------------------------------------------------------

@@ -1,1 +1,1 @@
-"""Running the server: building the engine from the settings, TLS."""
+"""Running the server: building the engine from the settings, TLS, serving the app in this process."""

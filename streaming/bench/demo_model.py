@@ -6,7 +6,7 @@ speaks noise, not a face. Beside the model it writes `samples/`: a portrait, its
 a few seconds of a voiced signal, so the README's tour has inputs to hand.
 
 The sizes are the golden fixture set's (`TINY_UNET`, `TINY_VAE`, `TINY_WAV2VEC2`); the tests build their model
-with the same writer (`tests/tiny_model.py`). Values are seeded and drawn at a trained-like scale (weights
+with the same writer (`tests/kit/tiny_model.py`). Values are seeded and drawn at a trained-like scale (weights
 ~ N(0, 1/fan_in), norm gains 1 + N(0, 0.1), biases N(0, 0.05)), so every conditioning path changes the output;
 `motion_module.bin` carries values that differ from those inside `denoising_unet.bin`, as the fixtures' do.
 """

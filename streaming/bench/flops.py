@@ -34,7 +34,7 @@ TOKENS_PER_FRAME = 2  # wav2vec2 tokens per video frame after resampling
 LEFT_CONTEXT_S = 2.0  # streaming wav2vec2 span: left context + the chunk's new audio + lookahead
 LOOKAHEAD_S = 0.2
 # The reference notes (sd15_unet_config.json) when VEXPRESS_REFERENCE names them; else the module classes'
-# defaults, which are the released widths (tests/test_flops.py checks that both count the same).
+# defaults, which are the released widths (tests/streaming/bench/test_flops.py checks that both count the same).
 _named = os.environ.get("VEXPRESS_REFERENCE")
 DEFAULT_REFERENCE: Path | None = Path(_named) if _named else None
 META = torch.device("meta")
