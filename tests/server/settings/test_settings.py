@@ -13,10 +13,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
+from kit.paths import REPO_ROOT
 
 from server.settings.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, unknown_variables
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parser() -> argparse.ArgumentParser:
