@@ -38,11 +38,13 @@ class Servers:
         self._tiny_engine = tiny_engine
         self._started: list[ServerThread] = []
 
-    def start(self, engine: Any = _TINY, wait_ready: bool = True, **settings) -> ServerThread:
-        """A started server with `make_config(**settings)` over `engine` (default: tiny_engine; None: one built
-        from the settings, as `serve` does)."""
+    def start(
+        self, engine: Any = _TINY, wait_ready: bool = True, config: ServerConfig | None = None, **settings
+    ) -> ServerThread:
+        """A started server with `make_config(**settings)` (or `config`) over `engine` (default: tiny_engine; None:
+        one built from the settings, as `serve` does)."""
         chosen = self._tiny_engine() if engine is _TINY else engine
-        server = ServerThread(make_config(**settings), chosen)
+        server = ServerThread(config if config is not None else make_config(**settings), chosen)
         self._started.append(server)
         return server.start(wait_ready=wait_ready)
 
