@@ -287,6 +287,20 @@ class FrameComposer:
         self._backdrop = _backdrop(background, self.size)
         self._base = _over(self._photo_out, matte, self._backdrop)
 
+    def seam_weights(self) -> np.ndarray:
+        """uint16 (H, W) of the output: how much of each pixel is the generated crop (0..256; 0: the photo's)."""
+        weights = np.zeros(self.size[::-1], np.uint16)
+        if self.identity:
+            return weights + 256
+        weights[self._paste.out] = self._paste.weights[:, :, 0]
+        return weights
+
+    def to_output(self, points: np.ndarray) -> np.ndarray:
+        """Crop pixels -> output pixels (where a point of the generated crop lands in the frame)."""
+        if self.identity:
+            return np.asarray(points, np.float64)
+        return cv2.transform(np.asarray(points, np.float64)[None], self._crop_to_out)[0]
+
     # -- per frame ---------------------------------------------------------------------------------------------
     def compose(self, crop: np.ndarray, kps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(RGB uint8 frame of `self.size`, its alpha plane uint8 or None) from a generated crop (uint8 (h, w, 3))

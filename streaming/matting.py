@@ -21,9 +21,9 @@ from .portrait import DEFAULT_SCALE, FACE_CENTRE_HEIGHT, face_box_from_kps
 GRABCUT_SIDE = 480  # GrabCut runs on the photo shrunk to this longer side (its cost grows with the pixels)
 GRABCUT_ITERATIONS = 6
 GUIDE_SIDE = 1024  # the guided filter runs at most this large; the matte is then resized to the photo
-GUIDE_RADIUS = 0.006  # the guided filter's window radius, as a fraction of the longer side (6 px at 1024)
+GUIDE_RADIUS = 0.004  # the guided filter's window radius, as a fraction of the longer side (4 px at 1024)
 GUIDE_EPS = 1e-3  # its regulariser: lower follows the photo's edges more closely
-SOLID = 0.04  # matte values within this of 0 or 1 are made exactly 0 or 1 (flat regions stay flat)
+SOLID = 0.1  # matte values within this of 0 or 1 are made exactly 0 or 1 (flat regions stay flat)
 
 
 def _face_geometry(box: tuple[float, float, float, float]) -> tuple[float, float, float]:
@@ -152,6 +152,7 @@ def head_weight(reference_kps: np.ndarray, crop_size: tuple[int, int]) -> np.nda
     size, cx, cy = x1 - x0, (x0 + x1) / 2, (y0 + y1) / 2
     w, h = crop_size
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    r = np.sqrt(((xs - cx) / (0.85 * size)) ** 2 + ((ys - (cy - 0.1 * size)) / (1.0 * size)) ** 2)
-    t = np.clip((1.35 - r) / 0.35, 0.0, 1.0)
+    # the head: crown about 0.9 face boxes above the face's centre, chin about 0.55 below, 1.3 boxes wide
+    r = np.sqrt(((xs - cx) / (0.65 * size)) ** 2 + ((ys - (cy - 0.15 * size)) / (0.75 * size)) ** 2)
+    t = np.clip((1.3 - r) / 0.3, 0.0, 1.0)
     return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
