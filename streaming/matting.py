@@ -48,15 +48,27 @@ def _seeds(shape: tuple[int, int], box: tuple[float, float, float, float]) -> np
     # probable person: the head (hair included) and the body below it, widening to the shoulders
     cv2.ellipse(mask, (round(cx), round(cy - 0.15 * f)), (round(0.8 * f), round(1.0 * f)), 0, 0, 360, cv2.GC_PR_FGD, -1)
     body = np.array(
-        [[cx - 0.45 * f, cy + 0.5 * f], [cx + 0.45 * f, cy + 0.5 * f], [cx + 1.7 * f, cy + 1.5 * f],
-         [cx + 2.2 * f, h + 1.0], [cx - 2.2 * f, h + 1.0], [cx - 1.7 * f, cy + 1.5 * f]],
+        [
+            [cx - 0.45 * f, cy + 0.5 * f],
+            [cx + 0.45 * f, cy + 0.5 * f],
+            [cx + 1.7 * f, cy + 1.5 * f],
+            [cx + 2.2 * f, h + 1.0],
+            [cx - 2.2 * f, h + 1.0],
+            [cx - 1.7 * f, cy + 1.5 * f],
+        ],
         np.float64,
     )
     cv2.fillPoly(mask, [np.round(body).astype(np.int32)], cv2.GC_PR_FGD)
     # sure person: the middle of the face, and of the neck and chest
     cv2.ellipse(mask, (round(cx), round(cy)), (round(0.3 * f), round(0.4 * f)), 0, 0, 360, cv2.GC_FGD, -1)
-    chest = np.array([[cx - 0.2 * f, cy + 0.5 * f], [cx + 0.2 * f, cy + 0.5 * f], [cx + 0.5 * f, cy + 1.6 * f],
-                      [cx - 0.5 * f, cy + 1.6 * f]])
+    chest = np.array(
+        [
+            [cx - 0.2 * f, cy + 0.5 * f],
+            [cx + 0.2 * f, cy + 0.5 * f],
+            [cx + 0.5 * f, cy + 1.6 * f],
+            [cx - 0.5 * f, cy + 1.6 * f],
+        ]
+    )
     cv2.fillPoly(mask, [np.round(chest).astype(np.int32)], cv2.GC_FGD)
     return mask
 
@@ -75,7 +87,8 @@ def _largest_part(person: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
     count, holes, _, _ = cv2.connectedComponentsWithStats((~part).astype(np.uint8), connectivity=4)
     border = set(np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])).tolist())
     filled = part | ~np.isin(holes, list(border))
-    return filled
+    result: np.ndarray = filled
+    return result
 
 
 def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -96,7 +109,8 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     var += eps * np.eye(3, dtype=np.float32)
     coef = np.linalg.solve(var, cov_ip[:, :, :, None])[:, :, :, 0]
     offset = mean_p - (coef * mean_i).sum(axis=2)
-    return (mean(coef) * guide).sum(axis=2) + mean(offset)
+    smoothed: np.ndarray = (mean(coef) * guide).sum(axis=2) + mean(offset)
+    return smoothed
 
 
 def portrait_matte(pixels: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
@@ -110,8 +124,9 @@ def portrait_matte(pixels: np.ndarray, box: tuple[float, float, float, float]) -
     mask = _seeds((sh, sw), (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)
-    cv2.grabCut(np.ascontiguousarray(image[:, :, ::-1]), mask, None, bgd, fgd, GRABCUT_ITERATIONS,
-                cv2.GC_INIT_WITH_MASK)
+    cv2.grabCut(
+        np.ascontiguousarray(image[:, :, ::-1]), mask, (0, 0, 0, 0), bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK
+    )
     person = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     cx, cy, _ = _face_geometry((box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
     person = _largest_part(person, (round(cx), round(cy)))
@@ -155,4 +170,5 @@ def head_weight(reference_kps: np.ndarray, crop_size: tuple[int, int]) -> np.nda
     # the head: crown about 0.9 face boxes above the face's centre, chin about 0.55 below, 1.3 boxes wide
     r = np.sqrt(((xs - cx) / (0.65 * size)) ** 2 + ((ys - (cy - 0.15 * size)) / (0.75 * size)) ** 2)
     t = np.clip((1.3 - r) / 0.3, 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    weight: np.ndarray = (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    return weight

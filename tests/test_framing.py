@@ -95,8 +95,9 @@ def test_the_seam_steps_no_more_than_the_photos_own_contrast(presenter, whole):
         photo = c._photo_out.astype(np.int32)
         (rows, cols), f = c._paste.out, int(np.ceil(c.feather)) + 2
         excess, contrast = [], []
-        windows = [((slice(rows.start + f, rows.stop - f), slice(max(0, x - f), x + f)), 1) for x in
-                   (cols.start, cols.stop)]
+        windows = [
+            ((slice(rows.start + f, rows.stop - f), slice(max(0, x - f), x + f)), 1) for x in (cols.start, cols.stop)
+        ]
         windows.append(((slice(max(0, rows.start - f), rows.start + f), slice(cols.start + f, cols.stop - f)), 0))
         for window, axis in windows:
             step_out = np.abs(np.diff(out[window], axis=axis)).max(axis=(axis, 2))  # per line
@@ -138,7 +139,7 @@ def test_background_colour_outside_the_matte_and_transparent_alpha(presenter, wh
     face, 0 at the top corners (the studio backdrop)."""
     _, _, crop, kps = presenter
     fake = generated(crop)
-    keyed, no_alpha = composer(whole, kps, "1280x720", "#%02x%02x%02x" % KEY).compose(fake, kps)
+    keyed, no_alpha = composer(whole, kps, "1280x720", "#{:02x}{:02x}{:02x}".format(*KEY)).compose(fake, kps)
     rgb, alpha = composer(whole, kps, "1280x720", "transparent").compose(fake, kps)
     assert no_alpha is None and alpha is not None and alpha.shape == (720, 1280) and alpha.dtype == np.uint8
     outside = alpha == 0
@@ -219,7 +220,10 @@ def test_bad_background_is_refused_with_a_clear_message(background, message):
 @pytest.fixture(scope="module")
 def engine(tiny_models):
     cfg = EngineConfig(
-        width=128, height=64, admission=False, idle_seconds=0.32,
+        width=128,
+        height=64,
+        admission=False,
+        idle_seconds=0.32,
         default_session=SessionConfig(params=GenerationParams(steps=2)),
     )
     engine = Engine(tiny_models, cfg)
