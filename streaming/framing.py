@@ -447,8 +447,12 @@ def _alpha_u8(matte: np.ndarray) -> np.ndarray:
 
 
 def _over(fg: np.ndarray, matte: np.ndarray, backdrop: np.ndarray) -> np.ndarray:
-    m = matte[:, :, None]
-    out: np.ndarray = (fg.astype(np.float32) * m + backdrop.astype(np.float32) * (1.0 - m) + 0.5).astype(np.uint8)
+    """`fg` over `backdrop` through `matte` (float (H, W) in [0, 1]), rounded: where the matte is 0 the backdrop's
+    pixel exactly, where it is 1 the foreground's (OpenCV's blend: one pass, several times numpy's speed)."""
+    weight = np.ascontiguousarray(matte, np.float32)
+    out: np.ndarray = cv2.blendLinear(
+        np.ascontiguousarray(fg), np.ascontiguousarray(backdrop), weight, np.float32(1.0) - weight
+    )
     return out
 
 
