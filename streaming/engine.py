@@ -156,9 +156,10 @@ class Engine:
             if avatar_id in self._avatars:
                 return self._avatars[avatar_id].info
         frames, latents = self.render_idle(encoded)
+        whole = PortraitPhoto.of(photo, crop_box(face.kps, cfg.width, cfg.height))  # for framed outputs
+        whole.matte()  # here, in the registration's executor: opening a cut-out session never waits for it
         info = AvatarInfo(avatar_id, name, cfg.width, cfg.height, time.time(), portrait_kps.tolist())
         with self._lock:
-            whole = PortraitPhoto.of(photo, crop_box(face.kps, cfg.width, cfg.height))  # framed outputs
             self._avatars.setdefault(avatar_id, Avatar(info, encoded, frames, latents, whole))
             return self._avatars[avatar_id].info
 

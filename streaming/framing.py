@@ -150,7 +150,7 @@ Box = tuple[float, float, float, float]
 class PortraitPhoto:
     """The avatar's whole (upright RGB) photo, shrunk to at most MAX_PHOTO_PIXELS, and the box its crop was cut
     from, in the kept photo's pixels (it may leave the photo: the crop repeats the edge there). The person matte
-    is computed on first use (only sessions with another background need it) and kept."""
+    is computed once (the engine asks for it at registration, in its executor) and kept."""
 
     def __init__(self, pixels: np.ndarray, box: Box):
         self.pixels = pixels

@@ -18,8 +18,8 @@ import numpy as np
 
 from .portrait import DEFAULT_SCALE, FACE_CENTRE_HEIGHT, face_box_from_kps
 
-GRABCUT_SIDE = 480  # GrabCut runs on the photo shrunk to this longer side (its cost grows with the pixels)
-GRABCUT_ITERATIONS = 6
+GRABCUT_SIDE = 320  # GrabCut runs on the photo shrunk to this longer side (its cost grows with the pixels)
+GRABCUT_ITERATIONS = 4
 GUIDE_SIDE = 1024  # the guided filter runs at most this large; the matte is then resized to the photo
 GUIDE_RADIUS = 0.004  # the guided filter's window radius, as a fraction of the longer side (4 px at 1024)
 GUIDE_EPS = 1e-3  # its regulariser: lower follows the photo's edges more closely
