@@ -182,9 +182,6 @@ class PortraitPhoto:
                 self._matte = portrait_matte(self.pixels, self.box)
             return self._matte
 
-    def nbytes(self) -> int:
-        return int(self.pixels.nbytes + (self._matte.nbytes if self._matte is not None else 0))
-
 
 # -- per session: the composer ----------------------------------------------------------------------------------------
 def output_size(framing: Framing, photo_size: tuple[int, int], crop_size: tuple[int, int]) -> tuple[int, int]:
@@ -289,9 +286,8 @@ class FrameComposer:
             return
         matte = _place(photo.matte(), sx, sy, ox, oy, self.size, cv2.BORDER_CONSTANT)
         self._matte_out = matte
-        rows, cols = self._paste.out
-        self._head = head_weight(self.reference_kps, crop_size)  # (ch, cw) float32, crop pixels
-        self._head_out = cv2.resize(self._head, self._paste.size, interpolation=cv2.INTER_LINEAR)[self._paste.src]
+        head = head_weight(self.reference_kps, crop_size)  # (ch, cw) float32, crop pixels
+        self._head_out = cv2.resize(head, self._paste.size, interpolation=cv2.INTER_LINEAR)[self._paste.src]
         if background.kind == "transparent":
             self._base = self._photo_out
             self.alpha_base = _alpha_u8(matte)
