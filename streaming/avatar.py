@@ -23,6 +23,8 @@ from vexpress_rt.loader import VExpressModels
 from vexpress_rt.models.attention import KeyValue
 from vexpress_rt.pipeline import encode_reference, kps_features, reference_tensor
 
+from .framing import PortraitPhoto
+
 FORMAT_VERSION = 1
 DEFAULT_MEMORY_BYTES = 2 << 30  # pre-encoded avatars kept in memory for re-registration (512x512 fp16: ~60 MB each)
 DEFAULT_DISK_BYTES = 8 << 30  # the same, kept on disk across restarts (--cache_dir)
@@ -256,3 +258,4 @@ class Avatar:
     encoded: PreEncodedAvatar
     idle_frames: dict[str, np.ndarray]  # per decoder name: uint8 (K, H, W, 3), all decoded from idle_latents
     idle_latents: torch.Tensor  # (4, K, h, w)
+    photo: PortraitPhoto | None = None  # the whole photo the crop was cut from (framed outputs, streaming/framing.py)

@@ -25,7 +25,8 @@ from .avatar import DEFAULT_DISK_BYTES, DEFAULT_MEMORY_BYTES, Avatar, AvatarInfo
 from .decoder import FrameDecoder
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .device import bind_thread, synchronize, to_host, to_host_all
-from .portrait import prepare_portrait
+from .framing import PortraitPhoto
+from .portrait import crop_box, crop_portrait, locate_face
 from .pose import PoseFeatures
 from .session import SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
@@ -143,7 +144,8 @@ class Engine:
         face. Raises InputError for pictures without a usable face."""
         bind_thread(self.models.device)  # an executor's thread: its CUDA work goes to this engine's device
         cfg = self.config
-        portrait, portrait_kps = prepare_portrait(image, cfg.width, cfg.height, kps, cfg.insightface_root)
+        photo, face = locate_face(image, kps, cfg.insightface_root)
+        portrait, portrait_kps = crop_portrait(photo, face, cfg.width, cfg.height)
         with self.model_lock:
             encoded = self.store.get_or_encode(portrait, portrait_kps, cfg.width, cfg.height)
         avatar_id = (
@@ -154,9 +156,11 @@ class Engine:
             if avatar_id in self._avatars:
                 return self._avatars[avatar_id].info
         frames, latents = self.render_idle(encoded)
+        whole = PortraitPhoto.of(photo, crop_box(face.kps, cfg.width, cfg.height))  # for framed outputs
+        whole.matte()  # here, in the registration's executor: opening a cut-out session never waits for it
         info = AvatarInfo(avatar_id, name, cfg.width, cfg.height, time.time(), portrait_kps.tolist())
         with self._lock:
-            self._avatars.setdefault(avatar_id, Avatar(info, encoded, frames, latents))
+            self._avatars.setdefault(avatar_id, Avatar(info, encoded, frames, latents, whole))
             return self._avatars[avatar_id].info
 
     def get_avatar(self, avatar_id: str) -> AvatarInfo | None:

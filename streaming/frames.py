@@ -28,6 +28,9 @@ class AVFrame:
     # A late reader skipped the pictures of this many frame periods just before this frame; their speech audio is
     # not lost: `audio` begins with it (a short burst), so it covers frames [index - skipped_audio_frames, index].
     skipped_audio_frames: int = 0
+    # uint8 (H, W) opacity of `image` when the session's background is "transparent" (streaming/framing.py); None:
+    # opaque. Sinks that cannot carry it show `image` (the photo's pixels behind the person).
+    alpha: np.ndarray | None = None
 
     @property
     def pts(self) -> int:

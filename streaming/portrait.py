@@ -197,19 +197,26 @@ def prepare_portrait(
 ) -> tuple[Image.Image, np.ndarray]:
     """An uploaded photo as the avatar's reference: (width x height RGB crop, its (3, 2) float32 key points).
 
-    The photo is first turned upright by its EXIF orientation (as browsers show it) and flattened onto grey if
-    it has transparency. `kps` (3 x 2 or 5 x 2: image-left eye, image-right eye, nose, ...; pixels of the
-    upright photo) skip detection; otherwise `detect_face_kps` finds the face. Photos under MIN_IMAGE_SIDE
-    pixels on a side are refused with InputError.
+    See `locate_face` for what is done to the photo and how the face is found; the crop is `crop_portrait`'s.
+    """
+    rgb, face = locate_face(image, kps, insightface_root)
+    return crop_portrait(rgb, face, width, height, scale)
+
+
+def locate_face(
+    image: Image.Image, kps: np.ndarray | None = None, insightface_root: str | Path | None = None
+) -> tuple[Image.Image, FaceKps]:
+    """The upright RGB photo and its face: the photo is first turned upright by its EXIF orientation (as browsers
+    show it) and flattened onto grey if it has transparency. `kps` (3 x 2 or 5 x 2: image-left eye, image-right
+    eye, nose, ...; pixels of the upright photo) skip detection; otherwise `detect_face_kps` finds the face.
+    Photos under MIN_IMAGE_SIDE pixels on a side are refused with InputError.
     """
     rgb = _to_rgb(ImageOps.exif_transpose(image))
     _check_size(rgb)
     if kps is not None:
         points = _check_given_kps(kps, rgb.size)
-        face = FaceKps(face_box_from_kps(points), points, "given")
-    else:
-        face = detect_face_kps(rgb, insightface_root)
-    return crop_portrait(rgb, face, width, height, scale)
+        return rgb, FaceKps(face_box_from_kps(points), points, "given")
+    return rgb, detect_face_kps(rgb, insightface_root)
 
 
 # ----------------------------------------------------------------------------------------------------

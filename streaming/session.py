@@ -39,6 +39,7 @@ from .controls import ControlChange, FrameControl, LiveControls, frame_rows
 from .decoder import DECODERS
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .frames import AVFrame, Event
+from .framing import FrameComposer, parse_background, parse_framing
 from .pose import PoseFeatures
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
@@ -75,6 +76,10 @@ class SessionConfig:
     max_ready_s: float = 1.0  # decoded frames waiting to play
     max_reader_lag_frames: int = 2  # a reader further behind than this skips frames
     blend_frames: int = 4  # cross-fade from the last speech frame into the idle loop
+    # the output picture (streaming/framing.py): "crop" (as generated), "portrait" or a "WxH" canvas ...
+    framing: str = "crop"
+    # ... over "photo", a "#rrggbb" colour, a "data:image/...;base64," image, or "transparent" (an alpha plane)
+    background: str = "photo"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +100,8 @@ class SessionConfig:
             bad(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if not self.max_live_lag_s > 0:
             bad(f"max_live_lag_s must be positive, got {self.max_live_lag_s!r}")
+        parse_framing(self.framing)  # InputError with the option's own message
+        parse_background(self.background)
 
     def denoiser_settings(self) -> DenoiserSettings:
         return DenoiserSettings.of(self.params)
@@ -177,7 +184,15 @@ class StreamSession:
         self.avatar = avatar
         self.avatar_id = avatar.info.id
         self.config = config
-        self.width, self.height = avatar.info.width, avatar.info.height
+        # the output frames: the generated crop composed into the avatar's photo as the session asked
+        self.composer = FrameComposer(
+            avatar.photo,
+            parse_framing(config.framing),
+            parse_background(config.background),
+            (avatar.info.width, avatar.info.height),
+            avatar.encoded.reference_kps,
+        )
+        self.width, self.height = self.composer.size  # of the frames out (the model's crop: avatar.info)
         self.samples_per_frame = config.samples_per_frame
         self.time_base = Fraction(1, config.fps)
         self.denoiser_settings = config.denoiser_settings()
@@ -425,6 +440,7 @@ class StreamSession:
             if self._showing_live and self._last_kps is not None:
                 eyes = self._last_kps
             frame.image = self.blink.apply(index, frame.image, eyes)
+            frame.image, frame.alpha = self.composer.compose(frame.image, eyes)
             if self._shown_version > self._acked_version:
                 self._acked_version = self._shown_version
                 events.append(Event("control.applied", {"version": self._shown_version}, index))
@@ -582,7 +598,7 @@ class StreamSession:
         return pcm, utt.ended and not utt.features_ended and utt.pcm16k.size == 0, self._epoch
 
     def _rows(self, controls: list[FrameControl]) -> dict[str, torch.Tensor]:
-        pose = self.engine.poses.features([c.kps for c in controls], self.width, self.height)
+        pose = self.engine.poses.features([c.kps for c in controls], self.avatar.info.width, self.avatar.info.height)
         return frame_rows([c.weights for c in controls], pose)
 
     def _silent_chunk(

@@ -28,7 +28,7 @@ from .state import ServerState, capacity_error, json_body, server_state, session
 log = logging.getLogger("server")
 
 PARAM_FIELDS = frozenset(f.name for f in fields(GenerationParams))  # steps, weights, guidance, window, seed...
-SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", "style", *PARAM_FIELDS}
+SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", "style", "framing", "background", *PARAM_FIELDS}
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
@@ -54,11 +54,18 @@ def session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sessi
     for key, value in transport.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ApiError(400, f"{key} must be an integer")
-    if data.get("decoder") is not None and not isinstance(data["decoder"], str):
-        raise ApiError(400, "decoder must be a string")
+    for key in ("decoder", "framing", "background"):  # framing, background: checked by SessionConfig
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ApiError(400, f"{key} must be a string")
     base = styles.apply(state.styles, data.get("style"), state.default_params())  # a style, then the fields given
     params = GenerationParams.from_dict({k: data[k] for k in PARAM_FIELDS & set(data)}, base)
-    config = state.session_config(params=params, decoder=data.get("decoder"), **transport)
+    config = state.session_config(
+        params=params,
+        decoder=data.get("decoder"),
+        framing=data.get("framing"),
+        background=data.get("background"),
+        **transport,
+    )
     return avatar_id, config
 
 

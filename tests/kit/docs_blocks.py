@@ -15,6 +15,7 @@ from kit.paths import REPO_ROOT
 # The order they run in: the README's tour makes the demo model and starts the server the docs after it use.
 DOC_FILES = ("README.md", "docs/websocket.md", "docs/controls.md", "docs/blink.md", "docs/streaming.md")
 DOC_FILES += ("docs/deploy.md", "docs/gpu.md", "docs/parity.md", "docs/simulator.md", "SECURITY.md")
+DOC_FILES += ("docs/framing.md",)
 RUN_LANGUAGES = ("bash", "sh", "python")
 _FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 _NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")

@@ -152,6 +152,22 @@ def test_session_bad_input(server, body, status):
     assert reply.json["error"]["message"]
 
 
+def test_session_framing_and_background_travel_from_the_request(server):
+    """`framing` and `background` in POST /v1/sessions reach the session: a 1280x720 cut-out session reports the
+    frame size it streams; bad values are 400 with the option's own message."""
+    made = _create(server, {"framing": "1280x720", "background": "#00b140"})
+    assert made.status == 201, made.text
+    assert (made.json["width"], made.json["height"]) == (1280, 720)
+    call("DELETE", f"{server.url}/v1/sessions/{made.json['id']}", headers=_bearer(made.json["token"]))
+    for body, words in (
+        ({"framing": "1281x720"}, "even"),
+        ({"framing": 720}, "framing must be a string"),
+        ({"background": "green"}, "#rrggbb"),
+    ):
+        reply = _create(server, body)
+        assert reply.status == 400 and words in reply.json["error"]["message"], reply.text
+
+
 @pytest.mark.parametrize(
     "field, value",
     [
