@@ -10,7 +10,8 @@ from aiortc import RTCPeerConnection
 from . import limits, rtc
 from .auth import client_identity, require_api_key
 from .errors import ApiError
-from .media import AvatarAudioTrack, AvatarVideoTrack
+from .media import AvatarVideoTrack
+from .opus_track import OPUS, OpusAudioTrack, answered_codec
 from .session_api import open_session
 from .sessions import PUBLISHER, ServerSession
 from .state import ServerState, capacity_error, json_body, server_state, session_for
@@ -42,7 +43,10 @@ async def connect_peer(state: ServerState, session: ServerSession, name: str, of
 
     session.peers[name] = pc
     try:
-        await rtc.answer_offer(pc, offer, [AvatarAudioTrack(session.pump), AvatarVideoTrack(session.pump)])
+        audio = OpusAudioTrack(session.pump)
+        await rtc.answer_offer(pc, offer, [audio, AvatarVideoTrack(session.pump)])
+        if answered_codec(pc.localDescription.sdp, "audio") == OPUS:
+            audio.use_opus()  # encoded on the loop, not queued behind the VP8 encodes (opus_track.py)
     except BaseException:
         session.peers.pop(name, None)
         await rtc.close_quietly(pc)  # the offer's error is the answer, not a failure to clean up

@@ -27,11 +27,13 @@ import logging
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import wave
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,7 @@ def serve_child(args: argparse.Namespace) -> int:
     from ..app import create_app
     from ..config import ServerConfig
     from ..engine_factory import build_engine
+    from ..state import STATE
 
     config = ServerConfig(
         model_dir="./model_ckpts",  # not read: the simulated device needs no weights
@@ -116,6 +119,10 @@ def serve_child(args: argparse.Namespace) -> int:
                 "threads": threads,
                 "main": threading.main_thread().native_id,
                 "sessions": {s.id: s.stats() for s in engine.sessions()},
+                "pumps": {  # frames read, read late, dropped by full queues (the slowest track's)
+                    s.id: {"frames": s.pump.frames, "late": s.pump.late_frames, "dropped": s.pump.dropped}
+                    for s in request.app[STATE].sessions
+                },
             }
         )
 
@@ -270,8 +277,10 @@ def analyse(peer: Peer, start: float, end: float, fps: int) -> dict:
             if captured is not None:  # when the end of frame k's audio was captured
                 latencies.append(seen - (captured - (len(piece) - (frame_samples - skip)) / MIC_RATE))
     seconds = max(1e-9, end - start)
+    heard = sum(len(s) for t, _, s in peer.rec.audio if start <= t < end) / MIC_RATE
     return {
         "fps": len(video) / seconds,
+        "audio_s_per_s": heard / seconds,  # below 1: speech lost on the way
         "missed": missed,
         "latency_ms": [1000 * x for x in latencies],
         "av_offset_ms": [1000 * x for x in offsets],
@@ -347,6 +356,7 @@ async def run_case(
         "seconds": round(wall, 1),
         "fps_per_session": [_r(f["fps"]) for f in figures],
         "missed_indexes": [f["missed"] for f in figures],
+        "audio_s_per_s": [_r(f["audio_s_per_s"], 2) for f in figures],
         "latency_ms": _pcts(lat),
         "av_offset_ms": _pcts(off),
         "server_cpu": {
@@ -361,6 +371,8 @@ async def run_case(
             "latency_p95_ms": [_r(s.get("latency_p95_ms", 0)) for s in server_stats],
             "skipped_speech_pictures": [s.get("skipped_speech_pictures") for s in server_stats],
             "underruns": [s.get("underruns") for s in server_stats],
+            "live_dropped_ms": [s.get("live_dropped_ms") for s in server_stats],
+            "pump": [loop["pumps"].get(p.session["id"]) for p in peers],
         },
         "load_avg": [_r(load0[0], 2), _r(load1[0], 2)],
         "py_spy_shares": shares,
@@ -372,6 +384,90 @@ def _pcts(values: list[float]) -> dict:
         return {"n": 0}
     a = np.array(values)
     return {"n": len(a), "p50": _r(np.percentile(a, 50)), "p95": _r(np.percentile(a, 95))}
+
+
+# -- one case with Chromium on the page ------------------------------------------------------------------------------
+CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [  # /work/shared/docs/TESTING.md: headless, fake microphone, 127.0.0.1 candidates, no mDNS
+    "--headless=new", "--no-sandbox", "--disable-gpu",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+def chromium_case(url: str, pid: int, warmup_s: float, seconds: float, speech: np.ndarray) -> dict:
+    """The browser page (`/`) in headless Chromium, its fake microphone playing `speech`: received fps, audio
+    concealed by its jitter buffer, A/V offset from the page's own stats (playout timestamps), and the server's CPU.
+    (Audio-to-screen latency is measured at the aiortc peers, which read the barcodes.)"""
+    from playwright.sync_api import sync_playwright
+
+    wav = Path(f"/tmp/host_bench_{os.getpid()}.wav")
+    write_wav(wav, speech)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}"],
+                timeout=30_000,
+            )
+            try:
+                page = browser.new_page()
+                page.goto(f"{url}/?loopback=1", wait_until="load", timeout=15_000)
+                page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
+                page.click("#start")
+                page.wait_for_function(
+                    "window.vexpress.lastError || window.vexpress.pc?.connectionState === 'connected'", timeout=30_000
+                )
+                error = page.evaluate("window.vexpress.lastError")
+                if error:
+                    raise RuntimeError(f"the page failed: {error}")
+                page.wait_for_function("(async () => (await window.vexpress.stats()).video?.framesDecoded > 0)()")
+                page.wait_for_timeout(int(warmup_s * 1000))
+                _get_json(url + LAG_PATH)
+                s0, cpu0, load0 = page.evaluate("window.vexpress.stats()"), thread_cpu(pid), os.getloadavg()
+                offsets = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    page.wait_for_timeout(1000)
+                    st = page.evaluate("window.vexpress.stats()")
+                    v, a = st.get("video") or {}, st.get("audio") or {}
+                    if v.get("estimatedPlayoutTimestamp") and a.get("estimatedPlayoutTimestamp"):
+                        offsets.append(v["estimatedPlayoutTimestamp"] - a["estimatedPlayoutTimestamp"])
+                s1, cpu1, load1 = page.evaluate("window.vexpress.stats()"), thread_cpu(pid), os.getloadavg()
+                loop = _get_json(url + LAG_PATH)
+                page.click("#stop")
+            finally:
+                browser.close()
+    finally:
+        wav.unlink(missing_ok=True)
+    wall = (s1["time"] - s0["time"]) / 1000
+    frames = s1["video"]["framesDecoded"] - s0["video"]["framesDecoded"]
+    samples = s1["audio"]["totalSamplesReceived"] - s0["audio"]["totalSamplesReceived"]
+    concealed = s1["audio"]["concealedSamples"] - s0["audio"]["concealedSamples"]
+    total = sum(cpu1.values()) - sum(cpu0.get(t, 0.0) for t in cpu1)
+    return {
+        "sessions": "1 (Chromium)",
+        "seconds": _r(wall),
+        "codec": s1["video"].get("codec"),
+        "frame_size": [s1["video"].get("frameWidth"), s1["video"].get("frameHeight")],
+        "fps_per_session": [_r(frames / wall)],
+        "audio_concealed_pct": _r(100 * concealed / max(1, samples)),
+        "av_offset_ms": _pcts([-x for x in offsets]),  # positive: sound later than picture
+        "latency_ms": {"n": 0},
+        "server_cpu": {"cores": _r(total / wall, 2), "ms_per_frame": _r(1000 * total / max(1, frames))},
+        "loop_lag_ms": loop["lag_ms"],
+        "load_avg": [_r(load0[0], 2), _r(load1[0], 2)],
+    }
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = MIC_RATE) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 # -- py-spy: shares of the server's samples by stage ----------------------------------------------------------------
@@ -393,7 +489,20 @@ def _start_py_spy(pid: int, seconds: float, out_dir: str | None, sessions: int):
         return None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / f"server_{sessions}.txt"
-    cmd = ["py-spy", "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "-f", "raw", "--nonblocking"]
+    cmd = [
+        "py-spy",
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(int(seconds)),
+        "-r",
+        "50",
+        "-f",
+        "raw",
+        "--nonblocking",
+        "--threads",
+    ]
     return path, subprocess.Popen([*cmd, "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -431,10 +540,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="sim:h100")
     p.add_argument("--steps", type=int, default=2, help="the sessions' steps (default 2: docs/streaming.md's choice)")
     p.add_argument("--new_frames", type=int, default=4, help="the sessions' new frames per call (default 4)")
+    p.add_argument("--chromium", action="store_true", help="also one session with Chromium on the page")
     p.add_argument("--py_spy", default=None, help="profile the server with py-spy; raw profiles into this folder")
     p.add_argument("--json", dest="json_path", default=None, help="also write the figures to this file")
     p.add_argument("--no_netns", action="store_true", help="do not make a loopback-only network namespace")
-    p.add_argument("--port", type=int, default=8931, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=8931, help="the server's port (0: a free one)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server child
     return p.parse_args(argv)
 
@@ -447,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         inner = shlex.join([sys.executable, "-m", "server.tools.host_bench", *(argv or sys.argv[1:]), "--no_netns"])
         return subprocess.call(["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {inner}"])
     restrict_host_addresses(["127.0.0.1"])  # the peers' candidates too
-    child = [sys.executable, "-m", "server.tools.host_bench", *(argv or sys.argv[1:]), "--serve"]
+    if args.port == 0:
+        args.port = free_port()
+    child = [sys.executable, "-m", "server.tools.host_bench", *(argv or sys.argv[1:]), "--serve", f"--port={args.port}"]
     server = subprocess.Popen(child, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     try:
@@ -456,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sessions:
             params = {"fps": args.fps, "steps": args.steps, "new_frames": args.new_frames}
             case = asyncio.run(run_case(url, server.pid, n, args.warmup_s, args.seconds, params, args.py_spy))
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+        if args.chromium:
+            case = chromium_case(url, server.pid, args.warmup_s, args.seconds, speech_like(args.seconds + 60))
             cases.append(case)
             print(json.dumps(case), flush=True)
         report = {
@@ -470,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(30)
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -487,20 +609,31 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 300) -> N
 
 
 def table(cases: list[dict]) -> str:
+    """The cases as a Markdown table; server CPU in ms per delivered frame (all sessions' frames), by stage."""
     rows = [
-        "| sessions | fps per session | latency p50/p95 ms | A/V offset p50 ms | server CPU ms/frame (cores) "
-        "| loop lag p99/max ms | load avg |",
-        "|---|---|---|---|---|---|---|",
+        "| sessions | fps per session | audio s/s | latency p50/p95 ms | A/V offset p50 ms | server CPU ms/frame "
+        "(cores) | by stage: loop / encode pool / worker / finisher / rest | loop lag p99/max ms | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         cpu = c["server_cpu"]
+        stages = cpu.get("by_stage_ms_per_frame", {})
+        picked = [_stage(stages, key) for key in ("event loop", "default executor", "model worker", "finisher")]
+        rest = _r(sum(stages.values()) - sum(picked)) if stages else None
+        audio = c.get("audio_s_per_s") or f"{c.get('audio_concealed_pct')} % concealed"
         rows.append(
             f"| {c['sessions']} | {', '.join(str(x) for x in c['fps_per_session'])} "
+            f"| {', '.join(str(x) for x in audio) if isinstance(audio, list) else audio} "
             f"| {c['latency_ms'].get('p50')} / {c['latency_ms'].get('p95')} | {c['av_offset_ms'].get('p50')} "
-            f"| {cpu['ms_per_frame']} ({cpu['cores']}) | {c['loop_lag_ms']['p99']} / {c['loop_lag_ms']['max']} "
-            f"| {c['load_avg'][0]}-{c['load_avg'][1]} |"
+            f"| {cpu['ms_per_frame']} ({cpu['cores']}) "
+            f"| {' / '.join(str(x) for x in picked) + f' / {rest}' if stages else '-'} "
+            f"| {c['loop_lag_ms']['p99']} / {c['loop_lag_ms']['max']} | {c['load_avg'][0]}-{c['load_avg'][1]} |"
         )
     return "\n".join(rows)
+
+
+def _stage(stages: dict[str, float], prefix: str) -> float:
+    return _r(sum(v for k, v in stages.items() if prefix in k))
 
 
 if __name__ == "__main__":
