@@ -130,7 +130,7 @@ class MediaPump:
         self.frames = 0  # frames read from the engine
         self.late_frames = 0  # frames read more than one period after they were due
         self.last_late_s = 0.0
-        self.index_offset = 0  # engine frame index of the pump's frame 0
+        self.index_offset = 0  # engine frame index of the pump's frame 0 (moved on by frames the engine skipped)
         self._subscribers: list[FrameQueue] = []
         self._dropped_gone = 0  # drops counted by queues that have been unsubscribed
         self._times: collections.deque[float] = collections.deque(maxlen=2 * max(1, round(self.fps)))
@@ -170,8 +170,10 @@ class MediaPump:
                 await self.clock.wait(n)
                 late = self.clock.late_by(n)
                 frame: AVFrame = self.session.read_frame()
-                if n == 0:
-                    self.index_offset = frame.index
+                # The engine index of pump frame 0 as the pump's clock sees it now: when a late pump made the
+                # engine skip frames, the indexes run ahead and the audio track, which waits for an index's due
+                # time, would wait that much longer for every packet and lose speech in its full queue.
+                self.index_offset = frame.index - n
                 if self.mark_period:
                     frame = marks.mark_frame(frame, self.mark_period)
                 for queue in self._subscribers:
