@@ -261,7 +261,7 @@ class AvatarVideoTrack(PumpTrack):
         if self.readyState != "live":
             raise MediaStreamError
         frame = await self._next_frame()
-        yuv = cv2.cvtColor(np.ascontiguousarray(frame.image), cv2.COLOR_RGB2YUV_I420)  # BT.601, video range
+        yuv = np.asarray(cv2.cvtColor(np.ascontiguousarray(frame.image), cv2.COLOR_RGB2YUV_I420), np.uint8)  # BT.601
         video = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         video.pts = frame.index
         video.time_base = frame.time_base

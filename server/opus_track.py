@@ -16,7 +16,7 @@ from fractions import Fraction
 import av
 from aiortc.sdp import SessionDescription
 
-from .media import AvatarAudioTrack
+from .media import AvatarAudioTrack, MediaPump
 
 OPUS = "audio/opus"
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -34,7 +34,7 @@ def answered_codec(sdp: str, kind: str) -> str | None:
 class OpusAudioTrack(AvatarAudioTrack):
     """AvatarAudioTrack whose 20 ms frames come out as Opus packets once `use_opus()` was called."""
 
-    def __init__(self, pump):
+    def __init__(self, pump: MediaPump):
         super().__init__(pump)
         self._opus = False
         self._codec: av.AudioCodecContext | None = None

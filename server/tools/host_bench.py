@@ -345,9 +345,10 @@ async def run_case(
     wall = end - start
     frames = sum(f["fps"] for f in figures) * wall
     names = {int(k): v for k, v in loop["threads"].items()}
-    by_stage: Counter = Counter()
+    by_stage: dict[str, float] = {}
     for tid, cpu in cpu1.items():
-        by_stage[stage_of(names.get(tid), loop["main"], tid)] += cpu - cpu0.get(tid, 0.0)
+        stage = stage_of(names.get(tid), loop["main"], tid)
+        by_stage[stage] = by_stage.get(stage, 0.0) + cpu - cpu0.get(tid, 0.0)
     total = sum(by_stage.values())
     lat = [x for f in figures for x in f["latency_ms"]]
     off = [x for f in figures for x in f["av_offset_ms"]]
@@ -363,7 +364,9 @@ async def run_case(
             "cores": _r(total / wall, 2),
             "ms_per_frame": _r(1000 * total / max(1, frames)),
             "cores_per_session": _r(total / wall / sessions, 2),
-            "by_stage_ms_per_frame": {k: _r(1000 * v / max(1, frames)) for k, v in by_stage.most_common()},
+            "by_stage_ms_per_frame": {
+                k: _r(1000 * v / max(1, frames)) for k, v in sorted(by_stage.items(), key=lambda kv: -kv[1])
+            },
         },
         "peers_cpu_cores": _r((own1 - own0) / wall, 2),
         "loop_lag_ms": loop["lag_ms"],
