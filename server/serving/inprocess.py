@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -46,8 +46,11 @@ class InProcessServer:
         *,
         host: str | None = None,
         port: int | None = None,
+        add_routes: Callable[[web.Application], None] | None = None,
     ) -> None:
+        """`add_routes`: a caller's own routes on the app (e.g. a bench's probe), added before it is frozen."""
         self.config = config
+        self.add_routes = add_routes
         self.engine = engine
         self.tls = tls
         self.host = config.host if host is None else host
@@ -78,6 +81,8 @@ class InProcessServer:
             engine.start()
         try:
             self.app = create_app(self.config, engine=engine)
+            if self.add_routes is not None:
+                self.add_routes(self.app)
             self._runner = web.AppRunner(self.app, handle_signals=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)

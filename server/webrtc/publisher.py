@@ -13,7 +13,8 @@ from ..api.session_features import SessionFeature
 from ..api.sessions import open_session
 from ..api.state import ServerState, capacity_error, json_body, server_state, session_for
 from ..errors import ApiError
-from ..media.pump import AvatarAudioTrack, AvatarVideoTrack
+from ..media.opus_track import OPUS, OpusAudioTrack, answered_codec
+from ..media.pump import AvatarVideoTrack
 from ..session.served import PUBLISHER, ServerSession
 from . import peer as rtc
 from .turn import session_ice_servers
@@ -45,7 +46,10 @@ async def connect_peer(state: ServerState, session: ServerSession, name: str, of
 
     session.peers[name] = pc
     try:
-        await rtc.answer_offer(pc, offer, [AvatarAudioTrack(session.pump), AvatarVideoTrack(session.pump)])
+        audio = OpusAudioTrack(session.pump)
+        await rtc.answer_offer(pc, offer, [audio, AvatarVideoTrack(session.pump)])
+        if answered_codec(pc.localDescription.sdp, "audio") == OPUS:
+            audio.use_opus()  # encoded on the loop, not queued behind the VP8 encodes (opus_track.py)
     except BaseException:
         session.peers.pop(name, None)
         await rtc.close_quietly(pc)  # the offer's error is the answer, not a failure to clean up

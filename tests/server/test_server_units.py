@@ -19,7 +19,7 @@ from server.access.auth import require_api_key, require_session_token, same_secr
 from server.access.limits import MessageRate, Verdict
 from server.errors import ApiError
 from server.media import marks
-from server.media.pump import AudioRechunker, FrameQueue
+from server.media.pump import AudioRechunker, AvatarAudioTrack, FrameQueue, MediaPump
 from server.settings.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
 from server.webrtc import peer as rtc
 from streaming.frames import AVFrame
@@ -283,6 +283,31 @@ def test_frame_queue_drops_oldest_and_counts():
         return got, q.dropped
 
     assert asyncio.run(main()) == ([2, 3, 4], 2)
+
+
+def test_the_audio_keeps_the_pumps_pace_after_the_engine_skipped_frames():
+    """A late pump makes the engine skip frame periods (the indexes jump ahead by 12 here): the audio track keeps
+    sending at the pump's pace; it does not wait 12 more periods for every packet while its queue drops speech."""
+    fps, spf = 25, 1920
+
+    class SkippingSession:
+        id, index = "s", 0
+
+        def read_frame(self) -> AVFrame:
+            self.index += 13 if self.index == 5 else 1  # one late read: 12 frame periods skipped
+            audio = np.full(spf, 1000, np.int16)
+            return AVFrame(self.index, Fraction(1, fps), np.zeros((8, 8, 3), np.uint8), audio, 48000, True)
+
+    async def main() -> float:
+        pump = MediaPump(SkippingSession(), fps)
+        track = AvatarAudioTrack(pump)
+        sent, start = 0, asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - start < 1.6:
+            sent += (await asyncio.wait_for(track.recv(), 2)).samples
+        await pump.close()
+        return sent / 48000
+
+    assert asyncio.run(main()) >= 1.3  # about 1.6 s of audio in 1.6 s (0.4 s with the old pacing)
 
 
 def test_marks_survive_and_are_found():
