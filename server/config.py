@@ -28,9 +28,11 @@ from urllib.parse import unquote
 from streaming.decoder import DECODER_CHOICES
 from streaming.device_pool import parse_devices
 from streaming.portrait import DEFAULT_PORTRAIT
+from streaming.presets import PRESETS, preset_named
+from streaming.session import SessionConfig
 from streaming.sim.profile import ProfileError, is_simulated, profile_of
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import DEFAULTS, arg_type, field_error
+from vexpress_rt.params import arg_type, field_error
 from vexpress_rt.styles import load_styles
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
@@ -162,7 +164,8 @@ class ServerConfig:
     avatar: str = str(DEFAULT_AVATAR)  # the portrait every session uses unless it names another avatar
     avatar_kps: str | None = None  # JSON/.npy key points of `avatar`; default: <avatar without suffix>.json
     fps: int = 25
-    steps: int = DEFAULTS.steps  # the sessions' default (GenerationParams); a session may ask for others
+    steps: int | None = None  # the sessions' default steps; None: the preset's; a session may ask for others
+    preset: str | None = None  # the sessions' default schedule (streaming/presets.py); None: "default"
     max_sessions: int = 4
     ice_server: list[IceServer] = field(default_factory=list)  # none: no STUN/TURN (host candidates only)
     ice_host: list[str] = field(default_factory=list)  # none: every interface aioice finds
@@ -232,8 +235,13 @@ class ServerConfig:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if not 5 <= self.fps <= 60 or 48000 % self.fps:
             raise ConfigError(f"--fps {self.fps} must be an integer from 5 to 60 that divides 48000")
-        if field_error("steps", self.steps):  # VEXPRESS_STEPS; the flag is checked when parsed (arg_type)
+        if self.steps is not None and field_error("steps", self.steps):  # VEXPRESS_STEPS (the flag: arg_type)
             raise ConfigError(field_error("steps", self.steps))
+        if self.preset is not None:
+            try:
+                preset_named(self.preset)
+            except InputError as exc:
+                raise ConfigError(f"--preset: {exc}") from None
         try:
             load_styles(self.styles)
         except InputError as exc:
@@ -349,6 +357,12 @@ class ServerConfig:
         sidecar = Path(self.avatar).with_suffix(".json")
         return sidecar if sidecar.is_file() else None
 
+    def session_defaults(self, base: SessionConfig) -> SessionConfig:
+        """`base` (an engine's default session) with this server's `--preset`, then `--steps`."""
+        if self.preset is not None:
+            base = preset_named(self.preset).applied(base)
+        return base if self.steps is None else base.with_params(steps=self.steps)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
         """CLI values that were given, else `VEXPRESS_<NAME>` variables, else the defaults."""
@@ -439,7 +453,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     opt("avatar", "default portrait (PNG/JPEG); default: the packaged portrait")
     opt("avatar_kps", "key points of --avatar (JSON/.npy, 3 or 5 [x, y]); default: <avatar>.json when present")
     opt("fps", "default session frame rate (integer); default 25", type=int)
-    opt("steps", f"default denoising steps per frame window; default {DEFAULTS.steps}", type=arg_type("steps"))
+    opt("steps", "default denoising steps per window; default: the preset's", type=arg_type("steps"))
+    opt("preset", f"default schedule of new sessions: {', '.join(PRESETS)} (docs/streaming.md); default: default")
     opt("max_sessions", "sessions served at once; default 4 (the engine may admit fewer)", type=int)
     opt(
         "ice_server",

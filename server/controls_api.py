@@ -55,6 +55,8 @@ def control_changes(state: ServerState, data: object) -> dict:
     """The fields a control request changes: its style's, then its own (InputError: unknown fields)."""
     if not isinstance(data, dict) or not data:
         raise InputError(f"send a JSON object with some of: {', '.join(sorted(CONTROL_FIELDS))}")
+    if "preset" in data:  # steps, new frames and lookahead fix the session's denoiser and audio features
+        raise InputError("a preset is chosen when the session opens (POST /v1/sessions); it cannot change live")
     unknown = set(data) - CONTROL_FIELDS
     if unknown:
         live = ", ".join(sorted(CONTROL_FIELDS))

@@ -68,21 +68,23 @@ class ServerState:
     def avatar_count(self) -> int:
         return len(self.engine.avatars())
 
+    def session_defaults(self) -> SessionConfig:
+        """The defaults of this server's sessions: its engine's, with `serve --preset` and `--steps` (an engine
+        shared by several servers, as in the tests, may have been made with other settings)."""
+        return self.config.session_defaults(self.engine.config.default_session)
+
     def default_params(self) -> GenerationParams:
-        """The generation defaults of this server's sessions: its engine's, with `serve --steps` (an engine
-        shared by several servers, as in the tests, may have been made with other steps)."""
-        params = self.engine.config.default_session.params
-        if params.steps == self.config.steps:
-            return params
-        return GenerationParams.from_dict({"steps": self.config.steps}, params)
+        return self.session_defaults().params
 
     def session_config(self, **overrides: object) -> SessionConfig:
         """The server's session defaults with the given (not None) values: validated here, once."""
+        defaults = self.session_defaults()
         values: dict = {
             "fps": self.config.fps,
-            "params": self.default_params(),
+            "params": defaults.params,
+            "lookahead_s": defaults.lookahead_s,
             "max_buffer_s": self.config.max_buffer_s,
-            "decoder": self.engine.config.default_session.decoder,  # --decoder, resolved when the engine loaded
+            "decoder": defaults.decoder,  # --decoder, resolved when the engine loaded
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SessionConfig(**values)

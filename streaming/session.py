@@ -66,7 +66,7 @@ class SessionConfig:
     output_sample_rate: int = 48000
     decoder: str = "full"  # "tiny": TAESD, 11x cheaper on an H100 (streaming/decoder.py, docs/streaming.md)
     left_context_s: float = 2.0  # wav2vec2 context before the new audio
-    lookahead_s: float = 0.2  # wav2vec2 context after it
+    lookahead_s: float = 0.0  # wav2vec2 context after it (0: measured, docs/streaming.md)
     jitter_frames: int = 2  # playback of an utterance starts this long after its first frames are ready
     max_buffer_s: float = 120.0  # pushed audio not yet played (a bot may push ahead of real time)
     # live input (a microphone: push_audio(live=True)) never builds a backlog: past this lag the oldest pushed audio

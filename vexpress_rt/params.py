@@ -92,12 +92,12 @@ def window_frames(strategy: str, steps: int, new_frames: int, context_frames: in
 
 @dataclass(frozen=True)
 class GenerationParams:
-    steps: int = 4  # DDIM steps per frame window (few-step: 1..8)
+    steps: int = 2  # DDIM steps per frame window (few-step: 1..8); 2: measured, docs/streaming.md
     guidance_scale: float = 1.0  # classifier-free guidance; 1 = off (guidance doubles the UNet batch)
     reference_attention_weight: float = 0.95  # the released weights' default (inference.py)
     audio_attention_weight: float = 3.0  # "expression strength"; the released weights' default (inference.py)
     strategy: str = "staggered"  # measured against "chunked": docs/streaming.md
-    new_frames: int = 2  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
+    new_frames: int = 4  # frames per call: latency (staggered waits steps x new_frames) vs. per-call overhead
     context_frames: int = 4  # chunked: frames already made that each window sees again
     seed: int = 0  # a session's noise: its frames are a function of avatar, audio, params and seed
     motion: str = FIX_FACE  # the head's pose source: fix_face, a procedural motion, or an uploaded motion's id
