@@ -27,13 +27,13 @@ from urllib.parse import unquote
 
 from streaming.decoder import DECODER_CHOICES
 from streaming.device_pool import parse_devices
+from streaming.params import arg_type, field_error
 from streaming.portrait import DEFAULT_PORTRAIT
 from streaming.presets import PRESETS, preset_named
 from streaming.session import SessionConfig
 from streaming.sim.profile import ProfileError, is_simulated, profile_of
+from streaming.styles import load_styles
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import arg_type, field_error
-from vexpress_rt.styles import load_styles
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from .outbound import parse_allow

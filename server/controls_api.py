@@ -33,10 +33,10 @@ from streaming.motion_video import (
     motion_from_video,
 )
 from streaming.session import StreamSession
+from streaming.styles import STYLE_FIELDS
 from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.kps import parse_kps_sequence
 from vexpress_rt.params import shown
-from vexpress_rt.styles import STYLE_FIELDS
 
 from . import limits
 from .auth import require_api_key

@@ -9,11 +9,11 @@ from dataclasses import fields
 
 from aiohttp import web
 
+from streaming import styles
 from streaming.engine import CapacityError
+from streaming.params import GenerationParams
 from streaming.presets import preset_named
 from streaming.session import SessionConfig
-from vexpress_rt import styles
-from vexpress_rt.params import GenerationParams
 
 from . import lifetime, limits, recording
 from .auth import client_identity, new_token, require_api_key

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from streaming.device_pool import DevicePool
+from streaming.params import GenerationParams
 from streaming.session import SessionConfig
-from vexpress_rt.params import GenerationParams
-from vexpress_rt.styles import load_styles
+from streaming.styles import load_styles
 
 from . import limits
 from .auth import has_api_key, has_token, require_session_token
@@ -52,7 +52,7 @@ class ServerState:
     )
     metrics: ServerMetrics = field(default_factory=ServerMetrics)  # this app's Prometheus registry
     avatar_places: limits.Reservations = field(default_factory=limits.Reservations)  # registrations in flight
-    styles: dict[str, dict] = field(default_factory=dict)  # expression styles by name (vexpress_rt/styles.py)
+    styles: dict[str, dict] = field(default_factory=dict)  # expression styles by name (streaming/styles.py)
 
     def __post_init__(self) -> None:
         self.styles = load_styles(self.config.styles)  # checked when the config was validated

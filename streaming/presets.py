@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import DEFAULTS, shown
+from vexpress_rt.params import shown
 
+from .params import DEFAULTS
 from .session import SessionConfig
 
 SCHEDULE_FIELDS = ("strategy", "steps", "new_frames")  # the GenerationParams fields a preset sets

@@ -29,16 +29,15 @@ import torch
 
 from vexpress_rt.errors import InputError
 from vexpress_rt.loader import VExpressModels
-from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, PcmInput, SampleFifo, to_float_frames, validate_format
 from .avatar import Avatar
-from .blink import SessionBlinker
 from .controls import ControlChange, FrameControl, LiveControls, frame_rows
 from .decoder import DECODERS
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .frames import AVFrame, Event
+from .params import DEFAULTS, GenerationParams
 from .pose import PoseFeatures
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
@@ -210,8 +209,6 @@ class StreamSession:
         self._blend: tuple[np.ndarray, int] | None = None
         self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
         self._silence = np.zeros(self.samples_per_frame, np.int16)
-        # eyelids drawn over every frame shown (speech and idle), at the controls' blink rate
-        self.blink = SessionBlinker(config.fps, config.params.seed, config.params.blinks_per_minute)
         # figures
         self.frames_out = 0
         self.speech_frames_out = 0
@@ -369,7 +366,6 @@ class StreamSession:
         self._check_open()
         self.last_input = self._now()
         change = self.controls.change(changes)
-        self.blink.set_rate(self.controls.params.blinks_per_minute)  # drawn at output: from the next frame shown
         self.engine.wake()
         return change
 
@@ -424,7 +420,7 @@ class StreamSession:
             eyes = self.avatar.encoded.reference_kps
             if self._showing_live and self._last_kps is not None:
                 eyes = self._last_kps
-            frame.image = self.blink.apply(index, frame.image, eyes)
+            frame.image = self.controls.blinks.apply(index, frame.image, eyes)  # at the controls' blink rate
             if self._shown_version > self._acked_version:
                 self._acked_version = self._shown_version
                 events.append(Event("control.applied", {"version": self._shown_version}, index))

@@ -28,7 +28,7 @@ import pytest
 from client_kit import spoken_wav
 from netns_browser import CHROMIUM, CHROMIUM_FLAGS, FPS, HEIGHT, WIDTH, free_port, start_serve, stop, tail, wait_ready
 
-from vexpress_rt.styles import BUILT_IN
+from streaming.styles import BUILT_IN
 
 pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
 

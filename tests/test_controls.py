@@ -15,12 +15,12 @@ from PIL import Image
 from streaming.controls import POSE, POSE_FADE_FRAMES, RAMP_FRAMES
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
+from streaming.motion import PROCEDURAL_MOTIONS, motion_sequence, ping_pong, procedural_track
+from streaming.params import GenerationParams
 from streaming.session import IDLE, SessionConfig
 from vexpress_rt.cli import build_parser
 from vexpress_rt.errors import InputError
 from vexpress_rt.kps import draw_v_kps_image, load_kps_sequence, retarget
-from vexpress_rt.motion import PROCEDURAL_MOTIONS, motion_sequence, ping_pong, procedural_track
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import kps_features
 
 W, H = 128, 64

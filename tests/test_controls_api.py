@@ -17,7 +17,7 @@ from client_kit import Bot, bearer, create_session, delete_session, http, run, t
 from server_harness import ServerThread, call, make_config
 from skimage.data import astronaut
 
-from vexpress_rt.styles import BUILT_IN
+from streaming.styles import BUILT_IN
 from vexpress_rt_client import AvatarSession, SessionOptions
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(180)]

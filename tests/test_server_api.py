@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from server_harness import ServerThread, call, make_config
 
+from streaming.params import GenerationParams, field_error
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import GenerationParams, field_error
 
 pytestmark = pytest.mark.fixtures
 

@@ -17,8 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from vexpress_rt.params import GenerationParams
-
+from ..params import GenerationParams
 from ..session import SessionConfig
 from .gpu_bench import engine_figures
 
