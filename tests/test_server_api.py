@@ -151,6 +151,7 @@ def test_a_session_gets_the_shipped_schedule_or_the_low_latency_preset(server, t
     4 new frames with no lookahead; `"preset": "low_latency"` 1 step x 2 new frames; a field named beside a preset
     wins over it, as over a style. The engine session runs what GET shows (its audio features' lookahead too)."""
     assert "low_latency" in call("GET", f"{server.url}/v1/info").json["presets"]
+    assert 'id="preset"' in call("GET", f"{server.url}/").text  # the page's schedule picker (web_client/app.js)
     assert _schedule(server, _create(server)) == ("staggered", 2, 4, 0.0)
     assert _schedule(server, _create(server, {"preset": "default"})) == ("staggered", 2, 4, 0.0)
     low = _create(server, {"preset": "low_latency"})
