@@ -38,6 +38,7 @@ from aiohttp import web
 
 from streaming.device_pool import DevicePool
 from streaming.engine import Engine
+from streaming.presets import PRESETS
 
 from . import metrics
 from .access import limits, origins, proxy
@@ -129,7 +130,8 @@ async def info(request: web.Request) -> web.Response:
             "width": cfg.width,
             "height": cfg.height,
             "fps": cfg.fps,
-            "steps": cfg.steps,
+            "steps": state.default_params().steps,
+            "presets": list(PRESETS),  # "preset" in POST /v1/sessions (streaming/presets.py)
             "generation": state.default_params().limits(),  # per field: default, range or choices
             "decoder": state.engine.config.default_session.decoder,
             "decoders": list(state.engine.decoders),

@@ -7,6 +7,9 @@ effect on the next frame generated, ramped over `RAMP_FRAMES` frames: weights an
 values before the change, so the face does not jump. Each frame carries the number of the last change it was
 made with; the session acknowledges a change when its first frame plays (`control.applied`).
 
+The blink rate is drawn at output, not generated: `blinks` (the session's blink schedule) is held here with the
+other controls and follows `blinks_per_minute` from the next frame shown; the playout draws it (`blinks.apply`).
+
 Fields that fix the denoiser's shapes (steps, strategy, window) and the seed cannot change live.
 
 Threads: `change` comes from the server's event loop, `next_frames` from the model worker; one lock.
@@ -23,10 +26,12 @@ import numpy as np
 import torch
 
 from vexpress_rt.errors import InputError
-from vexpress_rt.motion import MotionTrack, fixed_track, procedural_track, sequence_track
-from vexpress_rt.params import FIX_FACE, MOTION_ID, GenerationParams
+from vexpress_rt.params import FIX_FACE
 
+from .blink_schedule import SessionBlinker
 from .device import device_values
+from .motion import MotionTrack, fixed_track, procedural_track, sequence_track
+from .params import MOTION_ID, GenerationParams
 
 RAMP_FRAMES = 6  # a live change blends in over this many frames (0.24 s at 25 fps)
 POSE_FADE_FRAMES = 8  # speech starting from the (fix_face) idle clip moves into the motion over this many frames
@@ -99,6 +104,7 @@ class LiveControls:
         self._version = 0
         self._frame = 0  # frames generated so far: the motion's clock
         self._fade_start: int | None = None
+        self.blinks = SessionBlinker(fps, params.seed, params.blinks_per_minute)  # drawn over each frame shown
 
     @property
     def params(self) -> GenerationParams:
@@ -124,10 +130,13 @@ class LiveControls:
             ramping = self._ramp(self._frame) < 1.0
             old_track = self._blend_track(self._frame) if ramping else self._track
             self._before = (self._blend_params(self._frame), old_track)
+            old = self._params
             self._params, self._track, self._held = params, track, held
             self._track_posed = self._is_posed(track)
             self._ramp_start = self._frame
             self._version += 1
+            if params.blinks_per_minute != old.blinks_per_minute:
+                self.blinks.set_rate(params.blinks_per_minute)  # from the next frame shown
             return ControlChange(self._version, params)
 
     def _holding_lookup(self, held: dict[str, np.ndarray]) -> MotionLookup:

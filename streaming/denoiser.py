@@ -25,24 +25,24 @@ from typing import Any
 import torch
 
 from vexpress_rt.loader import VExpressModels, make_scheduler
-from vexpress_rt.params import DEFAULTS, GenerationParams, window_frames
 
 from .avatar import PreEncodedAvatar
 from .controls import POSE, constant_rows
 from .device import device_values, noise_generator
+from .params import DEFAULTS, GenerationParams, window_frames
 from .unet_runner import CaptureBackend, EagerUNet, GraphBank, GraphedUNet
 
 
 @dataclass(frozen=True)
 class DenoiserSettings:
     """The shape of a denoiser call: what keys the engine's denoisers, the UNet runner's graphs and the cost
-    model. Made from validated `GenerationParams` (`of`); the defaults are theirs."""
+    model. Made from validated `GenerationParams` (`of`), whose defaults are the only ones."""
 
-    steps: int = DEFAULTS.steps
-    new_frames: int = DEFAULTS.new_frames
-    context_frames: int = DEFAULTS.context_frames
-    strategy: str = DEFAULTS.strategy
-    cfg: bool = DEFAULTS.cfg  # guidance on: the batch doubles ([uncond, cond]); its scale is per row
+    steps: int
+    new_frames: int
+    context_frames: int
+    strategy: str
+    cfg: bool  # guidance on: the batch doubles ([uncond, cond]); its scale is per row
 
     @classmethod
     def of(cls, params: GenerationParams) -> DenoiserSettings:

@@ -30,17 +30,16 @@ import torch
 
 from vexpress_rt.errors import InputError
 from vexpress_rt.loader import VExpressModels
-from vexpress_rt.params import DEFAULTS, GenerationParams
 
 from .audio_features import IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, PcmInput, SampleFifo, to_float_frames, validate_format
 from .avatar import Avatar
-from .blink import SessionBlinker
 from .controls import ControlChange, FrameControl, LiveControls, frame_rows
 from .decoder import DECODERS
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser, StreamState
 from .frames import AVFrame, Event
 from .framing import FrameComposer, parse_background, parse_framing
+from .params import DEFAULTS, GenerationParams
 from .pose import PoseFeatures
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
@@ -68,7 +67,7 @@ class SessionConfig:
     output_sample_rate: int = 48000
     decoder: str = "full"  # "tiny": TAESD, 11x cheaper on an H100 (streaming/decoder.py, docs/streaming.md)
     left_context_s: float = 2.0  # wav2vec2 context before the new audio
-    lookahead_s: float = 0.2  # wav2vec2 context after it
+    lookahead_s: float = 0.0  # wav2vec2 context after it (0: measured, docs/streaming.md)
     jitter_frames: int = 2  # playback of an utterance starts this long after its first frames are ready
     max_buffer_s: float = 120.0  # pushed audio not yet played (a bot may push ahead of real time)
     # live input (a microphone: push_audio(live=True)) never builds a backlog: past this lag the oldest pushed audio
@@ -226,8 +225,6 @@ class StreamSession:
         self._blend: tuple[np.ndarray, int] | None = None
         self._pending_marks: list[str] = []  # marks with no audio before them: fire on the next frame
         self._silence = np.zeros(self.samples_per_frame, np.int16)
-        # eyelids drawn over every frame shown (speech and idle), at the controls' blink rate
-        self.blink = SessionBlinker(config.fps, config.params.seed, config.params.blinks_per_minute)
         # figures
         self.frames_out = 0
         self.speech_frames_out = 0
@@ -385,7 +382,6 @@ class StreamSession:
         self._check_open()
         self.last_input = self._now()
         change = self.controls.change(changes)
-        self.blink.set_rate(self.controls.params.blinks_per_minute)  # drawn at output: from the next frame shown
         self.engine.wake()
         return change
 
@@ -440,7 +436,7 @@ class StreamSession:
             eyes = self.avatar.encoded.reference_kps
             if self._showing_live and self._last_kps is not None:
                 eyes = self._last_kps
-            frame.image = self.blink.apply(index, frame.image, eyes)
+            frame.image = self.controls.blinks.apply(index, frame.image, eyes)  # at the controls' blink rate
             frame.image, frame.alpha = self.composer.compose(frame.image, eyes)
             if self._shown_version > self._acked_version:
                 self._acked_version = self._shown_version

@@ -1,7 +1,9 @@
 """vexpress-rt: a real-time talking-head server on V-Express, and the original's offline commands.
 
 This module holds the model's commands (generate: the original inference.py; extract-kps; check-weights;
-download-weights); the layers above add theirs (serve, push, present, camera, bench, soak, make-demo-model).
+download-weights); the layers above add theirs (serve, push, present, camera, bench, soak, make-demo-model), and
+may add to `generate` what the original has not (`GenerateAddition`: the product's head motions and blinks,
+streaming/generate_additions.py), so that this package imports nothing of theirs.
 
 User errors (bad input, missing weights) print one message and exit with code 2, without a traceback.
 """
@@ -14,15 +16,35 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import InputError, VExpressError
 from .kps import RETARGET_STRATEGIES
-from .motion import motion_sequence
-from .params import DEFAULTS, FIX_FACE, MAX_WINDOW, PROCEDURAL_MOTIONS, arg_type
+from .params import AUDIO_ATTENTION_WEIGHT, MAX_WINDOW, REFERENCE_ATTENTION_WEIGHT, arg_type
 from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("vexpress_rt")
 ORIGINAL_KPS_PATH = "./test_samples/emo/talk_emotion/kps.pth"  # the original's default (its sample folder)
+
+
+class GenerateAddition(Protocol):
+    """What a layer above adds to `generate`: its flags, key points that drive the head instead of --kps_path, and
+    a last touch on the frames before they are written."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def driving_kps(
+        self, args: argparse.Namespace, reference_kps: np.ndarray, frames: int, fps: float
+    ) -> np.ndarray | None:
+        """Absolute key points (frames, 3, 2), drawn as they are (no_retarget); None: --kps_path as usual."""
+        ...
+
+    def finish(self, args: argparse.Namespace, frames: np.ndarray, kps_sequence: np.ndarray, fps: float) -> np.ndarray:
+        """The uint8 (T, H, W, 3) frames to write (`kps_sequence`: each frame's key points)."""
+        ...
 
 
 def _add_model_path_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +70,7 @@ def _model_paths(args: argparse.Namespace) -> ModelPaths:
     return ModelPaths.from_model_dir(args.model_dir, **overrides)
 
 
-def _add_generate(sub) -> None:
+def _add_generate(sub, additions: tuple[GenerateAddition, ...] = ()) -> None:
     p = sub.add_parser("generate", help="make a talking-head video from a portrait and audio (inference.py)")
     _add_model_path_args(p)
     p.add_argument("--retarget_strategy", default="fix_face", choices=RETARGET_STRATEGIES)
@@ -75,38 +97,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--context_overlap", type=int, default=4)
     # The weights' defaults are the streaming sessions' too (GenerationParams); steps, guidance and seed keep the
     # original's (25, 3.5, 42) where the few-step streaming defaults differ.
-    for name in ("reference_attention_weight", "audio_attention_weight"):
-        p.add_argument(f"--{name}", type=arg_type(name), default=getattr(DEFAULTS, name))
-    p.add_argument(
-        "--motion",
-        default=None,
-        choices=(FIX_FACE, *PROCEDURAL_MOTIONS),
-        help="drive the head with a built-in motion (docs/controls.md) instead of --retarget_strategy/--kps_path",
-    )
-    p.add_argument("--motion_amplitude", type=arg_type("motion_amplitude"), default=DEFAULTS.motion_amplitude)
+    for name, default in (
+        ("reference_attention_weight", REFERENCE_ATTENTION_WEIGHT),
+        ("audio_attention_weight", AUDIO_ATTENTION_WEIGHT),
+    ):
+        p.add_argument(f"--{name}", type=arg_type(name), default=default)
     p.add_argument(
         "--reference_kps_path",
         default=None,
         help="JSON or .npy of 5x2 or 3x2 (x, y) points in the resized W x H frame; skips face detection",
     )
-    p.add_argument(
-        "--blinks_per_minute",
-        type=_blink_rate,
-        default=0.0,
-        help="draw eye blinks over the frames at this rate (0..60; 0: none, as the original; 15 is natural); "
-        "V-Express has no eyelid control, see docs/blink.md",
-    )
     p.add_argument("--frames_out", default=None, help="also save the final uint8 frames (T,H,W,3) as .npy")
-    p.set_defaults(func=cmd_generate)
-
-
-def _blink_rate(text: str) -> float:
-    from .blink import validate_rate
-
-    try:
-        return validate_rate(float(text))
-    except (ValueError, InputError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    for addition in additions:
+        addition.add_arguments(p)
+    p.set_defaults(func=cmd_generate, additions=additions)
 
 
 def _resolve_device(name: str, gpu_id: int):
@@ -195,7 +199,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _zero_stage_1(models.denoising_unet)
 
     reference_kps = _reference_kps(args, paths, device)
-    retarget_strategy, driving_kps = args.retarget_strategy, None if args.motion else _driving_kps(args)
     image = load_reference_image(args.reference_image_path, args.image_width, args.image_height)
     audio = load_audio(args.audio_path)
     waveform = to_mono_16k(audio)
@@ -214,11 +217,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     # Too-short audio is refused before the progress bar starts, so the error is not glued onto the bar.
     length = video_length_for(len(waveform), args.fps, args.context_frames, args.context_overlap)
-    if args.motion:  # the motion's absolute key points for every frame, drawn as they are
-        driving_kps = motion_sequence(
-            args.motion, reference_kps, length.frames, args.fps, args.motion_amplitude, args.seed
-        )
-        retarget_strategy = "no_retarget"
+    retarget_strategy, driving_kps = args.retarget_strategy, None
+    for addition in args.additions:  # absolute key points for every frame (a built-in motion), drawn as they are
+        drawn = addition.driving_kps(args, reference_kps, length.frames, args.fps)
+        if drawn is not None:
+            retarget_strategy, driving_kps = "no_retarget", drawn
+    if driving_kps is None:
+        driving_kps = _driving_kps(args)
     with tqdm(total=args.num_inference_steps, desc="Denoising", unit="step") as progress:
         result = generate(
             models,
@@ -232,10 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             save_gpu_memory=args.save_gpu_memory,
         )
     frames = result.frames
-    if args.blinks_per_minute:
-        from .blink import blink_video
-
-        frames = blink_video(frames, result.kps_sequence, args.blinks_per_minute, float(result.fps), args.seed)
+    for addition in args.additions:
+        frames = addition.finish(args, frames, result.kps_sequence, float(result.fps))
     write_mp4(args.output_path, frames, result.fps, audio)
     if args.frames_out:
         Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
@@ -321,9 +324,12 @@ def cmd_download_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(extra_commands: Iterable[Callable] = ()) -> argparse.ArgumentParser:
+def build_parser(
+    extra_commands: Iterable[Callable] = (), generate_additions: Iterable[GenerateAddition] = ()
+) -> argparse.ArgumentParser:
     """The model's commands; `extra_commands` (functions of the subparsers) add those of the layers above it
-    (`server.cli` adds `serve` and `bench`), so that this package imports nothing of theirs."""
+    (`server.cli` adds `serve` and `bench`) and `generate_additions` their flags of `generate`, so that this
+    package imports nothing of theirs."""
     parser = argparse.ArgumentParser(
         prog="vexpress-rt",
         description=__doc__.splitlines()[0],
@@ -331,7 +337,7 @@ def build_parser(extra_commands: Iterable[Callable] = ()) -> argparse.ArgumentPa
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
+    _add_generate(sub, tuple(generate_additions))
     _add_extract_kps(sub)
     _add_check_weights(sub)
     _add_download_weights(sub)
@@ -340,8 +346,12 @@ def build_parser(extra_commands: Iterable[Callable] = ()) -> argparse.ArgumentPa
     return parser
 
 
-def main(argv: list[str] | None = None, extra_commands: Iterable[Callable] = ()) -> int:
-    args = build_parser(extra_commands).parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    extra_commands: Iterable[Callable] = (),
+    generate_additions: Iterable[GenerateAddition] = (),
+) -> int:
+    args = build_parser(extra_commands, generate_additions).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -18,7 +18,7 @@ from PIL import Image
 from .audio_features import SAMPLE_RATE, audio_tokens
 from .errors import InputError
 from .loader import VExpressModels, make_scheduler
-from .params import DEFAULTS
+from .params import AUDIO_ATTENTION_WEIGHT, REFERENCE_ATTENTION_WEIGHT
 
 VAE_SCALE = 0.18215  # hard-coded in the original (the VAE config's scaling_factor is ignored)
 GUIDER_CHUNK = 16  # the original runs the guider 16 frames at a time (no numeric effect; bounds memory)
@@ -34,8 +34,8 @@ class GenerationSettings:
     guidance_scale: float = 3.5
     context_frames: int = 24
     context_overlap: int = 4
-    reference_attention_weight: float = DEFAULTS.reference_attention_weight  # shared with the streaming sessions
-    audio_attention_weight: float = DEFAULTS.audio_attention_weight
+    reference_attention_weight: float = REFERENCE_ATTENTION_WEIGHT  # shared with the streaming sessions
+    audio_attention_weight: float = AUDIO_ATTENTION_WEIGHT
     num_pad_audio_frames: int = 2
 
 

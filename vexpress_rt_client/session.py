@@ -30,6 +30,7 @@ class SessionOptions:
 
     avatar_id: str | None = None
     fps: int | None = None
+    preset: str | None = None  # a schedule: "default" or "low_latency" (/v1/info "presets"; docs/streaming.md)
     steps: int | None = None
     guidance_scale: float | None = None
     reference_attention_weight: float | None = None

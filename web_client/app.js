@@ -33,7 +33,7 @@
 
   const ui = {
     video: $("avatar"), status: $("status"), select: $("avatar-select"), file: $("avatar-file"), kps: $("avatar-kps"),
-    fps: $("fps"), steps: $("steps"), apiKey: $("api-key"),
+    fps: $("fps"), steps: $("steps"), preset: $("preset"), apiKey: $("api-key"),
     start: $("start"), interrupt: $("interrupt"), stop: $("stop"), mic: $("mic-level"),
     sFps: $("s-fps"), sRes: $("s-res"), sLat: $("s-lat"), sAv: $("s-av"), sRtt: $("s-rtt"),
     sLevel: $("s-level"), sLost: $("s-lost"), sRoute: $("s-route"),
@@ -201,6 +201,9 @@
       st.info = await api("GET", "/v1/info");
       applyLimits(st.info && st.info.generation);
       setupLiveControls(st.info && st.info.generation);
+      for (const name of (st.info && st.info.presets) || []) {
+        if (![...ui.preset.options].some((o) => o.value === name)) ui.preset.add(new Option(name, name));
+      }
       await loadStyles();
       const avatars = st.info && st.info.avatars;
       if (Array.isArray(avatars)) {
@@ -280,6 +283,7 @@
       const req = {};
       if (ui.select.value) req.avatar_id = ui.select.value;
       if (ui.fps.value) req.fps = Number(ui.fps.value);
+      if (ui.preset.value) req.preset = ui.preset.value; // a schedule: steps, frames per call, lookahead
       if (ui.steps.value) req.steps = Number(ui.steps.value);
       const asked = liveFields();
       Object.assign(req, asked);

@@ -33,10 +33,10 @@ from streaming.motion_video import (
     motion_from_video,
 )
 from streaming.session import StreamSession
+from streaming.styles import STYLE_FIELDS
 from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.kps import parse_kps_sequence
 from vexpress_rt.params import shown
-from vexpress_rt.styles import STYLE_FIELDS
 
 from ..access import limits
 from ..access.auth import require_api_key
@@ -55,6 +55,8 @@ def control_changes(state: ServerState, data: object) -> dict:
     """The fields a control request changes: its style's, then its own (InputError: unknown fields)."""
     if not isinstance(data, dict) or not data:
         raise InputError(f"send a JSON object with some of: {', '.join(sorted(CONTROL_FIELDS))}")
+    if "preset" in data:  # steps, new frames and lookahead fix the session's denoiser and audio features
+        raise InputError("a preset is chosen when the session opens (POST /v1/sessions); it cannot change live")
     unknown = set(data) - CONTROL_FIELDS
     if unknown:
         live = ", ".join(sorted(CONTROL_FIELDS))

@@ -10,10 +10,11 @@ from dataclasses import fields
 
 from aiohttp import web
 
+from streaming import styles
 from streaming.engine import CapacityError
+from streaming.params import GenerationParams
+from streaming.presets import preset_named
 from streaming.session import SessionConfig
-from vexpress_rt import styles
-from vexpress_rt.params import GenerationParams
 
 from ..access import limits
 from ..access.auth import client_identity, new_token, require_api_key
@@ -28,7 +29,7 @@ from .state import ServerState, capacity_error, json_body, server_state, session
 log = logging.getLogger("server")
 
 PARAM_FIELDS = frozenset(f.name for f in fields(GenerationParams))  # steps, weights, guidance, window, seed...
-SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", "style", "framing", "background", *PARAM_FIELDS}
+SESSION_FIELDS = {"avatar_id", "fps", "decoder", "audio", "preset", "style", "framing", "background", *PARAM_FIELDS}
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
@@ -57,10 +58,14 @@ def session_config_from_json(state: ServerState, data: dict) -> tuple[str, Sessi
     for key in ("decoder", "framing", "background"):  # framing, background: checked by SessionConfig
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ApiError(400, f"{key} must be a string")
-    base = styles.apply(state.styles, data.get("style"), state.default_params())  # a style, then the fields given
+    defaults = state.session_defaults()
+    if data.get("preset") is not None:  # a schedule (streaming/presets.py), then a style, then the fields given
+        defaults = preset_named(data["preset"]).applied(defaults)
+    base = styles.apply(state.styles, data.get("style"), defaults.params)
     params = GenerationParams.from_dict({k: data[k] for k in PARAM_FIELDS & set(data)}, base)
     config = state.session_config(
         params=params,
+        lookahead_s=defaults.lookahead_s,
         decoder=data.get("decoder"),
         framing=data.get("framing"),
         background=data.get("background"),
@@ -147,6 +152,7 @@ def _session_json(session: ServerSession) -> dict:
         "fps": es.config.fps,
         "steps": es.config.params.steps,
         "params": es.controls.params.to_dict(),  # as last changed (PATCH, control messages)
+        "lookahead_s": es.config.lookahead_s,  # with steps and new_frames, the schedule (a preset's, or its fields)
         "control_version": es.controls.version,  # the last change (PATCH's "version"); 0: as created
         "idle": "live" if es.live_idle else "clip",  # live: idle frames generated to follow the motion
         "decoder": es.config.decoder,

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from streaming.device_pool import DevicePool
+from streaming.params import GenerationParams
 from streaming.session import SessionConfig
-from vexpress_rt.params import GenerationParams
-from vexpress_rt.styles import load_styles
+from streaming.styles import load_styles
 
 from ..access import limits
 from ..access.auth import has_api_key, has_token, require_session_token
@@ -51,7 +51,7 @@ class ServerState:
     )
     metrics: ServerMetrics = field(default_factory=ServerMetrics)  # this app's Prometheus registry
     avatar_places: limits.Reservations = field(default_factory=limits.Reservations)  # registrations in flight
-    styles: dict[str, dict] = field(default_factory=dict)  # expression styles by name (vexpress_rt/styles.py)
+    styles: dict[str, dict] = field(default_factory=dict)  # expression styles by name (streaming/styles.py)
 
     def __post_init__(self) -> None:
         self.styles = load_styles(self.config.styles)  # checked when the config was validated
@@ -67,21 +67,23 @@ class ServerState:
     def avatar_count(self) -> int:
         return len(self.engine.avatars())
 
+    def session_defaults(self) -> SessionConfig:
+        """The defaults of this server's sessions: its engine's, with `serve --preset` and `--steps` (an engine
+        shared by several servers, as in the tests, may have been made with other settings)."""
+        return self.config.session_defaults(self.engine.config.default_session)
+
     def default_params(self) -> GenerationParams:
-        """The generation defaults of this server's sessions: its engine's, with `serve --steps` (an engine
-        shared by several servers, as in the tests, may have been made with other steps)."""
-        params = self.engine.config.default_session.params
-        if params.steps == self.config.steps:
-            return params
-        return GenerationParams.from_dict({"steps": self.config.steps}, params)
+        return self.session_defaults().params
 
     def session_config(self, **overrides: object) -> SessionConfig:
         """The server's session defaults with the given (not None) values: validated here, once."""
+        defaults = self.session_defaults()
         values: dict = {
             "fps": self.config.fps,
-            "params": self.default_params(),
+            "params": defaults.params,
+            "lookahead_s": defaults.lookahead_s,
             "max_buffer_s": self.config.max_buffer_s,
-            "decoder": self.engine.config.default_session.decoder,  # --decoder, resolved when the engine loaded
+            "decoder": defaults.decoder,  # --decoder, resolved when the engine loaded
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SessionConfig(**values)

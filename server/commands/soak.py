@@ -69,7 +69,7 @@ def add_soak_command(sub) -> None:
     )
     p.add_argument("--audio", default=None, help="speech to loop (any audio file); default: a synthetic voice")
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="default: the server's (its preset's)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--device", default="cuda")
@@ -417,7 +417,7 @@ def run_soak(
             "client": client,
             "size": f"{config.width}x{config.height}",
             "fps": config.fps,
-            "steps": config.steps,
+            "steps": engine.config.default_session.params.steps,
             "device": str(engine.models.device),
             "ready_s": round(ready_s, 2),
             "sessions_served": clients.counts["sessions"],

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from streaming.params import GenerationParams
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import GenerationParams
 
 from ..access import limits
 from ..access.sniff import audio_demuxer

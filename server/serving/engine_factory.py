@@ -9,7 +9,6 @@ import logging
 from streaming.device_pool import DevicePool, device_names, parse_devices
 from streaming.sim.profile import is_simulated
 from vexpress_rt.errors import WeightsError
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.weights import ModelPaths
 
 from ..settings.config import ServerConfig
@@ -91,7 +90,7 @@ def build_engine(config: ServerConfig, device: str | None = None):
             avatar_memory_bytes=int(config.avatar_cache_mb * 2**20),
             avatar_disk_bytes=int(config.cache_dir_mb * 2**20),
             admission=config.admission,
-            default_session=SessionConfig(fps=config.fps, params=GenerationParams(steps=config.steps), decoder=decoder),
+            default_session=config.session_defaults(SessionConfig(fps=config.fps, decoder=decoder)),
         ),
         decoders,
     )
@@ -125,7 +124,7 @@ def build_simulated_engine(config: ServerConfig, device: str):
             pipelined=True,  # as on CUDA, the device it stands for
             device_name=sim.name,
             simulated=sim.describe(),
-            default_session=SessionConfig(fps=config.fps, params=GenerationParams(steps=config.steps), decoder=decoder),
+            default_session=config.session_defaults(SessionConfig(fps=config.fps, decoder=decoder)),
         ),
         sim.decoders(),
     )

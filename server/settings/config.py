@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streaming.decoder import DECODER_CHOICES
+from streaming.params import arg_type
 from streaming.portrait import DEFAULT_PORTRAIT
-from vexpress_rt.params import DEFAULTS, arg_type
+from streaming.presets import PRESETS, preset_named
+from streaming.session import SessionConfig
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from ..access.origins import is_loopback_host
@@ -95,11 +97,20 @@ class ServerConfig:
         doc="defaults of new sessions (integer fps dividing 48000)",
         check=v.frame_rate,
     )
-    steps: int = setting(
-        DEFAULTS.steps,
-        "default denoising steps per frame window",
+    steps: int | None = setting(
+        None,
+        "default denoising steps per window; default: the preset's",
         check=v.steps,
         flag_type=arg_type("steps"),
+        shown="the preset's (2)",
+    )
+    preset: str | None = setting(
+        None,
+        f"default schedule of new sessions: {', '.join(PRESETS)} (docs/streaming.md); default: default",
+        doc="the schedule of new sessions: `default` (2 steps x 4 new frames a call) or `low_latency` (1 x 2); a "
+        'session may name another (`"preset"`); [docs/streaming.md](docs/streaming.md)',
+        check=v.preset,
+        shown="`default`",
     )
     max_sessions: int = setting(
         4,
@@ -461,6 +472,12 @@ class ServerConfig:
             return Path(self.avatar_kps)
         sidecar = Path(self.avatar).with_suffix(".json")
         return sidecar if sidecar.is_file() else None
+
+    def session_defaults(self, base: SessionConfig) -> SessionConfig:
+        """`base` (an engine's default session) with this server's `--preset`, then `--steps`."""
+        if self.preset is not None:
+            base = preset_named(self.preset).applied(base)
+        return base if self.steps is None else base.with_params(steps=self.steps)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:

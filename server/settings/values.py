@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from streaming.device_pool import parse_devices
+from streaming.params import field_error
+from streaming.presets import preset_named
 from streaming.sim.profile import ProfileError, is_simulated, profile_of
+from streaming.styles import load_styles
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import field_error
-from vexpress_rt.styles import load_styles
 
 from ..access.outbound import parse_allow
 from ..access.proxy import parse_networks
@@ -109,11 +110,22 @@ def frame_rate(flag: str, fps: int) -> int:
     return fps
 
 
-def steps(flag: str, value: int) -> int:
-    message = field_error("steps", value)  # GenerationParams' own message (the flag's argparse type says it too)
+def steps(flag: str, value: int | None) -> int | None:
+    """None: the preset's steps."""
+    message = None if value is None else field_error("steps", value)  # GenerationParams' own message
     if message:
         raise ConfigError(message)
     return value
+
+
+def preset(flag: str, name: str | None) -> str | None:
+    """None: the `default` schedule (streaming/presets.py)."""
+    if name is not None:
+        try:
+            preset_named(name)
+        except InputError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    return name
 
 
 def frame_side(flag: str, value: int) -> int:

@@ -118,7 +118,7 @@ def add_bench_command(sub: Any) -> None:  # argparse's sub-parsers action (a pri
 
 
 def _session_config(args: argparse.Namespace) -> SessionConfig:
-    from vexpress_rt.params import GenerationParams
+    from ..params import GenerationParams
 
     names = ("steps", "strategy", "new_frames", "context_frames")
     lookahead = {} if args.lookahead is None else {"lookahead_s": args.lookahead}
@@ -317,7 +317,7 @@ def _print_decoders(out: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.blink:
-        from .blink import blink_figures, contact_sheet, print_blink_figures
+        from .eyelid_photos import blink_figures, contact_sheet, print_blink_figures
 
         rows = blink_figures(seconds=10.0 if args.quick else 60.0, extra=args.blink_photos)
         if args.blink_sheet:

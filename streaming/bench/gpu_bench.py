@@ -33,6 +33,7 @@ from ..decoder import FrameDecoder, load_decoders
 from ..denoiser import DenoiserSettings, Schedule
 from ..device import synchronize
 from ..engine import Engine, EngineConfig
+from ..params import GenerationParams
 from ..portrait import load_default_portrait
 from ..session import SessionConfig
 from ..sim.device import simulated_device
@@ -384,7 +385,7 @@ def component_timings(
     real_size = models.unet_config == UNetConfig()  # the FLOP count is the released model's
     runs = []
     for steps in steps_list:
-        settings = DenoiserSettings(steps=steps, new_frames=new_frames, strategy="staggered")
+        settings = DenoiserSettings.of(GenerationParams(steps=steps, new_frames=new_frames, strategy="staggered"))
         frames = settings.window_frames
         schedule = Schedule(steps, device)
         for batch in batches:

@@ -73,7 +73,7 @@ def compare_strategies(
     }
     silence = engine.silence_tokens_for(25)
     for strategy in ("chunked", "staggered"):
-        settings = DenoiserSettings(steps=cfg.params.steps, new_frames=4, context_frames=4, strategy=strategy)
+        settings = DenoiserSettings.of(cfg.with_params(new_frames=4, context_frames=4, strategy=strategy).params)
         denoiser = StreamDenoiser(models, settings)
         state = denoiser.new_state(avatar, 1, silence)
         made, call_s = [], []

@@ -23,6 +23,7 @@ from server.media.pump import AudioRechunker, AvatarAudioTrack, FrameQueue, Medi
 from server.settings.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
 from server.webrtc import peer as rtc
 from streaming.frames import AVFrame
+from streaming.session import SessionConfig
 
 
 def _parse(argv: list[str], env: dict | None = None) -> ServerConfig:
@@ -34,7 +35,7 @@ def _parse(argv: list[str], env: dict | None = None) -> ServerConfig:
 # -- settings ---------------------------------------------------------------------------------------------------
 def test_config_defaults_env_and_flags():
     cfg = _parse([])
-    assert (cfg.port, cfg.fps, cfg.steps, cfg.max_sessions, cfg.ice_server, cfg.ice_host) == (8080, 25, 4, 4, [], [])
+    assert (cfg.port, cfg.fps, cfg.steps, cfg.max_sessions, cfg.ice_server, cfg.ice_host) == (8080, 25, None, 4, [], [])
     assert cfg.avatar.endswith("default_portrait.png") and cfg.api_key is None and cfg.admission
     env = {
         "VEXPRESS_PORT": "9000",
@@ -58,6 +59,20 @@ def test_config_defaults_env_and_flags():
     # a flag wins over its variable; both spellings of a flag work; repeatable flags accumulate
     cfg = _parse(["--port", "9100", "--max-sessions", "3", "--ice-host", "127.0.0.1", "--ice_host", "::1"], env)
     assert (cfg.port, cfg.max_sessions, cfg.ice_host) == (9100, 3, ["127.0.0.1", "::1"])
+
+
+def test_serve_preset_and_steps_set_the_sessions_defaults():
+    """`serve --preset` (or VEXPRESS_PRESET) picks the sessions' schedule, `--steps` then their steps; without
+    either, a session gets the shipped defaults (one declaration: GenerationParams and SessionConfig)."""
+    base = SessionConfig(fps=25)
+    shipped = _parse([]).session_defaults(base)
+    assert (shipped.params.steps, shipped.params.new_frames, shipped.lookahead_s) == (2, 4, 0.0)
+    low = _parse([], {"VEXPRESS_PRESET": "low_latency"}).session_defaults(base)
+    assert (low.params.steps, low.params.new_frames, low.lookahead_s) == (1, 2, 0.0)
+    both = _parse(["--preset", "low_latency", "--steps", "3"]).session_defaults(base)
+    assert (both.params.steps, both.params.new_frames) == (3, 2)
+    with pytest.raises(ConfigError, match="--preset: preset must be one of default, low_latency, got 'fast'"):
+        _parse(["--preset", "fast"])
 
 
 def test_config_json_ice_server_and_errors():

@@ -15,12 +15,13 @@ from PIL import Image
 from streaming.controls import POSE, POSE_FADE_FRAMES, RAMP_FRAMES
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
+from streaming.generate_additions import PRODUCT_ADDITIONS
+from streaming.motion import PROCEDURAL_MOTIONS, motion_sequence, ping_pong, procedural_track
+from streaming.params import GenerationParams
 from streaming.session import IDLE, SessionConfig
 from vexpress_rt.cli import build_parser
 from vexpress_rt.errors import InputError
 from vexpress_rt.kps import draw_v_kps_image, load_kps_sequence, retarget
-from vexpress_rt.motion import PROCEDURAL_MOTIONS, motion_sequence, ping_pong, procedural_track
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import kps_features
 
 W, H = 128, 64
@@ -360,15 +361,22 @@ def test_sessions_with_different_controls_batch_and_equal_unbatched(engine, avat
 
 # -- offline generate --motion, and the motions' contact sheet (docs/controls.md) -------------------------------------
 def test_generate_takes_a_built_in_motion_and_checks_its_amplitude(capsys):
-    """`generate --motion nod --motion_amplitude A` (the drawn key points are `motion_sequence`'s, tested above);
-    a bad amplitude fails at parsing with the field's one message, as the HTTP API answers it."""
-    args = build_parser().parse_args(["generate", "--motion", "nod", "--motion_amplitude", "2.5"])
+    """`vexpress-rt generate --motion nod --motion_amplitude A` (the drawn key points are `motion_sequence`'s, tested
+    above); a bad amplitude fails at parsing with the field's one message, as the HTTP API answers it. The flags are
+    the product's (streaming/generate_additions.py): the model port's own `generate` has the original's only."""
+
+    def parse(*args: str):
+        return build_parser(generate_additions=[PRODUCT_ADDITIONS]).parse_args(["generate", *args])
+
+    args = parse("--motion", "nod", "--motion_amplitude", "2.5")
     assert (args.motion, args.motion_amplitude) == ("nod", 2.5)
-    assert build_parser().parse_args(["generate"]).motion is None  # the original's retarget flags by default
+    assert parse().motion is None  # the original's retarget flags by default
     for bad in (["--motion_amplitude", "9"], ["--motion", "dance"]):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["generate", *bad])
+            parse(*bad)
     assert "motion_amplitude must be a finite number from 0 to 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (--motion alone would abbreviate the original's --motion_module_path)
+        build_parser().parse_args(["generate", "--motion_amplitude", "2"])
 
 
 def test_contact_sheet_of_the_motions(tiny_portrait, tmp_path):

@@ -6,8 +6,9 @@ import pytest
 
 from streaming.cost_model import CostModel, Demand, PipelinedCost, Span
 from streaming.denoiser import DenoiserSettings
+from streaming.params import GenerationParams
 
-DEFAULT = DenoiserSettings(steps=4, new_frames=2, strategy="staggered")  # 12.5 calls per second at 25 fps
+DEFAULT = DenoiserSettings.of(GenerationParams(steps=4, new_frames=2, strategy="staggered"))  # 12.5 calls a second
 
 
 def _model(costs: dict[int, float], settings: DenoiserSettings = DEFAULT) -> CostModel:
@@ -45,7 +46,7 @@ def test_unmeasured_batches_are_estimated_conservatively():
 
 def test_other_settings_scale_by_their_frame_passes_per_call():
     model = _model({1: 0.040, 4: 0.072})
-    two_steps = DenoiserSettings(steps=2, new_frames=2, strategy="staggered")  # 4 frame-passes per call, not 8
+    two_steps = DenoiserSettings.of(GenerationParams(steps=2, new_frames=2, strategy="staggered"))  # 4 passes, not 8
     assert model.call_seconds(two_steps, 4) == pytest.approx(0.036)
     mixed = [Demand(DEFAULT, 25), Demand(two_steps, 25)]  # different settings never share a call
     assert model.load(mixed, 4) == pytest.approx(0.040 * 12.5 + 0.020 * 12.5)

@@ -23,10 +23,10 @@ from server.settings.config import ConfigError, ServerConfig, add_serve_argument
 from streaming.decoder import FrameDecoder, load_decoders
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
+from streaming.params import GenerationParams
 from streaming.session import SessionConfig
 from vexpress_rt.cli import main
 from vexpress_rt.errors import InputError, WeightsError
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import VAE_SCALE
 from vexpress_rt.weights import TAESD_FILES, TAESD_REPO, download_plan, download_weights
 

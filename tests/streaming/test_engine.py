@@ -24,10 +24,10 @@ from PIL import Image
 
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import CapacityError, Engine, EngineConfig
+from streaming.params import GenerationParams
 from streaming.session import SessionConfig
 from vexpress_rt.errors import InputError
 from vexpress_rt.media import resample_pcm
-from vexpress_rt.params import GenerationParams
 
 TWO_STEPS = GenerationParams(steps=2)
 
@@ -100,9 +100,9 @@ class Run:
     def __init__(self, engine: Engine, avatar_id: str, **settings):
         self.engine = engine
         self.clock = FakeClock()
-        self.config = session_config(**{"steps": 2, **settings})
+        # no blinks: these tests compare frames with the model's and the idle clip's
+        self.config = session_config(**{"steps": 2, "blinks_per_minute": 0, **settings})
         self.session = engine.open_session(avatar_id, self.config, now=self.clock)
-        self.session.blink.set_rate(0)  # these tests compare frames with the model's and the idle clip's
         self.fps = self.config.fps
         self.spf = self.config.samples_per_frame
         self.events: list = []

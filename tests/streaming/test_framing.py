@@ -27,10 +27,10 @@ from streaming.framing import (
     parse_background,
     parse_framing,
 )
+from streaming.params import GenerationParams
 from streaming.portrait import crop_box, crop_portrait, detect_face_kps
 from streaming.session import SessionConfig
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import GenerationParams
 
 CROP = (512, 512)
 KEY = (0, 177, 64)  # a chroma-key green

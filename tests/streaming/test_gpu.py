@@ -27,9 +27,9 @@ def cuda_models(request):
 @pytest.mark.parametrize("strategy", ["staggered", "chunked"])
 def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
     from streaming.engine import Engine, EngineConfig
+    from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
     from streaming.session import SessionConfig
-    from vexpress_rt.params import GenerationParams
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False))
     image, kps = load_default_portrait()
@@ -70,6 +70,7 @@ def test_cuda_graph_replays_make_the_eager_frames(cuda_models, strategy):
     from graph replays equal the eager ones (fp16/bf16 kernel differences only)."""
     from streaming.avatar import PreEncodedAvatar
     from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+    from streaming.params import GenerationParams
     from streaming.unet_runner import CudaGraphBackend
 
     m = cuda_models
@@ -84,7 +85,7 @@ def test_cuda_graph_replays_make_the_eager_frames(cuda_models, strategy):
         return PreEncodedAvatar(f"a{seed}", "random", 8 * w, 8 * h, np.zeros((3, 2), np.float32), latent, kv, kps)
 
     a, b = avatar(0), avatar(1)
-    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2, strategy=strategy)
+    settings = DenoiserSettings.of(GenerationParams(steps=2, new_frames=2, context_frames=2, strategy=strategy))
     silence = torch.zeros(5, m.unet_config.cross_attention_dim, device="cuda", dtype=m.dtype)
     frames = []
     for graphs in (None, CudaGraphBackend("cuda")):
@@ -107,9 +108,9 @@ def test_the_pipelined_worker_is_the_cuda_default_and_makes_the_serial_frames(cu
     """On CUDA the worker is pipelined by default (decode and host copy on the finisher's stream); driven turn by
     turn, it makes the serial worker's frames for the same seed and audio (same kernels on another stream)."""
     from streaming.engine import Engine, EngineConfig
+    from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
     from streaming.session import SessionConfig
-    from vexpress_rt.params import GenerationParams
 
     image, kps = load_default_portrait()
     t = np.arange(16000) / 16000
@@ -155,13 +156,14 @@ def test_cuda_graphs_on_the_second_gpu_replay_the_eager_frames():
     from streaming.bench.random_models import random_models
     from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
     from streaming.engine import Engine, EngineConfig
+    from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
     from streaming.unet_runner import CudaGraphBackend, GraphBank
 
     m = random_models("tiny", device="cuda:1", dtype=torch.float16)
     engine = Engine(m, EngineConfig(width=128, height=128, admission=False, graphs=False))
     avatar = engine.store.get_or_encode(*_portrait_128(load_default_portrait), 128, 128)
-    settings = DenoiserSettings(steps=2, new_frames=2, context_frames=2)
+    settings = DenoiserSettings.of(GenerationParams(steps=2, new_frames=2, context_frames=2, strategy="staggered"))
     silence = engine.silence_tokens_for(25)
     frames: list[torch.Tensor] = []
 
@@ -198,9 +200,9 @@ def test_a_worker_turn_never_waits_for_the_device(cuda_models, monkeypatch):
     device=cuda), .item()) raises. The finisher's work (decode, host copy: syncs by design) is held back and run
     after the mode is reset."""
     from streaming.engine import Engine, EngineConfig
+    from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
     from streaming.session import SessionConfig
-    from vexpress_rt.params import GenerationParams
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False, pipelined=True))
     held = []

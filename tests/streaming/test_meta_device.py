@@ -13,8 +13,8 @@ from streaming.audio_features import IncrementalAudioFeatures
 from streaming.avatar import PreEncodedAvatar
 from streaming.bench.random_models import random_models
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
+from streaming.params import GenerationParams
 from streaming.unet_runner import RerunBackend
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
 META = torch.device("meta")

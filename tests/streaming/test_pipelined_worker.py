@@ -23,8 +23,8 @@ from streaming.decoder import FrameDecoder
 from streaming.device import bind_thread
 from streaming.engine import Engine, EngineConfig
 from streaming.finisher import DeviceClock, Finisher
+from streaming.params import GenerationParams
 from streaming.session import SessionConfig
-from vexpress_rt.params import GenerationParams
 from vexpress_rt.pipeline import VAE_SCALE
 
 W, H = 128, 64

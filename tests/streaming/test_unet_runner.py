@@ -15,6 +15,7 @@ import torch
 from streaming.avatar import PreEncodedAvatar
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from streaming.device import CAPTURE_LOCK, release_cached_memory
+from streaming.params import GenerationParams
 from streaming.unet_runner import (
     CudaCalls,
     CudaGraphBackend,
@@ -26,7 +27,6 @@ from streaming.unet_runner import (
     graph_buckets,
     static_like,
 )
-from vexpress_rt.params import GenerationParams
 
 H, W, T = 8, 16, 4  # latent size of a 128x64 frame, window frames
 

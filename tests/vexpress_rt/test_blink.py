@@ -8,7 +8,9 @@ import pytest
 from kit.skips import skip_or_fail
 from PIL import Image
 
-from vexpress_rt.blink import BlinkSchedule, blink_video, close_eyes, eye_boxes
+from streaming.blink_schedule import BlinkSchedule, blink_video
+from streaming.eyelid import close_eyes, eye_boxes
+from streaming.params import GenerationParams
 from vexpress_rt.errors import InputError
 
 FPS = 25
@@ -61,16 +63,16 @@ def test_schedule_is_seeded_and_its_rate_changes_at_run_time():
     a.set_rate(30, from_index=120 * FPS)
     later = [a.closure(i) for i in range(120 * FPS, 180 * FPS)]
     assert abs(len(_blinks(later)) - 30) <= 1
-    for bad in (-1, 61, float("nan"), "15", True):
-        with pytest.raises(InputError):
-            BlinkSchedule(bad, FPS)
+    for bad in (-1, 61, float("nan"), "15", True):  # one validator: the control's, where the rate enters
+        with pytest.raises(InputError, match="blinks_per_minute must be a finite number from 0 to 60"):
+            GenerationParams(blinks_per_minute=bad)
 
 
 # -- real photographs, an independent measure ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def photos():
     try:
-        from streaming.bench.blink import photos as load
+        from streaming.bench.eyelid_photos import photos as load
 
         return load()
     except RuntimeError as exc:  # dlib or its models missing
@@ -81,7 +83,7 @@ def photos():
 def test_blinks_on_real_photographs_are_counted_by_dlibs_landmarks(photos, rate):
     """Over 60 s at 25 fps, on the astronaut and on Tom Hanks: dlib's 68-point eye aspect ratio counts the asked
     number of blinks (within 20 %, none at 0), drops clearly when closed, and nothing changes outside the eyes."""
-    from streaming.bench.blink import measure
+    from streaming.bench.eyelid_photos import measure
 
     for photo in photos:
         figures = measure(photo, rate, seconds=60.0, fps=FPS, seed=3)
@@ -92,7 +94,7 @@ def test_blinks_on_real_photographs_are_counted_by_dlibs_landmarks(photos, rate)
 
 
 def test_eyelid_closes_gradually_and_touches_only_the_eye_boxes(photos):
-    from streaming.bench.blink import EyeMeter
+    from streaming.bench.eyelid_photos import EyeMeter
 
     for photo in photos:
         meter = EyeMeter(photo.image)
@@ -107,7 +109,9 @@ def test_eyelid_closes_gradually_and_touches_only_the_eye_boxes(photos):
 
 
 # -- live sessions and the offline command ---------------------------------------------------------------------------
-def test_live_session_blinks_on_idle_frames_and_set_rate_zero_stops_it(tiny_models, tiny_portrait):
+def test_live_session_blinks_on_idle_frames_and_the_control_at_zero_stops_it(tiny_models, tiny_portrait):
+    """The blink rate is a live control like the others: `change_controls` (PATCH, the bot's `control`) is the one
+    way to change it, and the frames shown follow it."""
     from streaming.engine import Engine, EngineConfig
 
     engine = Engine(tiny_models, EngineConfig(width=128, height=64, admission=False, idle_seconds=0.3))
@@ -116,8 +120,8 @@ def test_live_session_blinks_on_idle_frames_and_set_rate_zero_stops_it(tiny_mode
     blinking = engine.open_session(avatar, now=lambda: clock[0])
     still = engine.open_session(avatar, now=lambda: clock[0])
     try:
-        still.blink.set_rate(0)
-        assert blinking.blink.rate == 15  # natural by default
+        still.change_controls({"blinks_per_minute": 0})
+        assert blinking.controls.params.blinks_per_minute == 15  # natural by default
         kps = blinking.avatar.encoded.reference_kps
         changed = 0
         for _ in range(6 * FPS):  # 15 a minute: one blink in 0.6-3.4 s, the next from 4.6 s
@@ -146,17 +150,27 @@ def test_offline_frames_blink_at_each_frames_key_points():
         assert np.array_equal(out[i][outside], frames[i][outside])
 
 
-def test_generate_refuses_a_bad_rate():
+def test_generate_refuses_a_bad_rate(capsys):
+    """`vexpress-rt generate --blinks_per_minute` (the product's flag: the model port's own `generate` has none),
+    checked with the live control's one message."""
+    from streaming.generate_additions import PRODUCT_ADDITIONS
+    from streaming.params import field_error
     from vexpress_rt.cli import build_parser
 
-    assert build_parser().parse_args(["generate"]).blinks_per_minute == 0
-    assert build_parser().parse_args(["generate", "--blinks_per_minute", "12"]).blinks_per_minute == 12
+    def parse(*args: str):
+        return build_parser(generate_additions=[PRODUCT_ADDITIONS]).parse_args(["generate", *args])
+
+    assert parse().blinks_per_minute == 0
+    assert parse("--blinks_per_minute", "12").blinks_per_minute == 12
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--blinks_per_minute", "61"])
+        parse("--blinks_per_minute", "61")
+    assert field_error("blinks_per_minute", 61.0) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--blinks_per_minute", "12"])
 
 
 def test_contact_sheet_is_small(tmp_path, photos):
-    from streaming.bench.blink import contact_sheet
+    from streaming.bench.eyelid_photos import contact_sheet
 
     path = contact_sheet(tmp_path / "blink.png")
     assert path.stat().st_size < 200_000

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from kit.paths import REPO_ROOT
 
+from streaming.motion import motion_sequence
+from streaming.params import DEFAULTS, field_error
 from vexpress_rt.cli import build_parser
 from vexpress_rt.kps import load_reference_kps
 from vexpress_rt.media import resample_pcm
-from vexpress_rt.motion import motion_sequence
-from vexpress_rt.params import DEFAULTS, field_error
 
 CPUS = os.cpu_count() or 1
 WORKERS = min(4, CPUS)
@@ -43,7 +43,9 @@ FIXTURE_SECONDS = 20800 / 16000
 MP3_SECONDS = 1.45
 
 
-def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_cli(args: list[str], cwd: Path, module: str = "vexpress_rt") -> subprocess.CompletedProcess:
+    """`python -m vexpress_rt ...`: the model port's own command; `module="server"` is `vexpress-rt`, which adds
+    the product's flags to `generate` (streaming/generate_additions.py)."""
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -53,7 +55,7 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
     )
     return subprocess.run(
-        [sys.executable, "-m", "vexpress_rt", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -69,7 +71,10 @@ class Runs:
 
     def __init__(self, commands: dict[str, list[str]], cwd: Path):
         self._pool = ThreadPoolExecutor(max_workers=WORKERS)
-        self._futures = {name: self._pool.submit(_run_cli, args, cwd) for name, args in commands.items()}
+        self._futures = {
+            name: self._pool.submit(_run_cli, args, cwd, "server" if name in PRODUCT_RUNS else "vexpress_rt")
+            for name, args in commands.items()
+        }
 
     def __getitem__(self, name: str) -> subprocess.CompletedProcess:
         return self._futures[name].result()
@@ -168,6 +173,9 @@ def _generate_args(inputs: dict[str, Path], out: Path, name: str, **overrides: s
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli_outputs")
+
+
+PRODUCT_RUNS = {"motion"}  # runs with the product's flags of `generate` (`vexpress-rt`, not the model port's)
 
 
 def _generation_commands(inputs: dict[str, Path], outputs: Path) -> dict[str, list[str]]:

@@ -39,7 +39,7 @@ from kit.netns_browser import (
     wait_ready,
 )
 
-from vexpress_rt.styles import BUILT_IN
+from streaming.styles import BUILT_IN
 
 pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
 

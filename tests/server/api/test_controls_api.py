@@ -20,7 +20,7 @@ from kit.waits import run
 from kit.ws_clients import Bot
 from skimage.data import astronaut
 
-from vexpress_rt.styles import BUILT_IN
+from streaming.styles import BUILT_IN
 from vexpress_rt_client import AvatarSession, SessionOptions
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(180)]

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from kit.served import call, server_fixture
 
+from streaming.params import GenerationParams, field_error
 from vexpress_rt.errors import InputError
-from vexpress_rt.params import GenerationParams, field_error
 
 pytestmark = pytest.mark.fixtures
 
@@ -31,7 +31,7 @@ def test_health_ready_info_page(server):
     ready = call("GET", f"{server.url}/readyz")
     assert ready.status == 200 and ready.json["status"] == "ready"
     info = call("GET", f"{server.url}/v1/info").json
-    assert (info["width"], info["height"], info["fps"], info["steps"]) == (128, 64, 25, 4)
+    assert (info["width"], info["height"], info["fps"], info["steps"]) == (128, 64, 25, 2)
     assert info["codecs"] == {"video": ["VP8", "H264"], "audio": ["opus"]}
     assert info["ice_servers"] == [] and info["version"]
     default = [a for a in info["avatars"] if a["default"]]
@@ -133,6 +133,47 @@ def test_session_lifecycle_and_tokens(server, tiny_engine):
     call("DELETE", f"{server.url}/v1/sessions/{b.json['id']}", headers=_bearer(b.json["token"]))
 
 
+def _schedule(srv, created) -> tuple:
+    """(strategy, steps, new_frames, lookahead_s) of a created session, as GET /v1/sessions/{id} shows it."""
+    assert created.status == 201, created.text
+    shown = call("GET", created.json["url"], headers=_bearer(created.json["token"])).json
+    call("DELETE", created.json["url"], headers=_bearer(created.json["token"]))
+    params = shown["params"]
+    return params["strategy"], params["steps"], params["new_frames"], shown["lookahead_s"]
+
+
+def test_a_session_gets_the_shipped_schedule_or_the_low_latency_preset(server, tiny_engine):
+    """The schedules measured on the simulated H100 (docs/streaming.md): by default staggered windows of 2 steps x
+    4 new frames with no lookahead; `"preset": "low_latency"` 1 step x 2 new frames; a field named beside a preset
+    wins over it, as over a style. The engine session runs what GET shows (its audio features' lookahead too)."""
+    assert "low_latency" in call("GET", f"{server.url}/v1/info").json["presets"]
+    assert 'id="preset"' in call("GET", f"{server.url}/").text  # the page's schedule picker (web_client/app.js)
+    assert _schedule(server, _create(server)) == ("staggered", 2, 4, 0.0)
+    assert _schedule(server, _create(server, {"preset": "default"})) == ("staggered", 2, 4, 0.0)
+    low = _create(server, {"preset": "low_latency"})
+    assert tiny_engine.get_session(low.json["id"]).config.lookahead_s == 0.0
+    assert _schedule(server, low) == ("staggered", 1, 2, 0.0)
+    both = _create(server, {"preset": "low_latency", "new_frames": 3, "style": "calm"})
+    assert _schedule(server, both) == ("staggered", 1, 3, 0.0)
+
+
+@pytest.mark.parametrize("preset", ["fast", 1, ""])
+def test_an_unknown_preset_is_400_with_the_choices(server, preset):
+    reply = _create(server, {"preset": preset})
+    assert reply.status == 400, reply.text
+    assert reply.json["error"]["message"].startswith("preset must be one of default, low_latency, got ")
+
+
+def test_a_preset_cannot_change_during_a_session(server):
+    """It fixes the denoiser's shapes: PATCH says to choose it when opening the session, and changes nothing."""
+    created = _create(server).json
+    reply = call("PATCH", created["url"], json={"preset": "low_latency"}, headers=_bearer(created["token"]))
+    assert reply.status == 400 and "chosen when the session opens" in reply.json["error"]["message"]
+    shown = call("GET", created["url"], headers=_bearer(created["token"])).json
+    assert (shown["params"]["steps"], shown["control_version"]) == (2, 0)
+    call("DELETE", created["url"], headers=_bearer(created["token"]))
+
+
 @pytest.mark.parametrize(
     "body, status",
     [
@@ -200,7 +241,7 @@ def test_info_serves_the_generation_limits(server):
     """The page takes its ranges and defaults from here (web_client/app.js), as the API checks them."""
     generation = call("GET", f"{server.url}/v1/info").json["generation"]
     assert generation == GenerationParams().limits()
-    assert generation["steps"] == {"default": 4, "type": "integer", "min": 1, "max": 8}
+    assert generation["steps"] == {"default": 2, "type": "integer", "min": 1, "max": 8}
     assert generation["strategy"]["choices"] == ["chunked", "staggered"]
     page = call("GET", f"{server.url}/app.js").text + call("GET", f"{server.url}/").text
     assert "generation" in page and 'max="50"' not in page

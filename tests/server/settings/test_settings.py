@@ -32,7 +32,8 @@ def _samples(tmp_path: Path) -> dict[str, tuple[str, object]]:
     return {
         "host": ("::1", "::1"),
         "fps": ("50", 50),
-        "steps": ("2", 2),
+        "steps": ("3", 3),
+        "preset": ("low_latency", "low_latency"),
         "jpeg_quality": ("40", 40),
         "max_sessions_per_key": ("3", 3),
         "decoder": ("full", "full"),

@@ -109,8 +109,8 @@ def test_idle_motion_bench_puts_live_idle_beside_the_clip():
     both start speaking, and the figures say how long that took (a short, bounded run of one utterance each)."""
     from streaming.bench.command import _load_engine
     from streaming.bench.idle_motion import idle_motion
+    from streaming.params import GenerationParams
     from streaming.session import SessionConfig
-    from vexpress_rt.params import GenerationParams
 
     cfg = SessionConfig(params=GenerationParams(steps=1))
     engine, info = _load_engine(None, 128, 64, cfg)

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vexpress_rt.blink import BlinkSchedule, close_eyes, eye_boxes
-
+from ..blink_schedule import BlinkSchedule
+from ..eyelid import close_eyes, eye_boxes
 from ..portrait import prepare_portrait
 
 SIZE = 512

@@ -11,9 +11,12 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from .errors import InputError
-from .params import GenerationParams, shown
+from vexpress_rt.errors import InputError
+from vexpress_rt.params import shown
+
+from .params import GenerationParams
 
 STYLE_FIELDS = (
     "audio_attention_weight",
@@ -24,7 +27,7 @@ STYLE_FIELDS = (
 )
 NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
-BUILT_IN: dict[str, dict] = {
+BUILT_IN: dict[str, dict[str, Any]] = {
     # the released weights' defaults, head pinned
     "neutral": {"audio_attention_weight": 3.0, "reference_attention_weight": 0.95, "motion": "fix_face",
                 "motion_amplitude": 1.0, "blinks_per_minute": 15.0},
@@ -40,7 +43,7 @@ BUILT_IN: dict[str, dict] = {
 }  # fmt: skip
 
 
-def check_style(name: object, fields: object) -> dict:
+def check_style(name: object, fields: object) -> dict[str, Any]:
     """A style's fields, validated (names, known fields, each value as GenerationParams checks it)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise InputError(f"a style name is 1 to 40 letters, digits, '_' or '-', got {name!r}")
@@ -53,7 +56,7 @@ def check_style(name: object, fields: object) -> dict:
     return dict(fields)
 
 
-def load_styles(path: str | Path | None) -> dict[str, dict]:
+def load_styles(path: str | Path | None) -> dict[str, dict[str, Any]]:
     """The built-in styles, plus (or replaced by) those of the JSON file at `path`."""
     styles = {name: dict(fields) for name, fields in BUILT_IN.items()}
     if path is None:
@@ -68,7 +71,7 @@ def load_styles(path: str | Path | None) -> dict[str, dict]:
     return styles
 
 
-def apply(styles: dict[str, dict], style: object, base: GenerationParams) -> GenerationParams:
+def apply(styles: dict[str, dict[str, Any]], style: object, base: GenerationParams) -> GenerationParams:
     """`base` with style `style`'s fields (None: `base` unchanged)."""
     if style is None:
         return base

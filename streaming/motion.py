@@ -7,7 +7,8 @@ jump. Two kinds:
   (roll, yaw, pitch, sideways and vertical shifts) whose periods divide one loop, with phases drawn from a seed;
   the table of one loop is computed once, so frame L is frame 0 and the step L-1 -> L is an ordinary step;
 * a key-point sequence (a `kps.pth` from `extract-kps`), retargeted to the portrait with the original's strategy
-  over its own length (`kps.retarget`, unchanged), then played forth and back (ping-pong), as the idle clip is.
+  over its own length (`vexpress_rt.kps.retarget`, unchanged), then played forth and back (ping-pong), as the
+  idle clip is.
 
 `amplitude` scales the motion about its first pose (0 holds the first pose, 1 is the motion as made).
 """
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .kps import retarget
-from .params import FIX_FACE, PROCEDURAL_MOTIONS
+from vexpress_rt.errors import InputError
+from vexpress_rt.kps import retarget
+from vexpress_rt.params import FIX_FACE
 
 LOOP_SECONDS = 8.0  # one procedural loop; every wave makes a whole number of cycles in it
 
@@ -34,6 +35,7 @@ RECIPES: dict[str, tuple[tuple[str, int, float], ...]] = {
     "sway": (("roll", 2, 4.0), ("dx", 2, 0.08), ("yaw", 1, 0.02)),
     "lively": (("yaw", 3, 0.07), ("pitch", 5, 0.05), ("roll", 2, 3.0), ("dx", 3, 0.05), ("dy", 4, 0.03)),
 }
+PROCEDURAL_MOTIONS = tuple(RECIPES)  # the `motion` names besides fix_face and uploaded ids
 
 
 def _procedural_loop(name: str, reference_kps: np.ndarray, fps: float, seed: int) -> np.ndarray:
@@ -78,7 +80,8 @@ class MotionTrack:
 
     def points(self, frame: int) -> np.ndarray:
         n = len(self.table)
-        return self.table[ping_pong(n, frame) if self.bounce else frame % n]
+        points: np.ndarray = self.table[ping_pong(n, frame) if self.bounce else frame % n]
+        return points
 
     def scaled(self, amplitude: float) -> MotionTrack:
         """The motion scaled about its first pose (1: this track, bit for bit)."""

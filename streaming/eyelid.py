@@ -1,14 +1,10 @@
-"""Eye blinks for V-Express frames: a seeded blink schedule and an image-space eyelid.
+"""An image-space eyelid for V-Express frames: the eyes closed by `closure` (0 open .. 1 shut) on a decoded frame.
 
 V-Express has no eyelid control: its only face geometry is 3 key points (both eye centres, nose tip) and its
 output keeps the portrait's eyes open. So blinking is done after decoding, on the frame: inside a small box
 around each eye (sized from the eye distance, rotated with the eye line) the skin above the eye is stretched
 down over it, like an upper lid sliding down to the lower lid (`close_eyes`). Nothing outside the boxes changes.
-
-The schedule (`BlinkSchedule`) keeps the requested rate over every minute while the intervals between blinks
-are random: blink k falls in the k-th slot of 60/rate seconds at a random place inside it (so a minute holds
-rate +- 1 blinks); each blink lasts 100-300 ms (closing faster than opening), and its fully closed moment falls on
-a frame so that every blink is seen closed at least once.
+When the eyes close is the blink schedule's (`blink_schedule.py`).
 """
 
 from __future__ import annotations
@@ -19,15 +15,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import InputError
-
-MAX_BLINKS_PER_MINUTE = 60.0
-NATURAL_BLINKS_PER_MINUTE = 15.0  # adults at rest blink about 15-20 times a minute
-DURATION_S = (0.10, 0.30)  # a whole blink, closing + closed + opening
-CLOSING_SHARE, HOLD_SHARE = 0.35, 0.10  # of the duration; the rest is the (slower) opening
-SLOT_JITTER = 0.35  # a blink lies within +-35 % of a slot around the slot's middle
-MIN_GAP_S = 0.45  # between the closed moments of two blinks
-
 # The eyelid, in eye distances d (centre to centre) around an eye centre, along / across the eye line.
 EYE_HALF_WIDTH = 0.25  # a measured eye is about 0.40-0.44 d wide: the box reaches past the corners
 UPPER_LID = 0.08  # the open upper lid margin above the centre
@@ -37,89 +24,6 @@ BROW_TO_LID = 0.5  # the skin that slides down starts this far from the brow tow
 LASH_WIDTH, LASH_DARKNESS = 0.012, 0.45  # the moving lid margin's lash line
 # (Chosen on real photographs by the eye aspect ratio of dlib's landmarks: docs/blink.md, `bench --blink`.)
 BOX_TOP = BROW_RANGE[0] - BROW_TO_LID * (BROW_RANGE[0] - UPPER_LID)  # the highest the skin can start
-
-
-def validate_rate(blinks_per_minute: float) -> float:
-    rate = blinks_per_minute
-    ok = isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate <= MAX_BLINKS_PER_MINUTE
-    if not ok or not math.isfinite(rate):
-        raise InputError(f"blinks_per_minute must be a number from 0 to {MAX_BLINKS_PER_MINUTE:g}, got {rate!r}")
-    return float(rate)
-
-
-@dataclass(frozen=True)
-class Blink:
-    start: float  # seconds
-    closing: float
-    hold: float
-    opening: float
-
-    @property
-    def end(self) -> float:
-        return self.start + self.closing + self.hold + self.opening
-
-    def closure(self, t: float) -> float:
-        """0 open .. 1 closed at time t (smoothstep ramps)."""
-        x = t - self.start
-        if x <= 0 or t >= self.end:
-            return 0.0
-        if x < self.closing:
-            return _smoothstep(x / self.closing)
-        x -= self.closing
-        if x <= self.hold:
-            return 1.0
-        return 1.0 - _smoothstep((x - self.hold) / self.opening)
-
-
-def _smoothstep(x: float) -> float:
-    return x * x * (3 - 2 * x)
-
-
-class BlinkSchedule:
-    """When the eyes close, frame by frame: `closure(index)` in [0, 1] for frames at `fps`, asked in order.
-
-    Seeded: the same seed, rate and rate changes give the same blinks. `set_rate` changes the rate from a frame
-    on (a blink under way finishes; 0 stops blinking)."""
-
-    def __init__(self, blinks_per_minute: float, fps: float, seed: int = 0):
-        if not fps > 0:
-            raise InputError(f"fps must be positive, got {fps!r}")
-        self.fps = float(fps)
-        self.rate = validate_rate(blinks_per_minute)
-        self._rng = np.random.default_rng(seed)
-        self._blinks: list[Blink] = []  # planned, in time order; those over are dropped as frames pass
-        self._origin = 0.0  # where slot 0 of the current rate starts
-        self._slot = 0  # the next slot to plan
-        self._last_peak = -math.inf
-
-    def set_rate(self, blinks_per_minute: float, from_index: int = 0) -> None:
-        rate = validate_rate(blinks_per_minute)
-        t = from_index / self.fps
-        self._blinks = [b for b in self._blinks if b.start < t]  # under way or over: kept
-        self.rate, self._origin, self._slot = rate, t, 0
-
-    def closure(self, index: int) -> float:
-        t = index / self.fps
-        self._plan_until(t)
-        while self._blinks and self._blinks[0].end <= t:
-            self._blinks.pop(0)
-        return max((b.closure(t) for b in self._blinks if b.start < t), default=0.0)
-
-    def _plan_until(self, t: float) -> None:
-        if self.rate <= 0:
-            return
-        period = 60.0 / self.rate
-        while not self._blinks or self._blinks[-1].start <= t:
-            slot_middle = self._origin + (self._slot + 0.5) * period
-            self._slot += 1
-            peak = slot_middle + self._rng.uniform(-SLOT_JITTER, SLOT_JITTER) * period
-            peak = max(peak, self._last_peak + MIN_GAP_S)
-            peak = math.ceil(peak * self.fps - 1e-9) / self.fps  # fully closed on a frame
-            duration = self._rng.uniform(*DURATION_S)
-            closing, hold = CLOSING_SHARE * duration, HOLD_SHARE * duration
-            blink = Blink(peak - closing, closing, hold, duration - closing - hold)
-            self._last_peak = peak
-            self._blinks.append(blink)
 
 
 @dataclass(frozen=True)
@@ -179,7 +83,7 @@ def close_eyes(image: np.ndarray, kps: np.ndarray, closure: float) -> np.ndarray
         return image
     closure = min(float(closure), 1.0)
     height, width = image.shape[:2]
-    out = image.copy()
+    out: np.ndarray = image.copy()
     for box, (centre, axis, d) in _eyes(np.asarray(kps, np.float64)[:2], width, height):
         xs, ys = np.meshgrid(np.arange(box.x0, box.x1, dtype=np.float32), np.arange(box.y0, box.y1, dtype=np.float32))
         # Local coordinates: u along the eye line, v across it (down), in pixels from the eye centre.
@@ -205,13 +109,3 @@ def close_eyes(image: np.ndarray, kps: np.ndarray, closure: float) -> np.ndarray
         result *= 1 - np.float32(LASH_DARKNESS * min(1.0, 4 * closure)) * line[..., None]
         out[box.y0 : box.y1, box.x0 : box.x1] = np.clip(result + 0.5, 0, 255).astype(np.uint8)
     return out
-
-
-def blink_video(
-    frames: np.ndarray, kps_sequence: np.ndarray, blinks_per_minute: float, fps: float, seed: int = 0
-) -> np.ndarray:
-    """uint8 (T, H, W, 3) frames with blinks drawn in, each frame's eyes at its own key points (T, >=2, 2)."""
-    schedule = BlinkSchedule(blinks_per_minute, fps, seed)
-    if schedule.rate == 0:
-        return frames
-    return np.stack([close_eyes(f, k, schedule.closure(i)) for i, (f, k) in enumerate(zip(frames, kps_sequence))])
