@@ -39,7 +39,15 @@ class SessionOptions:
     motion: str | None = None
     motion_amplitude: float | None = None
     blinks_per_minute: float | None = None
+    retarget_strategy: str | None = None  # fix_face (live default), no_retarget, offset_retarget, naive_retarget
+    strategy: str | None = None  # the window schedule: staggered or chunked (docs/streaming.md)
+    new_frames: int | None = None
+    context_frames: int | None = None
+    seed: int | None = None
     decoder: str | None = None
+    framing: str | None = None  # crop (default), portrait or WxH, e.g. "1280x720" (docs/framing.md)
+    background: str | None = None  # photo (default), "#rrggbb", a data: image URL, or transparent
+    outputs: list[dict] | None = None  # pushed from the start: [{"url": "rtmp://..."}] (docs/websocket.md)
     sample_rate: int = 16000
     channels: int = 1
     record: bool | None = None

@@ -9,11 +9,14 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from kit.paths import REPO_ROOT
 
+from server.api.sessions import SESSION_FIELDS
 from vexpress_rt_client import wire
+from vexpress_rt_client.session import SessionOptions
 
 PROBE = """
 import json, sys
@@ -72,3 +75,14 @@ def test_the_wire_module_names_every_message_the_protocol_documents():
     assert _table_types(doc, "### Client -> server") == set(wire.CLIENT_MESSAGES)
     documented = _table_types(doc, "### Server -> client") | {"stream.start"}  # the frames socket's first message
     assert "stream.start" in doc and documented == set(wire.SERVER_MESSAGES)
+
+
+def test_session_options_name_every_field_a_session_accepts():
+    """SessionOptions is written by hand in the client (it may import nothing of the server): every field that
+    `POST /v1/sessions` accepts has an option of the same name, so a bot can set it without a raw body."""
+    options = {f.name for f in fields(SessionOptions)}
+    body_only = {"audio"}  # made from sample_rate and channels
+    assert SESSION_FIELDS - body_only <= options, sorted(SESSION_FIELDS - body_only - options)
+    assert {"record", "outputs"} <= options  # the session features' fields (api/session_features.py)
+    body = SessionOptions(framing="1280x720", new_frames=2, outputs=[{"url": "rtmp://x/live/k"}]).body()
+    assert body["framing"] == "1280x720" and body["new_frames"] == 2 and body["audio"]["sample_rate"] == 16000
