@@ -3,7 +3,8 @@
 The session is the state machine (idle -> speaking -> idle, interrupt, closed) and the bookkeeping around the model
 worker, which does all model compute (`streaming/worker.py`). Threads: `push_audio`, `end_utterance`, `mark`,
 `interrupt` and `read_frame` may be called from any thread (the server's event loop); the worker thread calls
-`next_job`, `deliver` and `fail`. One lock guards the shared state; model calls happen outside it.
+`prepare_job`, `complete_job` (around its one wav2vec2 call for every session), `deliver` and `fail`. One lock
+guards the shared state; model calls happen outside it.
 
 Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`);
 frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind skips frames (dropped,
