@@ -3,7 +3,8 @@
 The session is the state machine (idle -> speaking -> idle, interrupt, closed) and the bookkeeping around the model
 worker, which does all model compute (`streaming/worker.py`). Threads: `push_audio`, `end_utterance`, `mark`,
 `interrupt` and `read_frame` may be called from any thread (the server's event loop); the worker thread calls
-`next_job`, `deliver` and `fail`. One lock guards the shared state; model calls happen outside it.
+`prepare_job`, `complete_job` (around its one wav2vec2 call for every session), `deliver` and `fail`. One lock
+guards the shared state; model calls happen outside it.
 
 Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`);
 frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind skips frames (dropped,
@@ -31,7 +32,7 @@ import torch
 from vexpress_rt.errors import InputError
 from vexpress_rt.loader import VExpressModels
 
-from .audio_features import IncrementalAudioFeatures
+from .audio_features import FeatureSpan, IncrementalAudioFeatures
 from .audio_input import MODEL_RATE, AudioInput, PcmInput, SampleFifo, to_float_frames, validate_format
 from .avatar import Avatar
 from .controls import ControlChange, FrameControl, LiveControls, frame_rows
@@ -41,6 +42,7 @@ from .frames import AVFrame, Event
 from .framing import FrameComposer, parse_background, parse_framing
 from .params import DEFAULTS, GenerationParams
 from .pose import PoseFeatures
+from .wav2vec2_batch import encode_spans
 
 MAX_MARKS_PER_UTTERANCE = 1000  # marks waiting for one utterance's audio (each fires in O(1) when it has played)
 IDLE = 0  # the utterance number of live idle frames (generated from silence while the head follows a motion)
@@ -158,6 +160,18 @@ class Utterance:
     real_samples: int = 0  # output-rate samples of real (unpadded) audio
     in_samples: int = 0  # input-rate sample frames pushed
     marks: deque[tuple[int, str]] = field(default_factory=deque)  # (output sample position, name), in order
+
+
+@dataclass
+class PendingChunk:
+    """A session's next chunk of speech, waiting for the wav2vec2 runs of its new audio: the worker gathers every
+    session's spans and runs them as one batch (`encode_spans`), then hands each its hidden states back."""
+
+    utterance: Utterance
+    stream: StreamState
+    epoch: int
+    spans: list[FeatureSpan]  # wav2vec2's inputs, in order (none when the tokens already made suffice)
+    end_features: bool  # the utterance's features end with these spans
 
 
 class SessionEngine(Protocol):
@@ -518,8 +532,18 @@ class StreamSession:
 
     # -- the worker's side --------------------------------------------------------------------------------------
     def next_job(self) -> ChunkJob | None:
-        """The worker's call, on its thread: run the audio features on new audio (model compute) and return the
-        next chunk when its audio (plus lookahead) is in and there is room for its frames; else None."""
+        """The next chunk on its own (features run for this session alone): `prepare_job`, wav2vec2,
+        `complete_job`. The worker does the same for every session at once, with one wav2vec2 call."""
+        prepared = self.prepare_job()
+        if not isinstance(prepared, PendingChunk):
+            return prepared
+        hidden = encode_spans(self.engine.models, [span.audio for span in prepared.spans]) if prepared.spans else []
+        return self.complete_job(prepared, hidden)
+
+    def prepare_job(self) -> ChunkJob | PendingChunk | None:
+        """The worker's call, on its thread, before any model compute: the next chunk when it needs no audio
+        features (silence), or the wav2vec2 runs its new audio needs (`complete_job` makes the chunk from their
+        hidden states); None when nothing is due or there is no room for more frames."""
         with self._lock:
             if self.closed:
                 return None
@@ -538,9 +562,15 @@ class StreamSession:
                 pcm, end_features, epoch = self._feed(utt)
         if utt is None:
             return None if silent is None else self._silent_job(stream, *silent)
-        tokens = [t.tokens for t in utt.features.push(pcm)] if len(pcm) else []
-        if end_features:
-            tokens += [t.tokens for t in utt.features.end()]
+        # host work only (the features are this thread's): the spans of audio wav2vec2 runs on
+        spans = utt.features.plan(pcm, end=end_features) if len(pcm) or end_features else []
+        return PendingChunk(utt, stream, epoch, spans, end_features)
+
+    def complete_job(self, pending: PendingChunk, hidden: list[torch.Tensor]) -> ChunkJob | None:
+        """The worker's call after wav2vec2 ran on `pending.spans` (`hidden`: their hidden states, in order): the
+        next chunk when its audio (plus lookahead) is in; else None."""
+        utt, stream, epoch, end_features = pending.utterance, pending.stream, pending.epoch, pending.end_features
+        tokens = [t.tokens for span, h in zip(pending.spans, hidden) for t in utt.features.tokens(span, h)]
         with self._lock:
             if epoch != self._epoch or not any(u is utt for u in self._utterances):
                 return None  # interrupted, or its audio dropped (live input behind) while the features ran

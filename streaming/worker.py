@@ -1,8 +1,9 @@
 """The model worker: one thread per device that owns all model compute for every session.
 
-Each turn it asks every session for its next chunk (the session runs its audio features on the new audio), groups
-the chunks by denoiser settings, runs each group as one batched UNet call per step and one decode per decoder in
-use, and hands the frames back. It measures what that costs, which is what admission control uses.
+Each turn it asks every session for its next chunk: what audio each needs features for, then one wav2vec2 call
+over every session's new audio, then each session's chunk from its features. It groups the chunks by denoiser
+settings, runs each group as one batched UNet call per step and one decode per decoder in use, and hands the
+frames back. It measures what that costs, which is what admission control uses.
 
 Pipelined (`EngineConfig.pipelined`, on CUDA by default): the decode, host copy and delivery of a call run on the
 finisher's thread (streaming/finisher.py) while this thread goes on with the next turn; at most one call is handed
@@ -28,8 +29,9 @@ from .cost_model import CostModel, Demand, PipelinedCost
 from .denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from .device import bind_thread, release_cached_memory
 from .finisher import DeviceClock, Finisher, Mark
-from .session import SessionConfig, StreamSession
+from .session import PendingChunk, SessionConfig, StreamSession
 from .stage_timer import NoStageTimer, StageTimer
+from .wav2vec2_batch import encode_spans
 
 WorkItem = tuple[StreamSession, ChunkJob]  # a session and the chunk it asked for this turn
 ChunkOutput = list[tuple[Any, torch.Tensor]]  # a chunk's finished frames: (payload, latent) each
@@ -124,31 +126,88 @@ class ModelWorker:
     def turn(self) -> bool:
         """Collect one chunk per session and run them. Returns whether any work was done."""
         turn_start = time.monotonic()
-        work = []
-        for session in self.engine.sessions():
-            t0 = time.monotonic()
-            try:
-                with self.engine.stages("audio_features"):
-                    job = session.next_job()  # runs the audio features on new audio: model compute
-            except Exception as exc:
-                _release_memory(exc)
-                self._fail(session, exc)
-                continue
-            self.compute_log.append((t0, time.monotonic()))
-            if job is not None:
-                job.meta["features_s"] = time.monotonic() - t0
-                self.costs.record_features(job.meta["features_s"])
-                work.append((session, job))
-        if not work:
+        jobs = self._collect(self.engine.sessions())
+        if not jobs:
             return False
         groups: dict[DenoiserSettings, list[WorkItem]] = {}
-        for session, job in work:
+        for session, job in jobs:
             groups.setdefault(session.denoiser_settings, []).append((session, job))
         for settings, items in groups.items():
             for i in range(0, len(items), self.max_batch):
                 self._run(settings, items[i : i + self.max_batch])
         self.turn_log.append((turn_start, time.monotonic()))
         return True
+
+    def _collect(self, sessions: list[StreamSession]) -> list[WorkItem]:
+        """Every session's next chunk, in session order: first what each needs (host work), then one wav2vec2
+        call over all the new audio (`encode_spans`: each span's hidden states equal to its own run), then each
+        session makes its chunk from its hidden states. A failure ends only the session(s) it belongs to."""
+        start = time.monotonic()
+        prepared: list[tuple[StreamSession, ChunkJob | PendingChunk]] = []
+        for session in sessions:
+            try:
+                with self.engine.stages("audio_features"):
+                    job = session.prepare_job()
+            except Exception as exc:
+                _release_memory(exc)
+                self._fail(session, exc)
+                continue
+            if job is not None:
+                prepared.append((session, job))
+        pending = [(session, job) for session, job in prepared if isinstance(job, PendingChunk)]
+        hidden = self._features(pending)
+        work: list[WorkItem] = []
+        for session, job in prepared:
+            if isinstance(job, PendingChunk):
+                if session not in hidden:
+                    continue  # its features failed: it has ended
+                try:
+                    with self.engine.stages("audio_features"):
+                        chunk = session.complete_job(job, hidden[session])
+                except Exception as exc:
+                    _release_memory(exc)
+                    self._fail(session, exc)
+                    continue
+                if chunk is None:
+                    continue
+                job = chunk
+            work.append((session, job))
+        end = time.monotonic()
+        self.compute_log.append((start, end))
+        for _, job in work:  # the features' cost per session and chunk, the batched call shared
+            job.meta["features_s"] = (end - start) / len(prepared)
+            self.costs.record_features(job.meta["features_s"])
+        return work
+
+    def _features(self, pending: list[tuple[StreamSession, PendingChunk]]) -> dict[StreamSession, list[torch.Tensor]]:
+        """wav2vec2's hidden states of every pending session's spans, by session: one call for all; when it
+        fails, one call per session, so that only the session(s) whose audio fails end."""
+        spans = [span.audio for _, job in pending for span in job.spans]
+        if not spans:
+            return {session: [] for session, _ in pending}
+        try:
+            with self.engine.stages("audio_features"):
+                hidden = encode_spans(self.engine.models, spans)
+        except Exception as exc:
+            _release_memory(exc)
+            if len(pending) == 1:
+                self._fail(pending[0][0], exc)
+                return {}
+            by_session: dict[StreamSession, list[torch.Tensor]] = {}
+            for session, job in pending:
+                try:
+                    with self.engine.stages("audio_features"):
+                        by_session[session] = encode_spans(self.engine.models, [s.audio for s in job.spans])
+                except Exception as alone:
+                    _release_memory(alone)
+                    self._fail(session, alone)
+            return by_session
+        by_session = {}
+        k = 0
+        for session, job in pending:
+            by_session[session] = hidden[k : k + len(job.spans)]
+            k += len(job.spans)
+        return by_session
 
     def _run(self, settings: DenoiserSettings, items: list[WorkItem]) -> None:
         jobs: list[ChunkJob] = [job for _, job in items]

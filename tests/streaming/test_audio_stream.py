@@ -3,11 +3,16 @@ default bounded context, one token set per video frame."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from streaming.audio_features import SAMPLE_RATE, IncrementalAudioFeatures
+from streaming.bench.random_models import TINY_WAV2VEC2
+from streaming.wav2vec2_batch import encode_spans
 from vexpress_rt.audio_features import audio_tokens
 
 
@@ -61,3 +66,59 @@ def test_memory_stays_bounded(tiny_models):
         count += len(stream.push(rng.standard_normal(1600).astype(np.float32) * 0.1))
         assert stream.held_samples < 1.5 * SAMPLE_RATE
     assert count >= 6 * 25 - 10
+
+
+def _spans(models, speech: np.ndarray) -> list:
+    """Four streams' next wav2vec2 runs, of four lengths: what one worker turn gathers from four sessions."""
+    spans = []
+    for k, (cut, chunk) in enumerate([(20800, 4000), (9000, 3000), (14000, 1600), (20800, 20800)]):
+        stream = IncrementalAudioFeatures(models, fps=25, left_context_s=0.5 + 0.5 * k)
+        audio = np.roll(speech, 1000 * k)[:cut]
+        for start in range(0, cut - chunk, chunk):
+            stream.plan(audio[start : start + chunk])  # earlier turns: the context these spans keep
+        spans.append((stream, stream.plan(audio[cut - chunk :], end=k % 2 == 1)))
+    return spans
+
+
+def test_batched_wav2vec2_gives_each_stream_its_own_tokens(tiny_models, tiny_speech):
+    """One wav2vec2 call over four streams' spans (zero-padded to the longest) gives each stream the hidden states
+    and tokens its own run gives. A plain padded batch would not: wav2vec2-base's first GroupNorm and its
+    attention see the padding (checked, so this test can tell the two apart)."""
+    planned = _spans(tiny_models, tiny_speech)
+    audio = [span.audio for _, spans in planned for span in spans]
+    assert len(audio) >= 5 and len({len(a) for a in audio}) >= 4
+    batched = encode_spans(tiny_models, audio)
+    alone = [encode_spans(tiny_models, [a])[0] for a in audio]
+    for b, a in zip(batched, alone):
+        assert b.shape == a.shape
+        assert torch.allclose(b, a, atol=1e-4), (b - a).abs().max()
+    k = 0
+    for stream, spans in planned:
+        for span in spans:
+            ours = torch.stack([f.tokens for f in stream.tokens(span, batched[k])])
+            own = torch.stack([f.tokens for f in stream.tokens(span, alone[k])])
+            assert torch.allclose(ours, own, atol=1e-4)
+            k += 1
+    values = [tiny_models.feature_extractor(a, sampling_rate=SAMPLE_RATE)["input_values"][0] for a in audio]
+    padded = torch.zeros(len(values), max(len(v) for v in values))
+    for row, v in zip(padded, values):
+        row[: len(v)] = torch.from_numpy(v)
+    with torch.no_grad():
+        naive = tiny_models.audio_encoder(padded).last_hidden_state
+    shortest = min(range(len(alone)), key=lambda i: len(audio[i]))
+    assert (naive[shortest, : len(alone[shortest])] - alone[shortest]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["stable layer norm", "eager attention"])
+def test_batched_wav2vec2_matches_on_the_other_variants(tiny_models, tiny_speech, variant):
+    """wav2vec2's stable-layer-norm variant (per-frame LayerNorm in the feature encoder, norm after the layers) and
+    the eager attention kernel batch as exactly as the base model with SDPA."""
+    torch.manual_seed(0)
+    settings = dict(TINY_WAV2VEC2)
+    if variant == "stable layer norm":
+        settings.update(feat_extract_norm="layer", do_stable_layer_norm=True)
+    config = Wav2Vec2Config(**settings, attn_implementation="eager" if variant == "eager attention" else "sdpa")
+    models = replace(tiny_models, audio_encoder=Wav2Vec2Model(config).eval())
+    audio = [span.audio for _, spans in _spans(models, tiny_speech) for span in spans]
+    for b, span in zip(encode_spans(models, audio), audio):
+        assert torch.allclose(b, encode_spans(models, [span])[0], atol=1e-4)

@@ -568,6 +568,41 @@ def test_batched_sessions_equal_unbatched(engine, avatar, flipped_avatar, tiny_s
         assert np.abs(alone[0].astype(int) - batched.astype(int)).max() <= 2
 
 
+def test_a_worker_turn_runs_wav2vec2_once_for_all_its_sessions(engine, avatar, flipped_avatar, tiny_speech):
+    """Three sessions with new speech: the worker runs wav2vec2 once per turn over all their audio (calls counted
+    on the model's own first conv and first transformer layer), and every session gets its chunk from that one
+    call. (That batched features give each session its own tokens: tests/test_audio_stream.py; that batched
+    sessions make the frames they make alone: test_batched_sessions_equal_unbatched.)"""
+    wav2vec2 = engine.models.audio_encoder
+    calls: list[str] = []
+    watched = {"conv": wav2vec2.feature_extractor.conv_layers[0].conv, "transformer": wav2vec2.encoder.layers[0]}
+    hooks = [m.register_forward_hook(lambda *_, name=name: calls.append(name)) for name, m in watched.items()]
+    engine.silence_tokens_for(25)  # made once per engine (with wav2vec2): not part of any turn
+    runs = [Run(engine, a, seed=k) for k, a in enumerate([avatar, flipped_avatar, avatar])]
+    per_turn: list[tuple[int, int]] = []  # (wav2vec2 calls, sessions given a chunk)
+    try:
+        for k, run in enumerate(runs):
+            run.speak(np.roll(tiny_speech, 3000 * k)[:6400].copy(), realtime=False)
+        for _ in range(5):  # bounded: a turn of three sessions takes seconds on a loaded CPU
+            calls.clear()
+            logged = len(engine.worker.chunk_log)
+            if not engine.worker.turn():
+                continue  # (a fresh session's first turn only sets its stream up)
+            sessions = {c["session"] for c in list(engine.worker.chunk_log)[logged:]}
+            per_turn.append((calls.count("transformer"), len(sessions)))
+            assert calls.count("conv") == calls.count("transformer")
+            if len(per_turn) == 3:
+                break
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for run in runs:
+            run.session.close()
+    assert len(per_turn) == 3
+    assert per_turn[0] == (1, 3)  # the first turn: every session's first audio through one wav2vec2 call
+    assert all(n <= 1 and chunks == 3 for n, chunks in per_turn), per_turn
+
+
 # -- 9: a saved avatar -------------------------------------------------------------------------------------------------
 def test_saved_avatar_loads_and_gives_identical_frames(
     tiny_models, engine, avatar, portrait, avatar_cache, tiny_speech, monkeypatch

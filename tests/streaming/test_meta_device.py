@@ -15,6 +15,7 @@ from streaming.bench.random_models import random_models
 from streaming.denoiser import ChunkJob, DenoiserSettings, StreamDenoiser
 from streaming.params import GenerationParams
 from streaming.unet_runner import RerunBackend
+from streaming.wav2vec2_batch import encode_spans
 from vexpress_rt.pipeline import GenerationSettings, denoise, video_length_for
 
 META = torch.device("meta")
@@ -58,6 +59,14 @@ def _silence(models) -> torch.Tensor:
 def test_audio_features_stay_on_the_model_device(meta_models):
     tokens = _silence(meta_models)
     assert tokens.device == META and tokens.dtype == meta_models.dtype
+
+
+def test_batched_wav2vec2_stays_on_the_model_device(meta_models):
+    """The worker's one wav2vec2 call over several sessions' spans: padding masks made for the model's device."""
+    spans = [np.zeros(n, np.float32) for n in (8000, 12000, 4800)]
+    hidden = encode_spans(meta_models, spans)
+    assert [h.device for h in hidden] == [META] * 3 and all(h.dtype == meta_models.dtype for h in hidden)
+    assert [h.shape[0] for h in hidden] == [24, 37, 14]  # each span's own frames (20 ms, 400-sample field)
 
 
 @pytest.mark.parametrize("strategy", ["staggered", "chunked"])
