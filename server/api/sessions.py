@@ -150,6 +150,9 @@ def _session_json(session: ServerSession) -> dict:
         "control_version": es.controls.version,  # the last change (PATCH's "version"); 0: as created
         "idle": "live" if es.live_idle else "clip",  # live: idle frames generated to follow the motion
         "decoder": es.config.decoder,
+        "framing": es.config.framing,
+        # a data: URL image can be megabytes: named, not echoed
+        "background": "image" if es.config.background.startswith("data:") else es.config.background,
         "width": es.width,
         "height": es.height,
         "created": session.created,
