@@ -96,6 +96,7 @@ async def open_session(
         logger,
         on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
         on_queued=state.metrics.queue_depth.observe,
+        read_off_loop=not engine_session.composer.identity,  # framed/matted frames: composed off the loop
     )
     session = ServerSession(
         engine_session,

@@ -321,6 +321,7 @@ def test_frames_websocket_format(server, tiny_speech):
             got = list(frames.frames)
             served = server.state.sessions.get(session["id"])
             drops = (served.pump.dropped, served.engine_session.dropped_frames)
+            assert not served.pump.reads_off_loop  # the crop over its photo: nothing to compose, read on the loop
             await bot.close()
             await frames.close()
             await delete_session(http, session)
@@ -380,12 +381,13 @@ def test_transparent_session_frames_carry_alpha(server):
             ws = await http.ws_connect(session["frames_url"], params={"token": session["token"]})
             start = json.loads((await ws.receive(timeout=60)).data)
             messages = [parse_frame((await ws.receive(timeout=60)).data) for _ in range(3)]
+            off_loop = server.state.sessions.get(session["id"]).pump.reads_off_loop  # composed in the reader thread
             await ws.close()
             await delete_session(http, session)
-            return start, messages
+            return start, messages, off_loop
 
-    start, messages = run(main())
-    assert (start["width"], start["height"], start["alpha"]) == (1280, 720, True)
+    start, messages, off_loop = run(main())
+    assert (start["width"], start["height"], start["alpha"]) == (1280, 720, True) and off_loop
     for message in messages:
         assert message.alpha and (message.width, message.height) == (1280, 720)
         assert Image.open(io.BytesIO(message.jpeg)).format == "WEBP"
