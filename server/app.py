@@ -38,6 +38,7 @@ from aiohttp import web
 
 from streaming.device_pool import DevicePool
 from streaming.engine import Engine
+from streaming.framing import MAX_BACKGROUND_BYTES, MAX_OUTPUT_PIXELS, MAX_OUTPUT_SIDE, MIN_OUTPUT_SIDE
 from streaming.presets import PRESETS
 
 from . import metrics
@@ -133,6 +134,16 @@ async def info(request: web.Request) -> web.Response:
             "steps": state.default_params().steps,
             "presets": list(PRESETS),  # "preset" in POST /v1/sessions (streaming/presets.py)
             "generation": state.default_params().limits(),  # per field: default, range or choices
+            # the model's crop (a session's frames with framing "crop"); framed sessions report their own size
+            "crop": {"width": cfg.width, "height": cfg.height},
+            "framing": {  # POST /v1/sessions "framing" and "background" (docs/framing.md)
+                "framings": ["crop", "portrait", "WxH"],
+                "backgrounds": ["photo", "#rrggbb", "data:image/...;base64,...", "transparent"],
+                "default": {"framing": "crop", "background": "photo"},
+                "output_side": [MIN_OUTPUT_SIDE, MAX_OUTPUT_SIDE],
+                "max_output_pixels": MAX_OUTPUT_PIXELS,
+                "max_background_bytes": MAX_BACKGROUND_BYTES,
+            },
             "decoder": state.engine.config.default_session.decoder,
             "decoders": list(state.engine.decoders),
             "max_sessions": cfg.max_sessions,

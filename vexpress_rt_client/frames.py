@@ -1,18 +1,22 @@
 """The frames websocket's wire format (`GET /v1/sessions/{id}/frames`, schema in docs/websocket.md): one binary
-message per frame, a fixed 44-byte header + JPEG + the frame's PCM16 audio. The server packs it
+message per frame, a fixed 44-byte header + the picture (JPEG; WebP with an alpha plane when the header's `FLAG_ALPHA`
+is set: sessions with `background: "transparent"`) + the frame's PCM16 audio. The server packs it
 (server/websockets/frames.py), clients parse it; both import it from here, so a client never imports the server.
 """
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 MAGIC = b"VXRT"
 VERSION = 1
 FLAG_SPEAKING = 1
+FLAG_ALPHA = 2  # the picture is a WebP with an alpha plane (RGBA), not a JPEG; RGB frames are unchanged
 # magic, version, flags, header size, frame index, pts (us), sample rate, samples, JPEG bytes, width, height,
 # utterance (0 while idle); little-endian, no padding: 44 bytes
 HEADER = struct.Struct("<4sBBHQqIIIHHI")
@@ -27,8 +31,14 @@ class FrameMessage:
     sample_rate: int
     width: int
     height: int
-    jpeg: bytes
+    jpeg: bytes  # the encoded picture: a JPEG, or a WebP with alpha when `alpha` is set
     audio: np.ndarray  # int16 (samples,)
+    alpha: bool = False
+
+    def image(self) -> np.ndarray:
+        """The decoded picture: uint8 (height, width, 4) RGBA when the frame has alpha, else (height, width, 3) RGB."""
+        with Image.open(io.BytesIO(self.jpeg)) as picture:
+            return np.asarray(picture.convert("RGBA" if self.alpha else "RGB"))
 
 
 def parse_frame(data: bytes) -> FrameMessage:
@@ -42,4 +52,6 @@ def parse_frame(data: bytes) -> FrameMessage:
         raise ValueError(f"frame message of {len(data)} bytes, its header says {size + jpeg_len + 2 * samples}")
     jpeg = data[size : size + jpeg_len]
     audio = np.frombuffer(data, dtype="<i2", count=samples, offset=size + jpeg_len)
-    return FrameMessage(index, pts_us, bool(flags & FLAG_SPEAKING), utt, rate, width, height, jpeg, audio)
+    return FrameMessage(
+        index, pts_us, bool(flags & FLAG_SPEAKING), utt, rate, width, height, jpeg, audio, bool(flags & FLAG_ALPHA)
+    )

@@ -34,6 +34,7 @@
   const ui = {
     video: $("avatar"), status: $("status"), select: $("avatar-select"), file: $("avatar-file"), kps: $("avatar-kps"),
     fps: $("fps"), steps: $("steps"), preset: $("preset"), apiKey: $("api-key"),
+    framing: $("framing"), background: $("background"), backgroundColour: $("background-colour"),
     start: $("start"), interrupt: $("interrupt"), stop: $("stop"), mic: $("mic-level"),
     sFps: $("s-fps"), sRes: $("s-res"), sLat: $("s-lat"), sAv: $("s-av"), sRtt: $("s-rtt"),
     sLevel: $("s-level"), sLost: $("s-lost"), sRoute: $("s-route"),
@@ -285,6 +286,10 @@
       if (ui.fps.value) req.fps = Number(ui.fps.value);
       if (ui.preset.value) req.preset = ui.preset.value; // a schedule: steps, frames per call, lookahead
       if (ui.steps.value) req.steps = Number(ui.steps.value);
+      // Presenter framing (docs/framing.md): the whole photo or a canvas, over the photo, a key colour or nothing
+      if (ui.framing.value) req.framing = ui.framing.value;
+      if (ui.background.value === "colour") req.background = ui.backgroundColour.value;
+      else if (ui.background.value) req.background = ui.background.value;
       const asked = liveFields();
       Object.assign(req, asked);
       if (ui.style.value) req.style = ui.style.value;

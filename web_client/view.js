@@ -1,9 +1,14 @@
 // vexpress-rt viewer: the avatar alone, over WHEP, for OBS's Browser Source or any screen. Plain JS, no build.
 //
-// URL: /view/{session_id}?token=<token>[&bg=transparent|<hex colour>][&fit=contain|cover][&muted=1]: the session's
-//   view_url (its view-only token, which WHEP accepts and nothing else does; the session's own token works too).
+// URL: /view/{session_id}?token=<token>[&bg=transparent|<hex colour>][&key=<hex colour>][&fit=contain|cover][&muted=1]:
+//   the session's view_url (its view-only token, which WHEP accepts and nothing else does; the session's own token
+//   works too).
 //   bg     what shows around the portrait: "transparent" (OBS composites the avatar over the scene), a key colour
 //          such as 00ff00 (for a chroma-key filter), default black.
+//   key    WebRTC carries no alpha, so a cut-out presenter (docs/framing.md) travels over a key colour: make the
+//          session with `"background": "#00ff00"` and either key it in OBS (Chroma Key filter) or give key=00ff00
+//          here: the page draws each frame into a canvas with the pixels near that colour made transparent (with
+//          bg=transparent, OBS then gets the cut-out directly).
 //   fit    contain (default: the whole portrait, letterboxed) or cover (fills the source, cropping).
 //   muted  1: no sound (the default plays the avatar's voice; in OBS tick "Control audio via OBS").
 //
@@ -54,6 +59,50 @@
     if (st.audioCtx) st.audioCtx.resume().catch(() => {});
     document.body.classList.remove("needs-click");
   });
+
+  // ---------- chroma key (?key=): the key colour's pixels made transparent, in a canvas over the hidden video ----------
+  const KEY_NEAR = 60; // colour distance (RGB, Euclidean) at or below which a pixel is fully transparent,
+  const KEY_FAR = 110; // and at or above which it is opaque; between, partly (the anti-aliased, compressed rim)
+  function keyColour(value) {
+    const hex = (value || "").replace(/^#/, "");
+    if (!/^[0-9a-fA-F]{6}$/.test(hex)) return null;
+    return [0, 2, 4].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  }
+  function keyOut(pixels, key) { // RGBA bytes in place: alpha from the distance to the key colour
+    const [kr, kg, kb] = key;
+    const near2 = KEY_NEAR * KEY_NEAR, span = KEY_FAR - KEY_NEAR;
+    for (let i = 0; i < pixels.length; i += 4) {
+      const dr = pixels[i] - kr, dg = pixels[i + 1] - kg, db = pixels[i + 2] - kb;
+      const d2 = dr * dr + dg * dg + db * db;
+      if (d2 <= near2) pixels[i + 3] = 0;
+      else if (d2 < KEY_FAR * KEY_FAR) pixels[i + 3] = Math.round((255 * (Math.sqrt(d2) - KEY_NEAR)) / span);
+    }
+    return pixels;
+  }
+  function startKeying(key) {
+    const canvas = document.createElement("canvas");
+    canvas.id = "keyed";
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    document.body.classList.add("keyed"); // view.html: the video stays (sound, decoding) but is not shown
+    video.after(canvas);
+    let shown = -1;
+    function draw() {
+      const w = video.videoWidth, h = video.videoHeight;
+      if (w && h && video.currentTime !== shown) {
+        shown = video.currentTime;
+        if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+        ctx.drawImage(video, 0, 0, w, h);
+        const image = ctx.getImageData(0, 0, w, h);
+        keyOut(image.data, key);
+        ctx.putImageData(image, 0, 0);
+      }
+      requestAnimationFrame(draw);
+    }
+    requestAnimationFrame(draw);
+  }
+  const KEY = keyColour(params.get("key"));
+  if (KEY) startKeying(KEY);
+  window.vexview.keyOut = keyOut; // the keying on its own, for tests
 
   function setState(s) { st.state = s; document.body.dataset.state = s; }
   function fail(where, err) {

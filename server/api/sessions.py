@@ -101,6 +101,7 @@ async def open_session(
         logger,
         on_failure=lambda reason: lifetime.close_later(state, session, reason),  # no zombie without frames
         on_queued=state.metrics.queue_depth.observe,
+        read_off_loop=not engine_session.composer.identity,  # framed/matted frames: composed off the loop
     )
     session = ServerSession(
         engine_session,
@@ -156,6 +157,9 @@ def _session_json(session: ServerSession) -> dict:
         "control_version": es.controls.version,  # the last change (PATCH's "version"); 0: as created
         "idle": "live" if es.live_idle else "clip",  # live: idle frames generated to follow the motion
         "decoder": es.config.decoder,
+        "framing": es.config.framing,
+        # a data: URL image can be megabytes: named, not echoed
+        "background": "image" if es.config.background.startswith("data:") else es.config.background,
         "width": es.width,
         "height": es.height,
         "created": session.created,

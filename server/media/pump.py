@@ -9,6 +9,11 @@ FrameClock ──► MediaPump (one per session): frame i = session.read_frame()
 All timing comes from the pump's clock: video frame `i` and the audio of frame `i` are released at the same instant
 and carry the same time on their own time base, so a receiver's lip sync (RTCP sender reports) lines them up.
 Any number of peer connections (the publisher and WHEP viewers) subscribe to the same pump.
+
+`read_frame` composes presenter frames (docs/framing.md: 1080p cut-out ~16 ms a frame on a CPU core). A session
+whose frames are composed (`read_off_loop`) is read through the pump's own one-thread executor, so the event loop
+(every session's websockets and RTP pacing) never waits for it; the frames keep their order (one thread), and the
+events `read_frame` emits reach the loop (listeners are thread-safe) before the frame is queued.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -118,6 +124,7 @@ class MediaPump:
         logger=None,
         on_failure=None,
         on_queued: Callable[[int], None] | None = None,
+        read_off_loop: bool = False,
     ):
         self.session = session
         self._on_failure = on_failure  # (reason) -> None: called when reading the engine fails
@@ -136,6 +143,8 @@ class MediaPump:
         self._times: collections.deque[float] = collections.deque(maxlen=2 * max(1, round(self.fps)))
         self._task: asyncio.Task | None = None
         self._closed = False
+        # composed frames are read in this thread, off the event loop (None: read on the loop, a few microseconds)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"pump-{session.id}") if read_off_loop else None
 
     # -- subscribers -------------------------------------------------------------------------------------------
     def subscribe(self, maxsize: int | None = None) -> FrameQueue:
@@ -169,7 +178,7 @@ class MediaPump:
             while not self._closed:
                 await self.clock.wait(n)
                 late = self.clock.late_by(n)
-                frame: AVFrame = self.session.read_frame()
+                frame: AVFrame = await self._read()
                 # The engine index of pump frame 0 as the pump's clock sees it now: when a late pump made the
                 # engine skip frames, the indexes run ahead and the audio track, which waits for an index's due
                 # time, would wait that much longer for every packet and lose speech in its full queue.
@@ -196,6 +205,16 @@ class MediaPump:
             for queue in list(self._subscribers):
                 queue.close()
 
+    @property
+    def reads_off_loop(self) -> bool:
+        return self._reader is not None
+
+    async def _read(self) -> AVFrame:
+        if self._reader is None:
+            frame: AVFrame = self.session.read_frame()
+            return frame
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self.session.read_frame)
+
     def due(self, engine_index: float) -> float:
         """Wall-clock (monotonic) time at which engine frame `engine_index` (fractional: within a frame) is due."""
         return self.clock.due(engine_index - self.index_offset)
@@ -213,6 +232,8 @@ class MediaPump:
                 pass
         for queue in list(self._subscribers):
             self.unsubscribe(queue)
+        if self._reader is not None:
+            self._reader.shutdown(wait=False)
 
     # -- measurements ------------------------------------------------------------------------------------------
     @property

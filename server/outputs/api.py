@@ -7,7 +7,8 @@
 | `DELETE /v1/sessions/{id}/outputs/{output}` | stop it: 200 with its last report |
 | `POST /v1/sessions` with `"outputs": [...]` | the session is pushed from its creation |
 
-Body: `{"url", "video_bitrate_kbps" (2500), "audio_bitrate_kbps" (128), "keyframe_interval_s" (2), "token"
+Body: `{"url", "video_bitrate_kbps" (2500 up to 1280x720, more for larger frames:
+`target.default_video_kbps`), "audio_bitrate_kbps" (128), "keyframe_interval_s" (2), "token"
 (WHIP bearer), "tls_verify" (true: rtmps:// and whip+https:// check the certificate; false for a self-signed test
 ingest)}`. URLs: `rtmp://`, `rtmps://`, `srt://` (when PyAV's FFmpeg has libsrt; else 400) and `whip+http(s)://`
 (WHIP).

@@ -25,7 +25,7 @@ from .encoder_process import EncoderProcess
 from .mp4_writer import EncodeSpec
 from .publisher import OutputFailure, Publisher
 from .relay import IngestRelay, RelayError
-from .target import OutputSettings
+from .target import OutputSettings, default_video_kbps
 
 QUEUE_FRAMES = 50  # 2 s at 25 fps between the pump and the encoder
 # no B-frames, no look-ahead (frames leave as they come); keyframes exactly every keyframe interval, as ingests
@@ -39,11 +39,12 @@ COULD_NOT_CONNECT = "could not connect"
 DROPPED = "the connection dropped"
 
 
-def encode_spec(settings: OutputSettings, fps: int) -> EncodeSpec:
+def encode_spec(settings: OutputSettings, fps: int, width: int, height: int) -> EncodeSpec:
+    kbps = settings.video_bitrate_kbps or default_video_kbps(width, height)  # the frame size: framing can make 1080p
     return EncodeSpec(
         format=settings.muxer,
         video_options=dict(LIVE_X264),
-        video_bit_rate=settings.video_bitrate_kbps * 1000,
+        video_bit_rate=kbps * 1000,
         gop_frames=max(1, round(settings.keyframe_interval_s * fps)),
         audio_bit_rate=settings.audio_bitrate_kbps * 1000,
         timeout_s=NETWORK_TIMEOUT_S,
@@ -62,7 +63,8 @@ class IngestPublisher(Publisher):
         super().__init__(output_id, session, settings, policy)
         self.kind = settings.kind
         self.fps = session.engine_session.config.fps
-        self.spec = encode_spec(settings, self.fps)
+        es = session.engine_session
+        self.spec = encode_spec(settings, self.fps, es.width, es.height)
         self._queue = session.pump.subscribe(QUEUE_FRAMES)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"output-{output_id}")
         self._bytes_before = 0  # sent by earlier connections

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import collections
 import json
+import threading
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -323,6 +324,42 @@ def test_the_audio_keeps_the_pumps_pace_after_the_engine_skipped_frames():
         return sent / 48000
 
     assert asyncio.run(main()) >= 1.3  # about 1.6 s of audio in 1.6 s (0.4 s with the old pacing)
+
+
+class _ThreadNoting:
+    """A session whose read_frame notes the thread it runs in (the engine's composes presenter frames there)."""
+
+    id = "s-thread"
+
+    def __init__(self):
+        self.frames = _frames(12)
+        self.threads: list[int] = []
+
+    def read_frame(self) -> AVFrame:
+        self.threads.append(threading.get_ident())
+        return self.frames[len(self.threads) - 1]
+
+
+@pytest.mark.parametrize("off_loop", [False, True])
+def test_the_pump_reads_composed_frames_off_the_event_loop(off_loop):
+    """`read_off_loop` (sessions with framing or a background: composing takes milliseconds): read_frame runs in
+    the pump's reader thread, never on the loop, and the frames still come in order; plain sessions read on it."""
+    session = _ThreadNoting()
+
+    async def main():
+        pump = MediaPump(session, 100.0, read_off_loop=off_loop)
+        queue = pump.subscribe(20)
+        got = [(await queue.get()).index for _ in range(8)]
+        await pump.close()
+        return threading.get_ident(), got, pump.reads_off_loop
+
+    loop_thread, got, reads_off_loop = run(main())
+    assert got == list(range(8)) and reads_off_loop is off_loop
+    assert len(session.threads) >= 8
+    if off_loop:
+        assert loop_thread not in session.threads and len(set(session.threads)) == 1
+    else:
+        assert set(session.threads) == {loop_thread}
 
 
 def test_marks_survive_and_are_found():

@@ -185,6 +185,10 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
             )
             page.fill("#c-blinks", "40")  # a range input: Playwright sets it and fires input + change, as a drag does
             page.select_option("#c-motion", "nod")
+            # Presenter framing: a key colour behind the person (the crop framing keeps the frame size checked below)
+            page.click("summary:has-text('Options')")  # the options are folded away
+            page.select_option("#background", "colour")
+            page.fill("#background-colour", "#00b140")
 
             page.click("#start")
             page.wait_for_function(
@@ -200,6 +204,7 @@ def test_browser_session_end_to_end(server, sync_playwright, speech_wav, inputs_
             report["controls_created"] = {"version": created.get("control_version"), "params": created.get("params")}
             assert created["params"]["blinks_per_minute"] == 40 and created["params"]["motion"] == "nod", where()
             assert created["control_version"] == 0, where()
+            assert (created["framing"], created["background"]) == ("crop", "#00b140"), where()
 
             # First decoded frame and first audio samples, a warm-up, then measure over MEASURE_S seconds.
             deadline = time.monotonic() + 10

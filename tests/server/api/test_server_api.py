@@ -33,6 +33,9 @@ def test_health_ready_info_page(server):
     info = call("GET", f"{server.url}/v1/info").json
     assert (info["width"], info["height"], info["fps"], info["steps"]) == (128, 64, 25, 2)
     assert info["codecs"] == {"video": ["VP8", "H264"], "audio": ["opus"]}
+    # the model's crop, and the presenter framing options a session may ask for (docs/framing.md)
+    assert info["crop"] == {"width": 128, "height": 64}
+    assert {"crop", "portrait"} <= set(info["framing"]["framings"]) and "transparent" in info["framing"]["backgrounds"]
     assert info["ice_servers"] == [] and info["version"]
     default = [a for a in info["avatars"] if a["default"]]
     assert len(default) == 1 and default[0]["id"] == info["default_avatar_id"]

@@ -22,7 +22,8 @@ from kit.served import server_fixture
 from kit.waits import free_port, run
 from kit.whip_receiver import WhipReceiver
 
-from server.outputs.target import protocol_available
+from server.outputs.ingest import encode_spec
+from server.outputs.target import OutputSettings, protocol_available
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(240)]
 
@@ -73,6 +74,17 @@ async def wait_quiet(server, session: dict, timeout: float = 60) -> None:
     await asyncio.sleep(0.3)
     while (es.buffered_ms > 0 or es.state.value == "speaking") and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+
+
+def test_the_default_video_bitrate_follows_the_frame_size():
+    """No `video_bitrate_kbps`: 2500 kbps up to 1280x720 (the crop, as before), more for a framed 1080p presenter
+    (docs/framing.md), inside the ingests' 1080p range; a bitrate given is kept whatever the size."""
+    default = OutputSettings.from_json({"url": "rtmp://127.0.0.1/live/key"})
+    given = OutputSettings.from_json({"url": "rtmp://127.0.0.1/live/key", "video_bitrate_kbps": 800})
+    assert encode_spec(default, FPS, 512, 512).video_bit_rate == 2_500_000
+    assert encode_spec(default, FPS, 1280, 720).video_bit_rate == 2_500_000
+    assert 4_500_000 <= encode_spec(default, FPS, 1920, 1080).video_bit_rate <= 6_000_000
+    assert encode_spec(given, FPS, 1920, 1080).video_bit_rate == 800_000
 
 
 def test_rtmp_push_reaches_the_ingest_in_sync_and_survives_its_restart(server, tiny_speech, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from kit.media_synth import spoken_wav
-from kit.netns_browser import run_driver_in_netns
+from kit.netns_browser import CHROMIUM_FLAGS, run_driver_in_netns
 from kit.served import call
 
 CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
@@ -30,6 +30,42 @@ def test_viewer_page_is_served_without_a_referrer(serve):
     assert page.headers["Referrer-Policy"] == "no-referrer" and "../view.js" in page.text
     assert "<video" in page.text and "controls" not in page.text.split("<video", 1)[1].split(">", 1)[0]
     assert script.status == 200 and "trickle-ice-sdpfrag" in script.text
+
+
+@pytest.mark.browser
+def test_viewer_key_option_cuts_the_key_colour_out(serve):
+    """?key=00ff00 (WebRTC carries no alpha: a cut-out travels over a key colour): the page shows a canvas instead
+    of the video, and its keying makes the key colour and colours near it (as H.264 leaves it) transparent,
+    partly so on the rim, and leaves the person's colours opaque. The page runs in headless Chromium; its WHEP
+    call to a session that does not exist fails (404) and changes nothing here."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    assert os.path.isfile(CHROMIUM), f"Chromium not found at {CHROMIUM}"
+    server = serve()
+    pixels = [[0, 255, 0], [12, 240, 20], [60, 200, 60], [224, 172, 150], [30, 30, 30], [255, 255, 255]]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=30_000)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/view/s0123?token=abc&bg=transparent&key=00ff00", wait_until="load")
+            page.wait_for_function("window.vexview !== undefined", timeout=5_000)
+            alphas = page.evaluate(
+                "(px) => Array.from(window.vexview.keyOut(new Uint8ClampedArray(px.flatMap((c) => [...c, 255])),"
+                " [0, 255, 0])).filter((_, i) => i % 4 === 3)",
+                pixels,
+            )
+            keyed = page.evaluate(
+                "[!!document.querySelector('canvas#keyed'), getComputedStyle(document.querySelector('video')).opacity]"
+            )
+            plain = browser.new_page()
+            plain.goto(f"{server.url}/view/s0123?token=abc", wait_until="load")
+            plain.wait_for_function("window.vexview !== undefined", timeout=5_000)
+            unkeyed = plain.evaluate("!!document.querySelector('canvas#keyed')")
+        finally:
+            browser.close()
+    assert alphas[:2] == [0, 0]  # the key colour, and a compressed shade of it
+    assert 0 < alphas[2] < 255  # the rim: partly
+    assert alphas[3:] == [255, 255, 255]  # skin, dark hair, white: opaque
+    assert keyed == [True, "0"] and unkeyed is False
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import time
 import wave
@@ -17,15 +18,17 @@ import aiohttp
 import av
 import numpy as np
 import pytest
-from kit.http_calls import create_session, delete_session
+from kit.http_calls import avatar_form, create_session, delete_session
 from kit.http_calls import http as open_http
 from kit.media_synth import FPS, OUT_RATE, SPF, pcm16
 from kit.served import server_fixture
 from kit.waits import run
 from kit.ws_clients import Bot, Frames
 from PIL import Image
+from skimage.data import astronaut
 
 from server.websockets.frames import HEADER, parse_frame
+from streaming.portrait import detect_face_kps
 from vexpress_rt.media import resample_pcm
 
 pytestmark = [pytest.mark.fixtures, pytest.mark.timeout(120)]
@@ -318,6 +321,7 @@ def test_frames_websocket_format(server, tiny_speech):
             got = list(frames.frames)
             served = server.state.sessions.get(session["id"])
             drops = (served.pump.dropped, served.engine_session.dropped_frames)
+            assert not served.pump.reads_off_loop  # the crop over its photo: nothing to compose, read on the loop
             await bot.close()
             await frames.close()
             await delete_session(http, session)
@@ -333,6 +337,7 @@ def test_frames_websocket_format(server, tiny_speech):
         "sample_rate": 48000,
         "channels": 1,
         "jpeg_quality": 60,
+        "alpha": False,
         "header_bytes": HEADER.size,
         "version": 1,
     }
@@ -353,6 +358,45 @@ def test_frames_websocket_format(server, tiny_speech):
         f"\nframes websocket: {len(got)} frames, {len(speech)} speaking, JPEG {len(got[0].jpeg)} bytes at q60; "
         f"frame periods skipped by the engine: {engine_skips}"
     )
+
+
+def test_transparent_session_frames_carry_alpha(server):
+    """A presenter photo (scikit-image's astronaut, 1920x1080) on a 1280x720 canvas with a transparent background:
+    every frame on the frames websocket has the alpha flag and decodes (WebP) to RGBA, alpha 0 in the corners the
+    backdrop fills (both top ones, the bottom right: her body reaches the bottom left) and 255 at the face's
+    centre."""
+    big = Image.fromarray(astronaut()).resize((1920, 1920), Image.Resampling.LANCZOS)
+    photo = big.crop((0, 200, 1920, 1280))
+    upload = io.BytesIO()
+    photo.save(upload, "PNG")
+    face_x, face_y = (detect_face_kps(photo).kps.mean(axis=0) * 1280 / 1920).astype(int)
+
+    async def main():
+        async with open_http(120) as http:
+            async with http.post(f"{server.url}/v1/avatars", data=avatar_form(upload.getvalue())) as r:
+                assert r.status == 201, (r.status, await r.text())
+                avatar = await r.json()
+            body = {"avatar_id": avatar["id"], "framing": "1280x720", "background": "transparent"}
+            session = await create_session(http, server.url, body)
+            ws = await http.ws_connect(session["frames_url"], params={"token": session["token"]})
+            start = json.loads((await ws.receive(timeout=60)).data)
+            messages = [parse_frame((await ws.receive(timeout=60)).data) for _ in range(3)]
+            off_loop = server.state.sessions.get(session["id"]).pump.reads_off_loop  # composed in the reader thread
+            await ws.close()
+            await delete_session(http, session)
+            return start, messages, off_loop
+
+    start, messages, off_loop = run(main())
+    assert (start["width"], start["height"], start["alpha"]) == (1280, 720, True) and off_loop
+    for message in messages:
+        assert message.alpha and (message.width, message.height) == (1280, 720)
+        assert Image.open(io.BytesIO(message.jpeg)).format == "WEBP"
+        rgba = message.image()
+        assert rgba.shape == (720, 1280, 4)
+        alpha = rgba[..., 3]
+        assert alpha[2, 2] == 0 and alpha[2, -3] == 0 and alpha[-3, -3] == 0, (alpha[2, 2], alpha[2, -3], alpha[-3, -3])
+        assert alpha[face_y, face_x] == 255
+    print(f"\ntransparent frames: WebP with alpha, {len(messages[0].jpeg)} bytes at 1280x720")
 
 
 def test_slow_frames_consumer_loses_frames_and_stalls_nobody(server):
