@@ -123,10 +123,19 @@ def portrait_matte(pixels: np.ndarray, box: tuple[float, float, float, float]) -
     fx, fy = sw / w, sh / h
     mask = _seeds((sh, sw), (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(0)
-    cv2.grabCut(
-        np.ascontiguousarray(image[:, :, ::-1]), mask, (0, 0, 0, 0), bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK
-    )
+    background_seeds = np.isin(mask, (cv2.GC_BGD, cv2.GC_PR_BGD)).any()
+    person_seeds = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).any()
+    if background_seeds and person_seeds:  # else (the crop fills the photo) the seeds are all there is to go on
+        cv2.setRNGSeed(0)
+        cv2.grabCut(
+            np.ascontiguousarray(image[:, :, ::-1]),
+            mask,
+            (0, 0, 0, 0),
+            bgd,
+            fgd,
+            GRABCUT_ITERATIONS,
+            cv2.GC_INIT_WITH_MASK,
+        )
     person = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     cx, cy, _ = _face_geometry((box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
     person = _largest_part(person, (round(cx), round(cy)))
