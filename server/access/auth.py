@@ -27,7 +27,10 @@ UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="vexpress-rt"'}
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(24)
+    """32 URL-safe characters, never starting with "-" (a token is a command-line argument too: `push --token`)."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
 
 
 def _bytes(text: str) -> bytes:

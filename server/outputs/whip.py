@@ -141,12 +141,13 @@ class WhipPublisher(Publisher):
         video, audio = CountedVideoTrack(pump), AvatarAudioTrack(pump)
         self._video = video
         ended = asyncio.Event()
+        closing = False  # our own close below: its "closed" must not overwrite the reason that made us close
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
             if pc.connectionState == "connected":
                 self.went_live()
-            elif pc.connectionState in ("failed", "closed"):
+            elif pc.connectionState in ("failed", "closed") and not closing:
                 self.last_error = f"the WebRTC connection {pc.connectionState}"
                 ended.set()
 
@@ -171,6 +172,7 @@ class WhipPublisher(Publisher):
             self._dropped_before += video.dropped
             self._bytes_base = self.figures.bytes_sent
             self._video = None
+            closing = True
             await pc.close()
             await self._delete_resource()
 
