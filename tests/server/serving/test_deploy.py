@@ -34,8 +34,6 @@ from server.serving.tls import make_self_signed, served_names, ssl_context
 from server.settings.config import ConfigError, ServerConfig
 from server.webrtc.turn import session_ice_servers, turn_credentials
 
-CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
-
 
 # -- flags ------------------------------------------------------------------------------------------------------------
 def _write_pair(folder: Path, name: str, names: list[str]) -> tuple[Path, Path]:

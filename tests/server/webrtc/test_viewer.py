@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 from kit.media_synth import spoken_wav
-from kit.netns_browser import CHROMIUM_FLAGS, run_driver_in_netns
+from kit.netns_browser import CHROMIUM, CHROMIUM_FLAGS, run_driver_in_netns
 from kit.served import call
 
-CHROMIUM = os.environ.get("VEXPRESS_CHROMIUM", "/usr/bin/chromium")
 SPEECH = "Good evening. Here is the news, read by the avatar, with its lips in time with its voice."
 
 
