@@ -19,7 +19,7 @@ from vexpress_rt.errors import InputError
 from vexpress_rt.params import shown
 
 from .params import DEFAULTS
-from .session import SessionConfig
+from .session_config import SessionConfig
 
 SCHEDULE_FIELDS = ("strategy", "steps", "new_frames")  # the GenerationParams fields a preset sets
 

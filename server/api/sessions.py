@@ -14,7 +14,7 @@ from streaming import styles
 from streaming.engine import CapacityError
 from streaming.params import GenerationParams
 from streaming.presets import preset_named
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 
 from ..access import limits
 from ..access.auth import client_identity, new_token, require_api_key

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from streaming.device_pool import DevicePool
 from streaming.params import GenerationParams
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from streaming.styles import load_styles
 
 from ..access import limits

@@ -18,7 +18,7 @@ import av
 import numpy as np
 
 from streaming.audio_input import MAX_CHANNELS, MAX_RATE
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.media import StreamResampler, frame_to_float
 
 from ..access.sniff import audio_demuxer

@@ -67,7 +67,7 @@ def build_engine(config: ServerConfig, device: str | None = None):
     incomplete or wrong."""
     from streaming.decoder import load_decoders
     from streaming.engine import Engine, EngineConfig
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
     from vexpress_rt.loader import load_models
 
     if is_simulated(device or config.device):
@@ -100,7 +100,7 @@ def build_simulated_engine(config: ServerConfig, device: str):
     """The engine on a simulated device (`sim:h100`, streaming/sim/): no weights, the model's calls wait what the
     profile measured, frames are the portrait marked "SIMULATED". For design and tests, never a product mode."""
     from streaming.engine import Engine, EngineConfig
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
     from streaming.sim.device import simulated_device
 
     sim = simulated_device(device, config.width, config.height, None if config.dtype == "auto" else config.dtype)

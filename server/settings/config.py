@@ -20,7 +20,7 @@ from streaming.decoder import DECODER_CHOICES
 from streaming.params import arg_type
 from streaming.portrait import DEFAULT_PORTRAIT
 from streaming.presets import PRESETS, preset_named
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.weights import DEFAULT_MODEL_DIR
 
 from ..access.origins import is_loopback_host

@@ -163,17 +163,19 @@ def test_websockets_dropped_without_close(server):
             s = await create_session(c, server.url)
             served = server.state.sessions.get(s["id"])
             es = served.engine_session
-            listeners = len(es._listeners)
+            listeners = es.lifecycle.listener_count
             bot = await _bot(c, s)
             frames = await c.ws_connect(ws_url(s, "frames"))
             await ws_messages(frames, 1.0, until=lambda m: isinstance(m, bytes))
             await bot.send_bytes(voiced_pcm16(0.3))
-            assert len(es._listeners) > listeners and len(served.pump._subscribers) == 1
+            assert es.lifecycle.listener_count > listeners and len(served.pump._subscribers) == 1
             for ws in (bot, frames):
                 ws._response.connection.transport.abort()  # the TCP connection is gone
             await wait_for(
                 lambda: (
-                    len(es._listeners) == listeners and not served.pump._subscribers and not server.app[OPEN_SOCKETS]
+                    es.lifecycle.listener_count == listeners
+                    and not served.pump._subscribers
+                    and not server.app[OPEN_SOCKETS]
                 ),
                 10,
                 "a dropped websocket's listener, subscriber and socket released",
@@ -264,7 +266,7 @@ def _worker_fault(server, monkeypatch, exc_factory, code: str):
         async with http() as c:
             bad, good = await create_session(c, server.url), await create_session(c, server.url)
             bad_es, good_es = engine.get_session(bad["id"]), engine.get_session(good["id"])
-            _inject(monkeypatch, lambda jobs: any(j.state is bad_es._stream for j in jobs), exc_factory)
+            _inject(monkeypatch, lambda jobs: any(j.state is bad_es.stream for j in jobs), exc_factory)
             bad_ws, good_ws = await _bot(c, bad), await _bot(c, good)
             good_before = good_es.speech_frames_out
             speaking = asyncio.gather(_speak(bad_ws, 3.0), _speak(good_ws, 3.0), return_exceptions=True)

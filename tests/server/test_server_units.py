@@ -24,7 +24,7 @@ from server.media.pump import AudioRechunker, AvatarAudioTrack, FrameQueue, Medi
 from server.settings.config import ConfigError, IceServer, ServerConfig, add_serve_arguments, parse_ice_server
 from server.webrtc import peer as rtc
 from streaming.frames import AVFrame
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 
 
 def _parse(argv: list[str], env: dict | None = None) -> ServerConfig:

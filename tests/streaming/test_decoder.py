@@ -24,7 +24,7 @@ from streaming.decoder import FrameDecoder, load_decoders
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import Engine, EngineConfig
 from streaming.params import GenerationParams
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.cli import main
 from vexpress_rt.errors import InputError, WeightsError
 from vexpress_rt.pipeline import VAE_SCALE

@@ -25,7 +25,7 @@ from PIL import Image
 from streaming.denoiser import StreamDenoiser
 from streaming.engine import CapacityError, Engine, EngineConfig
 from streaming.params import GenerationParams
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.errors import InputError
 from vexpress_rt.media import resample_pcm
 

@@ -29,7 +29,7 @@ from streaming.framing import (
 )
 from streaming.params import GenerationParams
 from streaming.portrait import crop_box, crop_portrait, detect_face_kps
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.errors import InputError
 
 CROP = (512, 512)

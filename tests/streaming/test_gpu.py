@@ -29,7 +29,7 @@ def test_engine_serves_a_session_on_cuda(cuda_models, strategy):
     from streaming.engine import Engine, EngineConfig
     from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False))
     image, kps = load_default_portrait()
@@ -110,7 +110,7 @@ def test_the_pipelined_worker_is_the_cuda_default_and_makes_the_serial_frames(cu
     from streaming.engine import Engine, EngineConfig
     from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
 
     image, kps = load_default_portrait()
     t = np.arange(16000) / 16000
@@ -202,7 +202,7 @@ def test_a_worker_turn_never_waits_for_the_device(cuda_models, monkeypatch):
     from streaming.engine import Engine, EngineConfig
     from streaming.params import GenerationParams
     from streaming.portrait import load_default_portrait
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
 
     engine = Engine(cuda_models, EngineConfig(width=128, height=128, admission=False, pipelined=True))
     held = []

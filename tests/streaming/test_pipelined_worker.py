@@ -24,7 +24,7 @@ from streaming.device import bind_thread
 from streaming.engine import Engine, EngineConfig
 from streaming.finisher import DeviceClock, Finisher
 from streaming.params import GenerationParams
-from streaming.session import SessionConfig
+from streaming.session_config import SessionConfig
 from vexpress_rt.pipeline import VAE_SCALE
 
 W, H = 128, 64

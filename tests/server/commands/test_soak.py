@@ -178,7 +178,7 @@ def test_client_chosen_settings_do_not_grow_the_engine(server, tiny_engine):
                 shape = {"strategy": "chunked", "context_frames": i % 16, "new_frames": 1 + i // 16}
                 s = await create_session(c, server.url, {**shape, "audio_attention_weight": 1.0 + i / 100})
                 session = tiny_engine.get_session(s["id"])
-                await wait_for(lambda es=session: es._stream is not None, 5, f"session {i} ({shape}) running")
+                await wait_for(lambda es=session: es.stream is not None, 5, f"session {i} ({shape}) running")
                 if session.denoiser_settings in tiny_engine._denoisers:
                     built.add(session.denoiser_settings)
                 await delete_session(c, s)

@@ -110,7 +110,7 @@ def test_idle_motion_bench_puts_live_idle_beside_the_clip():
     from streaming.bench.command import _load_engine
     from streaming.bench.idle_motion import idle_motion
     from streaming.params import GenerationParams
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
 
     cfg = SessionConfig(params=GenerationParams(steps=1))
     engine, info = _load_engine(None, 128, 64, cfg)

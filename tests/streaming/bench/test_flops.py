@@ -72,7 +72,7 @@ def test_one_step_over_eight_new_frames_is_over_20x(original):
 def test_bench_reports_the_default_engine_figures():
     """What `vexpress-rt bench` prints for the default session settings (2 steps) is the documented 15.6x / 29.5x;
     for the 4 steps of the design target, 10.4x / 15.2x."""
-    from streaming.session import SessionConfig
+    from streaming.session_config import SessionConfig
 
     figures = flops_figures(SessionConfig())
     assert figures["flops_ratio"] == pytest.approx(15.6, abs=ROUNDING)
