@@ -32,7 +32,7 @@ from PIL import Image
 from streaming.framing import FrameComposer, PortraitPhoto, parse_background, parse_framing
 from streaming.portrait import crop_box, crop_portrait, detect_face_kps, locate_face
 
-pytestmark = [pytest.mark.browser, pytest.mark.fixtures, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
 CROP = (128, 64)  # the tiny model's crop (tests/kit/netns_browser.py serves at this size)
 OUT = (1280, 720)
