@@ -31,17 +31,19 @@ FRAMING = "1280x720"
 KEY = "#00ff00"
 
 # Watch the page's <video> for `seconds`: one requestVideoFrameCallback per frame presented (its metadata says the
-# frame's size and the compositor's count of presented frames), getVideoPlaybackQuality before and after.
+# frame's size and the compositor's count of presented frames), getVideoPlaybackQuality before and after, and the
+# loudest the avatar's voice was meanwhile (the page's WebAudio analyser on the remote stream, read at each frame).
 WATCH_JS = """async (seconds) => {
   const video = document.getElementById("avatar");
   const q0 = video.getVideoPlaybackQuality();
   const t0 = performance.now();
   const sizes = {};
-  let calls = 0, first = null, last = null;
+  let calls = 0, first = null, last = null, peak = 0;
   await new Promise((resolve) => {
     const timer = setTimeout(resolve, seconds * 1000 + 5000);  // bounded even if no frame comes
     const onFrame = (now, meta) => {
       calls += 1;
+      peak = Math.max(peak, window.vexpress.remoteLevel());
       const size = `${meta.width}x${meta.height}`;
       sizes[size] = (sizes[size] || 0) + 1;
       if (first === null) first = meta;
@@ -58,7 +60,7 @@ WATCH_JS = """async (seconds) => {
     presented: first && last ? last.presentedFrames - first.presentedFrames : 0, presented_span_s: span,
     quality_frames: q1.totalVideoFrames - q0.totalVideoFrames,
     quality_dropped: q1.droppedVideoFrames - q0.droppedVideoFrames,
-    video_size: [video.videoWidth, video.videoHeight],
+    video_size: [video.videoWidth, video.videoHeight], remote_level_peak: peak,
   };
 }"""
 
@@ -161,7 +163,6 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 report["stats_frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
                 report["codec"] = s1["video"].get("codec")
                 report["pair"] = s1.get("pair")
-                report["remote_level"] = page.evaluate("window.vexpress.remoteLevel()")
                 report["frames"] = []
                 for i in range(args.grabs):
                     report["frames"].append(save_data_url(page.evaluate(GRAB_JS), work / f"frame{i}.png"))

@@ -184,6 +184,8 @@ def test_framed_1280x720_session_plays_in_chromium(model_dir, speech_wav, presen
     assert watch["callbacks"] > 0 and set(watch["sizes"]) == {"x".join(map(str, OUT))}, where
     assert 0.8 * FPS <= report["decoded_fps"] <= 1.2 * FPS, where
     assert 0.8 * FPS <= presented_fps <= 1.2 * FPS, where
+    # the microphone's speech went in and the avatar says it back, with the framed video
+    assert watch["remote_level_peak"] > 1e-3, where
 
     # The grabbed frames against the photo as fitted to 1280x720 (made here, independently of the composer).
     photo = cv2.resize(np.asarray(Image.open(photo_path).convert("RGB")), OUT, interpolation=cv2.INTER_AREA)
@@ -255,7 +257,8 @@ def test_framed_1280x720_session_plays_in_chromium(model_dir, speech_wav, presen
     print(
         f"\nframed 1280x720 in Chromium: decoded {report['decoded_fps']} fps, presented {presented_fps:.2f} fps "
         f"(rVFC: {watch['callbacks']} callbacks in {watch['seconds']:.1f} s, sizes {watch['sizes']}), "
-        f"codec {report['codec']}, upload {report['upload_s']} s, run {report['runtime_s']} s"
+        f"codec {report['codec']}, remote peak RMS {watch['remote_level_peak']:.4f}, upload {report['upload_s']} s, "
+        f"run {report['runtime_s']} s"
     )
     for f in figures:
         print(f"  {f}")
