@@ -157,9 +157,14 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 report["watch"] = page.evaluate(WATCH_JS, args.measure_s)
                 s1 = stats(page)
                 seconds = (s1["time"] - s0["time"]) / 1000
-                report["decoded_fps"] = round(
-                    (s1["video"]["framesDecoded"] - s0["video"]["framesDecoded"]) / seconds, 2
-                )
+                v0, v1 = s0["video"], s1["video"]
+                decoded = v1["framesDecoded"] - v0["framesDecoded"]
+                report["decoded_fps"] = round(decoded / seconds, 2)
+                received = (v1.get("framesReceived") or 0) - (v0.get("framesReceived") or 0)
+                report["received_fps"] = round(received / seconds, 2)
+                report["dropped_frames"] = (v1.get("framesDropped") or 0) - (v0.get("framesDropped") or 0)
+                decode_s = (v1.get("totalDecodeTime") or 0) - (v0.get("totalDecodeTime") or 0)
+                report["decode_ms_per_frame"] = round(1000 * decode_s / max(decoded, 1), 2)
                 report["stats_frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
                 report["codec"] = s1["video"].get("codec")
                 report["pair"] = s1.get("pair")
