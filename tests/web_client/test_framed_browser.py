@@ -268,7 +268,8 @@ def test_framed_1280x720_session_plays_in_chromium(model_dir, speech_wav, presen
         f"\nframed 1280x720 in Chromium: received {report['received_fps']} fps, decoded {report['decoded_fps']} fps "
         f"({report['decode_ms_per_frame']} ms each, {report['dropped_frames']} dropped), "
         f"presented {presented_fps:.2f} fps "
-        f"(rVFC: {watch['callbacks']} callbacks in {watch['seconds']:.1f} s, sizes {watch['sizes']}), "
+        f"(rVFC: {watch['callbacks']} callbacks in {watch['seconds']:.1f} s, sizes {watch['sizes']}; "
+        f"getVideoPlaybackQuality: {watch['quality_frames']} frames, {watch['quality_dropped']} 'dropped'), "
         f"codec {report['codec']}, remote peak RMS {watch['remote_level_peak']:.4f}, upload {report['upload_s']} s, "
         f"run {report['runtime_s']} s"
     )
