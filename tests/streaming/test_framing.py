@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from kit.presenter import presenter_photo
 from PIL import Image
-from skimage.data import astronaut
 
 from streaming.engine import Engine, EngineConfig
 from streaming.framing import (
@@ -39,8 +39,7 @@ KEY = (0, 177, 64)  # a chroma-key green
 @pytest.fixture(scope="module")
 def presenter():
     """(1920x1080 photo, its face, the 512x512 crop the avatar would be made of, its key points in the crop)."""
-    big = Image.fromarray(astronaut()).resize((1920, 1920), Image.Resampling.LANCZOS)
-    photo = big.crop((0, 200, 1920, 1280))
+    photo = presenter_photo()
     face = detect_face_kps(photo)
     crop, kps = crop_portrait(photo, face, *CROP)
     return photo, face, np.asarray(crop), kps
