@@ -27,7 +27,6 @@ from .portrait import DEFAULT_SCALE, FACE_CENTRE_HEIGHT, face_box_from_kps
 GRABCUT_SIDE = 320  # GrabCut runs on the photo shrunk to this longer side (its cost grows with the pixels)
 GMM_COMPONENTS = 5  # OpenCV's GrabCut models each side with a mixture of 5 Gaussians (65 numbers)
 UNLIKE = 5.0  # a pixel "looks like none of" a seed set below this percentile of the set's own log-likelihoods
-BORDER_SPAN = 3.0  # the bottom border within this many face sizes of the face's centre may be the body: no seed
 THIN = 0.05  # parts narrower than 2 x this many face sizes are cut off the person (opening)
 TEXTURE_WINDOWS = (0.06, 0.3)  # greyscale photos: local grey spread over windows of these many face sizes ...
 TEXTURE_GAIN = 4.0  # ... times this, as two feature channels (0..255)
@@ -184,15 +183,14 @@ def _unlike(model: np.ndarray, features: np.ndarray, seeds: np.ndarray) -> np.nd
 def _cut(features: np.ndarray, mask: np.ndarray, face: tuple[float, float, float]) -> None:
     """The graph cut, in place on GrabCut's `mask` (the seeds in, the person/background labels out)."""
     h, w = mask.shape
-    cx, _, f = face
     sure_person = mask == cv2.GC_FGD
     _, person_model = _learn(features, sure_person, mask == cv2.GC_BGD)
-    # the border (but the bottom under the person) where nothing looks like the sure person: background
+    # the border outside the body prior, where nothing looks like the sure person: background
     edge = max(2, round(0.02 * max(h, w)))
     border = np.zeros((h, w), bool)
     border[-edge:], border[:, :edge], border[:, w - edge :] = True, True, True
-    border[-edge:, np.abs(np.arange(w) + 0.5 - cx) < BORDER_SPAN * f] = False
-    mask[border & (mask != cv2.GC_FGD) & _unlike(person_model, features, sure_person)] = cv2.GC_BGD
+    border &= mask == cv2.GC_PR_BGD
+    mask[border & _unlike(person_model, features, sure_person)] = cv2.GC_BGD
     sure_background = mask == cv2.GC_BGD
     background_model, person_model = _learn(features, sure_person, sure_background)
     # what each side's models learn from: the sure seeds, and the probable pixels unlike the other side's seeds

@@ -181,13 +181,13 @@ def bench_mattes() -> dict[str, dict[str, object]]:
 def test_the_matte_finds_the_person_in_real_photos(bench_mattes, name, floor):
     """The matte against the outline drawn by hand (the bench's figures): the frontal colour astronaut, and the
     greyscale cameraman in profile, leaning over his tripod on grass (before the texture features and the models
-    learned from what the seeds know: IoU 0.47, the grass kept). Measured 0.88 and 0.84."""
+    learned from what the seeds know: IoU 0.47, the grass kept). Measured 0.87 and 0.84."""
     row = bench_mattes[name]
     iou = row["iou"]
     assert isinstance(iou, float) and iou >= floor, iou
     matte, truth = row["matte"], row["truth"]
     assert isinstance(matte, np.ndarray) and isinstance(truth, np.ndarray)
-    assert float((matte[truth] >= 0.5).mean()) > 0.95  # the person is kept (measured: 97-98 %) ...
+    assert float((matte[truth] >= 0.5).mean()) > 0.9  # the person is kept (measured: 96-99 %) ...
     assert float((matte[~truth] >= 0.5).mean()) < 0.2  # ... and little backdrop (8-12 %; with the grass: 54 %)
 
 
