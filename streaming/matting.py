@@ -4,17 +4,18 @@ Which model: none of the segmentation models that the registries ship inside a p
 mediapipe's selfie segmenter is inside the wheels of mediapipe 0.10.x only (the legacy `solutions` API), and those
 pin protobuf < 5 and numpy < 2 (ours: protobuf 6, numpy 2); mediapipe 1.x has the tasks API but no model in its
 wheel (a .tflite must be downloaded); rembg, backgroundremover, snipbg and the like download their weights at run
-time. So the matte is computed here from the photo itself, once: a graph cut (OpenCV's GrabCut) on the photo shrunk
-to 320 px, seeded from where the crop box says the face and the body are. Its colour models are learned from what
-the seeds are sure of, plus the probable person that looks like none of the sure background (and the probable
-background that looks like none of the sure person), so a body prior that covers backdrop does not teach the
-person model the backdrop; the image border that looks like nothing of the sure person is background too. A
-greyscale photo gets local texture (the spread of grey over two windows sized from the face) in place of the two
-colour channels it lacks. Then things thinner than a tenth of the face (poles, tripod legs, cables) are cut off,
-the part holding the face is kept, and a colour-guided filter (He et al.) snaps the edge to the photo's own edges
-and softens it over a pixel or two. The body and the background do not move in a V-Express stream; only the
-head moves inside the crop, so per frame the matte's head part is moved with the head (`head_motion` of the key
-points, weighted by `head_weight`), which costs one small warp instead of a segmentation per frame.
+time. So the matte is computed here from the photo itself, once: a graph cut (OpenCV's GrabCut) on the photo
+shrunk to 320 px, seeded from where the crop box says the face and the body are. Its colour models are learned
+from what the seeds are sure of, plus the probable person that looks like none of the sure background (and the
+probable background that looks like none of the sure person), so a body prior that covers backdrop does not
+teach the person model the backdrop; the image border outside the body prior that looks like nothing of the sure
+person is background too. A greyscale photo gets local texture (the spread of grey over two windows sized from
+the face) in place of the two colour channels it lacks. Then things thinner than a tenth of the face (poles,
+tripod legs, cables) are cut off, the part holding the face is kept, and a colour-guided filter (He et al.)
+snaps the edge to the photo's own edges and softens it over a pixel or two. The body and the background do not
+move in a V-Express stream; only the head moves inside the crop, so per frame the matte's head part is moved
+with the head (`head_motion` of the key points, weighted by `head_weight`), which costs one small warp instead
+of a segmentation per frame.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _unlike(model: np.ndarray, features: np.ndarray, seeds: np.ndarray) -> np.nd
     return result
 
 
-def _cut(features: np.ndarray, mask: np.ndarray, face: tuple[float, float, float]) -> None:
+def _cut(features: np.ndarray, mask: np.ndarray) -> None:
     """The graph cut, in place on GrabCut's `mask` (the seeds in, the person/background labels out)."""
     h, w = mask.shape
     sure_person = mask == cv2.GC_FGD
@@ -213,7 +214,7 @@ def portrait_matte(pixels: np.ndarray, box: tuple[float, float, float, float]) -
     mask = _seeds((sh, sw), small_box)
     sure = int((mask == cv2.GC_FGD).sum()), int((mask == cv2.GC_BGD).sum())
     if min(sure) >= MIN_SEED_PIXELS:  # else (the crop fills the photo) the seeds are all there is to go on
-        _cut(_features(image, face[2]), mask, face)
+        _cut(_features(image, face[2]), mask)
     person = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     # things much thinner than the face (poles, tripod legs, cables) are not the person; the sure person stays
     radius = max(1, round(THIN * face[2]))
