@@ -28,6 +28,7 @@ from streaming.framing import (
     parse_background,
     parse_framing,
 )
+from streaming.matting import portrait_matte
 from streaming.params import GenerationParams
 from streaming.portrait import crop_box, crop_portrait, detect_face_kps
 from streaming.session import SessionConfig
@@ -189,6 +190,13 @@ def test_the_matte_finds_the_person_in_real_photos(bench_mattes, name, floor):
     assert isinstance(matte, np.ndarray) and isinstance(truth, np.ndarray)
     assert float((matte[truth] >= 0.5).mean()) > 0.9  # the person is kept (measured: 96-99 %) ...
     assert float((matte[~truth] >= 0.5).mean()) < 0.2  # ... and little backdrop (8-12 %; with the grass: 54 %)
+
+
+def test_a_close_up_whose_crop_fills_the_photo_is_all_person():
+    """A selfie so close that the crop box reaches past every side of the photo: nothing is known to be backdrop,
+    so the matte is the person everywhere (no cut on seeds of one side only, no failed registration)."""
+    matte = portrait_matte(astronaut()[100:300, 120:320], (-60.0, -80.0, 260.0, 240.0))
+    assert matte.shape == (200, 200) and float(matte.min()) == 1.0
 
 
 def test_background_image_fills_the_canvas(presenter, whole):
