@@ -4,11 +4,18 @@ Which model: none of the segmentation models that the registries ship inside a p
 mediapipe's selfie segmenter is inside the wheels of mediapipe 0.10.x only (the legacy `solutions` API), and those
 pin protobuf < 5 and numpy < 2 (ours: protobuf 6, numpy 2); mediapipe 1.x has the tasks API but no model in its
 wheel (a .tflite must be downloaded); rembg, backgroundremover, snipbg and the like download their weights at run
-time. So the matte is computed here from the photo itself, once: GrabCut (OpenCV) seeded from where the crop box
-says the face and the body are, then a colour-guided filter (He et al.) that snaps the edge to the photo's own
-edges and softens it over a pixel or two. The body and the background do not move in a V-Express stream; only the
-head moves inside the crop, so per frame the matte's head part is moved with the head (`head_motion` of the key
-points, weighted by `head_weight`), which costs one small warp instead of a segmentation per frame.
+time. So the matte is computed here from the photo itself, once: a graph cut (OpenCV's GrabCut) on the photo
+shrunk to 320 px, seeded from where the crop box says the face and the body are. Its colour models are learned
+from what the seeds are sure of, plus the probable person that looks like none of the sure background (and the
+probable background that looks like none of the sure person), so a body prior that covers backdrop does not
+teach the person model the backdrop; the image border outside the body prior that looks like nothing of the sure
+person is background too. A greyscale photo gets local texture (the spread of grey over two windows sized from
+the face) in place of the two colour channels it lacks. Then things thinner than a tenth of the face (poles,
+tripod legs, cables) are cut off, the part holding the face is kept, and a colour-guided filter (He et al.)
+snaps the edge to the photo's own edges and softens it over a pixel or two. The body and the background do not
+move in a V-Express stream; only the head moves inside the crop, so per frame the matte's head part is moved
+with the head (`head_motion` of the key points, weighted by `head_weight`), which costs one small warp instead
+of a segmentation per frame.
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ import numpy as np
 from .portrait import DEFAULT_SCALE, FACE_CENTRE_HEIGHT, face_box_from_kps
 
 GRABCUT_SIDE = 320  # GrabCut runs on the photo shrunk to this longer side (its cost grows with the pixels)
-GRABCUT_ITERATIONS = 4
+GMM_COMPONENTS = 5  # OpenCV's GrabCut models each side with a mixture of 5 Gaussians (65 numbers)
+UNLIKE = 5.0  # a pixel "looks like none of" a seed set below this percentile of the set's own log-likelihoods
+THIN = 0.05  # parts narrower than 2 x this many face sizes are cut off the person (opening)
+TEXTURE_WINDOWS = (0.06, 0.3)  # greyscale photos: local grey spread over windows of these many face sizes ...
+TEXTURE_GAIN = 4.0  # ... times this, as two feature channels (0..255)
+GREY_LEVELS = 2.0  # a photo whose channels differ by less than this on average is greyscale
+MIN_SEED_PIXELS = 20  # fewer sure pixels on either side: the seeds are the matte (the crop fills the photo)
 GUIDE_SIDE = 1024  # the guided filter runs at most this large; the matte is then resized to the photo
 GUIDE_RADIUS = 0.004  # the guided filter's window radius, as a fraction of the longer side (4 px at 1024)
 GUIDE_EPS = 1e-3  # its regulariser: lower follows the photo's edges more closely
@@ -113,32 +126,101 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int, eps: float
     return smoothed
 
 
+def _features(image: np.ndarray, face: float) -> np.ndarray:
+    """uint8 (h, w, 3) that the graph cut compares pixels by: the colours (BGR); for a greyscale photo the grey and
+    its local spread over two windows sized from the face (texture: grass and gravel from a dark coat or the sky),
+    since its colour channels say nothing more."""
+    pixels = image.astype(np.int16)
+    spread = np.abs(pixels[:, :, 0] - pixels[:, :, 1]).mean() + np.abs(pixels[:, :, 1] - pixels[:, :, 2]).mean()
+    if spread > GREY_LEVELS:
+        return np.ascontiguousarray(image[:, :, ::-1])
+    grey = image[:, :, 1].astype(np.float32)
+    channels = [grey]
+    for i, fraction in enumerate(TEXTURE_WINDOWS):
+        size = 2 * max(1, round(fraction * face / 2)) + 1
+        mean = cv2.blur(grey, (size, size))
+        deviation = np.sqrt(np.maximum(cv2.blur(grey * grey, (size, size)) - mean * mean, 0.0))
+        channels.append(np.clip(deviation * TEXTURE_GAIN / (1 + i), 0, 255))  # the wider window spreads more
+    return np.ascontiguousarray(np.stack(channels, axis=-1).astype(np.uint8))
+
+
+def _learn(features: np.ndarray, person: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GrabCut's (background, person) colour models (1 x 65 float64 each) learned from these pixels only: GrabCut
+    run for 0 iterations on a strip of them, which only fits the mixtures."""
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    strip = np.ascontiguousarray(np.concatenate([features[person], features[background]])[None])
+    labels = np.concatenate(
+        [np.full(int(person.sum()), cv2.GC_FGD, np.uint8), np.full(int(background.sum()), cv2.GC_BGD, np.uint8)]
+    )[None]
+    cv2.setRNGSeed(0)  # the mixtures start from k-means: deterministic
+    cv2.grabCut(strip, labels, (0, 0, 0, 0), bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)
+    return bgd, fgd
+
+
+def _log_likelihood(model: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """float64 (h, w): log of a GrabCut colour model's density at each pixel (up to GrabCut's constant)."""
+    k = GMM_COMPONENTS
+    weights, means = model[0, :k], model[0, k : 4 * k].reshape(k, 3)
+    covariances = model[0, 4 * k :].reshape(k, 3, 3)
+    x = features.reshape(-1, 3).astype(np.float64)
+    density = np.zeros(len(x))
+    for weight, mean, covariance in zip(weights, means, covariances):
+        if weight <= 0:
+            continue
+        d = x - mean
+        q = np.einsum("ni,ij,nj->n", d, np.linalg.inv(covariance), d)
+        density += weight * np.exp(-0.5 * q) / np.sqrt(max(np.linalg.det(covariance), 1e-12))
+    result: np.ndarray = np.log(density + 1e-300).reshape(features.shape[:2])
+    return result
+
+
+def _unlike(model: np.ndarray, features: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """bool (h, w): the pixels that the model of `seeds` explains worse than it explains almost all of them."""
+    log_likelihood = _log_likelihood(model, features)
+    result: np.ndarray = log_likelihood < np.percentile(log_likelihood[seeds], UNLIKE)
+    return result
+
+
+def _cut(features: np.ndarray, mask: np.ndarray) -> None:
+    """The graph cut, in place on GrabCut's `mask` (the seeds in, the person/background labels out)."""
+    h, w = mask.shape
+    sure_person = mask == cv2.GC_FGD
+    _, person_model = _learn(features, sure_person, mask == cv2.GC_BGD)
+    # the border outside the body prior, where nothing looks like the sure person: background
+    edge = max(2, round(0.02 * max(h, w)))
+    border = np.zeros((h, w), bool)
+    border[-edge:], border[:, :edge], border[:, w - edge :] = True, True, True
+    border &= mask == cv2.GC_PR_BGD
+    mask[border & _unlike(person_model, features, sure_person)] = cv2.GC_BGD
+    sure_background = mask == cv2.GC_BGD
+    background_model, person_model = _learn(features, sure_person, sure_background)
+    # what each side's models learn from: the sure seeds, and the probable pixels unlike the other side's seeds
+    person = sure_person | ((mask == cv2.GC_PR_FGD) & _unlike(background_model, features, sure_background))
+    background = sure_background | ((mask == cv2.GC_PR_BGD) & _unlike(person_model, features, sure_person))
+    background_model, person_model = _learn(features, person, background)
+    cv2.grabCut(features, mask, (0, 0, 0, 0), background_model, person_model, 1, cv2.GC_EVAL_FREEZE_MODEL)
+
+
 def portrait_matte(pixels: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
     """float32 (H, W) in [0, 1]: the person in the RGB photo `pixels`, whose face crop box is `box` (photo
-    pixels). Deterministic (GrabCut's GMMs are seeded by OpenCV's fixed RNG)."""
+    pixels). Deterministic (the colour models start from OpenCV's k-means with its RNG seeded)."""
     h, w = pixels.shape[:2]
     small = min(1.0, GRABCUT_SIDE / max(h, w))
     sw, sh = max(1, round(w * small)), max(1, round(h * small))
     image = cv2.resize(pixels, (sw, sh), interpolation=cv2.INTER_AREA) if small < 1.0 else pixels
     fx, fy = sw / w, sh / h
-    mask = _seeds((sh, sw), (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    background_seeds = np.isin(mask, (cv2.GC_BGD, cv2.GC_PR_BGD)).any()
-    person_seeds = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).any()
-    if background_seeds and person_seeds:  # else (the crop fills the photo) the seeds are all there is to go on
-        cv2.setRNGSeed(0)
-        cv2.grabCut(
-            np.ascontiguousarray(image[:, :, ::-1]),
-            mask,
-            (0, 0, 0, 0),
-            bgd,
-            fgd,
-            GRABCUT_ITERATIONS,
-            cv2.GC_INIT_WITH_MASK,
-        )
+    small_box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    face = _face_geometry(small_box)
+    mask = _seeds((sh, sw), small_box)
+    sure = int((mask == cv2.GC_FGD).sum()), int((mask == cv2.GC_BGD).sum())
+    if min(sure) >= MIN_SEED_PIXELS:  # else (the crop fills the photo) the seeds are all there is to go on
+        _cut(_features(image, face[2]), mask)
     person = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-    cx, cy, _ = _face_geometry((box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy))
-    person = _largest_part(person, (round(cx), round(cy)))
+    # things much thinner than the face (poles, tripod legs, cables) are not the person; the sure person stays
+    radius = max(1, round(THIN * face[2]))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    person = cv2.morphologyEx(person.astype(np.uint8), cv2.MORPH_OPEN, disc).astype(bool) | (mask == cv2.GC_FGD)
+    person = _largest_part(person, (round(face[0]), round(face[1])))
     # the edge: refined by the guided filter at up to GUIDE_SIDE, then resized to the photo
     guide_scale = min(1.0, GUIDE_SIDE / max(h, w))
     gw, gh = max(1, round(w * guide_scale)), max(1, round(h * guide_scale))

@@ -18,6 +18,7 @@ import torch
 from kit.presenter import presenter_photo
 from PIL import Image
 
+from streaming.bench import framing as framing_bench
 from streaming.engine import Engine, EngineConfig
 from streaming.framing import (
     DevicePaste,
@@ -27,6 +28,7 @@ from streaming.framing import (
     parse_background,
     parse_framing,
 )
+from streaming.matting import portrait_matte
 from streaming.params import GenerationParams
 from streaming.portrait import crop_box, crop_portrait, detect_face_kps
 from streaming.session_config import SessionConfig
@@ -167,6 +169,33 @@ def test_the_matte_follows_the_head(presenter, whole):
     shift = left_edge(moved) - left_edge(still)
     assert 14 <= shift <= 26
     assert np.array_equal(moved[-5:], still[-5:])  # the bottom rows (chest): unchanged
+
+
+@pytest.fixture(scope="module")
+def bench_mattes() -> dict[str, dict[str, object]]:
+    """The bench's mattes of its two real photos, by name."""
+    return {str(row["photo"]).split()[0]: row for row in framing_bench.quality()}
+
+
+@pytest.mark.parametrize("name, floor", [("astronaut", 0.85), ("camera", 0.7)])
+def test_the_matte_finds_the_person_in_real_photos(bench_mattes, name, floor):
+    """The matte against the outline drawn by hand (the bench's figures): the frontal colour astronaut, and the
+    greyscale cameraman in profile, leaning over his tripod on grass (before the texture features and the models
+    learned from what the seeds know: IoU 0.47, the grass kept). Measured 0.87 and 0.84."""
+    row = bench_mattes[name]
+    iou = row["iou"]
+    assert isinstance(iou, float) and iou >= floor, iou
+    matte, truth = row["matte"], row["truth"]
+    assert isinstance(matte, np.ndarray) and isinstance(truth, np.ndarray)
+    assert float((matte[truth] >= 0.5).mean()) > 0.9  # the person is kept (measured: 96-99 %) ...
+    assert float((matte[~truth] >= 0.5).mean()) < 0.2  # ... and little backdrop (8-12 %; with the grass: 54 %)
+
+
+def test_a_close_up_whose_crop_fills_the_photo_is_all_person():
+    """A selfie so close that the crop box reaches past every side of the photo: nothing is known to be backdrop,
+    so the matte is the person everywhere (no cut on seeds of one side only, no failed registration)."""
+    matte = portrait_matte(astronaut()[100:300, 120:320], (-60.0, -80.0, 260.0, 240.0))
+    assert matte.shape == (200, 200) and float(matte.min()) == 1.0
 
 
 def test_background_image_fills_the_canvas(presenter, whole):
