@@ -25,8 +25,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from kit.paths import KIT, REPO_ROOT, pythonpath
 from kit.waits import free_port
@@ -129,6 +131,51 @@ def start_serve(model_dir: str | Path, port: int, log_path: Path, *extra: str) -
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
+@contextmanager
+def served_for_driver(
+    model_dir: str | Path, work: Path, report: dict, *extra: str, scheme: str = "http"
+) -> Iterator[str]:
+    """`serve` for a browser driver: yields its base URL once ready; stops it on the way out (the tail of its log
+    goes into the report)."""
+    port = free_port()
+    log = work / "serve.log"
+    proc = start_serve(model_dir, port, log, *extra)
+    try:
+        base = f"{scheme}://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        wait_ready(base, proc, log, 45)
+        report["server_ready_s"] = round(time.monotonic() - t0, 2)
+        yield base
+    finally:
+        stop(proc)
+        report["server_log_tail"] = tail(log, 2500)
+
+
+@contextmanager
+def chromium_pages(report: dict, wav: str | None = None) -> Iterator[Callable[..., Any]]:
+    """Headless Chromium (its fake microphone playing `wav`): yields `new_page(name="", **options)`; every page's
+    console is kept, and its last lines go into the report when the browser closes."""
+    from playwright.sync_api import sync_playwright
+
+    console: list[str] = []
+    flags = [*CHROMIUM_FLAGS, *([f"--use-file-for-fake-audio-capture={wav}"] if wav else [])]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags, timeout=30_000)
+
+        def new_page(name: str = "", **options: Any) -> Any:
+            page = browser.new_page(**options)
+            prefix = f"{name} " if name else ""
+            page.on("console", lambda m: console.append(f"{prefix}{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"{prefix}pageerror: {e}"))
+            return page
+
+        try:
+            yield new_page
+        finally:
+            report["console"] = console[-30:]
+            browser.close()
+
+
 def start_turn(work: Path) -> tuple[subprocess.Popen, int, Path]:
     """coturn on 127.0.0.1 only, TURN REST API auth (shared secret), relaying to loopback peers (the server)."""
     port = free_port(socket.SOCK_DGRAM)
@@ -168,40 +215,21 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 def run(args: argparse.Namespace, report: dict) -> None:
-    from playwright.sync_api import sync_playwright
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report["interfaces"] = sorted(name for _, name in socket.if_nameindex())  # this namespace's, not sysfs's
     turn = None
-    server = None
     try:
-        port = free_port()
         extra = ["--tls-self-signed"]
         if args.mode == "turn":
             turn, turn_port, turn_log = start_turn(work)
             report["turn_port"] = turn_port
             extra += ["--turn-secret", TURN_SECRET, "--turn-url", f"turn:127.0.0.1:{turn_port}?transport=udp"]
-        server_log = work / "serve.log"
-        server = start_serve(args.model_dir, port, server_log, *extra)
-        base = f"https://127.0.0.1:{port}"
-        t0 = time.monotonic()
-        wait_ready(base, server, server_log, 45)
-        report["server_ready_s"] = round(time.monotonic() - t0, 2)
-        banner = tail(server_log, 20_000).splitlines()
-        report["server_banner"] = [ln for ln in banner if ln.startswith(("TLS:", "vexpress-rt serving"))]
-
-        console: list[str] = []
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={args.wav}"],
-                timeout=30_000,
-            )
-            try:
-                page = browser.new_page()
-                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+        with served_for_driver(args.model_dir, work, report, *extra, scheme="https") as base:
+            banner = tail(work / "serve.log", 20_000).splitlines()
+            report["server_banner"] = [ln for ln in banner if ln.startswith(("TLS:", "vexpress-rt serving"))]
+            with chromium_pages(report, args.wav) as new_page:
+                page = new_page()
                 query = "?relay=1" if args.mode == "turn" else ""
                 page.goto(f"{base}/{query}", wait_until="load", timeout=15_000)
                 page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
@@ -267,14 +295,8 @@ def run(args: argparse.Namespace, report: dict) -> None:
                 report["whep"] = page.evaluate(WHEP_VIEWER_JS, args.mode == "turn")
                 page.click("#stop")
                 page.wait_for_function("window.vexpress.state === 'idle'", timeout=10_000)
-            finally:
-                report["console"] = console[-30:]
-                browser.close()
     finally:
-        stop(server)
         stop(turn)
-        if server is not None:
-            report["server_log_tail"] = tail(work / "serve.log", 2500)
         if turn is not None:
             text = tail(turn_log, 400_000)
             report["turn_allocations"] = text.count("ALLOCATE processed, success")

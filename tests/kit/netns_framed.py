@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from kit.netns_browser import CHROMIUM, CHROMIUM_FLAGS, report_bounded, start_serve, stop, tail, wait_ready
+from kit.netns_browser import chromium_pages, report_bounded, served_for_driver
 from kit.netns_viewer import api
-from kit.waits import free_port
 
 FRAMING = "1280x720"
 KEY = "#00ff00"
@@ -84,129 +83,101 @@ def stats(page) -> dict:
 
 
 def run(args: argparse.Namespace, report: dict) -> None:
-    from playwright.sync_api import sync_playwright
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report["interfaces"] = sorted(name for _, name in socket.if_nameindex())
-    server = None
-    try:
-        port = free_port()
-        server_log = work / "serve.log"
-        server = start_serve(args.model_dir, port, server_log)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, server, server_log, 45)
+    with served_for_driver(args.model_dir, work, report) as base:
+        with chromium_pages(report, args.wav) as new_page:
+            page = new_page(viewport={"width": 1100, "height": 800})
+            page.goto(f"{base}/?loopback=1", wait_until="load", timeout=15_000)
+            page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
 
-        console: list[str] = []
-        with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={args.wav}"],
+            # The presenter's photo, uploaded through the page with its key points (the fixtures have no face
+            # detector models; the test found them as the server's own cascade would).
+            t0 = time.monotonic()
+            page.fill("#avatar-kps", args.kps)
+            page.set_input_files("#avatar-file", args.photo)
+            page.wait_for_function(
+                "window.vexpress.lastError || document.getElementById('avatar-select').value !== ''",
+                timeout=60_000,
+            )
+            report["upload_s"] = round(time.monotonic() - t0, 2)
+            report["last_error"] = page.evaluate("window.vexpress.lastError")
+            if report["last_error"]:
+                return
+            avatar_id = page.evaluate("document.getElementById('avatar-select').value")
+            report["avatar_id"] = avatar_id
+
+            page.click("summary:has-text('Options')")  # the options are folded away
+            page.select_option("#framing", label="The photo in 1280x720")
+            page.click("#start")
+            page.wait_for_function(
+                "window.vexpress.lastError || window.vexpress.pc?.connectionState === 'connected'",
                 timeout=30_000,
             )
-            try:
-                page = browser.new_page(viewport={"width": 1100, "height": 800})
-                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                page.goto(f"{base}/?loopback=1", wait_until="load", timeout=15_000)
-                page.wait_for_function("window.vexpress !== undefined", timeout=5_000)
+            report["last_error"] = page.evaluate("window.vexpress.lastError")
+            if report["last_error"]:
+                return
+            session = page.evaluate("window.vexpress.session")
+            report["session"] = {k: session.get(k) for k in ("id", "avatar_id", "fps", "width", "height")}
+            _, info = api("GET", session["url"], session["token"])
+            report["session"].update(framing=info.get("framing"), background=info.get("background"))
 
-                # The presenter's photo, uploaded through the page with its key points (the fixtures have no face
-                # detector models; the test found them as the server's own cascade would).
-                t0 = time.monotonic()
-                page.fill("#avatar-kps", args.kps)
-                page.set_input_files("#avatar-file", args.photo)
-                page.wait_for_function(
-                    "window.vexpress.lastError || document.getElementById('avatar-select').value !== ''",
-                    timeout=60_000,
-                )
-                report["upload_s"] = round(time.monotonic() - t0, 2)
-                report["last_error"] = page.evaluate("window.vexpress.lastError")
-                if report["last_error"]:
-                    return
-                avatar_id = page.evaluate("document.getElementById('avatar-select').value")
-                report["avatar_id"] = avatar_id
+            deadline = time.monotonic() + 15
+            while True:
+                s0 = stats(page)
+                if (s0.get("video") or {}).get("framesDecoded") and (s0.get("audio") or {}).get("totalSamplesReceived"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no frame or audio decoded within 15 s: {s0}")
+                time.sleep(0.1)
+            page.wait_for_timeout(args.warmup_s * 1000)
+            s0 = stats(page)
+            report["watch"] = page.evaluate(WATCH_JS, args.measure_s)
+            s1 = stats(page)
+            seconds = (s1["time"] - s0["time"]) / 1000
+            v0, v1 = s0["video"], s1["video"]
+            decoded = v1["framesDecoded"] - v0["framesDecoded"]
+            report["decoded_fps"] = round(decoded / seconds, 2)
+            received = (v1.get("framesReceived") or 0) - (v0.get("framesReceived") or 0)
+            report["received_fps"] = round(received / seconds, 2)
+            report["dropped_frames"] = (v1.get("framesDropped") or 0) - (v0.get("framesDropped") or 0)
+            decode_s = (v1.get("totalDecodeTime") or 0) - (v0.get("totalDecodeTime") or 0)
+            report["decode_ms_per_frame"] = round(1000 * decode_s / max(decoded, 1), 2)
+            report["stats_frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
+            report["codec"] = s1["video"].get("codec")
+            report["pair"] = s1.get("pair")
+            report["frames"] = []
+            for i in range(args.grabs):
+                report["frames"].append(save_data_url(page.evaluate(GRAB_JS), work / f"frame{i}.png"))
+                page.wait_for_timeout(300)
+            page.screenshot(path=str(work / "page.png"))
+            page.click("#stop")
+            page.wait_for_function("window.vexpress.state === 'idle'", timeout=10_000)
+            report["page_last_error"] = page.evaluate("window.vexpress.lastError")
 
-                page.click("summary:has-text('Options')")  # the options are folded away
-                page.select_option("#framing", label="The photo in 1280x720")
-                page.click("#start")
-                page.wait_for_function(
-                    "window.vexpress.lastError || window.vexpress.pc?.connectionState === 'connected'",
+            if args.keyed:
+                body = json.dumps({"avatar_id": avatar_id, "framing": FRAMING, "background": KEY}).encode()
+                _, keyed_session = api("POST", f"{base}/v1/sessions", body=body, ctype="application/json")
+                report["keyed_session"] = {
+                    k: keyed_session.get(k) for k in ("id", "width", "height", "framing", "background")
+                }
+                viewer = new_page("viewer", viewport={"width": 640, "height": 360})
+                viewer.goto(f"{keyed_session['view_url']}&key=00ff00&bg=transparent", wait_until="load")
+                viewer.wait_for_function("window.vexview !== undefined", timeout=5_000)
+                viewer.wait_for_function(
+                    "window.vexview.lastError || (window.vexview.state === 'playing'"
+                    " && document.getElementById('keyed')?.width > 0)",
                     timeout=30_000,
                 )
-                report["last_error"] = page.evaluate("window.vexpress.lastError")
-                if report["last_error"]:
+                report["viewer_last_error"] = viewer.evaluate("window.vexview.lastError")
+                if report["viewer_last_error"]:
                     return
-                session = page.evaluate("window.vexpress.session")
-                report["session"] = {k: session.get(k) for k in ("id", "avatar_id", "fps", "width", "height")}
-                _, info = api("GET", session["url"], session["token"])
-                report["session"].update(framing=info.get("framing"), background=info.get("background"))
-
-                deadline = time.monotonic() + 15
-                while True:
-                    s0 = stats(page)
-                    if (s0.get("video") or {}).get("framesDecoded") and (s0.get("audio") or {}).get(
-                        "totalSamplesReceived"
-                    ):
-                        break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"no frame or audio decoded within 15 s: {s0}")
-                    time.sleep(0.1)
-                page.wait_for_timeout(args.warmup_s * 1000)
-                s0 = stats(page)
-                report["watch"] = page.evaluate(WATCH_JS, args.measure_s)
-                s1 = stats(page)
-                seconds = (s1["time"] - s0["time"]) / 1000
-                v0, v1 = s0["video"], s1["video"]
-                decoded = v1["framesDecoded"] - v0["framesDecoded"]
-                report["decoded_fps"] = round(decoded / seconds, 2)
-                received = (v1.get("framesReceived") or 0) - (v0.get("framesReceived") or 0)
-                report["received_fps"] = round(received / seconds, 2)
-                report["dropped_frames"] = (v1.get("framesDropped") or 0) - (v0.get("framesDropped") or 0)
-                decode_s = (v1.get("totalDecodeTime") or 0) - (v0.get("totalDecodeTime") or 0)
-                report["decode_ms_per_frame"] = round(1000 * decode_s / max(decoded, 1), 2)
-                report["stats_frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
-                report["codec"] = s1["video"].get("codec")
-                report["pair"] = s1.get("pair")
-                report["frames"] = []
-                for i in range(args.grabs):
-                    report["frames"].append(save_data_url(page.evaluate(GRAB_JS), work / f"frame{i}.png"))
-                    page.wait_for_timeout(300)
-                page.screenshot(path=str(work / "page.png"))
-                page.click("#stop")
-                page.wait_for_function("window.vexpress.state === 'idle'", timeout=10_000)
-                report["page_last_error"] = page.evaluate("window.vexpress.lastError")
-
-                if args.keyed:
-                    body = json.dumps({"avatar_id": avatar_id, "framing": FRAMING, "background": KEY}).encode()
-                    _, keyed_session = api("POST", f"{base}/v1/sessions", body=body, ctype="application/json")
-                    report["keyed_session"] = {
-                        k: keyed_session.get(k) for k in ("id", "width", "height", "framing", "background")
-                    }
-                    viewer = browser.new_page(viewport={"width": 640, "height": 360})
-                    viewer.on("console", lambda m: console.append(f"viewer {m.type}: {m.text}"))
-                    viewer.goto(f"{keyed_session['view_url']}&key=00ff00&bg=transparent", wait_until="load")
-                    viewer.wait_for_function("window.vexview !== undefined", timeout=5_000)
-                    viewer.wait_for_function(
-                        "window.vexview.lastError || (window.vexview.state === 'playing'"
-                        " && document.getElementById('keyed')?.width > 0)",
-                        timeout=30_000,
-                    )
-                    report["viewer_last_error"] = viewer.evaluate("window.vexview.lastError")
-                    if report["viewer_last_error"]:
-                        return
-                    viewer.wait_for_timeout(args.warmup_s * 1000)
-                    canvas = viewer.evaluate("document.getElementById('keyed').toDataURL('image/png')")
-                    report["keyed_frame"] = save_data_url(canvas, work / "keyed.png")
-                    viewer.close()
-                    api("DELETE", f"{base}/v1/sessions/{keyed_session['id']}", keyed_session["token"])
-            finally:
-                report["console"] = console[-30:]
-                browser.close()
-    finally:
-        stop(server)
-        if server is not None:
-            report["server_log_tail"] = tail(work / "serve.log", 2500)
+                viewer.wait_for_timeout(args.warmup_s * 1000)
+                canvas = viewer.evaluate("document.getElementById('keyed').toDataURL('image/png')")
+                report["keyed_frame"] = save_data_url(canvas, work / "keyed.png")
+                viewer.close()
+                api("DELETE", f"{base}/v1/sessions/{keyed_session['id']}", keyed_session["token"])
 
 
 def main() -> int:

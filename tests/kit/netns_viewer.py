@@ -22,8 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from kit.netns_browser import CHROMIUM, CHROMIUM_FLAGS, report_bounded, start_serve, stop, tail, wait_ready
-from kit.waits import free_port
+from kit.netns_browser import chromium_pages, report_bounded, served_for_driver
 
 VIEWPORT = {"width": 320, "height": 240}  # the portrait fills rows 40-199; rows 0-39 and 200-239 are outside it
 
@@ -67,103 +66,83 @@ def peak_level(page, seconds: float) -> float:
 
 
 def run(args: argparse.Namespace, report: dict) -> None:
-    from playwright.sync_api import sync_playwright
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report["interfaces"] = sorted(name for _, name in socket.if_nameindex())
-    server = None
-    try:
-        port = free_port()
-        server_log = work / "serve.log"
-        server = start_serve(args.model_dir, port, server_log)
-        base = f"http://127.0.0.1:{port}"
-        wait_ready(base, server, server_log, 45)
+    with served_for_driver(args.model_dir, work, report) as base:
         _, session = api("POST", f"{base}/v1/sessions", body=b"{}", ctype="application/json")
         sid, token = session["id"], session["token"]
         report["session_id"] = sid
 
-        console: list[str] = []
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=30_000)
-            try:
-                page = browser.new_page(viewport=VIEWPORT)
-                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-                page.goto(f"{session['view_url']}&bg=transparent", wait_until="load", timeout=15_000)  # the view token
-                page.wait_for_function("window.vexview !== undefined", timeout=5_000)
-                page.wait_for_function("window.vexview.lastError || window.vexview.state === 'playing'", timeout=30_000)
-                report["state"] = page.evaluate("window.vexview.state")
-                report["last_error"] = page.evaluate("window.vexview.lastError")
-                if report["last_error"]:
-                    return
-                s0 = wait_playing(page, 15)
-                report["patches"] = page.evaluate("window.vexview.patches")
-                report["trickled_candidates"] = page.evaluate("window.vexview.candidates")
-                report["controls"] = page.evaluate("document.querySelector('video').controls")
-                report["muted"] = page.evaluate("document.querySelector('video').muted")
-                report["paused"] = page.evaluate("document.querySelector('video').paused")
-                report["idle_level_peak_rms"] = round(peak_level(page, 1.5), 5)
-                wav = Path(args.wav).read_bytes()
-                status, said = api("POST", f"{base}/v1/sessions/{sid}/speak", token, wav, "audio/wav")
-                report["speak"] = [status, said]
-                report["speech_level_peak_rms"] = round(peak_level(page, args.measure_s), 5)
-                s1 = page.evaluate("window.vexview.stats()")
-                seconds = (s1["time"] - s0["time"]) / 1000
-                report["fps"] = round((s1["video"]["framesDecoded"] - s0["video"]["framesDecoded"]) / seconds, 2)
-                report["frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
-                report["audio_samples_per_s"] = round(
-                    (s1["audio"]["totalSamplesReceived"] - s0["audio"]["totalSamplesReceived"]) / seconds
-                )
-                report["pair"] = s1["pair"]
+        with chromium_pages(report) as new_page:
+            page = new_page(viewport=VIEWPORT)
+            page.goto(f"{session['view_url']}&bg=transparent", wait_until="load", timeout=15_000)  # the view token
+            page.wait_for_function("window.vexview !== undefined", timeout=5_000)
+            page.wait_for_function("window.vexview.lastError || window.vexview.state === 'playing'", timeout=30_000)
+            report["state"] = page.evaluate("window.vexview.state")
+            report["last_error"] = page.evaluate("window.vexview.lastError")
+            if report["last_error"]:
+                return
+            s0 = wait_playing(page, 15)
+            report["patches"] = page.evaluate("window.vexview.patches")
+            report["trickled_candidates"] = page.evaluate("window.vexview.candidates")
+            report["controls"] = page.evaluate("document.querySelector('video').controls")
+            report["muted"] = page.evaluate("document.querySelector('video').muted")
+            report["paused"] = page.evaluate("document.querySelector('video').paused")
+            report["idle_level_peak_rms"] = round(peak_level(page, 1.5), 5)
+            wav = Path(args.wav).read_bytes()
+            status, said = api("POST", f"{base}/v1/sessions/{sid}/speak", token, wav, "audio/wav")
+            report["speak"] = [status, said]
+            report["speech_level_peak_rms"] = round(peak_level(page, args.measure_s), 5)
+            s1 = page.evaluate("window.vexview.stats()")
+            seconds = (s1["time"] - s0["time"]) / 1000
+            report["fps"] = round((s1["video"]["framesDecoded"] - s0["video"]["framesDecoded"]) / seconds, 2)
+            report["frame_size"] = [s1["video"]["frameWidth"], s1["video"]["frameHeight"]]
+            report["audio_samples_per_s"] = round(
+                (s1["audio"]["totalSamplesReceived"] - s0["audio"]["totalSamplesReceived"]) / seconds
+            )
+            report["pair"] = s1["pair"]
+            _, info = api("GET", f"{base}/v1/sessions/{sid}", token)
+            report["peers_while_playing"] = info["peers"]
+
+            shot = page.screenshot(omit_background=True)
+            (work / "view_transparent.png").write_bytes(shot)
+            report["transparent_outside_rgba"] = [pixel(shot, 160, 10), pixel(shot, 160, 230)]
+            report["transparent_portrait_rgba"] = pixel(shot, 160, 120)
+
+            keyed = new_page("keyed", viewport=VIEWPORT)
+            keyed.goto(f"{session['view_url']}&bg=00ff00", wait_until="load", timeout=15_000)
+            keyed.wait_for_function("window.vexview.state === 'playing'", timeout=30_000)
+            wait_playing(keyed, 15)
+            keyed.wait_for_timeout(500)
+            shot = keyed.screenshot()
+            (work / "view_key.png").write_bytes(shot)
+            report["key_outside_rgba"] = [pixel(shot, 160, 10), pixel(shot, 160, 230)]
+            report["key_portrait_rgba"] = pixel(shot, 160, 120)
+            keyed.close()
+
+            # The server ends this viewer (its resource DELETEd by someone else): the page notices the stream
+            # stopped and connects again, as an OBS source should.
+            first = page.evaluate("window.vexview.resource")
+            api("DELETE", first, token)
+            t_cut = time.monotonic()
+            page.wait_for_function(
+                f"window.vexview.resource && window.vexview.resource !== {json.dumps(first)}"
+                " && window.vexview.state === 'playing'",
+                timeout=30_000,
+            )
+            wait_playing(page, 15)
+            report["reconnected_s"] = round(time.monotonic() - t_cut, 2)
+
+            page.goto("about:blank")  # pagehide: the page DELETEs its resource (keepalive fetch)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
                 _, info = api("GET", f"{base}/v1/sessions/{sid}", token)
-                report["peers_while_playing"] = info["peers"]
-
-                shot = page.screenshot(omit_background=True)
-                (work / "view_transparent.png").write_bytes(shot)
-                report["transparent_outside_rgba"] = [pixel(shot, 160, 10), pixel(shot, 160, 230)]
-                report["transparent_portrait_rgba"] = pixel(shot, 160, 120)
-
-                keyed = browser.new_page(viewport=VIEWPORT)
-                keyed.goto(f"{session['view_url']}&bg=00ff00", wait_until="load", timeout=15_000)
-                keyed.wait_for_function("window.vexview.state === 'playing'", timeout=30_000)
-                wait_playing(keyed, 15)
-                keyed.wait_for_timeout(500)
-                shot = keyed.screenshot()
-                (work / "view_key.png").write_bytes(shot)
-                report["key_outside_rgba"] = [pixel(shot, 160, 10), pixel(shot, 160, 230)]
-                report["key_portrait_rgba"] = pixel(shot, 160, 120)
-                keyed.close()
-
-                # The server ends this viewer (its resource DELETEd by someone else): the page notices the stream
-                # stopped and connects again, as an OBS source should.
-                first = page.evaluate("window.vexview.resource")
-                api("DELETE", first, token)
-                t_cut = time.monotonic()
-                page.wait_for_function(
-                    f"window.vexview.resource && window.vexview.resource !== {json.dumps(first)}"
-                    " && window.vexview.state === 'playing'",
-                    timeout=30_000,
-                )
-                wait_playing(page, 15)
-                report["reconnected_s"] = round(time.monotonic() - t_cut, 2)
-
-                page.goto("about:blank")  # pagehide: the page DELETEs its resource (keepalive fetch)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    _, info = api("GET", f"{base}/v1/sessions/{sid}", token)
-                    if not info["peers"]:
-                        break
-                    time.sleep(0.2)
-                report["peers_after_leaving"] = info["peers"]
-            finally:
-                report["console"] = console[-30:]
-                browser.close()
+                if not info["peers"]:
+                    break
+                time.sleep(0.2)
+            report["peers_after_leaving"] = info["peers"]
         api("DELETE", f"{base}/v1/sessions/{sid}", token)
-    finally:
-        stop(server)
-        if server is not None:
-            report["server_log_tail"] = tail(work / "serve.log", 2500)
 
 
 def main() -> int:
