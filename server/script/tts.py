@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..settings.tts_template import parse_template
 MAX_TEXT_CHARS = 5000
 STDERR_SHOWN = 300
 RETRY_AFTER_S = 5
+KILL_WAIT_S = 5.0  # after the kill, how long its stderr may stay open (a child that left its group)
 _PLACEHOLDER = re.compile(r"\{(text|out)\}")
 
 
@@ -84,32 +86,42 @@ class TtsCommand:
                 return out.read_bytes()
 
     async def _run(self, args: list[str], folder: str) -> None:
+        # Started by the stdlib (vfork + exec, no Python in the child), not by the event loop: uvloop's spawn runs
+        # Python's after-fork handlers in the child, which clear the other threads' state; a PyAV object held by
+        # one of them (the media pump's threads) then waits forever on a lock in the child, before it ever execs,
+        # and a killpg cannot reach it (it has no group of its own yet). Seen in test_script's present run.
         try:  # a session of its own: whatever it starts (a shell's pipeline) is killed with it
-            proc = await asyncio.create_subprocess_exec(
-                *args,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
+            proc = subprocess.Popen(
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 cwd=folder,
                 start_new_session=True,
             )
         except OSError as exc:
             raise TtsError(f"the TTS command could not start: {exc}") from exc
+        done = asyncio.ensure_future(asyncio.to_thread(proc.communicate))
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), self.timeout_s)
+            _, err = await asyncio.wait_for(asyncio.shield(done), self.timeout_s)
         except asyncio.TimeoutError as exc:
             raise TtsError(f"the TTS command took longer than {self.timeout_s:g} s") from exc
         finally:
             # shielded: a cancelled script (stop, DELETE, session closed) still waits here until it is reaped
-            await _shielded(_kill_and_reap(proc))
+            await _shielded(_kill_and_reap(proc, done))
         if proc.returncode != 0:
             shown = err.decode("utf-8", "replace").strip()[:STDERR_SHOWN]
             raise TtsError(f"the TTS command failed (exit {proc.returncode}): {shown}")
 
 
-async def _kill_and_reap(proc: asyncio.subprocess.Process) -> None:
+async def _kill_and_reap(proc: subprocess.Popen, communicating: asyncio.Future) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # its group: also what it left running after it exited
-    await proc.wait()
+    # communicate() returns once the process is gone and its stderr closed; something that left the group and
+    # kept the pipe open must not hold the reaping up
+    await asyncio.wait({communicating}, timeout=KILL_WAIT_S)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await asyncio.to_thread(proc.wait)
 
 
 async def _shielded(coro) -> None:
