@@ -471,7 +471,8 @@ def _backdrop(background: Background, size: tuple[int, int]) -> np.ndarray:
 # -- the device path --------------------------------------------------------------------------------------------------
 class DevicePaste:
     """The paste-back of a batch of crops into the photo on the model's device (before the copy to the host), for
-    the `photo` background: the photo at the output size and the ramp live on `device`, made once."""
+    the `photo` background: the photo at the output size and the ramp live on `device`, made once. Measured beside
+    the host path by `streaming.bench.framing`; sessions compose on the host (docs/framing.md says why)."""
 
     def __init__(self, composer: FrameComposer, device: torch.device | str):
         if composer.identity or composer.background.kind != "photo":

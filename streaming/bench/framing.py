@@ -3,8 +3,8 @@
 Cost: ms per output frame of `FrameComposer.compose` (host, numpy + OpenCV) for a 512x512 crop framed at 512x512
 (`crop`, the matte's only), 1280x720 and 1920x1080, with the photo's background (paste-back only) and with a key
 colour (paste-back + matte; the head moved, so the per-frame matte warp runs), plus the torch paste (`DevicePaste`)
-on the CPU, and, with `--device cuda`, on the GPU (the path that runs before the copy to the host); and the matte's
-one-time cost per photo. The photo: scikit-image's astronaut made 1920x1080.
+on the CPU, and, with `--device cuda`, on the GPU (the alternative to the host path: composing before the copy to
+the host, docs/framing.md); and the matte's one-time cost per photo. The photo: scikit-image's astronaut made 1920x1080.
 
 Quality: the matte of two real photos (scikit-image's astronaut and cameraman) against person outlines drawn by
 hand on them (framing_truth.json beside this file: the person and what they hold; the cameraman's tripod is not
