@@ -125,15 +125,14 @@ class FramingAddition:
                 "use .mp4 (H.264)"
             )
         width, height = args.image_width, args.image_height
-        try:
-            with Image.open(args.reference_image_path) as opened:
-                opened.load()
-                photo = opened
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the reference image {args.reference_image_path}: {exc}") from None
         # the key points, where given, are the face's in the whole photo (pixels of the upright photo)
         given = load_reference_kps(args.reference_kps_path) if args.reference_kps_path else None
-        upright, face = locate_face(photo, given, insightface_root)
+        try:
+            with Image.open(args.reference_image_path) as photo:
+                photo.load()
+                upright, face = locate_face(photo, given, insightface_root)  # an upright copy, EXIF applied
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the reference image {args.reference_image_path}: {exc}") from None
         crop, crop_kps = crop_portrait(upright, face, width, height)
         whole = PortraitPhoto.of(upright, crop_box(face.kps, width, height))
         composer = FrameComposer(whole, framing, background, (width, height), crop_kps)

@@ -2,8 +2,8 @@
 
 This module holds the model's commands (generate: the original inference.py; extract-kps; check-weights;
 download-weights); the layers above add theirs (serve, push, present, camera, bench, soak, make-demo-model), and
-may add to `generate` what the original has not (`GenerateAddition`: the product's head motions and blinks,
-streaming/generate_additions.py), so that this package imports nothing of theirs.
+may add to `generate` what the original has not (`GenerateAddition`: the product's head motions, blinks and
+presenter framing, streaming/generate_additions.py), so that this package imports nothing of theirs.
 
 User errors (bad input, missing weights) print one message and exit with code 2, without a traceback.
 """
