@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +25,11 @@ from kit.paths import pythonpath
 from kit.tiny_model import SEED, portrait_image
 from PIL import Image, ImageDraw
 
-from streaming.framing import PortraitPhoto
+from streaming.framing import PortraitPhoto, parse_background_or_file
+from streaming.generate_additions import FRAMING_ADDITION, PRODUCT_ADDITIONS
 from streaming.portrait import crop_box
+from vexpress_rt.cli import build_parser
+from vexpress_rt.errors import InputError
 
 CROP_W, CROP_H = 128, 64
 SMALL = [
@@ -36,6 +40,7 @@ PHOTO_W, PHOTO_H = 480, 360  # 4:3 in a 16:9 canvas: scaled by 2 exactly, bars o
 CANVAS_W, CANVAS_H = 1280, 720
 KEY = (0, 177, 64)
 RUN_TIMEOUT_S = 400
+FRAMING_ADDITION_PARSER = build_parser(generate_additions=[PRODUCT_ADDITIONS, FRAMING_ADDITION])
 
 
 def _photo(root: Path) -> tuple[Path, Path]:
@@ -204,3 +209,32 @@ def test_bad_values_fail_with_the_options_message(case):
     assert "error: --background transparent: a .mp4 video cannot carry transparency" in err and ".webm" in err
     for name in ("bad_framing", "bad_background", "transparent_mp4"):
         assert not (case["root"] / f"{name}.mp4").exists()
+
+
+def test_a_background_image_file_is_read_with_the_uploads_limits(tmp_path):
+    studio = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    Image.fromarray(studio).save(tmp_path / "studio.png")
+    background = parse_background_or_file(str(tmp_path / "studio.png"))
+    assert background.kind == "image" and np.array_equal(background.image, studio)
+    assert parse_background_or_file(" #00B140 ").color == KEY  # the API's values as they are
+    with pytest.raises(InputError, match="no such file"):
+        parse_background_or_file(str(tmp_path / "missing.png"))
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(InputError, match="the background image cannot be read"):
+        parse_background_or_file(str(tmp_path / "notes.txt"))
+
+
+@pytest.mark.parametrize(
+    "background, output, message",
+    [
+        ("transparent", "talk.mov", "a .mov video cannot carry transparency"),
+        ("#00b140", "talk.webm", ".webm is written for --background transparent only"),
+    ],
+)
+def test_the_output_format_must_fit_the_background(tmp_path, background, output, message):
+    """Checked first, before the photo is read or any weights load."""
+    args = FRAMING_ADDITION_PARSER.parse_args(
+        ["generate", "--background", background, "--output_path", str(tmp_path / output)]
+    )
+    with pytest.raises(InputError, match=re.escape(message)):
+        FRAMING_ADDITION.framed_reference(args, tmp_path)
