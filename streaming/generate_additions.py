@@ -96,7 +96,8 @@ class FramingAddition:
             type=_option(parse_framing),
             default=Framing(),
             help='"crop" (the crop as generated, the default), "portrait" (the whole photo) or a canvas "WxH" '
-            '(e.g. "1280x720"); anything but "crop" makes --reference_image_path the whole photo (docs/framing.md)',
+            '(e.g. "1280x720"); with it or --background, --reference_image_path is the whole photo and '
+            "--reference_kps_path in its pixels (docs/framing.md)",
         )
         parser.add_argument(
             "--background",
