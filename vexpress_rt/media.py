@@ -249,8 +249,11 @@ def write_video(
         vstream.pix_fmt = pix_fmt
         vstream.codec_context.time_base = 1 / rate
         if video_codec == "libvpx-vp9":
-            # constant quality (the encoder's default is a low target bitrate); row threads; speed 4 of 0..8
-            vstream.codec_context.options = {"crf": "24", "b": "0", "row-mt": "1", "cpu-used": "4"}
+            # constant quality (the encoder's default is a low target bitrate), row threads, and the realtime
+            # speed: measured at 1920x1080 (2 cores), 57 ms a frame against 228-278 for "good" at cpu-used 6-4,
+            # for the same mean error (1.9 of 255)
+            options = {"crf": "24", "b": "0", "row-mt": "1", "deadline": "realtime", "cpu-used": "8"}
+            vstream.codec_context.options = options
 
         astream = None
         pcm: np.ndarray | None = None
