@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 
 from streaming.bench.demo_model import add_make_demo_model_command
-from streaming.generate_additions import PRODUCT_ADDITIONS
+from streaming.generate_additions import FRAMING_ADDITION, PRODUCT_ADDITIONS
 from vexpress_rt import cli as model_cli
 from vexpress_rt.errors import WeightsError
 
@@ -148,7 +148,7 @@ async def _serve(config: ServerConfig, engine, tls: ssl.SSLContext | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return model_cli.main(argv, extra_commands=EXTRA_COMMANDS, generate_additions=[PRODUCT_ADDITIONS])
+    return model_cli.main(argv, extra_commands=EXTRA_COMMANDS, generate_additions=[PRODUCT_ADDITIONS, FRAMING_ADDITION])
 
 
 if __name__ == "__main__":

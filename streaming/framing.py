@@ -29,6 +29,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -127,11 +128,36 @@ def parse_background(value: object) -> Background:
     )
 
 
+def parse_background_or_file(value: str) -> Background:
+    """`generate --background`: what `parse_background` takes, or else the path of an image file (PNG, JPEG,
+    WebP; the same limits as an uploaded image)."""
+    text = value.strip()
+    if text.lower() in ("photo", "transparent") or text.startswith("#") or _DATA_URL.match(text):
+        return parse_background(text)
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(
+            f'background must be "photo", "transparent", a colour "#rrggbb" or an image file, got {value!r} '
+            "(no such file)"
+        )
+    if path.stat().st_size > MAX_BACKGROUND_BYTES:
+        raise InputError(f"the background image is larger than {MAX_BACKGROUND_BYTES >> 20} MB")
+    return Background("image", image=_image_pixels(path.read_bytes()))
+
+
 def _decode_image(encoded: str) -> np.ndarray:
     if len(encoded) > MAX_BACKGROUND_BYTES * 4 // 3 + 4:
         raise InputError(f"the background image is larger than {MAX_BACKGROUND_BYTES >> 20} MB")
     try:
         data = base64.b64decode(encoded, validate=True)
+    except binascii.Error as exc:
+        raise InputError(f"the background image cannot be read: {exc}") from None
+    return _image_pixels(data)
+
+
+def _image_pixels(data: bytes) -> np.ndarray:
+    """uint8 (H, W, 3) of an encoded image, its size checked before decoding."""
+    try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_BACKGROUND_PIXELS:
                 raise InputError(
@@ -139,7 +165,7 @@ def _decode_image(encoded: str) -> np.ndarray:
                 )
             pixels: np.ndarray = np.asarray(image.convert("RGB")).copy()
             return pixels
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"the background image cannot be read: {exc}") from None
 
 

@@ -2,8 +2,8 @@
 
 This module holds the model's commands (generate: the original inference.py; extract-kps; check-weights;
 download-weights); the layers above add theirs (serve, push, present, camera, bench, soak, make-demo-model), and
-may add to `generate` what the original has not (`GenerateAddition`: the product's head motions and blinks,
-streaming/generate_additions.py), so that this package imports nothing of theirs.
+may add to `generate` what the original has not (`GenerateAddition`: the product's head motions, blinks and
+presenter framing, streaming/generate_additions.py), so that this package imports nothing of theirs.
 
 User errors (bad input, missing weights) print one message and exit with code 2, without a traceback.
 """
@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,16 +26,34 @@ from .weights import DEFAULT_MODEL_DIR, TAESD_REPO, ModelPaths
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
 log = logging.getLogger("vexpress_rt")
 ORIGINAL_KPS_PATH = "./test_samples/emo/talk_emotion/kps.pth"  # the original's default (its sample folder)
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: arrays
+class FramedReference:
+    """The model's reference cut by a layer above from a whole photo (the reference image), and how each generated
+    crop is framed back into that photo for the file written."""
+
+    image: Image.Image  # the W x H crop the model is conditioned on
+    kps: np.ndarray  # (3, 2) float32: its key points (eyes, nose), in its pixels
+    size: tuple[int, int]  # (width, height) of the frames written
+    alpha: bool  # the frames written are RGBA (H, W, 4): a transparent background
+    compose: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (crop uint8 (h, w, 3), its key points) -> a frame
+
+
 class GenerateAddition(Protocol):
-    """What a layer above adds to `generate`: its flags, key points that drive the head instead of --kps_path, and
-    a last touch on the frames before they are written."""
+    """What a layer above adds to `generate`: its flags, a reference cut from a whole photo with the frames framed
+    back into it, key points that drive the head instead of --kps_path, and a last touch on the frames."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def framed_reference(self, args: argparse.Namespace, insightface_root: Path) -> FramedReference | None:
+        """Called before any weights load (a bad combination of flags fails there, InputError). None: the reference
+        image and key points as the original takes them, and the crops written as they are."""
+        ...
 
     def driving_kps(
         self, args: argparse.Namespace, reference_kps: np.ndarray, frames: int, fps: float
@@ -107,7 +126,9 @@ def _add_generate(sub, additions: tuple[GenerateAddition, ...] = ()) -> None:
         default=None,
         help="JSON or .npy of 5x2 or 3x2 (x, y) points in the resized W x H frame; skips face detection",
     )
-    p.add_argument("--frames_out", default=None, help="also save the final uint8 frames (T,H,W,3) as .npy")
+    p.add_argument(
+        "--frames_out", default=None, help="also save the frames written, uint8 (T,H,W,3) (RGBA: (T,H,W,4)), as .npy"
+    )
     for addition in additions:
         addition.add_arguments(p)
     p.set_defaults(func=cmd_generate, additions=additions)
@@ -179,8 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loader import DTYPES, load_models
-    from .media import load_audio, to_mono_16k, write_mp4
-    from .pipeline import GenerationSettings, generate, load_reference_image, video_length_for
+    from .media import load_audio, to_mono_16k, write_mp4, write_video
+    from .pipeline import GenerationSettings, generate, load_reference_image, reference_tensor, video_length_for
 
     started = time.time()
     _validate_generate(args)
@@ -188,6 +209,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log.warning("--do_multi_devices_inference has no effect on the pipeline (as in the original)")
     device = _resolve_device(args.device, args.gpu_id)
     paths = _model_paths(args)
+    framed: FramedReference | None = None  # the output framed in the whole photo (a layer above's flags)
+    for addition in args.additions:
+        framed = addition.framed_reference(args, Path(paths.insightface_model_path)) or framed
     models = load_models(paths, device=device, dtype=DTYPES[args.dtype])
     expected_window = models.audio_projection.pos_emb.num_embeddings
     if 2 * (2 * args.num_pad_audio_frames + 1) != expected_window:
@@ -198,8 +222,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.test_stage == "stage_1":
         _zero_stage_1(models.denoising_unet)
 
-    reference_kps = _reference_kps(args, paths, device)
-    image = load_reference_image(args.reference_image_path, args.image_width, args.image_height)
+    if framed is None:
+        reference_kps = _reference_kps(args, paths, device)
+        image = load_reference_image(args.reference_image_path, args.image_width, args.image_height)
+    else:
+        reference_kps = framed.kps
+        image = reference_tensor(framed.image, args.image_width, args.image_height)
     audio = load_audio(args.audio_path)
     waveform = to_mono_16k(audio)
     settings = GenerationSettings(
@@ -239,10 +267,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     frames = result.frames
     for addition in args.additions:
         frames = addition.finish(args, frames, result.kps_sequence, float(result.fps))
-    write_mp4(args.output_path, frames, result.fps, audio)
-    if args.frames_out:
-        Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.frames_out, frames)
+    if framed is None:
+        write_mp4(args.output_path, frames, result.fps, audio)
+        if args.frames_out:
+            Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
+            np.save(args.frames_out, frames)
+    else:
+        keep = None
+        if args.frames_out:  # written frame by frame: framed outputs are large
+            Path(args.frames_out).parent.mkdir(parents=True, exist_ok=True)
+            width, height = framed.size
+            shape = (len(frames), height, width, 4 if framed.alpha else 3)
+            keep = np.lib.format.open_memmap(args.frames_out, mode="w+", dtype=np.uint8, shape=shape)
+        timer, writing = _Timer(), time.perf_counter()
+        composed = _framed_frames(framed, frames, result.kps_sequence, keep, timer)
+        write_video(args.output_path, composed, len(frames), framed.size, result.fps, audio, framed.alpha)
+        if keep is not None:
+            keep.flush()
+        encoding = (time.perf_counter() - writing - timer.total) / len(frames)  # the rest of the writing
+        print(
+            f"Framed {framed.size[0]}x{framed.size[1]}: {1000 * timer.mean():.1f} ms per frame to compose, "
+            f"{1000 * encoding:.1f} ms to encode"
+        )
     elapsed = time.time() - started
     print(
         f"Saved {args.output_path}: {len(frames)} frames at {float(result.fps):.3f} fps "
@@ -251,6 +297,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         print(f"Peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
     return 0
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.total, self.count = self.total + seconds, self.count + 1
+
+    def mean(self) -> float:
+        return self.total / max(1, self.count)
+
+
+def _framed_frames(
+    framed: FramedReference, crops: np.ndarray, kps_sequence: np.ndarray, keep: np.ndarray | None, timer: _Timer
+) -> Iterator[np.ndarray]:
+    """The frames written, composed one at a time (and kept in `keep`, a file-backed array, where asked)."""
+    for i, (crop, kps) in enumerate(zip(crops, kps_sequence, strict=True)):
+        start = time.perf_counter()
+        frame = framed.compose(crop, kps)
+        timer.add(time.perf_counter() - start)
+        if keep is not None:
+            keep[i] = frame
+        yield frame
 
 
 def _add_extract_kps(sub) -> None:

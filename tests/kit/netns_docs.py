@@ -85,6 +85,7 @@ SHELL_OUTPUT = {
     "vexpress-rt push ": '"type":"playback.finished"',
     "--data-binary @intro.wav": '"utterance_ms"',
     "vexpress-rt present show.yaml --server": '"type":"present.done"',
+    "--background '#00b140' --output_path ./framed.mp4": "Saved ./framed.mp4",  # before the tour's generate
     "vexpress-rt generate --model_dir ./demo_model": "Saved ./out.mp4",
 }
 
