@@ -17,6 +17,7 @@ import pytest
 import torch
 from kit.presenter import presenter_photo
 from PIL import Image
+from skimage.data import astronaut
 
 from streaming.bench import framing as framing_bench
 from streaming.engine import Engine, EngineConfig
