@@ -104,7 +104,7 @@ class FramingAddition:
             type=_option(parse_background_or_file),
             default=Background(),
             help='"photo" (the default), a colour "#rrggbb", the path of an image file, or "transparent" (needs '
-            f"an --output_path ending {' or '.join(ALPHA_FORMATS)}: VP9 with alpha)",
+            f"an --output_path ending {' or '.join(ALPHA_FORMATS)}: VP9 or ProRes 4444 with alpha)",
         )
 
     def framed_reference(self, args: argparse.Namespace, insightface_root: Path) -> FramedReference | None:
@@ -117,8 +117,9 @@ class FramingAddition:
         if transparent and suffix not in ALPHA_FORMATS:
             raise InputError(
                 f"--background transparent: a {suffix or 'file without extension'} video cannot carry "
-                f"transparency; give an --output_path ending {' or '.join(ALPHA_FORMATS)} (VP9 with alpha, as "
-                'browsers and OBS play it), or use a key colour, e.g. --background "#00b140"'
+                f"transparency; give an --output_path ending {' or '.join(ALPHA_FORMATS)} (.webm: VP9 with alpha, as "
+                "browsers and OBS play it; .mov: ProRes 4444 with alpha, for video editors), or use a key colour, "
+                'e.g. --background "#00b140"'
             )
         if not transparent and suffix in ALPHA_FORMATS:
             raise InputError(

@@ -210,8 +210,12 @@ def write_mp4(
 
 
 # Video files that carry an alpha plane, by extension: (container format, video encoder, its pixel format, audio
-# encoder). WebM: VP9 with alpha (what browsers, OBS's media source and most editors read as a cut-out).
-ALPHA_FORMATS = {".webm": ("webm", "libvpx-vp9", "yuva420p", "libopus")}
+# encoder). WebM: VP9 with alpha (what browsers and OBS's media source play as a cut-out). QuickTime: ProRes 4444
+# with alpha and PCM audio (what video editors - Premiere, Resolve, Final Cut - import as a cut-out; large files).
+ALPHA_FORMATS = {
+    ".webm": ("webm", "libvpx-vp9", "yuva420p", "libopus"),
+    ".mov": ("mov", "prores_ks", "yuva444p10le", "pcm_s16le"),
+}
 
 
 def write_video(
@@ -225,7 +229,8 @@ def write_video(
 ) -> None:
     """Write `num_frames` uint8 frames of `size` (width, height), taken one at a time from `frames` (so that large
     frames need not all be held): RGB (H, W, 3) as H.264 with AAC audio (`write_mp4`), or, with `alpha`, RGBA
-    (H, W, 4) as one of ALPHA_FORMATS, chosen by the path's extension (VP9 with alpha and Opus audio in WebM).
+    (H, W, 4) as one of ALPHA_FORMATS, chosen by the path's extension (VP9 with alpha and Opus audio in WebM,
+    ProRes 4444 with alpha and PCM audio in QuickTime).
     The audio is cut to the video's duration; odd sizes are padded by one replicated row / column."""
     if num_frames < 1:
         raise ValueError("no frames to write")
@@ -254,11 +259,14 @@ def write_video(
             # for the same mean error (1.9 of 255)
             options = {"crf": "24", "b": "0", "row-mt": "1", "deadline": "realtime", "cpu-used": "8"}
             vstream.codec_context.options = options
+        elif video_codec == "prores_ks":
+            # ProRes 4444 (the profile with alpha), tagged as Apple's own encoder's so that Apple's decoders take it
+            vstream.codec_context.options = {"profile": "4444", "vendor": "apl0"}
 
         astream = None
         pcm: np.ndarray | None = None
         if audio is not None and audio.num_samples > 0:
-            pcm, audio_rate = _audio_for_aac(audio) if audio_codec == "aac" else _audio_for_opus(audio)
+            pcm, audio_rate = _AUDIO_FOR[audio_codec](audio)
             # Cut to the video duration T / fps.
             keep = math.floor(Fraction(num_frames) / rate * audio_rate + Fraction(1, 2))
             pcm = pcm[:, :keep]
@@ -312,6 +320,17 @@ def _audio_for_opus(audio: DecodedAudio) -> tuple[np.ndarray, int]:
     if audio.sample_rate in _OPUS_RATES:
         return pcm, audio.sample_rate
     return resample_pcm(pcm, audio.sample_rate, 48000), 48000
+
+
+def _audio_for_pcm(audio: DecodedAudio) -> tuple[np.ndarray, int]:
+    """Samples and rate for PCM: at most 2 channels (more are averaged to mono), the audio's own rate."""
+    pcm = np.asarray(audio.samples, dtype=np.float32)
+    if pcm.shape[0] > 2:
+        pcm = pcm.mean(axis=0, keepdims=True)
+    return pcm, audio.sample_rate
+
+
+_AUDIO_FOR = {"aac": _audio_for_aac, "libopus": _audio_for_opus, "pcm_s16le": _audio_for_pcm}
 
 
 def read_video_frames(path: str | Path) -> tuple[np.ndarray, Fraction]:

@@ -227,8 +227,9 @@ def test_a_background_image_file_is_read_with_the_uploads_limits(tmp_path):
 @pytest.mark.parametrize(
     "background, output, message",
     [
-        ("transparent", "talk.mov", "a .mov video cannot carry transparency"),
+        ("transparent", "talk.avi", "a .avi video cannot carry transparency"),
         ("#00b140", "talk.webm", ".webm is written for --background transparent only"),
+        ("#00b140", "talk.mov", ".mov is written for --background transparent only"),
     ],
 )
 def test_the_output_format_must_fit_the_background(tmp_path, background, output, message):

@@ -20,6 +20,7 @@ from vexpress_rt.media import (
     resample_pcm,
     to_mono_16k,
     write_mp4,
+    write_video,
 )
 
 
@@ -193,3 +194,34 @@ def test_extract_audio_remux_and_reencode(tmp_path: Path) -> None:
         assert _peak_hz(to_mono_16k(got), 16000) == pytest.approx(440.0, abs=3.0)
     with pytest.raises(InputError, match="extension"):
         extract_audio(video, tmp_path / "x.xyz")
+
+
+@pytest.mark.parametrize(
+    "suffix, video_codec, audio_codec", [(".webm", "vp9", "opus"), (".mov", "prores", "pcm_s16le")]
+)
+def test_a_video_with_transparency_keeps_its_alpha_and_its_speech(tmp_path: Path, suffix, video_codec, audio_codec):
+    """A cut-out for a browser or OBS (.webm: VP9 with alpha) or for a video editor (.mov: ProRes 4444): the alpha
+    plane read back is the one written, and the speech goes with it."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 48, 64, 4), dtype=np.uint8)
+    frames[..., 3] = 0
+    frames[:, 12:36, 16:48, 3] = 255  # the person: opaque; the rest: transparent
+    speech = DecodedAudio(np.sin(np.arange(9600) / 8.0).astype(np.float32)[None] * 0.3, 48000)
+    path = tmp_path / f"cutout{suffix}"
+    write_video(path, iter(frames), len(frames), (64, 48), 25, speech, alpha=True)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == video_codec
+        assert [s.codec_context.name for s in container.streams.audio] == [audio_codec]
+        # FFmpeg's own VP9 decoder drops the alpha plane: libvpx's reads it
+        decoder = av.CodecContext.create("libvpx-vp9", "r") if video_codec == "vp9" else stream.codec_context
+        decoded = [f.to_ndarray(format="rgba") for p in container.demux(stream) for f in decoder.decode(p)]
+    alpha = np.stack(decoded)[..., 3].astype(np.int16)
+    assert alpha.shape == frames[..., 3].shape
+    assert np.abs(alpha - frames[..., 3]).max() <= 2
+
+
+def test_a_video_with_transparency_needs_a_format_that_carries_it(tmp_path: Path) -> None:
+    frames = np.zeros((2, 16, 16, 4), np.uint8)
+    with pytest.raises(InputError, match=r"cutout.mp4: a video with transparency must be one of \.webm, \.mov"):
+        write_video(tmp_path / "cutout.mp4", iter(frames), 2, (16, 16), 25, alpha=True)
