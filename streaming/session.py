@@ -14,9 +14,9 @@ server's event loop); the worker thread calls `prepare_job`, `complete_job` (aro
 every session), `deliver` and `fail`. One lock guards all three parts; model calls happen outside it, and events
 go to listeners after it is released.
 
-Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`);
-frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind skips frames (dropped,
-counted) instead of letting latency grow, and every queue is bounded.
+Output timing: the reader calls `read_frame()` once per frame period (the server paces it with a `FrameClock`,
+server/media/clock.py); frame i plays at i/fps with audio samples [i*spf, (i+1)*spf). A reader that falls behind
+skips frames (dropped, counted) instead of letting latency grow, and every queue is bounded.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ import cv2
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from streaming.clock import FrameClock
 from streaming.frames import AVFrame
 
 from . import marks
+from .clock import FrameClock
 
 log = logging.getLogger("server.media.pump")
 
