@@ -108,11 +108,13 @@ class Playout:
         return len(self.ready) + frames <= self.max_ready
 
     def deliver(
-        self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]], nearest: list[int], now: float
+        self, frames: list[tuple[FramePayload, np.ndarray, torch.Tensor]], nearest: list[int], now: float, epoch: int
     ) -> None:
-        """A chunk's frames of the current epoch: (payload, uint8 image, clean latent) each, with the idle clip
-        frame nearest to each."""
+        """A chunk's frames: (payload, uint8 image, clean latent) each, with the idle clip frame nearest to each;
+        those of another epoch than `epoch` (made before an interrupt) are dropped."""
         for (payload, image, latent), idle_pos in zip(frames, nearest):
+            if payload.epoch != epoch:
+                continue
             if payload.utterance == IDLE:
                 self.live_idle.append(SpeechFrame(payload, image, latent, now, idle_pos))
                 continue

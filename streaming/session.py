@@ -391,8 +391,7 @@ class StreamSession:
                 return
             # On the session's clock, which stamped the audio and paces playback (a caller-given clock and the
             # worker's monotonic one must not mix: latencies and play_after would be meaningless).
-            current = [(f, pos) for f, pos in zip(frames, nearest) if f[0].epoch == self.lifecycle.epoch]
-            self.playout.deliver([f for f, _ in current], [pos for _, pos in current], self._now())
+            self.playout.deliver(frames, nearest, self._now(), self.lifecycle.epoch)
 
     def _silent_job(
         self,
